@@ -1,0 +1,85 @@
+"""Shared helpers for the test suite: paths, running commands, cached synthetic models.
+
+Synthetic checkpoints and converted model files are written under build/testdata/ (wiped by
+`make test` before each run) and cached by their parameters within a run.
+"""
+import hashlib
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TESTS)
+SCRIPTS = os.path.join(REPO, "scripts")
+PY = sys.executable
+PHI2 = os.environ.get("PHI2_BIN", os.path.join(REPO, "phi2"))
+WORK = os.path.join(REPO, "build", "testdata")
+
+
+def run(cmd, check=True, timeout=600, input=None):
+    """Run cmd (list); return CompletedProcess with text stdout/stderr. check: require exit 0."""
+    p = subprocess.run(cmd, capture_output=True, timeout=timeout, input=input)
+    p.out = p.stdout.decode("utf-8", "replace")
+    p.err = p.stderr.decode("utf-8", "replace")
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} -> exit {p.returncode}\n{p.err[-2000:]}")
+    return p
+
+
+def script(name, *args, check=True):
+    return run([PY, os.path.join(SCRIPTS, name), *map(str, args)], check=check)
+
+
+def phi2(*args, check=True, input=None):
+    return run([PHI2, *map(str, args)], check=check, input=input)
+
+
+def _key(*parts):
+    return hashlib.sha1(repr(parts).encode()).hexdigest()[:10]
+
+
+def checkpoint(preset="tiny", seed=1, dtype="F16", naming="hf", shards=1, extra=()):
+    """A synthetic HF-layout checkpoint folder (made once per test run)."""
+    d = os.path.join(WORK, f"ckpt-{preset}-{_key(preset, seed, dtype, naming, shards, tuple(extra))}")
+    if not os.path.isdir(d):
+        os.makedirs(WORK, exist_ok=True)
+        script("synth.py", d + ".tmp", "--preset", preset, "--seed", seed, "--dtype", dtype,
+               "--naming", naming, "--shards", shards, *extra)
+        os.rename(d + ".tmp", d)
+    return d
+
+
+def converted(ckpt, dtype="f32"):
+    """The model file convert.py makes from ckpt (made once per test run)."""
+    out = os.path.join(WORK, f"{os.path.basename(ckpt)}.{dtype}.bin")
+    if not os.path.isfile(out):
+        script("convert.py", ckpt, out, "--dtype", dtype)
+    return out
+
+
+def read_logits(path, vocab_size):
+    """A --dump-logits file: little-endian float32 rows of vocab_size."""
+    a = np.fromfile(path, dtype="<f4")
+    assert a.size % vocab_size == 0, f"{path}: {a.size} floats is not a multiple of {vocab_size}"
+    return a.reshape(-1, vocab_size)
+
+
+def reference_logits(ckpt, ids):
+    """Logits of scripts/reference.py (float64 numpy, reads the HF folder) for ids."""
+    out = os.path.join(WORK, f"ref-{_key(ckpt, tuple(ids))}.f32")
+    script("reference.py", ckpt, "--ids", ",".join(map(str, ids)), "--dump-logits", out)
+    return out
+
+
+def engine_logits(model, ids, *flags):
+    """Logits of ./phi2 --dump-logits for ids."""
+    out = os.path.join(WORK, f"eng-{_key(model, tuple(ids), flags)}.f32")
+    phi2(model, "--ids", ",".join(map(str, ids)), "--dump-logits", out, *flags)
+    return out
+
+
+def rel_max_diff(a, b):
+    """max |a-b| / max |b| (b is the reference)."""
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))

@@ -1,0 +1,56 @@
+#!/usr/bin/env python3
+"""Minimal test runner: runs every `test_*` function of every `tests/test_*.py` module.
+
+Usage: tests/run.py [-k SUBSTRING] [MODULE ...]
+Each test is a plain function that raises (usually AssertionError) on failure. The last
+line printed is "N passed, N failed". Exit status is non-zero if any test failed or if no
+test ran. Environment: PHI2_BIN selects the engine binary (default ./phi2).
+"""
+import importlib.util
+import os
+import sys
+import time
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+
+def main():
+    args = sys.argv[1:]
+    pattern = None
+    if len(args) >= 2 and args[0] == "-k":
+        pattern, args = args[1], args[2:]
+    modules = args or sorted(f[:-3] for f in os.listdir(HERE) if f.startswith("test_") and f.endswith(".py"))
+    passed = failed = 0
+    t_start = time.time()
+    for mod_name in modules:
+        mod_name = os.path.basename(mod_name)
+        mod_name = mod_name[:-3] if mod_name.endswith(".py") else mod_name
+        spec = importlib.util.spec_from_file_location(mod_name, os.path.join(HERE, mod_name + ".py"))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        tests = [(n, f) for n, f in vars(mod).items() if n.startswith("test_") and callable(f)]
+        tests.sort(key=lambda nf: nf[1].__code__.co_firstlineno)
+        for name, fn in tests:
+            full = f"{mod_name}.{name}"
+            if pattern and pattern not in full:
+                continue
+            t0 = time.time()
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001 -- report every failure and go on
+                failed += 1
+                print(f"FAIL {full} ({time.time() - t0:.1f}s): {type(e).__name__}: {e}", flush=True)
+                if os.environ.get("VERBOSE"):
+                    traceback.print_exc()
+            else:
+                passed += 1
+                print(f"ok   {full} ({time.time() - t0:.1f}s)", flush=True)
+    print(f"# {time.time() - t_start:.0f}s in all")
+    print(f"{passed} passed, {failed} failed")
+    return 1 if failed or passed == 0 else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
