@@ -1,0 +1,49 @@
+# phi2.c -- build and test.
+#   make            ./phi2, optimized for this CPU (-O3 -march=native), OpenMP if available
+#   make portable   ./phi2-portable: no SIMD assumptions (scalar kernels), still OpenMP
+#   make sanitize   ./phi2-asan: AddressSanitizer + UndefinedBehaviorSanitizer build
+#   make test       the whole suite against ./phi2 (then: make test-sanitize, make test-portable)
+CC      ?= cc
+PYTHON  ?= /usr/bin/python3
+WARN    := -std=c11 -Wall -Wextra -Wshadow -Wno-unused-parameter
+OPENMP  := $(shell echo 'int main(void){return 0;}' | $(CC) -fopenmp -x c - -o /dev/null 2>/dev/null && echo -fopenmp)
+SRC     := phi2.c tokenizer.c
+HDR     := tokenizer.h
+
+.PHONY: all portable sanitize test test-sanitize test-portable clean
+
+all: phi2
+
+phi2: $(SRC) $(HDR)
+	$(CC) $(WARN) -O3 -march=native $(OPENMP) -o $@ $(SRC) -lm
+
+portable: phi2-portable
+phi2-portable: $(SRC) $(HDR)
+	$(CC) $(WARN) -O2 -DPHI2_SCALAR_ONLY $(OPENMP) -o $@ $(SRC) -lm
+
+sanitize: phi2-asan
+phi2-asan: $(SRC) $(HDR)
+	$(CC) $(WARN) -O1 -g -march=native -fsanitize=address,undefined -fno-sanitize-recover=all \
+	    -fno-omit-frame-pointer -o $@ $(SRC) -lm
+
+# Test-only programs (tokenizer and kernel unit tests) live in build/.
+build/tokenizer_tool: tests/tokenizer_tool.c tokenizer.c $(HDR)
+	@mkdir -p build
+	$(CC) $(WARN) -O2 -g -o $@ tests/tokenizer_tool.c tokenizer.c -lm
+
+TEST_BINS := build/tokenizer_tool
+
+test: phi2 $(TEST_BINS)
+	rm -rf build/testdata
+	PHI2_BIN=./phi2 $(PYTHON) tests/run.py
+
+test-sanitize: phi2-asan $(TEST_BINS)
+	rm -rf build/testdata
+	PHI2_BIN=./phi2-asan ASAN_OPTIONS=detect_leaks=1 $(PYTHON) tests/run.py
+
+test-portable: phi2-portable $(TEST_BINS)
+	rm -rf build/testdata
+	PHI2_BIN=./phi2-portable $(PYTHON) tests/run.py
+
+clean:
+	rm -rf phi2 phi2-portable phi2-asan build
