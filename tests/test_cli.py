@@ -1,0 +1,168 @@
+"""The command line: generation behaviour and every error path.
+
+Every error must be one line on stderr starting with "phi2: error:", exit status 1 (not a
+signal, not a sanitizer report), and leave no partial output file behind.
+"""
+import os
+import shutil
+import struct
+
+from common import WORK, checkpoint, converted, phi2
+
+SHORT = "1212,318,281,1672,2643,290,428,318,257,1332"
+
+
+def fnv1a64(data):
+    h = 0xcbf29ce484222325
+    for b in data:
+        h = ((h ^ b) * 0x100000001b3) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+def tiny_model():
+    return converted(checkpoint())
+
+
+def patched_copy(name, patch, fix_checksum=True):
+    """A copy of the tiny model with patch(bytearray_of_header_and_rest) applied."""
+    data = bytearray(open(tiny_model(), "rb").read())
+    patch(data)
+    if fix_checksum:
+        data[248:256] = struct.pack("<Q", fnv1a64(bytes(data[:248])))
+    path = os.path.join(WORK, name)
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+def expect_error(*args, contains=None):
+    p = phi2(*args, check=False)
+    lines = [ln for ln in p.err.splitlines() if ln.strip()]
+    assert p.returncode == 1, f"{args}: exit {p.returncode}, stderr: {p.err[-500:]}"
+    assert len(lines) == 1 and lines[0].startswith("phi2: error: "), f"{args}: stderr not one error line: {p.err!r}"
+    if contains:
+        assert contains in lines[0], f"{args}: {lines[0]!r} lacks {contains!r}"
+    return lines[0]
+
+
+def test_help_lists_every_flag():
+    out = phi2("-h").out
+    for flag in ("--prompt", "--file", "--ids", "--n-predict", "--temp", "--top-k", "--top-p", "--seed",
+                 "--ctx-size", "--threads", "--batch", "--tokenize", "--print-ids", "--dump-logits", "--help"):
+        assert flag in out, flag
+
+
+def test_bad_flags():
+    m = tiny_model()
+    expect_error()
+    expect_error(m, "-n", "abc", contains="-n")
+    expect_error(m, "-n", "-2")
+    expect_error(m, "--temp", "-1")
+    expect_error(m, "--temp", "nan")
+    expect_error(m, "--top-p", "0")
+    expect_error(m, "--top-p", "1.5")
+    expect_error(m, "--top-k", "-1")
+    expect_error(m, "-t", "0")
+    expect_error(m, "-c", "0")
+    expect_error(m, "-c", "4096", "--ids", "1", contains="maximum")
+    expect_error(m, "--bogus", contains="--bogus")
+    expect_error(m, "-p")
+    expect_error(m, "-p", "a", "--ids", "1")
+    expect_error(m, m)
+    expect_error(m, "--ids", "1,,2")
+    expect_error(m, "--ids", "51200", contains="51200")
+    expect_error(m, "--ids", "-1")
+    expect_error(m, "--ids", "")
+    expect_error(m, "-f", os.path.join(WORK, "no-such-prompt.txt"), contains="no-such-prompt.txt")
+
+
+def test_bad_model_files():
+    expect_error(os.path.join(WORK, "missing.bin"), "-p", "hi", contains="missing.bin")
+    expect_error(WORK, "-p", "hi", contains="regular file")
+    data = open(tiny_model(), "rb").read()
+    for n, name in ((0, "empty.bin"), (100, "short.bin"), (len(data) // 2, "half.bin"), (len(data) - 1, "minus1.bin")):
+        path = os.path.join(WORK, name)
+        with open(path, "wb") as f:
+            f.write(data[:n])
+        expect_error(path, "-p", "hi")
+    expect_error(patched_copy("magic.bin", lambda d: d.__setitem__(slice(0, 8), b"GGUFxxxx")), "-p", "hi",
+                 contains="magic")
+    expect_error(patched_copy("version.bin", lambda d: d.__setitem__(slice(8, 12), struct.pack("<I", 2))),
+                 "-p", "hi", contains="version")
+    expect_error(patched_copy("hdrsum.bin", lambda d: d.__setitem__(20, d[20] ^ 1), fix_checksum=False),
+                 "-p", "hi", contains="checksum")
+    expect_error(patched_copy("toksum.bin", lambda d: d.__setitem__(300, d[300] ^ 0x55)), "-p", "hi",
+                 contains="checksum")
+    # Valid checksum, but shapes that do not fit the weights section.
+    expect_error(patched_copy("layers.bin", lambda d: d.__setitem__(slice(28, 32), struct.pack("<I", 5))),
+                 "-p", "hi", contains="corrupt")
+    expect_error(patched_copy("heads.bin", lambda d: d.__setitem__(slice(32, 36), struct.pack("<I", 3))),
+                 "-p", "hi", contains="heads")
+    expect_error(patched_copy("wtype.bin", lambda d: d.__setitem__(slice(12, 16), struct.pack("<I", 7))),
+                 "-p", "hi", contains="weight type")
+    expect_error(patched_copy("huge.bin", lambda d: d.__setitem__(slice(16, 20), struct.pack("<I", 0xFFFFFFFF))),
+                 "-p", "hi", contains="corrupt")
+
+
+def test_prompt_longer_than_context():
+    m = tiny_model()
+    expect_error(m, "-c", "5", "--ids", SHORT, contains="longer than the context")
+    expect_error(m, "-c", "3", "-p", "This is a long prompt for a tiny context", contains="longer than the context")
+
+
+def test_dump_logits_leaves_nothing_half_written():
+    m = tiny_model()
+    target = os.path.join(WORK, "no-such-dir", "logits.f32")
+    expect_error(m, "--ids", SHORT, "--dump-logits", target)
+    assert not os.path.exists(os.path.dirname(target))
+    out = os.path.join(WORK, "dump-ok.f32")
+    phi2(m, "--ids", SHORT, "--dump-logits", out)
+    assert os.path.getsize(out) == 10 * 51200 * 4
+    assert not os.path.exists(out + ".tmp")
+
+
+def test_stops_at_context_and_at_n():
+    m = tiny_model()
+    p = phi2(m, "--ids", "1,2,3,4", "-c", "9", "-n", "100", "--temp", "0", "--print-ids")
+    assert len(p.out.strip().split(",")) <= 5, p.out
+    assert "context is full" in p.err or "end of text" in p.err, p.err
+    p = phi2(m, "--ids", "1,2,3,4", "-n", "7", "--temp", "0", "--print-ids")
+    n = len(p.out.strip().split(",")) if p.out.strip() else 0
+    assert n == 7 or "end of text" in p.err, (p.out, p.err)
+    p = phi2(m, "--ids", "1,2,3,4", "-n", "0", "--print-ids")
+    assert p.out.strip() == "" and "-n" in p.err
+
+
+def test_sampling_is_seeded_and_varies():
+    m = tiny_model()
+    run = lambda seed, *f: phi2(m, "--ids", SHORT, "-n", "24", "-s", seed, "--print-ids", *f).out
+    assert run(5) == run(5)
+    assert len({run(s) for s in (1, 2, 3, 4)}) > 1, "different seeds should give different samples"
+    # top-k 1 is greedy whatever the temperature
+    assert run(1, "--top-k", "1", "--temp", "1.5") == run(9, "--temp", "0")
+
+
+def test_text_output_is_prompt_then_decoded_tokens():
+    """The streamed text equals the prompt followed by the generated tokens' bytes."""
+    m = tiny_model()
+    ids = phi2(m, "-p", "Hello world", "-n", "16", "--temp", "0", "--print-ids").out.strip()
+    text = phi2(m, "-p", "Hello world", "-n", "16", "--temp", "0").stdout
+    assert text.startswith(b"Hello world")
+    from common import run, REPO
+    decoded = run([os.path.join(REPO, "build", "tokenizer_tool"), "decode", m, ids]).stdout
+    assert text == b"Hello world" + decoded + b"\n", (text, decoded)
+
+
+def test_empty_prompt_starts_from_endoftext():
+    p = phi2(tiny_model(), "-n", "3", "--temp", "0", "--print-ids")
+    assert p.returncode == 0 and len(p.out.strip().split(",")) <= 3
+
+
+def test_tokenize_flag():
+    m = tiny_model()
+    assert phi2(m, "--tokenize", "-p", "   Hello").out.strip() == "50285,15496"
+    path = os.path.join(WORK, "prompt.txt")
+    with open(path, "wb") as f:
+        f.write(b"This is\n\n")
+    assert phi2(m, "--tokenize", "-f", path).out.strip().startswith("1212,318")
+    assert phi2(m, "--tokenize", "-f", path).out.strip() == phi2(m, "--tokenize", "-p", "This is\n\n").out.strip()
