@@ -31,19 +31,32 @@ build/tokenizer_tool: tests/tokenizer_tool.c tokenizer.c $(HDR)
 	@mkdir -p build
 	$(CC) $(WARN) -O2 -g -o $@ tests/tokenizer_tool.c tokenizer.c -lm
 
+# Kernel tests compile phi2.c itself (without main) next to the test, with the same flags
+# as the binary under test, so the fast kernels are checked against their scalar twins.
+build/test_kernels: tests/test_kernels.c $(SRC) $(HDR)
+	@mkdir -p build
+	$(CC) $(WARN) -O3 -march=native $(OPENMP) -o $@ tests/test_kernels.c tokenizer.c -lm
+build/test_kernels-portable: tests/test_kernels.c $(SRC) $(HDR)
+	@mkdir -p build
+	$(CC) $(WARN) -O2 -DPHI2_SCALAR_ONLY $(OPENMP) -o $@ tests/test_kernels.c tokenizer.c -lm
+build/test_kernels-asan: tests/test_kernels.c $(SRC) $(HDR)
+	@mkdir -p build
+	$(CC) $(WARN) -O1 -g -march=native -fsanitize=address,undefined -fno-sanitize-recover=all \
+	    -o $@ tests/test_kernels.c tokenizer.c -lm
+
 TEST_BINS := build/tokenizer_tool
 
-test: phi2 $(TEST_BINS)
+test: phi2 $(TEST_BINS) build/test_kernels
 	rm -rf build/testdata
-	PHI2_BIN=./phi2 $(PYTHON) tests/run.py
+	PHI2_BIN=./phi2 KERNEL_TEST_BIN=build/test_kernels $(PYTHON) tests/run.py
 
-test-sanitize: phi2-asan $(TEST_BINS)
+test-sanitize: phi2-asan $(TEST_BINS) build/test_kernels-asan
 	rm -rf build/testdata
-	PHI2_BIN=./phi2-asan ASAN_OPTIONS=detect_leaks=1 $(PYTHON) tests/run.py
+	PHI2_BIN=./phi2-asan KERNEL_TEST_BIN=build/test_kernels-asan ASAN_OPTIONS=detect_leaks=1 $(PYTHON) tests/run.py
 
-test-portable: phi2-portable $(TEST_BINS)
+test-portable: phi2-portable $(TEST_BINS) build/test_kernels-portable
 	rm -rf build/testdata
-	PHI2_BIN=./phi2-portable $(PYTHON) tests/run.py
+	PHI2_BIN=./phi2-portable KERNEL_TEST_BIN=build/test_kernels-portable $(PYTHON) tests/run.py
 
 clean:
 	rm -rf phi2 phi2-portable phi2-asan build
