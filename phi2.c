@@ -762,6 +762,7 @@ static void usage(FILE *f) {
             "  -t, --threads N        threads (default: all available cores)\n"
             "  -b, --batch N          prompt positions processed together (default 64; 1 = one\n"
             "                         at a time through the KV cache, as during generation)\n"
+            "      --ignore-eos       keep generating past <|endoftext|> (for benchmarks)\n"
             "      --no-display-prompt  do not echo the prompt before the completion\n"
             "\n"
             "testing and inspection:\n"
@@ -788,7 +789,7 @@ typedef struct {
     int ctx;                    // 0: the model's max_seq_len
     int batch;                  // prompt positions per forward pass
     int n_threads;              // 0: all cores
-    int tokenize, print_ids, no_display_prompt;
+    int tokenize, print_ids, no_display_prompt, ignore_eos;
 } Options;
 
 static Options parse_args(int argc, char **argv) {
@@ -803,6 +804,7 @@ static Options parse_args(int argc, char **argv) {
         if (!strcmp(a, "--tokenize")) { o.tokenize = 1; continue; }
         if (!strcmp(a, "--print-ids")) { o.print_ids = 1; continue; }
         if (!strcmp(a, "--no-display-prompt")) { o.no_display_prompt = 1; continue; }
+        if (!strcmp(a, "--ignore-eos")) { o.ignore_eos = 1; continue; }
         if (a[0] != '-' || a[1] == '\0') {
             if (o.model_path) die("unexpected argument '%s' (the model path is '%s'); see -h", a, o.model_path);
             o.model_path = a;
@@ -969,6 +971,7 @@ int main(int argc, char **argv) {
     for (;;) {
         if (n_gen >= n_limit) { stop_reason = "generated the -n limit of tokens"; break; }
         if (pos >= ctx) { stop_reason = "the context is full"; break; }
+        if (opt.ignore_eos) state.logits[c->eos_id] = -INFINITY;
         int next = sample(&sampler, state.logits, n_vocab_real, cand);
         if (next == c->eos_id) { stop_reason = "end of text"; break; }
         generated[n_gen++] = next;
@@ -993,9 +996,12 @@ int main(int argc, char **argv) {
     fflush(stdout);
 
     fprintf(stderr, "\nphi2: stopped: %s\n", stop_reason);
-    fprintf(stderr, "phi2: load %.2f s | prompt %d tokens, %.2f tok/s | generated %d tokens, %.2f tok/s | %d threads\n",
-            t_load, n_prompt, t_prompt > 0 ? n_prompt / t_prompt : 0.0, n_gen,
-            t_gen > 0 ? n_decoded / t_gen : 0.0, max_threads());
+    // Decode reads every weight once per token: tok/s x bytes is the memory bandwidth used.
+    double gen_tps = t_gen > 0 ? n_decoded / t_gen : 0.0;
+    fprintf(stderr, "phi2: load %.2f s | prompt %d tokens, %.2f tok/s | generated %d tokens, %.2f tok/s "
+            "(%.1f GB/s of weights) | %d threads\n",
+            t_load, n_prompt, t_prompt > 0 ? n_prompt / t_prompt : 0.0, n_gen, gen_tps,
+            gen_tps * (double)model.weight_bytes * 1e-9, max_threads());
 
     free(generated);
     free(cand);
