@@ -1,0 +1,548 @@
+#!/usr/bin/env python3
+"""Convert a Hugging Face Phi-2 checkpoint folder into a phi2.c model file (docs/FORMAT.md).
+
+usage: convert.py HF_DIR OUT.bin [--dtype f32|q8]
+
+Reads config.json, model.safetensors.index.json (or a single model.safetensors), every
+shard it names, and tokenizer.json. Accepts F16, BF16 and F32 tensors, current transformers
+names (model.layers.N.self_attn.q_proj...) and the original remote-code "phi-msft" names
+(transformer.h.N.mixer.Wqkv...); rotary_emb tensors are ignored.
+
+Streams tensor by tensor (shards are memory-mapped, large matrices go in row chunks), so
+memory stays a few hundred MB above the largest tensor. The output is written to a
+temporary file next to OUT.bin and renamed at the end: an error or Ctrl-C never leaves a
+half-written file. Errors are one line on stderr, "error: ...", with exit status 1.
+
+--dtype q8: Q8_0, groups of 64 along the input dimension, d = max|w|/127 (float32),
+q = round(w/d) in [-127, 127] (0 where d = 0), for every matrix (embed, qkv, dense, fc1,
+fc2, lm_head); biases and LayerNorm parameters stay float32.
+"""
+import argparse
+import json
+import math
+import os
+import signal
+import struct
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+MAGIC = b"PHI2CBIN"
+VERSION = 1
+HEADER_SIZE = 256
+ALIGN = 64
+GROUP = 64
+WEIGHT_F32, WEIGHT_Q8 = 0, 1
+CHUNK_BYTES = 64 << 20      # float32 bytes per row chunk while streaming a matrix
+
+
+class ConvertError(Exception):
+    """A problem with the input (or output) that ends the conversion with one error line."""
+
+
+def fnv1a64(data):
+    h = 0xcbf29ce484222325
+    for b in data:
+        h ^= b
+        h = (h * 0x100000001b3) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+# ---------------------------------------------------------------- config
+
+def load_config(hf_dir):
+    if not os.path.isdir(hf_dir):
+        raise ConvertError(f"{hf_dir}: no such checkpoint folder")
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(path):
+        raise ConvertError(f"{path}: missing (not a Hugging Face checkpoint folder?)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConvertError(f"{path}: cannot parse: {e}")
+    if not isinstance(cfg, dict):
+        raise ConvertError(f"{path}: not a JSON object")
+    return cfg, path
+
+
+def model_params(cfg, path, weight_type):
+    """Validate config.json; return the header dimensions."""
+    def get(key, kind, default=None):
+        if key not in cfg or cfg[key] is None:
+            if default is None:
+                raise ConvertError(f"{path}: missing key {key}")
+            return default
+        v = cfg[key]
+        if kind is int and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+            raise ConvertError(f"{path}: {key} must be a positive integer, got {v!r}")
+        if kind is float and (not isinstance(v, (int, float)) or isinstance(v, bool)):
+            raise ConvertError(f"{path}: {key} must be a number, got {v!r}")
+        return v
+
+    if cfg.get("model_type") != "phi":
+        raise ConvertError(f"{path}: unsupported model_type {cfg.get('model_type')!r} (expected 'phi')")
+    if cfg.get("qk_layernorm", False):
+        raise ConvertError(f"{path}: unsupported config: qk_layernorm is true")
+    act = cfg.get("hidden_act", "gelu_new")
+    if act != "gelu_new":
+        raise ConvertError(f"{path}: unsupported config: hidden_act {act!r} (only gelu_new)")
+    p = {
+        "vocab_size": get("vocab_size", int),
+        "hidden_dim": get("hidden_size", int),
+        "ffn_dim": get("intermediate_size", int),
+        "n_layers": get("num_hidden_layers", int),
+        "n_heads": get("num_attention_heads", int),
+        "max_seq_len": get("max_position_embeddings", int, 2048),
+        "rope_theta": float(get("rope_theta", float, 10000.0)),
+        "norm_eps": float(get("layer_norm_eps", float, 1e-5)),
+    }
+    kv = cfg.get("num_key_value_heads")
+    if kv is not None and kv != p["n_heads"]:
+        raise ConvertError(f"{path}: unsupported config: num_key_value_heads {kv} != "
+                           f"num_attention_heads {p['n_heads']}")
+    if p["hidden_dim"] % p["n_heads"]:
+        raise ConvertError(f"{path}: hidden_size {p['hidden_dim']} is not a multiple of "
+                           f"num_attention_heads {p['n_heads']}")
+    p["head_dim"] = p["hidden_dim"] // p["n_heads"]
+    prf = float(get("partial_rotary_factor", float, 0.5))
+    rot = int(prf * p["head_dim"])
+    if rot % 2 or rot > p["head_dim"] or rot < 0:
+        raise ConvertError(f"{path}: partial_rotary_factor {prf} gives {rot} rotary dims per head: "
+                           f"must be even and <= head_dim {p['head_dim']}")
+    p["rot_dim"] = rot
+    for key in ("bos_token_id", "eos_token_id"):
+        v = cfg.get(key, 50256)
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < p["vocab_size"]:
+            raise ConvertError(f"{path}: {key} {v!r} is not an id below vocab_size {p['vocab_size']}")
+    p["bos_id"] = cfg.get("bos_token_id", 50256)
+    p["eos_id"] = cfg.get("eos_token_id", 50256)
+    if not (p["rope_theta"] > 0 and p["norm_eps"] > 0):
+        raise ConvertError(f"{path}: rope_theta and layer_norm_eps must be positive")
+    if weight_type == WEIGHT_Q8:
+        for key, dim in (("hidden_size", p["hidden_dim"]), ("intermediate_size", p["ffn_dim"])):
+            if dim % GROUP:
+                raise ConvertError(f"{path}: {key} {dim} is not a multiple of {GROUP}: q8 impossible "
+                                   f"(use --dtype f32)")
+    p["tie_word_embeddings"] = bool(cfg.get("tie_word_embeddings", False))
+    return p
+
+
+# ---------------------------------------------------------------- safetensors
+
+DTYPES = {"F32": ("<f4", 4), "F16": ("<f2", 2), "BF16": ("<u2", 2)}
+KNOWN_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+               "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+class Tensor:
+    def __init__(self, name, path, dtype, shape, offset):
+        self.name, self.path, self.dtype, self.shape, self.offset = name, path, dtype, shape, offset
+
+    def rows(self, r0, r1):
+        """float32 copy of rows r0..r1-1 (a 1-D tensor is one "row" per element)."""
+        if self.dtype not in DTYPES:
+            raise ConvertError(f"{self.path}: tensor {self.name}: unsupported dtype {self.dtype} "
+                               f"(F16, BF16 or F32)")
+        np_dtype, size = DTYPES[self.dtype]
+        row = int(np.prod(self.shape[1:], dtype=np.int64))
+        mm = np.memmap(self.path, dtype=np_dtype, mode="r", offset=self.offset + r0 * row * size,
+                       shape=((r1 - r0) * row,))
+        if self.dtype == "BF16":
+            a = (mm.astype(np.uint32) << np.uint32(16)).view(np.float32)
+        else:
+            a = mm.astype(np.float32)
+        del mm
+        return a.reshape((r1 - r0,) + tuple(self.shape[1:]))
+
+
+def read_safetensors_header(path):
+    """{name: Tensor} of one shard, with every offset checked against the file size."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ConvertError(f"{path}: truncated safetensors file ({size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                raise ConvertError(f"{path}: malformed safetensors header: length {n} exceeds the "
+                                   f"file ({size} bytes; truncated?)")
+            raw = f.read(n)
+    except OSError as e:
+        raise ConvertError(f"{path}: cannot read: {e.strerror}")
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConvertError(f"{path}: malformed safetensors header: {e}")
+    if not isinstance(header, dict):
+        raise ConvertError(f"{path}: malformed safetensors header: not a JSON object")
+    base = 8 + n
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        bad = f"{path}: malformed safetensors header entry for {name}"
+        if not isinstance(info, dict):
+            raise ConvertError(bad)
+        dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if (not isinstance(dtype, str) or not isinstance(shape, list)
+                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+                or not isinstance(offs, list) or len(offs) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
+                or not 0 <= offs[0] <= offs[1]):
+            raise ConvertError(bad)
+        if dtype in KNOWN_SIZES and offs[1] - offs[0] != math.prod(shape) * KNOWN_SIZES[dtype]:
+            raise ConvertError(f"{bad}: data_offsets {offs} do not match shape {shape} {dtype}")
+        if base + offs[1] > size:
+            raise ConvertError(f"{path}: truncated: tensor {name} ends at byte {base + offs[1]}, "
+                               f"the file has {size}")
+        out[name] = Tensor(name, path, dtype, tuple(shape), base + offs[0])
+    return out
+
+
+def load_tensors(hf_dir):
+    index = os.path.join(hf_dir, "model.safetensors.index.json")
+    single = os.path.join(hf_dir, "model.safetensors")
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                wm = json.load(f)["weight_map"]
+            if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+                raise ValueError("weight_map is not an object of file names")
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+            raise ConvertError(f"{index}: cannot parse: {e}")
+        files = sorted(set(wm.values()))
+    elif os.path.isfile(single):
+        wm, files = None, ["model.safetensors"]
+    else:
+        raise ConvertError(f"{hf_dir}: no model.safetensors.index.json or model.safetensors")
+    tensors = {}
+    for fn in files:
+        path = os.path.join(hf_dir, fn)
+        if not os.path.isfile(path):
+            raise ConvertError(f"{path}: missing shard (listed in {os.path.basename(index)})")
+        tensors.update(read_safetensors_header(path))
+    if wm is not None:
+        for name, fn in wm.items():
+            t = tensors.get(name)
+            if t is None or os.path.basename(t.path) != fn:
+                raise ConvertError(f"{os.path.join(hf_dir, fn)}: tensor {name} listed in the index "
+                                   f"is not in this shard")
+    return tensors
+
+
+# ---------------------------------------------------------------- weights plan
+
+def weight_plan(p, tensors):
+    """[(file name, kind, [source Tensors stacked by rows], expected shape)] in file order."""
+    H, F, V, L = p["hidden_dim"], p["ffn_dim"], p["vocab_size"], p["n_layers"]
+    msft = "transformer.embd.wte.weight" in tensors and "model.embed_tokens.weight" not in tensors
+
+    def need(name, shape):
+        t = tensors.get(name)
+        if t is None:
+            raise ConvertError(f"missing tensor {name}")
+        if t.shape != tuple(shape):
+            raise ConvertError(f"{t.path}: tensor {name} has shape {list(t.shape)}, expected {list(shape)}")
+        if t.dtype not in DTYPES:
+            raise ConvertError(f"{t.path}: tensor {name}: unsupported dtype {t.dtype} (F16, BF16 or F32)")
+        return t
+
+    plan = []
+
+    def matrix(label, names, rows, cols):
+        srcs = [need(n, (rows // len(names), cols)) for n in names]
+        plan.append((label, "matrix", srcs, (rows, cols)))
+
+    def vector(label, names, n):
+        srcs = [need(nm, (n // len(names),)) for nm in names]
+        plan.append((label, "vector", srcs, (n,)))
+
+    head_w = "lm_head.linear.weight" if msft else "lm_head.weight"
+    if head_w not in tensors and p["tie_word_embeddings"]:
+        raise ConvertError(f"unsupported config: tie_word_embeddings is true and there is no {head_w}")
+
+    matrix("embed", ["transformer.embd.wte.weight" if msft else "model.embed_tokens.weight"], V, H)
+    for i in range(L):
+        if msft:
+            m = f"transformer.h.{i}."
+            vector(f"layers.{i}.ln_weight", [m + "ln.weight"], H)
+            vector(f"layers.{i}.ln_bias", [m + "ln.bias"], H)
+            matrix(f"layers.{i}.qkv_weight", [m + "mixer.Wqkv.weight"], 3 * H, H)
+            vector(f"layers.{i}.qkv_bias", [m + "mixer.Wqkv.bias"], 3 * H)
+            matrix(f"layers.{i}.dense_weight", [m + "mixer.out_proj.weight"], H, H)
+            vector(f"layers.{i}.dense_bias", [m + "mixer.out_proj.bias"], H)
+        else:
+            m = f"model.layers.{i}."
+            a = m + "self_attn."
+            vector(f"layers.{i}.ln_weight", [m + "input_layernorm.weight"], H)
+            vector(f"layers.{i}.ln_bias", [m + "input_layernorm.bias"], H)
+            matrix(f"layers.{i}.qkv_weight", [a + "q_proj.weight", a + "k_proj.weight",
+                                              a + "v_proj.weight"], 3 * H, H)
+            vector(f"layers.{i}.qkv_bias", [a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"], 3 * H)
+            matrix(f"layers.{i}.dense_weight", [a + "dense.weight"], H, H)
+            vector(f"layers.{i}.dense_bias", [a + "dense.bias"], H)
+        matrix(f"layers.{i}.fc1_weight", [m + "mlp.fc1.weight"], F, H)
+        vector(f"layers.{i}.fc1_bias", [m + "mlp.fc1.bias"], F)
+        matrix(f"layers.{i}.fc2_weight", [m + "mlp.fc2.weight"], H, F)
+        vector(f"layers.{i}.fc2_bias", [m + "mlp.fc2.bias"], H)
+    vector("final_ln_weight", ["lm_head.ln.weight" if msft else "model.final_layernorm.weight"], H)
+    vector("final_ln_bias", ["lm_head.ln.bias" if msft else "model.final_layernorm.bias"], H)
+    matrix("lm_head_weight", [head_w], V, H)
+    vector("lm_head_bias", ["lm_head.linear.bias" if msft else "lm_head.bias"], V)
+    return plan
+
+
+# ---------------------------------------------------------------- tokenizer section
+
+def bytes_to_unicode():
+    """GPT-2's map from the 256 byte values to printable unicode characters."""
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1))
+          + list(range(ord("\xae"), ord("\xff") + 1)))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+UNICODE_TO_BYTE = {c: b for b, c in bytes_to_unicode().items()}
+
+
+def token_bytes(tok):
+    """Raw bytes of a byte-level BPE vocabulary string, or None if it is not one."""
+    try:
+        return bytes(UNICODE_TO_BYTE[ch] for ch in tok)
+    except KeyError:
+        return None
+
+
+def build_tokenizer_section(hf_dir, vocab_size):
+    path = os.path.join(hf_dir, "tokenizer.json")
+    if not os.path.isfile(path):
+        raise ConvertError(f"{path}: missing")
+    try:
+        with open(path, encoding="utf-8") as f:
+            tj = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConvertError(f"{path}: cannot parse: {e}")
+    model = tj.get("model") if isinstance(tj, dict) else None
+    if not isinstance(model, dict) or not isinstance(model.get("vocab"), dict) \
+            or not isinstance(model.get("merges"), list):
+        raise ConvertError(f"{path}: no BPE model with vocab and merges")
+    if model.get("type", "BPE") != "BPE":
+        raise ConvertError(f"{path}: unsupported tokenizer model type {model.get('type')!r} (BPE only)")
+    vocab = model["vocab"]
+    added = tj.get("added_tokens") or []
+    if not isinstance(added, list):
+        raise ConvertError(f"{path}: added_tokens is not a list")
+
+    entries = {}    # id -> (kind, bytes)
+    for tok, i in vocab.items():
+        if not isinstance(i, int) or isinstance(i, bool) or i < 0:
+            raise ConvertError(f"{path}: vocab token {tok!r} has a bad id {i!r}")
+        if i in entries:
+            raise ConvertError(f"{path}: vocab id {i} is used twice")
+        b = token_bytes(tok)
+        if b is None or not b:
+            raise ConvertError(f"{path}: vocab token {tok!r} (id {i}) is not a GPT-2 byte-level token")
+        entries[i] = (1, b)
+    for t in added:
+        if not isinstance(t, dict) or not isinstance(t.get("content"), str) or not t["content"] \
+                or not isinstance(t.get("id"), int) or isinstance(t.get("id"), bool) or t["id"] < 0:
+            raise ConvertError(f"{path}: malformed added token {t!r}")
+        for flag in ("lstrip", "rstrip", "single_word"):
+            if t.get(flag):
+                raise ConvertError(f"{path}: added token {t['content']!r} (id {t['id']}) has {flag} "
+                                   f"true: unsupported")
+        entries[t["id"]] = (2, t["content"].encode("utf-8"))
+    if not entries:
+        raise ConvertError(f"{path}: empty vocabulary")
+    n_tokens = max(entries) + 1
+    if n_tokens > vocab_size:
+        raise ConvertError(f"{path}: {n_tokens} token ids exceed the model's vocab_size {vocab_size}")
+
+    merges = []
+    for rank, m in enumerate(model["merges"]):
+        if isinstance(m, str):
+            parts = m.split(" ")
+        elif isinstance(m, list):
+            parts = m
+        else:
+            parts = None
+        if not parts or len(parts) != 2 or not all(isinstance(s, str) and s for s in parts):
+            raise ConvertError(f"{path}: merge {rank} is malformed: {m!r}")
+        a, b = parts
+        ids = [vocab.get(s) for s in (a, b, a + b)]
+        for s, i in zip((a, b, a + b), ids):
+            if i is None:
+                raise ConvertError(f"{path}: merge {rank} ({a!r} {b!r}): {s!r} is not in the vocab")
+        merges.append(ids)
+
+    out = bytearray(struct.pack("<II", n_tokens, len(merges)))
+    for i in range(n_tokens):
+        kind, b = entries.get(i, (0, b""))
+        out += struct.pack("<BI", kind, len(b))
+        out += b
+    out += np.asarray(merges, dtype="<u4").tobytes()
+    return bytes(out), n_tokens, len(merges)
+
+
+# ---------------------------------------------------------------- writing
+
+class Writer:
+    def __init__(self, f):
+        self.f = f
+        self.pos = f.tell()
+
+    def align(self):
+        pad = -self.pos % ALIGN
+        if pad:
+            self.f.write(b"\0" * pad)
+            self.pos += pad
+
+    def write(self, data):
+        mv = memoryview(data).cast("B")
+        self.f.write(mv)
+        self.pos += len(mv)
+
+
+def quantize_q8(w):
+    """w: float32 [rows, cols] -> (int8 [rows, cols], float32 [rows, cols/64])."""
+    rows, cols = w.shape
+    g = w.reshape(rows, cols // GROUP, GROUP)
+    d = (np.abs(g).max(axis=-1) / np.float32(127)).astype(np.float32)
+    inv = np.zeros_like(d)
+    np.divide(np.float32(1), d, out=inv, where=d > 0)
+    q = np.zeros(g.shape, dtype=np.float32)
+    np.divide(g, d[..., None], out=q, where=d[..., None] > 0)
+    q = np.clip(np.rint(q), -127, 127).astype(np.int8)
+    return q.reshape(rows, cols), d
+
+
+def write_tensor(wr, kind, srcs, shape, weight_type):
+    if kind == "vector":
+        wr.align()
+        for t in srcs:
+            wr.write(np.ascontiguousarray(t.rows(0, t.shape[0]), dtype="<f4"))
+        return
+    cols = shape[1]
+    chunk = max(1, CHUNK_BYTES // (4 * cols))
+    wr.align()
+    scales = []
+    for t in srcs:
+        for r0 in range(0, t.shape[0], chunk):
+            w = t.rows(r0, min(t.shape[0], r0 + chunk))
+            if weight_type == WEIGHT_F32:
+                wr.write(np.ascontiguousarray(w, dtype="<f4"))
+            else:
+                q, d = quantize_q8(w)
+                wr.write(q)
+                scales.append(d)
+            del w
+    if weight_type == WEIGHT_Q8:
+        wr.align()
+        for d in scales:
+            wr.write(np.ascontiguousarray(d, dtype="<f4"))
+
+
+def pack_header(p, weight_type, tok_size, tok_checksum, w_off, w_size):
+    h = struct.pack("<8sIIIIIIIIIIIffIIIQQQQQQ", MAGIC, VERSION, weight_type,
+                    p["vocab_size"], p["hidden_dim"], p["ffn_dim"], p["n_layers"], p["n_heads"],
+                    p["head_dim"], p["rot_dim"], p["max_seq_len"],
+                    GROUP if weight_type == WEIGHT_Q8 else 0,
+                    p["rope_theta"], p["norm_eps"], p["bos_id"], p["eos_id"], 0,
+                    HEADER_SIZE, tok_size, w_off, w_size, w_off + w_size, tok_checksum)
+    h += b"\0" * (248 - len(h))
+    return h + struct.pack("<Q", fnv1a64(h))
+
+
+def convert(hf_dir, out_path, weight_type, tmp_holder):
+    t_start = time.time()
+    cfg, cfg_path = load_config(hf_dir)
+    p = model_params(cfg, cfg_path, weight_type)
+    tensors = load_tensors(hf_dir)
+    plan = weight_plan(p, tensors)
+    tok, n_tokens, n_merges = build_tokenizer_section(hf_dir, p["vocab_size"])
+    print(f"convert: {hf_dir}: {p['n_layers']} layers, hidden {p['hidden_dim']}, ffn {p['ffn_dim']}, "
+          f"{p['n_heads']} heads, rot_dim {p['rot_dim']}, vocab {p['vocab_size']}; tokenizer "
+          f"{n_tokens} tokens, {n_merges} merges", file=sys.stderr)
+
+    out_dir = os.path.dirname(os.path.abspath(out_path))
+    try:
+        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix="." + os.path.basename(out_path) + ".",
+                                   suffix=".tmp")
+    except OSError as e:
+        raise ConvertError(f"{out_path}: cannot create the output: {e.strerror}")
+    tmp_holder.append(tmp)
+    with os.fdopen(fd, "wb") as f:
+        wr = Writer(f)
+        wr.write(b"\0" * HEADER_SIZE)          # the header goes in last
+        wr.write(tok)
+        wr.align()
+        w_off = wr.pos
+        for label, kind, srcs, shape in plan:
+            t0 = time.time()
+            write_tensor(wr, kind, srcs, shape, weight_type)
+            names = ",".join(t.name for t in srcs)
+            dt = "/".join(sorted({t.dtype for t in srcs}))
+            out_t = "q8_0" if weight_type == WEIGHT_Q8 and kind == "matrix" else "f32"
+            print(f"  {label} {list(shape)} {names} {dt} -> {out_t} {time.time() - t0:.2f}s",
+                  file=sys.stderr)
+        wr.align()                              # the section ends on a 64-byte boundary
+        w_size = wr.pos - w_off
+        f.seek(0)
+        f.write(pack_header(p, weight_type, len(tok), fnv1a64(tok), w_off, w_size))
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, out_path)
+    tmp_holder.remove(tmp)
+    print(f"convert: wrote {out_path} ({w_off + w_size} bytes) in {time.time() - t_start:.1f}s",
+          file=sys.stderr)
+
+
+def main():
+    ap = argparse.ArgumentParser(description="Convert a Hugging Face Phi-2 checkpoint to a phi2.c model file")
+    ap.add_argument("hf_dir")
+    ap.add_argument("out")
+    ap.add_argument("--dtype", choices=["f32", "q8"], default="f32")
+    args = ap.parse_args()
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, on_term)
+
+    tmp_holder = []
+    status = 0
+    try:
+        convert(args.hf_dir, args.out, WEIGHT_Q8 if args.dtype == "q8" else WEIGHT_F32, tmp_holder)
+    except ConvertError as e:
+        print(f"error: {e}", file=sys.stderr)
+        status = 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        status = 130
+    except OSError as e:
+        print(f"error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
+        status = 1
+    except Exception as e:  # noqa: BLE001 -- one line, never a traceback
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        status = 1
+    finally:
+        for tmp in tmp_holder:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+    sys.exit(status)
+
+
+if __name__ == "__main__":
+    main()
