@@ -7,6 +7,8 @@
  *   encode FILE        prints the ids of FILE's bytes, comma-separated ("-" = stdin)
  *   decode IDS         writes the bytes of comma-separated ids
  *   roundtrip FILE     checks decode(encode(FILE)) == FILE; prints "ok N_BYTES N_IDS"
+ *   encode-hex FILE    batch mode: every line of FILE is one text in hex; prints one line
+ *                      of comma-separated ids per line, after checking it round-trips
  *   stream IDS         feeds each token's bytes to a Utf8Stream; prints one line per token
  *                      with the hex of what it wrote ("-" if nothing), then "flush HEX"
  *   fuzz N SEED        round-trips N pseudo-random byte strings; prints "ok N"
@@ -113,6 +115,13 @@ static void encode_or_die(const Tokenizer *t, const unsigned char *text, size_t 
     if (tokenizer_encode(t, text, len, ids, n) != 0) die("encode: out of memory", NULL);
 }
 
+static int hexval(int c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+}
+
 /* decode(ids) == text? */
 static int roundtrip_ok(const Tokenizer *t, const unsigned char *text, size_t len, const int *ids, size_t n) {
     size_t pos = 0;
@@ -199,6 +208,29 @@ int main(int argc, char **argv) {
         }
         free(ids);
         free(text);
+    } else if (strcmp(cmd, "encode-hex") == 0) {
+        if (!arg) die("missing FILE", NULL);
+        size_t len;
+        unsigned char *in = read_all(arg, &len);
+        unsigned char *text = malloc(len / 2 + 1);
+        if (!text) die("out of memory", NULL);
+        for (size_t i = 0; i < len;) {   /* one line = one case */
+            size_t n = 0, n_ids;
+            for (; i < len && in[i] != '\n'; i += 2) {
+                int hi = hexval(in[i]), lo = i + 1 < len ? hexval(in[i + 1]) : -1;
+                if (hi < 0 || lo < 0) die("bad hex line", arg);
+                text[n++] = (unsigned char)(hi << 4 | lo);
+            }
+            i++;   /* the newline */
+            int *ids;
+            encode_or_die(&t, text, n, &ids, &n_ids);
+            if (!roundtrip_ok(&t, text, n, ids, n_ids)) die("round trip mismatch", arg);
+            for (size_t k = 0; k < n_ids; k++) printf(k ? ",%d" : "%d", ids[k]);
+            printf("\n");
+            free(ids);
+        }
+        free(text);
+        free(in);
     } else if (strcmp(cmd, "decode") == 0 || strcmp(cmd, "stream") == 0) {
         size_t n;
         int *ids = parse_ids(arg ? arg : "", &n);
