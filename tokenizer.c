@@ -37,6 +37,13 @@ static int read_u32(const unsigned char *p, size_t size, size_t *pos, uint32_t *
     return 0;
 }
 
+/* malloc(n * size), or NULL if that overflows or memory is short. */
+static void *alloc_array(size_t n, size_t size) {
+    if (size != 0 && n > SIZE_MAX / size) return NULL;
+    size_t bytes = n * size;
+    return malloc(bytes ? bytes : 1);   /* malloc(0) may return NULL */
+}
+
 static uint64_t merge_key(uint32_t left, uint32_t right) { return (uint64_t)left << 32 | right; }
 
 /* A cheap, well-mixing hash of the 64-bit pair key (the splitmix64 finalizer). */
@@ -124,16 +131,18 @@ int tokenizer_load(Tokenizer *t, const unsigned char *section, size_t size, char
         return fail(err, err_len, "tokenizer: %zu bytes left for %u merges (need %zu)", size - p,
                     n_merges, (size_t)n_merges * 12);
 
-    /* Allocate. Sizes are bounded by the section size, so none of these multiply out. */
+    if ((uint64_t)total_bytes > UINT32_MAX) return fail(err, err_len, "tokenizer: token bytes exceed 4 GiB");
+
+    /* Allocate. The counts are bounded by the section size, but check every product anyway. */
     t->n_tokens = (int)n_tokens;
     t->n_merges = (int)n_merges;
     size_t cap = 16;
     while (cap < (size_t)n_merges * 2) cap *= 2;   /* load factor <= 1/2 */
-    t->kind = malloc(n_tokens);
-    t->tok_offset = malloc(((size_t)n_tokens + 1) * sizeof(uint32_t));
-    t->bytes = malloc(total_bytes ? total_bytes : 1);
-    t->merges = malloc(cap * sizeof(TokMerge));
-    t->trie = malloc((added_bytes + 1) * sizeof(TokTrieNode));
+    t->kind = alloc_array(n_tokens, 1);
+    t->tok_offset = alloc_array((size_t)n_tokens + 1, sizeof(uint32_t));
+    t->bytes = alloc_array(total_bytes ? total_bytes : 1, 1);
+    t->merges = alloc_array(cap, sizeof(TokMerge));
+    t->trie = alloc_array(added_bytes + 1, sizeof(TokTrieNode));
     if (!t->kind || !t->tok_offset || !t->bytes || !t->merges || !t->trie) {
         tokenizer_free(t);
         return fail(err, err_len, "tokenizer: out of memory");
@@ -148,7 +157,7 @@ int tokenizer_load(Tokenizer *t, const unsigned char *section, size_t size, char
     size_t off = 0;
     p = pos;
     for (uint32_t i = 0; i < n_tokens; i++) {
-        uint32_t len;
+        uint32_t len = 0;   /* validated in pass 1: the reads below cannot fail */
         unsigned char kind = section[p++];
         read_u32(section, size, &p, &len);
         t->kind[i] = kind;
@@ -170,7 +179,7 @@ int tokenizer_load(Tokenizer *t, const unsigned char *section, size_t size, char
     /* Merges: ids in range, used, and merged bytes == left bytes + right bytes (this is
      * what makes decode(encode(x)) == x hold no matter what the file says). */
     for (uint32_t r = 0; r < n_merges; r++) {
-        uint32_t ids[3];
+        uint32_t ids[3] = {0, 0, 0};
         for (int k = 0; k < 3; k++) read_u32(section, size, &p, &ids[k]);
         for (int k = 0; k < 3; k++)
             if (ids[k] >= n_tokens || t->kind[ids[k]] == TOKEN_UNUSED) {
@@ -471,8 +480,7 @@ int tokenizer_encode(const Tokenizer *t, const unsigned char *text, size_t len, 
     *ids = NULL;
     *n_ids = 0;
     /* Every token covers at least one byte, so len ids always suffice. */
-    if (len > SIZE_MAX / sizeof(int)) return -1;
-    int *out = malloc((len ? len : 1) * sizeof(int));
+    int *out = alloc_array(len ? len : 1, sizeof(int));
     if (!out) return -1;
     BpeWork w = {0};
     size_t n_out = 0, start = 0, i = 0;

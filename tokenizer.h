@@ -62,7 +62,9 @@ void tokenizer_free(Tokenizer *t);
 
 /* Encodes len bytes of text (any bytes; no BOS is added). On success *ids is a malloc'd
  * array of *n_ids ids (free() it; may be non-NULL with *n_ids == 0) and 0 is returned.
- * Returns -1 (and *ids = NULL, *n_ids = 0) only when out of memory. */
+ * Returns -1 (and *ids = NULL, *n_ids = 0) only when out of memory (or for a single
+ * pre-token longer than INT_MAX/3 bytes, too long to index). The tokenizer is not
+ * modified, so several threads may encode with one tokenizer at once. */
 int tokenizer_encode(const Tokenizer *t, const unsigned char *text, size_t len, int **ids, size_t *n_ids);
 
 /* The bytes of token id (not NUL-terminated). Unused and out-of-range ids have length 0. */

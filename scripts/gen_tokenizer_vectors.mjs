@@ -40,6 +40,7 @@ import { fileURLToPath, pathToFileURL } from 'node:url';
 
 const REPO = path.dirname(path.dirname(fileURLToPath(import.meta.url)));
 const PYTHON = process.env.PYTHON || 'python3';
+const RANDOM_CASES = Number(process.env.RANDOM_CASES || 300);   // random-mix cases
 
 async function loadTransformers() {
     if (process.env.TRANSFORMERS_JS_DIR) {
@@ -149,6 +150,24 @@ function generatedCases() {
         add('tab-runs', `newline-tabs-${n}-code`, `\n${t}if x:\n${t}\tpass`);
         add('tab-runs', `tabs-${n}-newline`, `a${t}\n${t}\n\n`);
         add('tab-runs', `mixed-${n}`, `${' '.repeat(n)}${t}\n${t}${' '.repeat(n + 1)}y \t${t}`);
+    }
+    // Random mixes of the pieces the regex and the added-token split care about
+    // (deterministic: a fixed-seed xorshift generator).
+    const pieces = [' ', '  ', '   ', '\t', '\t\t', '\n', '\r\n', "'", "'s", "'ll", "'RE", "'ve",
+        'a', 'Bc', 'word', '7', '42', '!', '?!', '.', '_', '-', '\u00e9', 'e\u0301', '\u4e2d',
+        '\u{1f600}', '\u00a0', '\u3000', '\u2028', '\u0663', '\u00bd', '<|endoftext|>', '<|',
+        '\u0645\u0631', '\u200f', '\u200d', '\ufe0f', '\x0b', '\x01'];
+    let state = 0x9e3779b97f4a7c15n;
+    const rand = (n) => {
+        state ^= (state << 13n) & 0xffffffffffffffffn;
+        state ^= state >> 7n;
+        state ^= (state << 17n) & 0xffffffffffffffffn;
+        return Number(state % BigInt(n));
+    };
+    for (let k = 0; k < RANDOM_CASES; k++) {
+        let text = '';
+        for (let n = 1 + rand(24); n > 0; n--) text += pieces[rand(pieces.length)];
+        add('random-mix', `random-${k}`, text);
     }
     return out;
 }

@@ -177,15 +177,48 @@ def test_stream_outputs_only_whole_characters():
     assert sum(1 for i in range(len(ids)) if chunks[i] == b"") > 0
 
 
+def incomplete_tail(b):
+    """Length of the trailing bytes of b that a UTF-8 stream must hold back: a suffix that
+    starts with a lead byte and that some continuation bytes would complete into one valid
+    character (Python's strict decoder is the judge). A lead byte always starts a new
+    sequence, so only the suffix from the last byte >= 0xC0 needs checking."""
+    for k in range(1, min(3, len(b)) + 1):
+        tail = b[-k:]
+        if tail[0] < 0xC0:
+            continue
+        for total in range(k + 1, 5):
+            for c in range(0x80, 0xC0):
+                try:
+                    if len((tail + bytes([c]) + b"\x80" * (total - k - 1)).decode("utf-8")) == 1:
+                        return k
+                except UnicodeDecodeError:
+                    pass
+        return 0
+    return 0
+
+
+def expected_stream(ids):
+    """What a Utf8Stream should have written after each token and at the flush."""
+    token_bytes = tool("decode-each", ",".join(map(str, ids))).out.split("\n")[:-1]
+    so_far, written, chunks = b"", 0, []
+    for h in token_bytes:
+        so_far += bytes.fromhex(h) if h != "-" else b""
+        upto = len(so_far) - incomplete_tail(so_far)
+        chunks.append(so_far[written:upto])
+        written = upto
+    return chunks, so_far[written:]
+
+
 def test_stream_invalid_and_truncated_bytes_are_lossless():
     # Invalid bytes pass at once; a truncated character at the end comes out at the flush;
-    # an interrupted sequence is written as is when the next byte shows it cannot complete.
-    data = b"a\xff b\xe4\xb8 c\xf0\x9f\x98"
-    ids = encode(data)
-    chunks, tail = stream(ids)
-    assert b"".join(chunks) + tail == data
-    assert tail == b"\xf0\x9f\x98"
-    assert chunks[encode(b"a\xff").__len__() - 1].endswith(b"\xff")
+    # an interrupted sequence is written as is once the next byte shows it cannot complete.
+    for data in [b"a\xff b\xe4\xb8 c\xf0\x9f\x98", b"\xed\xa0\x80 \xe0\x80 \xc3\xa9\xc3",
+                 "😀👍🏽 中文 e\u0301".encode() + b"\xe2\x82", bytes(range(0x80, 0x100))]:
+        ids = encode(data)
+        chunks, tail = stream(ids)
+        assert b"".join(chunks) + tail == data
+        assert (chunks, tail) == expected_stream(ids), data
+    assert stream(encode(b"x\xf0\x9f\x98"))[1] == b"\xf0\x9f\x98"   # flushed at the end
 
 
 def test_encode_speed_100kb():

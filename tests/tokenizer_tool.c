@@ -6,6 +6,7 @@
  *   load               load and validate only; prints "ok N_TOKENS N_MERGES"
  *   encode FILE        prints the ids of FILE's bytes, comma-separated ("-" = stdin)
  *   decode IDS         writes the bytes of comma-separated ids
+ *   decode-each IDS    prints the hex of each id's bytes, one line per id ("-" if none)
  *   roundtrip FILE     checks decode(encode(FILE)) == FILE; prints "ok N_BYTES N_IDS"
  *   encode-hex FILE    batch mode: every line of FILE is one text in hex; prints one line
  *                      of comma-separated ids per line, after checking it round-trips
@@ -231,10 +232,18 @@ int main(int argc, char **argv) {
         }
         free(text);
         free(in);
-    } else if (strcmp(cmd, "decode") == 0 || strcmp(cmd, "stream") == 0) {
+    } else if (strcmp(cmd, "decode") == 0 || strcmp(cmd, "decode-each") == 0 || strcmp(cmd, "stream") == 0) {
         size_t n;
         int *ids = parse_ids(arg ? arg : "", &n);
-        if (strcmp(cmd, "decode") == 0) {
+        if (strcmp(cmd, "decode-each") == 0) {
+            for (size_t i = 0; i < n; i++) {
+                size_t tl;
+                const unsigned char *tb = tokenizer_token_bytes(&t, ids[i], &tl);
+                if (tl == 0) printf("-");
+                for (size_t k = 0; k < tl; k++) printf("%02x", tb[k]);
+                printf("\n");
+            }
+        } else if (strcmp(cmd, "decode") == 0) {
             for (size_t i = 0; i < n; i++) {
                 size_t tl;
                 const unsigned char *tb = tokenizer_token_bytes(&t, ids[i], &tl);
