@@ -341,6 +341,7 @@ typedef struct {
     uint32_t rank;
     int left, right;          /* symbol positions of the pair */
     int left_tok, right_tok;  /* their tokens when pushed: a changed token means stale */
+    int merged;               /* the token the pair becomes */
 } HeapItem;
 
 /* Scratch space for BPE of one pre-token, grown to the longest pre-token seen. */
@@ -411,7 +412,7 @@ static void push_pair(const Tokenizer *t, BpeWork *w, int a) {
     int b = w->next[a];
     if (b < 0) return;
     const TokMerge *m = merge_find(t, (uint32_t)w->tok[a], (uint32_t)w->tok[b]);
-    if (m) heap_push(w, (HeapItem){ m->rank, a, b, w->tok[a], w->tok[b] });
+    if (m) heap_push(w, (HeapItem){ m->rank, a, b, w->tok[a], w->tok[b], (int)m->merged });
 }
 
 /* BPE of one pre-token s[0..n): start from byte tokens, repeatedly apply the best-ranked
@@ -435,7 +436,7 @@ static void bpe(const Tokenizer *t, BpeWork *w, const unsigned char *s, size_t n
         int a = it.left, b = it.right;
         /* Stale if either symbol was merged into something else since the push. */
         if (w->tok[a] != it.left_tok || w->next[a] != b || w->tok[b] != it.right_tok) continue;
-        w->tok[a] = (int)merge_find(t, (uint32_t)it.left_tok, (uint32_t)it.right_tok)->merged;
+        w->tok[a] = it.merged;
         w->tok[b] = -1;
         w->next[a] = w->next[b];
         if (w->next[b] >= 0) w->prev[w->next[b]] = a;
