@@ -8,7 +8,7 @@ PYTHON  ?= /usr/bin/python3
 WARN    := -std=c11 -Wall -Wextra -Wshadow -Wno-unused-parameter
 OPENMP  := $(shell echo 'int main(void){return 0;}' | $(CC) -fopenmp -x c - -o /dev/null 2>/dev/null && echo -fopenmp)
 SRC     := phi2.c tokenizer.c
-HDR     := tokenizer.h
+HDR     := tokenizer.h unicode_tables.h
 
 .PHONY: all portable sanitize test test-sanitize test-portable clean
 
