@@ -149,7 +149,7 @@ def test_text_output_is_prompt_then_decoded_tokens():
     text = phi2(m, "-p", "Hello world", "-n", "16", "--temp", "0").stdout
     assert text.startswith(b"Hello world")
     from common import run, REPO
-    decoded = run([os.path.join(REPO, "build", "tokenizer_tool"), "decode", m, ids]).stdout
+    decoded = run([os.path.join(REPO, "build", "tokenizer_tool"), m, "decode", ids]).stdout
     assert text == b"Hello world" + decoded + b"\n", (text, decoded)
 
 

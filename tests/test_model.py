@@ -54,7 +54,7 @@ def test_variants_convert_and_match():
 
 def test_phi15_shape_ratios():
     """phi-1.5's geometry ratios (rotary factor 0.5, more and smaller heads) work too."""
-    ckpt = checkpoint(seed=3, extra=("--set", "partial_rotary_factor=0.5", "--set", "num_attention_heads=8",
+    ckpt = checkpoint(seed=3, extra=("--set", "partial_rotary_factor=0.5", "--set", "num_attention_heads=8", "--set", "num_key_value_heads=8",
                                      "--set", "num_hidden_layers=3"))
     model = converted(ckpt)
     check_matches_reference(ckpt, model, SHORT)
