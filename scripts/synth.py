@@ -3,6 +3,7 @@
 
 usage: synth.py OUT_DIR --preset tiny|full [--seed N] [--dtype F16|BF16|F32]
                 [--naming hf|msft] [--shards N] [--merges string|pair] [--set key=value ...]
+                [--quiet]
 
 Writes config.json, model-0000i-of-0000N.safetensors + model.safetensors.index.json,
 tokenizer.json (real GPT-2 vocabulary and merges plus Phi-2's added tokens), vocab.json,
@@ -296,7 +297,8 @@ def main():
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--dtype", choices=["F16", "BF16", "F32"], default="F16")
     ap.add_argument("--naming", choices=["hf", "msft"], default="hf")
-    ap.add_argument("--shards", type=int, default=1)
+    ap.add_argument("--shards", type=int, default=None,
+                    help="number of safetensors shards (default: 2 for full, like microsoft/phi-2; 1 for tiny)")
     ap.add_argument("--merges", choices=["string", "pair"], default="string")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--quiet", action="store_true", help="no per-tensor progress")
@@ -316,7 +318,10 @@ def main():
         f.write("\n")
 
     tensors = fix_shapes(plan(cfg, args.naming), cfg)
-    groups, total = split_shards(tensors, args.dtype, args.shards)
+    n_shards = args.shards if args.shards is not None else (2 if args.preset == "full" else 1)
+    if n_shards < 1:
+        raise SystemExit("error: --shards must be at least 1")
+    groups, total = split_shards(tensors, args.dtype, n_shards)
     n = len(groups)
     log = args.preset == "full" and not args.quiet
     weight_map = {}
