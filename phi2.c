@@ -883,112 +883,77 @@ static void dump_logits(const Model *m, RunState *s, const int *tokens, int n_to
     g_partial_file[0] = '\0';
 }
 
-int main(int argc, char **argv) {
-    Options opt = parse_args(argc, argv);
-#ifdef _OPENMP
-    if (opt.n_threads > 0) omp_set_num_threads(opt.n_threads);
-#else
-    if (opt.n_threads > 1) fprintf(stderr, "phi2: built without OpenMP, running on 1 thread\n");
-#endif
-
-    double t_load = now_seconds();
-    Model model;
-    load_model(&model, opt.model_path);
-    const Config *c = &model.config;
-    const int n_vocab_real = model.tokenizer.n_tokens < c->vocab_size
-                                 ? model.tokenizer.n_tokens : c->vocab_size;
-
-    // The prompt, as token ids.
-    int n_prompt = 0, *prompt = NULL;
-    unsigned char *text = NULL;
-    size_t text_len = 0;
-    if (opt.ids) {
-        prompt = parse_ids(opt.ids, c->vocab_size, &n_prompt);
-    } else {
-        if (opt.prompt_file) text = read_file(opt.prompt_file, &text_len);
-        else if (opt.prompt) {
-            text_len = strlen(opt.prompt);
-            text = xmalloc(text_len + 1);
-            memcpy(text, opt.prompt, text_len + 1);
-        }
-        size_t n = 0;
-        if (text_len > 0 && tokenizer_encode(&model.tokenizer, text, text_len, &prompt, &n) != 0)
-            die("out of memory tokenizing the prompt");
-        if (n > INT_MAX) die("prompt too long");
-        n_prompt = (int)n;
+/* The prompt as token ids: --ids as given, text (-p / -f) through the tokenizer.
+ * *text (may be NULL) keeps the prompt's bytes for echoing. */
+static int *read_prompt(const Options *opt, const Model *m, int *n_out, unsigned char **text, size_t *text_len) {
+    *text = NULL;
+    *text_len = 0;
+    if (opt->ids) return parse_ids(opt->ids, m->config.vocab_size, n_out);
+    if (opt->prompt_file) *text = read_file(opt->prompt_file, text_len);
+    else if (opt->prompt) {
+        *text_len = strlen(opt->prompt);
+        *text = xmalloc(*text_len + 1);
+        memcpy(*text, opt->prompt, *text_len + 1);
     }
-    if (opt.tokenize) {
-        print_ids(stdout, prompt, n_prompt);
-        return 0;
-    }
-    if (n_prompt == 0) {  // Phi-2 adds no BOS; with nothing to condition on, start from it anyway
-        free(prompt);
-        prompt = xmalloc(sizeof(int));
-        prompt[0] = c->bos_id;
-        n_prompt = 1;
-    }
+    int *ids = NULL;
+    size_t n = 0;
+    if (*text_len > 0 && tokenizer_encode(&m->tokenizer, *text, *text_len, &ids, &n) != 0)
+        die("out of memory tokenizing the prompt");
+    if (n > INT_MAX) die("prompt too long");
+    *n_out = (int)n;
+    return ids;
+}
 
-    int ctx = opt.ctx ? opt.ctx : c->max_seq_len;
-    if (ctx > c->max_seq_len) die("--ctx-size %d exceeds the model's maximum of %d", ctx, c->max_seq_len);
-    if (n_prompt > ctx)
-        die("the prompt is %d tokens, longer than the context of %d tokens", n_prompt, ctx);
-    // The KV cache only needs the positions we will actually use.
-    long needed = opt.dump_logits ? n_prompt : (opt.n_predict < 0 ? ctx : n_prompt + opt.n_predict);
-    int cache_len = needed < ctx ? (int)needed : ctx;
-    RunState state;
-    init_state(&state, c, cache_len, opt.batch);
-    t_load = now_seconds() - t_load;
-
-    if (opt.dump_logits) {
-        dump_logits(&model, &state, prompt, n_prompt, opt.dump_logits);
-        return 0;
-    }
-
-    Sampler sampler = {.temperature = opt.temperature, .top_k = opt.top_k, .top_p = opt.top_p,
-                       .rng = opt.seed_given ? opt.seed : (uint64_t)time(NULL)};
+/* Process the prompt, then sample, print and feed back tokens until end of text, the -n
+ * limit or a full context. The sequence (prompt + generated) never exceeds ctx, and the
+ * last token (whose logits nobody reads) is not fed. Timings go to stderr. */
+static void generate(const Model *m, RunState *s, const Options *opt, const int *prompt, int n_prompt,
+                     const unsigned char *text, size_t text_len, int ctx, double t_load) {
+    const Config *c = &m->config;
+    const int n_vocab_real = m->tokenizer.n_tokens < c->vocab_size ? m->tokenizer.n_tokens : c->vocab_size;
+    Sampler sampler = {.temperature = opt->temperature, .top_k = opt->top_k, .top_p = opt->top_p,
+                       .rng = opt->seed_given ? opt->seed : (uint64_t)time(NULL)};
     sampler.rng = sampler.rng * 0x9E3779B97F4A7C15ULL + 1;  // never zero: xorshift would stick
     Candidate *cand = xmalloc(mul_size((size_t)n_vocab_real, sizeof(Candidate)));
     Utf8Stream stream = {0};
-    if (!opt.print_ids && !opt.no_display_prompt && text) utf8_stream_write(&stream, text, text_len, stdout);
+    if (!opt->print_ids && !opt->no_display_prompt && text) utf8_stream_write(&stream, text, text_len, stdout);
     fflush(stdout);
 
     // Prompt: all positions in batches, logits of the last one only.
     double t0 = now_seconds();
-    for (int start = 0; start < n_prompt; start += state.max_batch) {
-        int n = n_prompt - start < state.max_batch ? n_prompt - start : state.max_batch;
-        forward(&model, &state, prompt + start, n, start, 0);
+    for (int start = 0; start < n_prompt; start += s->max_batch) {
+        int n = n_prompt - start < s->max_batch ? n_prompt - start : s->max_batch;
+        forward(m, s, prompt + start, n, start, 0);
     }
     double t_prompt = now_seconds() - t0;
 
-    // Generation: sample from the last logits, print, feed the token back in. The sequence
-    // (prompt + generated) never exceeds the context; a token nobody will read the logits of
-    // (the last one) is not fed.
-    long n_limit = opt.n_predict < 0 ? LONG_MAX : opt.n_predict;
-    int *generated = xmalloc(sizeof(int) * (size_t)(cache_len + 1));
+    // Generation: one token per forward pass.
+    long n_limit = opt->n_predict < 0 ? LONG_MAX : opt->n_predict;
+    int *generated = xmalloc(mul_size((size_t)ctx + 1, sizeof(int)));
     int n_gen = 0, n_decoded = 0, pos = n_prompt;
     const char *stop_reason;
     t0 = now_seconds();
     for (;;) {
         if (n_gen >= n_limit) { stop_reason = "generated the -n limit of tokens"; break; }
         if (pos >= ctx) { stop_reason = "the context is full"; break; }
-        if (opt.ignore_eos) state.logits[c->eos_id] = -INFINITY;
-        int next = sample(&sampler, state.logits, n_vocab_real, cand);
+        if (opt->ignore_eos) s->logits[c->eos_id] = -INFINITY;
+        int next = sample(&sampler, s->logits, n_vocab_real, cand);
         if (next == c->eos_id) { stop_reason = "end of text"; break; }
         generated[n_gen++] = next;
-        if (!opt.print_ids) {
+        if (!opt->print_ids) {
             size_t len = 0;
-            const unsigned char *bytes = tokenizer_token_bytes(&model.tokenizer, next, &len);
+            const unsigned char *bytes = tokenizer_token_bytes(&m->tokenizer, next, &len);
             utf8_stream_write(&stream, bytes, len, stdout);
             fflush(stdout);
         }
         if (n_gen < n_limit && pos + 1 < ctx) {
-            forward(&model, &state, &next, 1, pos, 0);
+            forward(m, s, &next, 1, pos, 0);
             n_decoded++;
         }
         pos++;
     }
     double t_gen = now_seconds() - t0;
-    if (opt.print_ids) print_ids(stdout, generated, n_gen);
+    if (opt->print_ids) print_ids(stdout, generated, n_gen);
     else {
         utf8_stream_flush(&stream, stdout);
         printf("\n");
@@ -1001,13 +966,54 @@ int main(int argc, char **argv) {
     fprintf(stderr, "phi2: load %.2f s | prompt %d tokens, %.2f tok/s | generated %d tokens, %.2f tok/s "
             "(%.1f GB/s of weights) | %d threads\n",
             t_load, n_prompt, t_prompt > 0 ? n_prompt / t_prompt : 0.0, n_gen, gen_tps,
-            gen_tps * (double)model.weight_bytes * 1e-9, max_threads());
-
+            gen_tps * (double)m->weight_bytes * 1e-9, max_threads());
     free(generated);
     free(cand);
+}
+
+int main(int argc, char **argv) {
+    Options opt = parse_args(argc, argv);
+#ifdef _OPENMP
+    if (opt.n_threads > 0) omp_set_num_threads(opt.n_threads);
+#else
+    if (opt.n_threads > 1) fprintf(stderr, "phi2: built without OpenMP, running on 1 thread\n");
+#endif
+
+    double t_load = now_seconds();
+    Model model;
+    load_model(&model, opt.model_path);
+    const Config *c = &model.config;
+
+    int n_prompt = 0;
+    unsigned char *text = NULL;
+    size_t text_len = 0;
+    int *prompt = read_prompt(&opt, &model, &n_prompt, &text, &text_len);
+    if (opt.tokenize) {
+        print_ids(stdout, prompt, n_prompt);
+    } else {
+        if (n_prompt == 0) {  // Phi-2 adds no BOS; with nothing to condition on, start from it
+            free(prompt);
+            prompt = xmalloc(sizeof(int));
+            prompt[0] = c->bos_id;
+            n_prompt = 1;
+        }
+        int ctx = opt.ctx ? opt.ctx : c->max_seq_len;
+        if (ctx > c->max_seq_len) die("--ctx-size %d exceeds the model's maximum of %d", ctx, c->max_seq_len);
+        if (n_prompt > ctx) die("the prompt is %d tokens, longer than the context of %d tokens", n_prompt, ctx);
+
+        // The KV cache only needs the positions we will actually use.
+        long needed = opt.dump_logits ? n_prompt : (opt.n_predict < 0 ? ctx : n_prompt + opt.n_predict);
+        int cache_len = needed < ctx ? (int)needed : ctx;
+        RunState state;
+        init_state(&state, c, cache_len, opt.batch);
+        t_load = now_seconds() - t_load;
+
+        if (opt.dump_logits) dump_logits(&model, &state, prompt, n_prompt, opt.dump_logits);
+        else generate(&model, &state, &opt, prompt, n_prompt, text, text_len, ctx, t_load);
+        free_state(&state);
+    }
     free(prompt);
     free(text);
-    free_state(&state);
     free_model(&model);
     return 0;
 }
