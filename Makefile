@@ -23,7 +23,7 @@ phi2-portable: $(SRC) $(HDR)
 
 sanitize: phi2-asan
 phi2-asan: $(SRC) $(HDR)
-	$(CC) $(WARN) -O1 -g -march=native -fsanitize=address,undefined -fno-sanitize-recover=all \
+	$(CC) $(WARN) -O1 -g -march=native $(OPENMP) -fsanitize=address,undefined -fno-sanitize-recover=all \
 	    -fno-omit-frame-pointer -o $@ $(SRC) -lm
 
 # Test-only programs (tokenizer and kernel unit tests) live in build/.
@@ -41,7 +41,7 @@ build/test_kernels-portable: tests/test_kernels.c $(SRC) $(HDR)
 	$(CC) $(WARN) -O2 -DPHI2_SCALAR_ONLY $(OPENMP) -o $@ tests/test_kernels.c tokenizer.c -lm
 build/test_kernels-asan: tests/test_kernels.c $(SRC) $(HDR)
 	@mkdir -p build
-	$(CC) $(WARN) -O1 -g -march=native -fsanitize=address,undefined -fno-sanitize-recover=all \
+	$(CC) $(WARN) -O1 -g -march=native $(OPENMP) -fsanitize=address,undefined -fno-sanitize-recover=all \
 	    -o $@ tests/test_kernels.c tokenizer.c -lm
 
 TEST_BINS := build/tokenizer_tool

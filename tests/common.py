@@ -15,7 +15,7 @@ REPO = os.path.dirname(TESTS)
 SCRIPTS = os.path.join(REPO, "scripts")
 PY = sys.executable
 PHI2 = os.environ.get("PHI2_BIN", os.path.join(REPO, "phi2"))
-WORK = os.path.join(REPO, "build", "testdata")
+WORK = os.environ.get("PHI2_TEST_WORK", os.path.join(REPO, "build", "testdata"))
 
 
 def run(cmd, check=True, timeout=600, input=None):
