@@ -34,6 +34,8 @@
 #include <unistd.h>
 #ifdef _OPENMP
 #include <omp.h>
+#else
+#pragma GCC diagnostic ignored "-Wunknown-pragmas"  // without OpenMP the omp pragmas do nothing
 #endif
 #if !defined(PHI2_SCALAR_ONLY) && (defined(__AVX2__) || defined(__AVX512F__))
 #include <immintrin.h>
