@@ -62,7 +62,7 @@ SCALES = {
     "fc1": 1.5,            # gelu_new inputs of a few units: strongly non-linear
     "fc1_b": 0.5,
     "fc2": 0.6,
-    "fc2_b": 0.05,
+    "fc2_b": 0.05,         # plus -fc2 @ E[gelu(fc1 h + b1)]: see mlp_mean_correction
     "lm_head": 4.0,        # logits std ~4: top-1 margin usually >> float32 noise
     "lm_head_b": 1.0,      # exact (noise-free) part of the logit spread
     "pad_bias": -20.0,     # lm_head bias of padding ids: they never win (decodable output)
@@ -170,6 +170,36 @@ def fix_shapes(tensors, cfg):
 
 # ---------------------------------------------------------------- generation
 
+def whole(cfg, seed, hf_name, kind, shape):
+    return np.concatenate(list(part_chunks(cfg, seed, hf_name, kind, shape, 1 << 30)))
+
+
+def mlp_mean_correction(cfg, seed, prefix):
+    """-fc2 @ E[gelu(fc1 h + b1)] for the layer at prefix ("model.layers.N."), estimated over
+    256 random LayerNorm outputs h.
+
+    gelu's output has a large positive mean, so without this every layer's MLP adds a
+    context-independent vector to the residual stream. Over 32 layers that common component
+    makes a few tokens win everywhere (greedy decoding of the full preset fell into 2-cycles);
+    with it, each MLP's output is (approximately) zero-mean over inputs."""
+    H, F = cfg["hidden_size"], cfg["intermediate_size"]
+    ln_w = whole(cfg, seed, prefix + "input_layernorm.weight", "ln_w", (H,))
+    ln_b = whole(cfg, seed, prefix + "input_layernorm.bias", "ln_b", (H,))
+    w1 = whole(cfg, seed, prefix + "mlp.fc1.weight", "fc1", (F, H))
+    b1 = whole(cfg, seed, prefix + "mlp.fc1.bias", "fc1_b", (F,))
+    rng = np.random.default_rng([seed, zlib.crc32((prefix + "#samples").encode())])
+    n = rng.standard_normal((256, H), dtype=np.float32)
+    n -= n.mean(axis=1, keepdims=True)
+    n /= n.std(axis=1, keepdims=True)
+    z = (n * ln_w + ln_b) @ w1.T + b1
+    del w1
+    c = np.float32(math.sqrt(2.0 / math.pi))
+    mu = (0.5 * z * (1.0 + np.tanh(c * (z + np.float32(0.044715) * z ** 3)))).mean(axis=0)
+    del z
+    w2 = whole(cfg, seed, prefix + "mlp.fc2.weight", "fc2", (H, F))
+    return -(w2 @ mu)
+
+
 def part_chunks(cfg, seed, hf_name, kind, shape, chunk_rows):
     """Yield float32 row chunks of one logical (HF) tensor."""
     H, F = cfg["hidden_size"], cfg["intermediate_size"]
@@ -192,6 +222,8 @@ def part_chunks(cfg, seed, hf_name, kind, shape, chunk_rows):
             a *= np.float32(SCALES[kind] / math.sqrt(fan_in[kind]))
         else:                                   # biases
             a *= np.float32(SCALES[kind])
+            if kind == "fc2_b":
+                a += mlp_mean_correction(cfg, seed, hf_name[:-len("mlp.fc2.bias")]).astype(np.float32)
             if kind == "lm_head_b" and r0 + n > N_REAL_TOKENS:
                 lo = max(N_REAL_TOKENS - r0, 0)
                 a[lo:] = np.float32(SCALES["pad_bias"])
