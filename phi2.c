@@ -386,7 +386,42 @@ static void free_model(Model *m) {
 /* Shapes: activations are row-major [n_tokens, features]; a batch of n_tokens positions
  * goes through each kernel together so every weight is read once per batch, not once per
  * token. The _scalar functions are the reference; tests/test_kernels.c compares the fast
- * versions against them. */
+ * versions against them.
+ *
+ * Which fast kernels exist is decided at compile time from the target (-march=native):
+ *   PHI2_AVX512  AVX-512F/BW: f32 matmul, quantization; with VNNI also the int8 matmul
+ *   PHI2_AVX2    AVX2 + FMA (laptops): f32 matmul, quantization, int8 matmul (maddubs)
+ *   PHI2_AMX     AMX-INT8 (Sapphire Rapids and later, Linux): int8 matmul for batches,
+ *                used only if the kernel grants the tile state at run time (amx_available)
+ * -DPHI2_SCALAR_ONLY (make portable) leaves only the scalar kernels. */
+#if !defined(PHI2_SCALAR_ONLY) && defined(__AVX512F__) && defined(__AVX512BW__)
+#define PHI2_AVX512 1
+#if defined(__AVX512VNNI__)
+#define PHI2_AVX512_VNNI 1
+#endif
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512VNNI__) && defined(__linux__)
+#define PHI2_AMX 1
+#include <sys/syscall.h>
+long syscall(long number, ...);  // <unistd.h> declares it only outside strict POSIX mode
+#endif
+#endif
+#if !defined(PHI2_SCALAR_ONLY) && defined(__AVX2__) && defined(__FMA__)
+#define PHI2_AVX2 1
+#endif
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+#define MAYBE_UNUSED __attribute__((unused))  // scalar twins and helpers some builds do not call
+
+/* Inside a parallel region: this thread's share [*lo, *hi) of n items, contiguous, so each
+ * thread streams one contiguous part of a weight matrix (static schedule by hand). */
+MAYBE_UNUSED static void thread_share(int n, int *lo, int *hi) {
+#ifdef _OPENMP
+    const int nt = omp_get_num_threads(), it = omp_get_thread_num();
+#else
+    const int nt = 1, it = 0;
+#endif
+    *lo = (int)((long long)n * it / nt);
+    *hi = (int)((long long)n * (it + 1) / nt);
+}
 
 /* LayerNorm over the last dim: (x - mean) / sqrt(var + eps) * weight + bias (biased var).
  * Mean and variance accumulate in double: Phi-2's activations reach the hundreds. */
@@ -407,7 +442,7 @@ static void layernorm(float *out, const float *x, const float *weight, const flo
 
 /* --- float32 matrix product: out[t, r] = sum_c W[r, c] * in[t, c] + bias[r] ------------ */
 
-static void matmul_f32_scalar(float *out, const float *in, const Matrix *W, const float *bias, int n_tokens) {
+MAYBE_UNUSED static void matmul_f32_scalar(float *out, const float *in, const Matrix *W, const float *bias, int n_tokens) {
     const int rows = W->rows, cols = W->cols;
 #pragma omp parallel for schedule(static)
     for (int r = 0; r < rows; r++) {
@@ -421,6 +456,165 @@ static void matmul_f32_scalar(float *out, const float *in, const Matrix *W, cons
     }
 }
 
+/* Fast f32 kernels. The product is a set of dot products along the columns, where both a
+ * weight row and an activation row are contiguous. Register tile: R weight rows x T tokens
+ * of vector accumulators; each step loads R weight vectors and T activation vectors for
+ * R*T FMAs, so a weight vector, once loaded, serves T tokens (the prompt is compute-bound
+ * only if weights are reused from registers, not re-read). Lanes are summed once per tile.
+ * Cache blocking: columns go in blocks of at most F32_KC so the batch's activation slab
+ * (n_tokens x KC floats, <= 512 KB) stays in L2 while a thread walks its rows, and a tile's
+ * R weight rows (R x KC floats) stay in L1 while every token block reuses them. With one or
+ * two tokens (decode) there is no column blocking: a plain streaming matvec over R rows.
+ * Threads: each takes one contiguous range of row tiles (it streams its part of W). */
+#define F32_KC 2048
+
+/* Columns per block: at most F32_KC, equal blocks, a multiple of 16 (but no blocking for
+ * decode, where nothing is reused and one pass over each row streams best). */
+MAYBE_UNUSED static int f32_col_block(int cols, int n_tokens) {
+    if (n_tokens <= 2) return cols;
+    int n_blocks = (cols + F32_KC - 1) / F32_KC;
+    return ((cols + n_blocks - 1) / n_blocks + 15) / 16 * 16;
+}
+
+/* Store one finished dot product: first column block writes, later ones add; the last one
+ * adds the bias (bias != NULL), so one block gives sum + bias, as in the scalar kernel. */
+static ALWAYS_INLINE void f32_store(float *o, float s, int first, const float *bias) {
+    float v = first ? s : *o + s;
+    *o = bias ? v + *bias : v;
+}
+
+#if PHI2_AVX512
+#define F32_R_AVX512 4  // 4 rows x 6 tokens = 24 accumulators + 4 weights + 1 activation <= 32 zmm
+#define F32_T_AVX512 6
+
+static ALWAYS_INLINE void f32_tile_avx512(float *out, int out_stride, const float *w, const float *x, int cols,
+                                          int kc, int R, int T, int first, const float *bias) {
+    __m512 acc[F32_R_AVX512][F32_T_AVX512];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_ps();
+    int c = 0;
+    for (; c + 16 <= kc; c += 16) {
+        __m512 wv[F32_R_AVX512];
+        for (int r = 0; r < R; r++) wv[r] = _mm512_loadu_ps(w + (size_t)r * cols + c);
+        for (int t = 0; t < T; t++) {
+            __m512 xv = _mm512_loadu_ps(x + (size_t)t * cols + c);
+            for (int r = 0; r < R; r++) acc[r][t] = _mm512_fmadd_ps(wv[r], xv, acc[r][t]);
+        }
+    }
+    if (c < kc) {  // column tail: masked loads read nothing past the row
+        const __mmask16 m = (__mmask16)((1u << (kc - c)) - 1);
+        __m512 wv[F32_R_AVX512];
+        for (int r = 0; r < R; r++) wv[r] = _mm512_maskz_loadu_ps(m, w + (size_t)r * cols + c);
+        for (int t = 0; t < T; t++) {
+            __m512 xv = _mm512_maskz_loadu_ps(m, x + (size_t)t * cols + c);
+            for (int r = 0; r < R; r++) acc[r][t] = _mm512_fmadd_ps(wv[r], xv, acc[r][t]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++)
+            f32_store(out + (size_t)t * out_stride + r, _mm512_reduce_add_ps(acc[r][t]), first, bias ? bias + r : NULL);
+}
+
+/* The tile with compile-time R and T (so the accumulators live in registers). */
+static void f32_tile_avx512_any(float *out, int out_stride, const float *w, const float *x, int cols, int kc, int R,
+                                int T, int first, const float *bias) {
+#define F32_CASE(RR, TT) \
+    case (RR) * 8 + (TT): f32_tile_avx512(out, out_stride, w, x, cols, kc, RR, TT, first, bias); break;
+    switch (R * 8 + T) {
+        F32_CASE(4, 1) F32_CASE(4, 2) F32_CASE(4, 3) F32_CASE(4, 4) F32_CASE(4, 5) F32_CASE(4, 6)
+        F32_CASE(1, 1) F32_CASE(1, 2) F32_CASE(1, 3) F32_CASE(1, 4) F32_CASE(1, 5) F32_CASE(1, 6)
+        default: die("f32_tile_avx512: bad tile %dx%d", R, T);
+    }
+#undef F32_CASE
+}
+#endif
+
+#if PHI2_AVX2
+#define F32_R_AVX2 4  // 4 rows x 2 tokens = 8 accumulators + 4 weights + 1 activation <= 16 ymm
+#define F32_T_AVX2 2
+
+static ALWAYS_INLINE float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static ALWAYS_INLINE void f32_tile_avx2(float *out, int out_stride, const float *w, const float *x, int cols, int kc,
+                                        int R, int T, int first, const float *bias) {
+    __m256 acc[F32_R_AVX2][F32_T_AVX2];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) acc[r][t] = _mm256_setzero_ps();
+    int c = 0;
+    for (; c + 8 <= kc; c += 8) {
+        __m256 wv[F32_R_AVX2];
+        for (int r = 0; r < R; r++) wv[r] = _mm256_loadu_ps(w + (size_t)r * cols + c);
+        for (int t = 0; t < T; t++) {
+            __m256 xv = _mm256_loadu_ps(x + (size_t)t * cols + c);
+            for (int r = 0; r < R; r++) acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) {
+            float s = hsum256(acc[r][t]);
+            for (int cc = c; cc < kc; cc++) s += w[(size_t)r * cols + cc] * x[(size_t)t * cols + cc];  // tail
+            f32_store(out + (size_t)t * out_stride + r, s, first, bias ? bias + r : NULL);
+        }
+}
+
+static void f32_tile_avx2_any(float *out, int out_stride, const float *w, const float *x, int cols, int kc, int R,
+                              int T, int first, const float *bias) {
+#define F32_CASE(RR, TT) \
+    case (RR) * 8 + (TT): f32_tile_avx2(out, out_stride, w, x, cols, kc, RR, TT, first, bias); break;
+    switch (R * 8 + T) {
+        F32_CASE(4, 1) F32_CASE(4, 2) F32_CASE(1, 1) F32_CASE(1, 2)
+        default: die("f32_tile_avx2: bad tile %dx%d", R, T);
+    }
+#undef F32_CASE
+}
+#endif
+
+#if PHI2_AVX512 || PHI2_AVX2
+typedef void (*F32Tile)(float *out, int out_stride, const float *w, const float *x, int cols, int kc, int R, int T,
+                        int first, const float *bias);
+
+/* The blocked loop nest shared by the AVX-512 and AVX2 f32 kernels (tile: RT rows x TT tokens). */
+static void matmul_f32_blocked(float *out, const float *in, const Matrix *W, const float *bias, int n_tokens,
+                               F32Tile tile, int RT, int TT) {
+    const int rows = W->rows, cols = W->cols, kc = f32_col_block(cols, n_tokens);
+#pragma omp parallel
+    {
+        int lo, hi;
+        thread_share((rows + RT - 1) / RT, &lo, &hi);
+        const int r0 = lo * RT, r1 = hi * RT < rows ? hi * RT : rows;
+        for (int c0 = 0; c0 < cols; c0 += kc) {
+            const int k = cols - c0 < kc ? cols - c0 : kc;
+            const float *last_bias = c0 + k >= cols ? bias : NULL;
+            for (int r = r0; r < r1;) {
+                const int R = r1 - r >= RT ? RT : 1;  // the few leftover rows go one at a time
+                for (int t = 0; t < n_tokens; t += TT) {
+                    const int T = n_tokens - t < TT ? n_tokens - t : TT;
+                    tile(out + (size_t)t * rows + r, rows, W->w + (size_t)r * cols + c0, in + (size_t)t * cols + c0,
+                         cols, k, R, T, c0 == 0, last_bias ? last_bias + r : NULL);
+                }
+                r += R;
+            }
+        }
+    }
+}
+#endif
+
+#if PHI2_AVX512
+MAYBE_UNUSED static void matmul_f32_avx512(float *out, const float *in, const Matrix *W, const float *bias, int n_tokens) {
+    matmul_f32_blocked(out, in, W, bias, n_tokens, f32_tile_avx512_any, F32_R_AVX512, F32_T_AVX512);
+}
+#endif
+#if PHI2_AVX2
+MAYBE_UNUSED static void matmul_f32_avx2(float *out, const float *in, const Matrix *W, const float *bias, int n_tokens) {
+    matmul_f32_blocked(out, in, W, bias, n_tokens, f32_tile_avx2_any, F32_R_AVX2, F32_T_AVX2);
+}
+#endif
+
 /* --- int8 (Q8_0) matrix product ------------------------------------------------------- */
 /* The activation rows are quantized on the fly to int8, one scale per group of 64, so each
  * group's dot product is an exact int32 sum of int8 x int8 products, scaled once by both
@@ -431,7 +625,7 @@ typedef struct {
     float *scale;   // [n_tokens, cols / group]
 } QuantizedRows;
 
-static void quantize_rows_q8(QuantizedRows *out, const float *x, int n_tokens, int cols, int group) {
+MAYBE_UNUSED static void quantize_rows_q8_scalar(QuantizedRows *out, const float *x, int n_tokens, int cols, int group) {
     const int n_groups = cols / group;
     for (int t = 0; t < n_tokens; t++) {
         for (int g = 0; g < n_groups; g++) {
@@ -445,6 +639,77 @@ static void quantize_rows_q8(QuantizedRows *out, const float *x, int n_tokens, i
             out->scale[(size_t)t * n_groups + g] = d;
         }
     }
+}
+
+/* Fast quantization: the same arithmetic as the scalar version in the same order (max of
+ * |x| is order-free, then one scalar division, one multiply and a round-to-nearest-even
+ * conversion per element), so the int8 values and scales are bit-identical to it. */
+#if PHI2_AVX512
+MAYBE_UNUSED static void quantize_rows_q8_avx512(QuantizedRows *out, const float *x, int n_tokens, int cols, int group) {
+    const int n_groups = cols / group;
+    for (int t = 0; t < n_tokens; t++) {
+        for (int g = 0; g < n_groups; g++) {
+            const float *xg = x + (size_t)t * cols + (size_t)g * group;
+            int8_t *qg = out->q + (size_t)t * cols + (size_t)g * group;
+            __m512 vmax = _mm512_setzero_ps();
+            int i = 0;
+            for (; i + 16 <= group; i += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(xg + i)));
+            float amax = _mm512_reduce_max_ps(vmax);
+            for (; i < group; i++) amax = fmaxf(amax, fabsf(xg[i]));
+            float d = amax / 127.0f;
+            float inv_d = d > 0.0f ? 1.0f / d : 0.0f;
+            const __m512 vinv = _mm512_set1_ps(inv_d);
+            for (i = 0; i + 16 <= group; i += 16) {  // cvtps rounds to nearest even, like lrintf
+                __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xg + i), vinv));
+                _mm_storeu_si128((__m128i *)(qg + i), _mm512_cvtsepi32_epi8(q));
+            }
+            for (; i < group; i++) qg[i] = (int8_t)lrintf(xg[i] * inv_d);
+            out->scale[(size_t)t * n_groups + g] = d;
+        }
+    }
+}
+#endif
+
+#if PHI2_AVX2
+MAYBE_UNUSED static void quantize_rows_q8_avx2(QuantizedRows *out, const float *x, int n_tokens, int cols, int group) {
+    const int n_groups = cols / group;
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    for (int t = 0; t < n_tokens; t++) {
+        for (int g = 0; g < n_groups; g++) {
+            const float *xg = x + (size_t)t * cols + (size_t)g * group;
+            int8_t *qg = out->q + (size_t)t * cols + (size_t)g * group;
+            __m256 vmax = _mm256_setzero_ps();
+            int i = 0;
+            for (; i + 8 <= group; i += 8) vmax = _mm256_max_ps(vmax, _mm256_and_ps(_mm256_loadu_ps(xg + i), abs_mask));
+            float lanes[8];
+            _mm256_storeu_ps(lanes, vmax);
+            float amax = 0.0f;
+            for (int l = 0; l < 8; l++) amax = fmaxf(amax, lanes[l]);
+            for (; i < group; i++) amax = fmaxf(amax, fabsf(xg[i]));
+            float d = amax / 127.0f;
+            float inv_d = d > 0.0f ? 1.0f / d : 0.0f;
+            const __m256 vinv = _mm256_set1_ps(inv_d);
+            for (i = 0; i + 8 <= group; i += 8) {
+                __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xg + i), vinv));
+                __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+                _mm_storel_epi64((__m128i *)(qg + i), _mm_packs_epi16(q16, q16));
+            }
+            for (; i < group; i++) qg[i] = (int8_t)lrintf(xg[i] * inv_d);
+            out->scale[(size_t)t * n_groups + g] = d;
+        }
+    }
+}
+#endif
+
+/* The quantizer the int8 matmul uses. */
+static void quantize_rows_q8(QuantizedRows *out, const float *x, int n_tokens, int cols, int group) {
+#if PHI2_AVX512
+    quantize_rows_q8_avx512(out, x, n_tokens, cols, group);
+#elif PHI2_AVX2
+    quantize_rows_q8_avx2(out, x, n_tokens, cols, group);
+#else
+    quantize_rows_q8_scalar(out, x, n_tokens, cols, group);
+#endif
 }
 
 static void matmul_q8_scalar(float *out, const QuantizedRows *in, const Matrix *W, const float *bias, int n_tokens,
@@ -467,6 +732,263 @@ static void matmul_q8_scalar(float *out, const QuantizedRows *in, const Matrix *
         }
     }
 }
+
+/* Fast int8 kernels. They need group == 64 (the file format's only group size): one group is
+ * one 512-bit vector (or two 256-bit ones). The per-group int32 sums are exact as in the
+ * scalar kernel; only the float accumulation of the scaled groups runs in another order
+ * (per lane, summed at the end), except in the AMX kernel, which matches it exactly. */
+
+#if PHI2_AVX512_VNNI
+/* AVX512-VNNI: vpdpbusd multiplies unsigned by signed bytes. Activations are made unsigned
+ * by adding 128 (x ^ 0x80), and the accumulator starts at -128 * sum(w) (one more vpdpbusd per
+ * weight vector, shared by all tokens of the tile), so each lane holds an exact int32 sum of
+ * 4 products q_w * q_x. Each lane is then scaled by d_w * d_x and accumulated in float.
+ * Register tile: 4 rows x 4 tokens; a weight vector loaded once serves 4 tokens. */
+#define Q8_R_VNNI 4
+#define Q8_T_VNNI 4
+
+static ALWAYS_INLINE void q8_tile_vnni(float *out, int out_stride, const int8_t *w, const float *wd, const int8_t *x,
+                                       const float *xd, int cols, int n_groups, int R, int T, const float *bias) {
+    __m512 acc[Q8_R_VNNI][Q8_T_VNNI];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_ps();
+    const __m512i offset = _mm512_set1_epi8((char)0x80), zero = _mm512_setzero_si512();
+    for (int g = 0; g < n_groups; g++) {
+        __m512i wv[Q8_R_VNNI], neg_corr[Q8_R_VNNI];
+        __m512 ws[Q8_R_VNNI];
+        for (int r = 0; r < R; r++) {
+            wv[r] = _mm512_loadu_si512((const void *)(w + (size_t)r * cols + (size_t)g * 64));
+            neg_corr[r] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, offset, wv[r]));
+            ws[r] = _mm512_set1_ps(wd[(size_t)r * n_groups + g]);
+        }
+        for (int t = 0; t < T; t++) {
+            const __m512i xu = _mm512_xor_si512(
+                _mm512_loadu_si512((const void *)(x + (size_t)t * cols + (size_t)g * 64)), offset);
+            const __m512 xs = _mm512_set1_ps(xd[(size_t)t * n_groups + g]);
+            for (int r = 0; r < R; r++) {
+                __m512i d = _mm512_dpbusd_epi32(neg_corr[r], xu, wv[r]);
+                acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(ws[r], xs), acc[r][t]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) out[(size_t)t * out_stride + r] = _mm512_reduce_add_ps(acc[r][t]) + bias[r];
+}
+
+static void q8_tile_vnni_any(float *out, int out_stride, const int8_t *w, const float *wd, const int8_t *x,
+                             const float *xd, int cols, int n_groups, int R, int T, const float *bias) {
+#define Q8_CASE(RR, TT) \
+    case (RR) * 8 + (TT): q8_tile_vnni(out, out_stride, w, wd, x, xd, cols, n_groups, RR, TT, bias); break;
+    switch (R * 8 + T) {
+        Q8_CASE(4, 1) Q8_CASE(4, 2) Q8_CASE(4, 3) Q8_CASE(4, 4)
+        Q8_CASE(1, 1) Q8_CASE(1, 2) Q8_CASE(1, 3) Q8_CASE(1, 4)
+        default: die("q8_tile_vnni: bad tile %dx%d", R, T);
+    }
+#undef Q8_CASE
+}
+#define Q8_TILE q8_tile_vnni_any
+#define Q8_R Q8_R_VNNI
+#define Q8_T Q8_T_VNNI
+
+#elif PHI2_AVX2
+/* AVX2: maddubs multiplies unsigned by signed bytes into saturating int16 pairs. The sign
+ * moves from the weight onto the activation (|w| as unsigned, sign(w) * x as signed), so
+ * each pair is at most 2 * 128 * 127 < 32767: no saturation, even for a weight of -128
+ * (activations are in [-127, 127]). madd with ones widens to exact int32 lanes.
+ * Register tile: 2 rows x 2 tokens (16 ymm registers). */
+#define Q8_R_AVX2 2
+#define Q8_T_AVX2 2
+
+static ALWAYS_INLINE void q8_tile_avx2(float *out, int out_stride, const int8_t *w, const float *wd, const int8_t *x,
+                                       const float *xd, int cols, int n_groups, int R, int T, const float *bias) {
+    __m256 acc[Q8_R_AVX2][Q8_T_AVX2];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) acc[r][t] = _mm256_setzero_ps();
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int g = 0; g < n_groups; g++) {
+        __m256i w0[Q8_R_AVX2], w1[Q8_R_AVX2];
+        for (int r = 0; r < R; r++) {
+            w0[r] = _mm256_loadu_si256((const __m256i *)(w + (size_t)r * cols + (size_t)g * 64));
+            w1[r] = _mm256_loadu_si256((const __m256i *)(w + (size_t)r * cols + (size_t)g * 64 + 32));
+        }
+        for (int t = 0; t < T; t++) {
+            const __m256i x0 = _mm256_loadu_si256((const __m256i *)(x + (size_t)t * cols + (size_t)g * 64));
+            const __m256i x1 = _mm256_loadu_si256((const __m256i *)(x + (size_t)t * cols + (size_t)g * 64 + 32));
+            const float xs = xd[(size_t)t * n_groups + g];
+            for (int r = 0; r < R; r++) {
+                __m256i p0 = _mm256_maddubs_epi16(_mm256_abs_epi8(w0[r]), _mm256_sign_epi8(x0, w0[r]));
+                __m256i p1 = _mm256_maddubs_epi16(_mm256_abs_epi8(w1[r]), _mm256_sign_epi8(x1, w1[r]));
+                __m256i d = _mm256_add_epi32(_mm256_madd_epi16(p0, ones), _mm256_madd_epi16(p1, ones));
+                const __m256 s = _mm256_set1_ps(wd[(size_t)r * n_groups + g] * xs);
+                acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), s, acc[r][t]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) out[(size_t)t * out_stride + r] = hsum256(acc[r][t]) + bias[r];
+}
+
+static void q8_tile_avx2_any(float *out, int out_stride, const int8_t *w, const float *wd, const int8_t *x,
+                             const float *xd, int cols, int n_groups, int R, int T, const float *bias) {
+#define Q8_CASE(RR, TT) \
+    case (RR) * 8 + (TT): q8_tile_avx2(out, out_stride, w, wd, x, xd, cols, n_groups, RR, TT, bias); break;
+    switch (R * 8 + T) {
+        Q8_CASE(2, 1) Q8_CASE(2, 2) Q8_CASE(1, 1) Q8_CASE(1, 2)
+        default: die("q8_tile_avx2: bad tile %dx%d", R, T);
+    }
+#undef Q8_CASE
+}
+#define Q8_TILE q8_tile_avx2_any
+#define Q8_R Q8_R_AVX2
+#define Q8_T Q8_T_AVX2
+#endif
+
+#ifdef Q8_TILE
+/* Rows [r0, r1) of the product with the SIMD tile, on the calling thread. Weight rows are
+ * each read once here (the tile loops over all tokens with the rows in cache): activations
+ * of a batch are small (n_tokens x cols bytes) and stay in L2. */
+static void q8_rows_simd(float *out, const QuantizedRows *in, const Matrix *W, const float *bias, int n_tokens,
+                         int r0, int r1) {
+    const int rows = W->rows, cols = W->cols, n_groups = cols / 64;
+    for (int r = r0; r < r1;) {
+        const int R = r1 - r >= Q8_R ? Q8_R : 1;
+        for (int t = 0; t < n_tokens; t += Q8_T) {
+            const int T = n_tokens - t < Q8_T ? n_tokens - t : Q8_T;
+            Q8_TILE(out + (size_t)t * rows + r, rows, W->q + (size_t)r * cols, W->scale + (size_t)r * n_groups,
+                    in->q + (size_t)t * cols, in->scale + (size_t)t * n_groups, cols, n_groups, R, T, bias + r);
+        }
+        r += R;
+    }
+}
+
+/* matmul_q8_simd: the VNNI kernel on AVX512-VNNI builds, the maddubs one on AVX2 builds. */
+static void matmul_q8_simd(float *out, const QuantizedRows *in, const Matrix *W, const float *bias, int n_tokens) {
+#pragma omp parallel
+    {
+        int lo, hi;
+        thread_share((W->rows + Q8_R - 1) / Q8_R, &lo, &hi);
+        hi = hi * Q8_R < W->rows ? hi * Q8_R : W->rows;
+        q8_rows_simd(out, in, W, bias, n_tokens, lo * Q8_R, hi);
+    }
+}
+#endif
+
+#if PHI2_AMX
+/* AMX-INT8 for batches: one tdpbssd multiplies a 16 x 64 tile of signed weights (16 rows,
+ * one group; loaded straight from the file layout with a row stride of cols) by a 64 x 16
+ * tile of signed activations (16 tokens) into 16 x 16 exact int32 group sums. Per group the
+ * sums are scaled like the scalar kernel (sum += isum * d_w * d_x, same operations, same
+ * order), so results equal it bit for bit. The activation tile must be in the VNNI layout
+ * (B[k/4][4*t + k%4]), so the batch is repacked once per call into a small buffer
+ * (padded to whole 16-token blocks with zeros), with the scales transposed beside it.
+ * Leftover rows (rows % 16) go through the VNNI kernel. Linux hands out the AMX register
+ * state only on request (arch_prctl); if that fails we never use AMX. */
+#define AMX_MIN_TOKENS 4  // below this the VNNI kernel is as fast (decode is memory-bound)
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+static int amx_available(void) {
+    static int state;  // 0: not asked yet, 1: granted, -1: refused
+    if (state == 0) state = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 ? 1 : -1;
+    return state > 0;
+}
+
+typedef struct {
+    uint8_t palette_id, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} __attribute__((aligned(64))) AmxTileConfig;
+
+/* Repacked activations, grown as needed and kept for the next call (a few hundred KB). */
+static unsigned char *g_amx_pack;
+static size_t g_amx_pack_size;
+
+/* Tiles: tmm0 = C (n_rows x 16 int32), tmm1 = A (n_rows weight rows x 64 bytes),
+ * tmm2 = B (16 x 64 bytes: 64 activation bytes of each of 16 tokens). */
+static void amx_configure(int n_rows) {
+    AmxTileConfig cfg = {.palette_id = 1};
+    cfg.rows[0] = (uint8_t)n_rows, cfg.colsb[0] = 64;
+    cfg.rows[1] = (uint8_t)n_rows, cfg.colsb[1] = 64;
+    cfg.rows[2] = 16, cfg.colsb[2] = 64;
+    _tile_loadconfig(&cfg);
+}
+
+/* Rows [r, r + n_rows) (n_rows <= 16, as configured) for all tokens. */
+static ALWAYS_INLINE void amx_rows(float *out, const Matrix *W, const float *bias, const int8_t *packed,
+                                   const float *xs_packed, int n_tokens, int r, int n_rows) {
+    const int rows = W->rows, cols = W->cols, n_groups = cols / 64, n_tb = (n_tokens + 15) / 16;
+    const int8_t *wq = W->q + (size_t)r * cols;
+    const float *wd = W->scale + (size_t)r * n_groups;
+    int32_t sums[16][16] __attribute__((aligned(64)));
+    float res[16][16] __attribute__((aligned(64)));
+    for (int tb = 0; tb < n_tb; tb++) {
+        __m512 acc[16];
+        for (int i = 0; i < n_rows; i++) acc[i] = _mm512_setzero_ps();
+        for (int g = 0; g < n_groups; g++) {
+            _tile_loadd(1, wq + (size_t)g * 64, cols);
+            _tile_loadd(2, packed + ((size_t)tb * n_groups + g) * 1024, 64);
+            _tile_zero(0);
+            _tile_dpbssd(0, 1, 2);
+            _tile_stored(0, sums, 64);
+            // sum += (float)isum * d_w * d_x, exactly as the scalar kernel (no FMA)
+            const __m512 xs = _mm512_load_ps(xs_packed + ((size_t)tb * n_groups + g) * 16);
+            for (int i = 0; i < n_rows; i++) {
+                __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums[i])),
+                                         _mm512_set1_ps(wd[(size_t)i * n_groups + g]));
+                acc[i] = _mm512_add_ps(acc[i], _mm512_mul_ps(v, xs));
+            }
+        }
+        for (int i = 0; i < n_rows; i++) _mm512_store_ps(res[i], acc[i]);
+        const int T = n_tokens - tb * 16 < 16 ? n_tokens - tb * 16 : 16;
+        for (int t = 0; t < T; t++)
+            for (int i = 0; i < n_rows; i++) out[(size_t)(tb * 16 + t) * rows + r + i] = res[i][t] + bias[r + i];
+    }
+}
+
+static void matmul_q8_amx(float *out, const QuantizedRows *in, const Matrix *W, const float *bias, int n_tokens) {
+    const int rows = W->rows, cols = W->cols, n_groups = cols / 64, n_tb = (n_tokens + 15) / 16;
+    const size_t tiles = (size_t)n_tb * n_groups;
+    size_t need = tiles * 1024 + tiles * 16 * sizeof(float);
+    if (need > g_amx_pack_size) {
+        free(g_amx_pack);
+        g_amx_pack = xmalloc_aligned(need);
+        g_amx_pack_size = need;
+    }
+    int8_t *packed = (int8_t *)g_amx_pack;             // [n_tb][n_groups][16 k4][16 t][4]
+    float *xs_packed = (float *)(g_amx_pack + tiles * 1024);  // [n_tb][n_groups][16 t]
+    for (int tb = 0; tb < n_tb; tb++)
+        for (int g = 0; g < n_groups; g++) {
+            int8_t *b = packed + ((size_t)tb * n_groups + g) * 1024;
+            float *xs = xs_packed + ((size_t)tb * n_groups + g) * 16;
+            for (int t = 0; t < 16; t++) {
+                const int tt = tb * 16 + t;
+                const int8_t *xg = in->q + (size_t)tt * cols + (size_t)g * 64;
+                for (int k4 = 0; k4 < 16; k4++) {
+                    if (tt < n_tokens) memcpy(b + k4 * 64 + t * 4, xg + k4 * 4, 4);
+                    else memset(b + k4 * 64 + t * 4, 0, 4);
+                }
+                xs[t] = tt < n_tokens ? in->scale[(size_t)tt * n_groups + g] : 0.0f;
+            }
+        }
+
+    const int n_rb = rows / 16, rest = rows % 16;
+#pragma omp parallel
+    {
+        int lo, hi;
+        thread_share(n_rb, &lo, &hi);
+        amx_configure(16);
+        for (int rb = lo; rb < hi; rb++) amx_rows(out, W, bias, packed, xs_packed, n_tokens, rb * 16, 16);
+        if (rest) {
+#pragma omp single nowait
+            {
+                amx_configure(rest);  // a last tile of fewer rows
+                amx_rows(out, W, bias, packed, xs_packed, n_tokens, n_rb * 16, rest);
+            }
+        }
+        _tile_release();
+    }
+}
+#endif
 
 /* One row of a (possibly quantized) matrix as floats: used for the embedding lookup. */
 static void matrix_row(float *out, const Matrix *W, int row, int group) {
@@ -511,15 +1033,34 @@ static void softmax(float *x, int n) {
     for (int i = 0; i < n; i++) x[i] /= sum;
 }
 
-/* The matrix product the forward pass calls: dispatches on the weight type. */
+/* The matrix product the forward pass calls: dispatches on the weight type and on what the
+ * build (and, for AMX, the running kernel) supports. */
 static void matmul(float *out, const float *in, const Matrix *W, const float *bias, int n_tokens, const Config *c,
                    QuantizedRows *scratch) {
     if (c->weight_type == WEIGHTS_F32) {
+#if PHI2_AVX512
+        matmul_f32_avx512(out, in, W, bias, n_tokens);
+#elif PHI2_AVX2
+        matmul_f32_avx2(out, in, W, bias, n_tokens);
+#else
         matmul_f32_scalar(out, in, W, bias, n_tokens);
-    } else {
-        quantize_rows_q8(scratch, in, n_tokens, W->cols, c->group_size);
-        matmul_q8_scalar(out, scratch, W, bias, n_tokens, c->group_size);
+#endif
+        return;
     }
+    quantize_rows_q8(scratch, in, n_tokens, W->cols, c->group_size);
+#ifdef Q8_TILE
+    if (c->group_size == 64) {
+#if PHI2_AMX
+        if (n_tokens >= AMX_MIN_TOKENS && amx_available()) {
+            matmul_q8_amx(out, scratch, W, bias, n_tokens);
+            return;
+        }
+#endif
+        matmul_q8_simd(out, scratch, W, bias, n_tokens);
+        return;
+    }
+#endif
+    matmul_q8_scalar(out, scratch, W, bias, n_tokens, c->group_size);
 }
 
 /* ------------------------------------------------------------------------------------- */

@@ -1,0 +1,514 @@
+/*
+ * Kernel tests: every fast kernel compiled into this build against its scalar twin.
+ *
+ *   build/test_kernels            run the checks; last line "test_kernels: N checks, N failed"
+ *   build/test_kernels --bench    time the kernels on Phi-2's full-size shapes
+ *
+ * Quantization must be bit-identical to the scalar version. The int8 products have exact
+ * int32 group sums, so they may differ from the scalar kernel only by float summation order
+ * (the AMX kernel not at all). f32 products are checked against a double-precision sum with
+ * a tolerance relative to sum |w x|. Matrices and activations are placed flush against an
+ * unreadable page, so a kernel reading one byte past the end crashes (ASan does not see
+ * reads made by SIMD intrinsics; the guard page does), and sizes are chosen to be awkward:
+ * rows and tokens that are not multiples of any tile, columns with tails.
+ */
+#define PHI2_NO_MAIN
+#pragma GCC diagnostic ignored "-Wunused-function"  // the engine's parts this test does not use
+#include "../phi2.c"
+
+#include <sys/mman.h>
+
+static int g_checks, g_failed;
+
+static void check(int ok, const char *fmt, ...) {
+    g_checks++;
+    if (ok) return;
+    g_failed++;
+    va_list ap;
+    va_start(ap, fmt);
+    printf("FAIL ");
+    vprintf(fmt, ap);
+    printf("\n");
+    va_end(ap);
+}
+
+/* ---- memory flush against a guard page -------------------------------------------------- */
+
+typedef struct {
+    void *map;
+    size_t map_size;
+} Guarded;
+
+#define MAX_GUARDED 64
+static Guarded g_guarded[MAX_GUARDED];
+static int g_n_guarded;
+
+/* n bytes ending exactly where an unreadable page begins. */
+static void *guarded_alloc(size_t n) {
+    const size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    const size_t data_pages = (n + page - 1) / page;
+    const size_t size = (data_pages + 1) * page;
+    int fd = open("/dev/zero", O_RDWR);  // (MAP_ANONYMOUS is not POSIX)
+    if (fd < 0) die("cannot open /dev/zero");
+    unsigned char *map = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+    close(fd);
+    if (map == MAP_FAILED) die("mmap failed");
+    if (mprotect(map + data_pages * page, page, PROT_NONE) != 0) die("mprotect failed");
+    if (g_n_guarded == MAX_GUARDED) die("too many guarded buffers");
+    g_guarded[g_n_guarded++] = (Guarded){map, size};
+    return map + data_pages * page - n;
+}
+
+static void guarded_free_all(void) {
+    for (int i = 0; i < g_n_guarded; i++) munmap(g_guarded[i].map, g_guarded[i].map_size);
+    g_n_guarded = 0;
+}
+
+/* ---- random data --------------------------------------------------------------------------- */
+
+static uint64_t g_rng = 0x1234567887654321ULL;
+
+static float frand(void) { return (float)(random_u32(&g_rng) >> 8) / 16777216.0f * 2.0f - 1.0f; }  // [-1, 1)
+
+/* Activation-like values: mostly small, a few large outliers (as in Phi-2), some groups zero. */
+static void fill_activations(float *x, size_t n, int with_zero_runs) {
+    for (size_t i = 0; i < n; i++) {
+        float v = frand();
+        uint32_t u = random_u32(&g_rng);
+        if (u % 97 == 0) v *= 300.0f;
+        x[i] = v;
+    }
+    if (with_zero_runs && n >= 128)
+        for (size_t i = 64; i < 128; i++) x[i] = 0.0f;  // a whole all-zero group: scale 0
+}
+
+/* q8 weights: random int8 including the extreme -128 (not produced by convert.py, but any
+ * file might hold it and every kernel must then still compute the exact products). */
+static void fill_q8_weights(int8_t *q, float *d, int rows, int cols, int group) {
+    for (size_t i = 0; i < (size_t)rows * cols; i++) {
+        uint32_t u = random_u32(&g_rng);
+        q[i] = (int8_t)(u % 11 == 0 ? (u & 0x100 ? 127 : -128) : (int)(u % 255) - 127);
+    }
+    for (size_t i = 0; i < (size_t)rows * (cols / group); i++) d[i] = 0.01f * (1.0f + frand());
+}
+
+/* ---- quantization ---------------------------------------------------------------------------- */
+
+typedef void (*QuantFn)(QuantizedRows *, const float *, int, int, int);
+
+static void test_quantize_one(const char *name, QuantFn fn, int n_tokens, int cols, int group) {
+    const size_t n = (size_t)n_tokens * cols, n_scales = n / group;
+    float *x = guarded_alloc(n * sizeof(float));
+    fill_activations(x, n, 1);
+    // exact halfway cases: with a group max of 127 the scale is 1 and x * inv_d = x, so
+    // k + 0.5 must round to even in both versions
+    if (n >= 3 * (size_t)group) {
+        x[2 * group] = 127.0f;
+        for (int i = 1; i < group && i < 20; i++) x[2 * group + i] = (float)(i - 10) + 0.5f;
+    }
+    QuantizedRows ref = {guarded_alloc(n), guarded_alloc(n_scales * sizeof(float))};
+    QuantizedRows got = {guarded_alloc(n), guarded_alloc(n_scales * sizeof(float))};
+    memset(got.q, 0x55, n);
+    quantize_rows_q8_scalar(&ref, x, n_tokens, cols, group);
+    fn(&got, x, n_tokens, cols, group);
+    size_t bad_q = 0, bad_d = 0;
+    for (size_t i = 0; i < n; i++) bad_q += ref.q[i] != got.q[i];
+    for (size_t i = 0; i < n_scales; i++) bad_d += memcmp(&ref.scale[i], &got.scale[i], sizeof(float)) != 0;
+    check(bad_q == 0 && bad_d == 0, "%s tokens=%d cols=%d group=%d: %zu int8 and %zu scales differ", name, n_tokens,
+          cols, group, bad_q, bad_d);
+    guarded_free_all();
+}
+
+static void test_quantize(void) {
+    static const int tokens[] = {1, 2, 3, 17, 65};
+    static const int colss[] = {64, 128, 192, 2560};
+    int before = g_failed;
+    for (size_t a = 0; a < sizeof(tokens) / sizeof(*tokens); a++)
+        for (size_t b = 0; b < sizeof(colss) / sizeof(*colss); b++) {
+            test_quantize_one("quantize_rows_q8", quantize_rows_q8, tokens[a], colss[b], 64);
+#if PHI2_AVX512
+            test_quantize_one("quantize_rows_q8_avx512", quantize_rows_q8_avx512, tokens[a], colss[b], 64);
+            test_quantize_one("quantize_rows_q8_avx512/g40", quantize_rows_q8_avx512, tokens[a], colss[b] / 64 * 40, 40);
+#endif
+#if PHI2_AVX2
+            test_quantize_one("quantize_rows_q8_avx2", quantize_rows_q8_avx2, tokens[a], colss[b], 64);
+            test_quantize_one("quantize_rows_q8_avx2/g40", quantize_rows_q8_avx2, tokens[a], colss[b] / 64 * 40, 40);
+#endif
+        }
+    printf("%s quantization: bit-identical to the scalar version\n", g_failed == before ? "ok  " : "FAIL");
+}
+
+/* ---- f32 matmul ------------------------------------------------------------------------------ */
+
+typedef void (*F32Fn)(float *, const float *, const Matrix *, const float *, int);
+
+static double g_f32_worst;
+
+static void test_f32_one(const char *name, F32Fn fn, int rows, int cols, int n_tokens) {
+    float *w = guarded_alloc((size_t)rows * cols * sizeof(float));
+    float *x = guarded_alloc((size_t)n_tokens * cols * sizeof(float));
+    float *bias = guarded_alloc((size_t)rows * sizeof(float));
+    float *out = guarded_alloc((size_t)n_tokens * rows * sizeof(float));
+    for (size_t i = 0; i < (size_t)rows * cols; i++) w[i] = 0.05f * frand();
+    fill_activations(x, (size_t)n_tokens * cols, 0);
+    for (int i = 0; i < rows; i++) bias[i] = frand();
+    for (size_t i = 0; i < (size_t)n_tokens * rows; i++) out[i] = NAN;  // every entry must be written
+    Matrix W = {.rows = rows, .cols = cols, .w = w};
+    fn(out, x, &W, bias, n_tokens);
+    int bad = 0;
+    double worst = 0.0;
+    for (int t = 0; t < n_tokens && bad < 3; t++)
+        for (int r = 0; r < rows; r++) {
+            double exact = bias[r], mag = fabs(bias[r]);
+            for (int c = 0; c < cols; c++) {
+                double p = (double)w[(size_t)r * cols + c] * x[(size_t)t * cols + c];
+                exact += p;
+                mag += fabs(p);
+            }
+            double err = fabs(out[(size_t)t * rows + r] - exact) / (mag + 1e-30);
+            if (!(err <= 1e-5)) {  // also catches NaN
+                if (bad++ < 3)
+                    check(0, "%s rows=%d cols=%d tokens=%d: out[%d][%d] = %.9g, exact %.9g (rel err %.2g)", name, rows,
+                          cols, n_tokens, t, r, out[(size_t)t * rows + r], exact, err);
+            }
+            if (err > worst) worst = err;
+        }
+    if (!bad) check(1, "");
+    if (worst > g_f32_worst) g_f32_worst = worst;
+    guarded_free_all();
+}
+
+static void test_f32(void) {
+    static const int rowss[] = {1, 3, 4, 5, 7, 33, 130};
+    static const int colss[] = {1, 7, 16, 17, 100, 2560, 4133};
+    static const int tokens[] = {1, 2, 3, 5, 6, 7, 17, 64, 65};
+    static const struct {
+        const char *name;
+        F32Fn fn;
+    } kernels[] = {
+        {"matmul_f32_scalar", matmul_f32_scalar},
+#if PHI2_AVX512
+        {"matmul_f32_avx512", matmul_f32_avx512},
+#endif
+#if PHI2_AVX2
+        {"matmul_f32_avx2", matmul_f32_avx2},
+#endif
+    };
+    for (size_t k = 0; k < sizeof(kernels) / sizeof(*kernels); k++) {
+        int before = g_failed;
+        g_f32_worst = 0.0;
+        for (size_t a = 0; a < sizeof(rowss) / sizeof(*rowss); a++)
+            for (size_t b = 0; b < sizeof(colss) / sizeof(*colss); b++)
+                for (size_t c = 0; c < sizeof(tokens) / sizeof(*tokens); c++) {
+                    if ((size_t)rowss[a] * colss[b] * tokens[c] > 4000000) continue;  // keep it quick
+                    test_f32_one(kernels[k].name, kernels[k].fn, rowss[a], colss[b], tokens[c]);
+                }
+        printf("%s %s: worst error %.2g of sum |w x|\n", g_failed == before ? "ok  " : "FAIL", kernels[k].name,
+               g_f32_worst);
+    }
+}
+
+/* ---- q8 matmul ------------------------------------------------------------------------------- */
+
+typedef void (*Q8Fn)(float *, const QuantizedRows *, const Matrix *, const float *, int);
+
+static void matmul_q8_scalar64(float *out, const QuantizedRows *in, const Matrix *W, const float *bias, int n) {
+    matmul_q8_scalar(out, in, W, bias, n, 64);
+}
+
+static double g_q8_worst;
+static long g_q8_exact, g_q8_total;
+
+static void test_q8_one(const char *name, Q8Fn fn, int rows, int cols, int n_tokens) {
+    const int group = 64, n_groups = cols / group;
+    int8_t *wq = guarded_alloc((size_t)rows * cols);
+    float *wd = guarded_alloc((size_t)rows * n_groups * sizeof(float));
+    float *x = guarded_alloc((size_t)n_tokens * cols * sizeof(float));
+    float *bias = guarded_alloc((size_t)rows * sizeof(float));
+    float *ref = guarded_alloc((size_t)n_tokens * rows * sizeof(float));
+    float *out = guarded_alloc((size_t)n_tokens * rows * sizeof(float));
+    fill_q8_weights(wq, wd, rows, cols, group);
+    fill_activations(x, (size_t)n_tokens * cols, 1);
+    for (int i = 0; i < rows; i++) bias[i] = frand();
+    QuantizedRows xq = {guarded_alloc((size_t)n_tokens * cols), guarded_alloc((size_t)n_tokens * n_groups * sizeof(float))};
+    quantize_rows_q8_scalar(&xq, x, n_tokens, cols, group);
+    Matrix W = {.rows = rows, .cols = cols, .q = wq, .scale = wd};
+    for (size_t i = 0; i < (size_t)n_tokens * rows; i++) out[i] = NAN;
+    matmul_q8_scalar(ref, &xq, &W, bias, n_tokens, group);
+    fn(out, &xq, &W, bias, n_tokens);
+    // The group sums are exact integers, so the only freedom is the order of the float sum
+    // of n_groups scaled terms: allow a few ulps of sum |term|.
+    int bad = 0;
+    double worst = 0.0;
+    for (int t = 0; t < n_tokens; t++)
+        for (int r = 0; r < rows; r++) {
+            double mag = fabs(bias[r]);  // sum of |every product|, scales included
+            for (int g = 0; g < n_groups; g++) {
+                int32_t asum = 0;
+                for (int i = g * group; i < (g + 1) * group; i++)
+                    asum += abs((int32_t)wq[(size_t)r * cols + i] * xq.q[(size_t)t * cols + i]);
+                mag += (double)asum * wd[(size_t)r * n_groups + g] * xq.scale[(size_t)t * n_groups + g];
+            }
+            const float a = ref[(size_t)t * rows + r], b = out[(size_t)t * rows + r];
+            double err = fabs((double)a - b) / (mag + 1e-30);
+            g_q8_total++;
+            g_q8_exact += memcmp(&a, &b, sizeof a) == 0;
+            if (!(err <= 1e-6)) {
+                if (bad++ < 3)
+                    check(0, "%s rows=%d cols=%d tokens=%d: out[%d][%d] = %.9g, scalar %.9g (rel err %.2g)", name, rows,
+                          cols, n_tokens, t, r, b, a, err);
+            }
+            if (err > worst) worst = err;
+        }
+    if (!bad) check(1, "");
+    if (worst > g_q8_worst) g_q8_worst = worst;
+    guarded_free_all();
+}
+
+#if PHI2_AMX
+static void matmul_q8_amx_checked(float *out, const QuantizedRows *in, const Matrix *W, const float *bias, int n) {
+    matmul_q8_amx(out, in, W, bias, n);
+}
+#endif
+
+static void test_q8(void) {
+    static const int rowss[] = {1, 3, 5, 16, 17, 33, 130};
+    static const int colss[] = {64, 128, 320, 2560};
+    static const int tokens[] = {1, 2, 3, 4, 5, 16, 17, 33, 64, 65};
+    static const struct {
+        const char *name;
+        Q8Fn fn;
+        int exact;  // must equal the scalar kernel bit for bit
+    } kernels[] = {
+        {"matmul_q8_scalar", matmul_q8_scalar64, 1},
+#ifdef Q8_TILE
+        {"matmul_q8_simd", matmul_q8_simd, 0},
+#endif
+#if PHI2_AMX
+        {"matmul_q8_amx", matmul_q8_amx_checked, 1},
+#endif
+    };
+#if PHI2_AMX
+    if (!amx_available()) printf("skip matmul_q8_amx: the kernel refused the AMX tile state\n");
+#endif
+    for (size_t k = 0; k < sizeof(kernels) / sizeof(*kernels); k++) {
+#if PHI2_AMX
+        if (kernels[k].fn == matmul_q8_amx_checked && !amx_available()) continue;
+#endif
+        int before = g_failed;
+        g_q8_worst = 0.0;
+        g_q8_exact = g_q8_total = 0;
+        for (size_t a = 0; a < sizeof(rowss) / sizeof(*rowss); a++)
+            for (size_t b = 0; b < sizeof(colss) / sizeof(*colss); b++)
+                for (size_t c = 0; c < sizeof(tokens) / sizeof(*tokens); c++) {
+                    if ((size_t)rowss[a] * colss[b] * tokens[c] > 4000000) continue;
+                    test_q8_one(kernels[k].name, kernels[k].fn, rowss[a], colss[b], tokens[c]);
+                }
+        if (kernels[k].exact)
+            check(g_q8_exact == g_q8_total, "%s: %ld of %ld outputs differ from the scalar kernel", kernels[k].name,
+                  g_q8_total - g_q8_exact, g_q8_total);
+        printf("%s %s: worst error %.2g of sum |q_w q_x d_w d_x|, %ld of %ld outputs bit-identical to scalar\n",
+               g_failed == before ? "ok  " : "FAIL", kernels[k].name, g_q8_worst, g_q8_exact, g_q8_total);
+    }
+}
+
+/* ---- the dispatcher the forward pass uses ---------------------------------------------- */
+
+static void test_dispatch(void) {
+    int before = g_failed;
+    static const int tokens[] = {1, 3, 4, 16, 64};
+    for (size_t k = 0; k < sizeof(tokens) / sizeof(*tokens); k++) {
+        const int rows = 96, cols = 192, n = tokens[k], n_groups = cols / 64;
+        Config c = {.weight_type = WEIGHTS_Q8, .group_size = 64};
+        int8_t *wq = guarded_alloc((size_t)rows * cols);
+        float *wd = guarded_alloc((size_t)rows * n_groups * sizeof(float));
+        float *x = guarded_alloc((size_t)n * cols * sizeof(float));
+        float *bias = guarded_alloc((size_t)rows * sizeof(float));
+        float *ref = guarded_alloc((size_t)n * rows * sizeof(float));
+        float *out = guarded_alloc((size_t)n * rows * sizeof(float));
+        fill_q8_weights(wq, wd, rows, cols, 64);
+        fill_activations(x, (size_t)n * cols, 1);
+        for (int i = 0; i < rows; i++) bias[i] = frand();
+        QuantizedRows xq = {guarded_alloc((size_t)n * cols), guarded_alloc((size_t)n * n_groups * sizeof(float))};
+        Matrix W = {.rows = rows, .cols = cols, .q = wq, .scale = wd};
+        quantize_rows_q8_scalar(&xq, x, n, cols, 64);
+        matmul_q8_scalar(ref, &xq, &W, bias, n, 64);
+        matmul(out, x, &W, bias, n, &c, &xq);
+        double worst = 0.0;
+        for (size_t i = 0; i < (size_t)n * rows; i++) {
+            double e = fabs((double)ref[i] - out[i]) / (fabs(ref[i]) + 1.0);
+            if (!(e <= worst)) worst = e;
+        }
+        check(worst <= 1e-5, "matmul (q8 dispatch) tokens=%d: error %.2g against the scalar kernel", n, worst);
+        // f32
+        float *wf = guarded_alloc((size_t)rows * cols * sizeof(float));
+        for (size_t i = 0; i < (size_t)rows * cols; i++) wf[i] = frand();
+        Matrix Wf = {.rows = rows, .cols = cols, .w = wf};
+        c = (Config){.weight_type = WEIGHTS_F32};
+        matmul_f32_scalar(ref, x, &Wf, bias, n);
+        matmul(out, x, &Wf, bias, n, &c, &xq);
+        worst = 0.0;
+        for (size_t i = 0; i < (size_t)n * rows; i++) {
+            double e = fabs((double)ref[i] - out[i]) / (fabs(ref[i]) + 1.0);
+            if (!(e <= worst)) worst = e;
+        }
+        check(worst <= 1e-4, "matmul (f32 dispatch) tokens=%d: error %.2g against the scalar kernel", n, worst);
+        guarded_free_all();
+    }
+    printf("%s matmul dispatch (f32 and q8, 1..64 tokens)\n", g_failed == before ? "ok  " : "FAIL");
+}
+
+/* ---- micro-benchmark on full-size shapes ---------------------------------------------- */
+
+/* Process CPU time instead of wall time (BENCH_CPU_TIME=1): with one thread, a kernel's own
+ * speed even while other programs share the cores. */
+static double bench_clock(void) {
+    static int cpu = -1;
+    if (cpu < 0) cpu = getenv("BENCH_CPU_TIME") != NULL;
+    if (!cpu) return now_seconds();
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static double time_median(void (*run)(void *), void *arg, int reps) {
+    double t[32];
+    run(arg);  // warm up (page faults, caches)
+    for (int i = 0; i < reps; i++) {
+        double t0 = bench_clock();
+        run(arg);
+        t[i] = bench_clock() - t0;
+    }
+    for (int i = 0; i < reps; i++)
+        for (int j = i + 1; j < reps; j++)
+            if (t[j] < t[i]) { double s = t[i]; t[i] = t[j]; t[j] = s; }
+    return t[reps / 2];
+}
+
+typedef struct {
+    const char *kernel;
+    Matrix W;
+    const float *x, *bias;
+    float *out;
+    QuantizedRows *xq;
+    int n;
+} BenchArgs;
+
+static void bench_run(void *p) {
+    BenchArgs *a = p;
+    if (!strcmp(a->kernel, "f32_scalar")) matmul_f32_scalar(a->out, a->x, &a->W, a->bias, a->n);
+#if PHI2_AVX512
+    else if (!strcmp(a->kernel, "f32_avx512")) matmul_f32_avx512(a->out, a->x, &a->W, a->bias, a->n);
+#endif
+#if PHI2_AVX2
+    else if (!strcmp(a->kernel, "f32_avx2")) matmul_f32_avx2(a->out, a->x, &a->W, a->bias, a->n);
+#endif
+    else if (!strcmp(a->kernel, "q8_scalar")) matmul_q8_scalar(a->out, a->xq, &a->W, a->bias, a->n, 64);
+#ifdef Q8_TILE
+    else if (!strcmp(a->kernel, "q8_simd")) matmul_q8_simd(a->out, a->xq, &a->W, a->bias, a->n);
+#endif
+#if PHI2_AMX
+    else if (!strcmp(a->kernel, "q8_amx")) matmul_q8_amx(a->out, a->xq, &a->W, a->bias, a->n);
+#endif
+    else if (!strcmp(a->kernel, "quantize")) quantize_rows_q8(a->xq, a->x, a->n, a->W.cols, 64);
+}
+
+static void bench(int argc, char **argv) {
+    // --bench [KERNEL ...]: default all kernels of this build on qkv, fc1, fc2 shapes.
+    static const char *all[] = {"f32_avx512", "f32_avx2", "q8_simd", "q8_amx", "quantize"};
+    static const int shapes[][2] = {{7680, 2560}, {10240, 2560}, {2560, 10240}};
+    static const int tokens[] = {1, 64};
+    const char **kernels = argc > 0 ? (const char **)argv : all;
+    const int n_kernels = argc > 0 ? argc : (int)(sizeof(all) / sizeof(*all));
+    for (size_t s = 0; s < sizeof(shapes) / sizeof(*shapes); s++) {
+        const int rows = shapes[s][0], cols = shapes[s][1];
+        float *w = xmalloc_aligned((size_t)rows * cols * sizeof(float));
+        int8_t *wq = xmalloc_aligned((size_t)rows * cols);
+        float *wd = xmalloc_aligned((size_t)rows * cols / 64 * sizeof(float));
+        float *x = xmalloc_aligned((size_t)64 * cols * sizeof(float));
+        float *bias = xmalloc_aligned((size_t)rows * sizeof(float));
+        float *out = xmalloc_aligned((size_t)64 * rows * sizeof(float));
+        QuantizedRows xq = {xmalloc_aligned((size_t)64 * cols), xmalloc_aligned((size_t)64 * cols / 64 * sizeof(float))};
+        for (size_t i = 0; i < (size_t)rows * cols; i++) w[i] = frand();
+        fill_q8_weights(wq, wd, rows, cols, 64);
+        fill_activations(x, (size_t)64 * cols, 0);
+        for (int i = 0; i < rows; i++) bias[i] = frand();
+        quantize_rows_q8(&xq, x, 64, cols, 64);
+        for (int k = 0; k < n_kernels; k++)
+            for (size_t ti = 0; ti < sizeof(tokens) / sizeof(*tokens); ti++) {
+                const int is_q8 = kernels[k][0] == 'q';
+                BenchArgs a = {kernels[k], {.rows = rows, .cols = cols}, x, bias, out, &xq, tokens[ti]};
+                if (is_q8) a.W.q = wq, a.W.scale = wd;
+                else a.W.w = w;
+                if (!strcmp(kernels[k], "quantize")) a.W.w = NULL;
+#if !PHI2_AVX512
+                if (!strcmp(kernels[k], "f32_avx512")) continue;
+#endif
+#if !PHI2_AVX2
+                if (!strcmp(kernels[k], "f32_avx2")) continue;
+#endif
+#ifndef Q8_TILE
+                if (!strcmp(kernels[k], "q8_simd")) continue;
+#endif
+#if PHI2_AMX
+                if (!strcmp(kernels[k], "q8_amx") && !amx_available()) continue;
+#else
+                if (!strcmp(kernels[k], "q8_amx")) continue;
+#endif
+                double t = time_median(bench_run, &a, tokens[ti] == 1 ? 9 : 5);
+                double bytes = is_q8 ? (double)rows * cols * (1 + 4.0 / 64) : (double)rows * cols * 4;
+                double gmac = (double)rows * cols * tokens[ti] / t * 1e-9;
+                printf("%-10s %5dx%-5d tokens %2d: %8.3f ms  %6.1f GB/s of weights  %7.1f GMAC/s\n", kernels[k], rows,
+                       cols, tokens[ti], t * 1e3, bytes / t * 1e-9, gmac);
+            }
+        free(w); free(wq); free(wd); free(x); free(bias); free(out); free(xq.q); free(xq.scale);
+    }
+}
+
+int main(int argc, char **argv) {
+    if (argc > 1 && !strcmp(argv[1], "--bench")) {
+        bench(argc - 2, argv + 2);
+        return 0;
+    }
+    printf("test_kernels: built with%s%s%s%s%s, %d threads\n",
+#if PHI2_AVX512
+           " avx512",
+#else
+           "",
+#endif
+#if PHI2_AVX512_VNNI
+           " avx512-vnni",
+#else
+           "",
+#endif
+#if PHI2_AMX
+           " amx",
+#else
+           "",
+#endif
+#if PHI2_AVX2
+           " avx2",
+#else
+           "",
+#endif
+#if !PHI2_AVX512 && !PHI2_AVX2
+           " scalar kernels only",
+#else
+           "",
+#endif
+           max_threads());
+    test_quantize();
+    test_f32();
+    test_q8();
+    test_dispatch();
+#ifdef _OPENMP
+    // Uneven thread splits: 3 threads over row tiles that do not divide evenly.
+    omp_set_num_threads(3);
+    int before = g_failed;
+    test_f32();
+    test_q8();
+    printf("%s the same with 3 threads\n", g_failed == before ? "ok  " : "FAIL");
+#endif
+    printf("test_kernels: %d checks, %d failed\n", g_checks, g_failed);
+    return g_failed ? 1 : 0;
+}

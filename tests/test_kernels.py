@@ -1,0 +1,27 @@
+"""Kernel unit tests: runs the compiled test program (tests/test_kernels.c).
+
+KERNEL_TEST_BIN names the binary (default build/test_kernels; make test-sanitize and
+make test-portable pass their own builds). It checks every fast kernel of its build against
+the scalar twin and ends with "test_kernels: N checks, N failed".
+"""
+import os
+import re
+
+from common import REPO, run
+
+BIN = os.environ.get("KERNEL_TEST_BIN", os.path.join(REPO, "build", "test_kernels"))
+
+
+def test_kernels_match_scalar_twins():
+    assert os.path.isfile(BIN), f"{BIN} is missing: build it with make {os.path.relpath(BIN, REPO)}"
+    p = run([BIN], check=False, timeout=900)
+    lines = p.out.strip().splitlines()
+    failures = [line for line in lines if line.startswith("FAIL")]
+    assert p.returncode == 0 and not failures, \
+        f"{BIN} -> exit {p.returncode}\n" + "\n".join(failures[:20]) + "\n" + p.err[-2000:]
+    m = re.fullmatch(r"test_kernels: (\d+) checks, (\d+) failed", lines[-1] if lines else "")
+    assert m, f"unexpected last line from {BIN}: {lines[-1:]!r}\n{p.err[-2000:]}"
+    assert int(m.group(1)) > 100 and int(m.group(2)) == 0, lines[-1]
+    # every kernel family of the build reported ok
+    for family in ("quantization", "matmul_f32_scalar", "matmul_q8_scalar", "matmul dispatch"):
+        assert any(line.startswith("ok") and family in line for line in lines), f"no ok line for {family}:\n{p.out}"
