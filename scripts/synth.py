@@ -211,6 +211,9 @@ def part_chunks(cfg, seed, hf_name, kind, shape, chunk_rows):
     rng = np.random.default_rng([seed, zlib.crc32(hf_name.encode())])
     rows = shape[0]
     fan_in = {"embed": 1, "qk": H, "v": H, "dense": H, "fc1": H, "fc2": F, "lm_head": H}
+    corr = None
+    if kind == "fc2_b":     # (numpy's normal stream does not depend on how it is chunked)
+        corr = mlp_mean_correction(cfg, seed, hf_name[:-len("mlp.fc2.bias")]).astype(np.float32)
     for r0 in range(0, rows, chunk_rows):
         n = min(chunk_rows, rows - r0)
         sub = (n,) + tuple(shape[1:])
@@ -223,7 +226,7 @@ def part_chunks(cfg, seed, hf_name, kind, shape, chunk_rows):
         else:                                   # biases
             a *= np.float32(SCALES[kind])
             if kind == "fc2_b":
-                a += mlp_mean_correction(cfg, seed, hf_name[:-len("mlp.fc2.bias")]).astype(np.float32)
+                a += corr[r0:r0 + n]
             if kind == "lm_head_b" and r0 + n > N_REAL_TOKENS:
                 lo = max(N_REAL_TOKENS - r0, 0)
                 a[lo:] = np.float32(SCALES["pad_bias"])
