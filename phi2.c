@@ -744,7 +744,12 @@ static void matmul_q8_scalar(float *out, const QuantizedRows *in, const Matrix *
  * weight vector, shared by all tokens of the tile), so each lane holds an exact int32 sum of
  * 4 products q_w * q_x. Each lane is then scaled by d_w * d_x and accumulated in float.
  * Register tile: 4 rows x 4 tokens; a weight vector loaded once serves 4 tokens. */
+#ifndef Q8_PF
+#define Q8_PF 1024  // software prefetch distance (bytes) along each weight row: +10% decode
+#endif
+#ifndef Q8_R_VNNI
 #define Q8_R_VNNI 4
+#endif
 #define Q8_T_VNNI 4
 
 static ALWAYS_INLINE void q8_tile_vnni(float *out, int out_stride, const int8_t *w, const float *wd, const int8_t *x,
@@ -758,6 +763,9 @@ static ALWAYS_INLINE void q8_tile_vnni(float *out, int out_stride, const int8_t 
         __m512 ws[Q8_R_VNNI];
         for (int r = 0; r < R; r++) {
             wv[r] = _mm512_loadu_si512((const void *)(w + (size_t)r * cols + (size_t)g * 64));
+#if Q8_PF
+            _mm_prefetch((const char *)(w + (size_t)r * cols + (size_t)g * 64 + Q8_PF), _MM_HINT_T0);
+#endif
             neg_corr[r] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, offset, wv[r]));
             ws[r] = _mm512_set1_ps(wd[(size_t)r * n_groups + g]);
         }
@@ -1002,12 +1010,117 @@ static void matrix_row(float *out, const Matrix *W, int row, int group) {
 }
 
 /* gelu_new, the tanh approximation of GELU used by Phi-2. */
-static void gelu_new(float *x, size_t n) {
+MAYBE_UNUSED static void gelu_new_scalar(float *x, size_t n) {
     const float k = 0.7978845608028654f;  // sqrt(2 / pi)
     for (size_t i = 0; i < n; i++) {
         float v = x[i];
         x[i] = 0.5f * v * (1.0f + tanhf(k * (v + 0.044715f * v * v * v)));
     }
+}
+
+/* The SIMD gelu_new uses 0.5 v (1 + tanh(u)) = v / (1 + exp(-2u)) with a vector expf (the
+ * Cephes polynomial, ~1 ulp), no libm call per element: the scalar tanhf was a fifth of
+ * the prompt's time. Equal to the scalar version within a few float ulps (tested). */
+#if PHI2_AVX512
+static ALWAYS_INLINE __m512 exp_avx512(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(y, n);
+}
+
+MAYBE_UNUSED static void gelu_new_avx512(float *x, size_t n) {
+    const __m512 k = _mm512_set1_ps(-2.0f * 0.7978845608028654f), c = _mm512_set1_ps(0.044715f);
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (size_t i = 0; i < n; i += 16) {
+        const __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+        __m512 v = _mm512_maskz_loadu_ps(m, x + i);
+        __m512 u = _mm512_mul_ps(k, _mm512_fmadd_ps(_mm512_mul_ps(c, v), _mm512_mul_ps(v, v), v));  // -2u
+        _mm512_mask_storeu_ps(x + i, m, _mm512_div_ps(v, _mm512_add_ps(one, exp_avx512(u))));
+    }
+}
+#endif
+
+#if PHI2_AVX2
+static ALWAYS_INLINE __m256 exp_avx2(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(87.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    // 2^n from the exponent bits (|n| <= 126 after the clamp)
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+MAYBE_UNUSED static void gelu_new_avx2(float *x, size_t n) {
+    const __m256 k = _mm256_set1_ps(-2.0f * 0.7978845608028654f), c = _mm256_set1_ps(0.044715f);
+    const __m256 one = _mm256_set1_ps(1.0f);
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_loadu_ps(x + i);
+        __m256 u = _mm256_mul_ps(k, _mm256_fmadd_ps(_mm256_mul_ps(c, v), _mm256_mul_ps(v, v), v));
+        _mm256_storeu_ps(x + i, _mm256_div_ps(v, _mm256_add_ps(one, exp_avx2(u))));
+    }
+    gelu_new_scalar(x + i, n - i);
+}
+#endif
+
+/* gelu_new over n values, split over the threads for a prompt's batch. */
+static void gelu_new(float *x, size_t n) {
+    const size_t chunk = 4096;
+#pragma omp parallel for schedule(static) if (n >= 4 * chunk)
+    for (size_t i = 0; i < n; i += chunk) {
+        const size_t len = n - i < chunk ? n - i : chunk;
+#if PHI2_AVX512
+        gelu_new_avx512(x + i, len);
+#elif PHI2_AVX2
+        gelu_new_avx2(x + i, len);
+#else
+        gelu_new_scalar(x + i, len);
+#endif
+    }
+}
+
+/* Dot product of two float vectors (attention scores). */
+MAYBE_UNUSED static float dot_f32_scalar(const float *a, const float *b, int n) {
+    float sum = 0.0f;
+    for (int i = 0; i < n; i++) sum += a[i] * b[i];
+    return sum;
+}
+
+static float dot_f32(const float *a, const float *b, int n) {
+#if PHI2_AVX512
+    __m512 acc = _mm512_setzero_ps();
+    for (int i = 0; i < n; i += 16) {
+        const __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+#elif PHI2_AVX2
+    __m256 acc = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    return hsum256(acc) + dot_f32_scalar(a + i, b + i, n - i);
+#else
+    return dot_f32_scalar(a, b, n);
+#endif
 }
 
 /* NeoX-style rotary embedding on the first rot_dim dims of one head: dims i and
@@ -1156,9 +1269,7 @@ static void attention(RunState *s, const Config *c, int layer, int pos0, int n_t
         const float *q = s->qkv + (size_t)t * 3 * H + (size_t)head * hd;
         for (int p = 0; p < n_pos; p++) {
             const float *k = keys + (size_t)p * H + (size_t)head * hd;
-            float dot = 0.0f;
-            for (int i = 0; i < hd; i++) dot += q[i] * k[i];
-            score[p] = dot * scale;
+            score[p] = dot_f32(q, k, hd) * scale;
         }
         softmax(score, n_pos);
         float *out = s->att + (size_t)t * H + (size_t)head * hd;

@@ -358,6 +358,63 @@ static void test_dispatch(void) {
     printf("%s matmul dispatch (f32 and q8, 1..64 tokens)\n", g_failed == before ? "ok  " : "FAIL");
 }
 
+/* ---- gelu_new and dot_f32 ------------------------------------------------------------ */
+
+typedef void (*GeluFn)(float *, size_t);
+
+static void test_gelu_one(const char *name, GeluFn fn) {
+    static const size_t sizes[] = {1, 7, 16, 17, 100, 10240 * 3 + 5};
+    double worst = 0.0;
+    int before = g_failed;
+    for (size_t k = 0; k < sizeof(sizes) / sizeof(*sizes); k++) {
+        const size_t n = sizes[k];
+        float *ref = guarded_alloc(n * sizeof(float)), *got = guarded_alloc(n * sizeof(float));
+        for (size_t i = 0; i < n; i++) ref[i] = frand() * (i % 5 == 0 ? 40.0f : 6.0f);
+        if (n > 10) ref[3] = 0.0f, ref[4] = -0.0f, ref[5] = 1e-30f, ref[6] = -200.0f, ref[7] = 200.0f, ref[8] = -9.0f;
+        memcpy(got, ref, n * sizeof(float));
+        gelu_new_scalar(ref, n);
+        fn(got, 0);  // n = 0 must not touch anything
+        fn(got, n);
+        for (size_t i = 0; i < n; i++) {
+            double err = fabs((double)got[i] - ref[i]) / (1.0 + fabs(ref[i]));
+            if (!(err <= 2e-6)) {
+                check(0, "%s n=%zu: gelu[%zu] = %.9g, scalar %.9g", name, n, i, got[i], ref[i]);
+                break;
+            }
+            if (err > worst) worst = err;
+        }
+        check(1, "");
+        guarded_free_all();
+    }
+    printf("%s %s: worst error %.2g of 1 + |gelu|\n", g_failed == before ? "ok  " : "FAIL", name, worst);
+}
+
+static void test_gelu_dot(void) {
+    test_gelu_one("gelu_new", gelu_new);
+#if PHI2_AVX512
+    test_gelu_one("gelu_new_avx512", gelu_new_avx512);
+#endif
+#if PHI2_AVX2
+    test_gelu_one("gelu_new_avx2", gelu_new_avx2);
+#endif
+    int before = g_failed;
+    static const int sizes[] = {1, 5, 16, 31, 80, 257};
+    for (size_t k = 0; k < sizeof(sizes) / sizeof(*sizes); k++) {
+        const int n = sizes[k];
+        float *a = guarded_alloc((size_t)n * sizeof(float)), *b = guarded_alloc((size_t)n * sizeof(float));
+        double exact = 0.0, mag = 0.0;
+        for (int i = 0; i < n; i++) {
+            a[i] = frand() * 10.0f, b[i] = frand() * 10.0f;
+            exact += (double)a[i] * b[i];
+            mag += fabs((double)a[i] * b[i]);
+        }
+        float got = dot_f32(a, b, n);
+        check(fabs(got - exact) <= 1e-6 * mag, "dot_f32 n=%d: %.9g, exact %.9g", n, got, exact);
+        guarded_free_all();
+    }
+    printf("%s dot_f32\n", g_failed == before ? "ok  " : "FAIL");
+}
+
 /* ---- micro-benchmark on full-size shapes ---------------------------------------------- */
 
 /* Process CPU time instead of wall time (BENCH_CPU_TIME=1): with one thread, a kernel's own
@@ -501,6 +558,7 @@ int main(int argc, char **argv) {
     test_f32();
     test_q8();
     test_dispatch();
+    test_gelu_dot();
 #ifdef _OPENMP
     // Uneven thread splits: 3 threads over row tiles that do not divide evenly.
     omp_set_num_threads(3);
