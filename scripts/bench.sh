@@ -1,0 +1,83 @@
+#!/bin/bash
+# Benchmark phi2 on one model file: prompt and generation speed, and how close generation
+# comes to the machine's own memory read bandwidth.
+#
+#   scripts/bench.sh MODEL.bin [THREADS]        (default THREADS: all cores)
+#   REPS=5 PROMPT=128 GEN=64 scripts/bench.sh MODEL.bin 2
+#
+# Builds ./phi2 (make phi2) and build/membw (scripts/membw.c), measures read bandwidth
+# over a 300 MB buffer, then runs phi2 REPS times (default 3) with a PROMPT-token prompt
+# (default 128, fixed ids) and GEN generated tokens (default 64, greedy, --ignore-eos so
+# every run generates all of them) and prints the medians: prompt tok/s, generation tok/s,
+# bytes of weights streamed per generated token, the effective bandwidth that gives, its
+# share of the probe's, and the peak resident memory (the model's mapped pages count).
+set -euo pipefail
+
+if [ $# -lt 1 ] || [ $# -gt 2 ]; then
+    echo "usage: scripts/bench.sh MODEL.bin [THREADS]" >&2
+    exit 2
+fi
+MODEL=$1
+THREADS=${2:-$(nproc)}
+REPS=${REPS:-3}
+PROMPT=${PROMPT:-128}
+GEN=${GEN:-64}
+[ -f "$MODEL" ] || { echo "bench: no such model file: $MODEL" >&2; exit 1; }
+
+cd "$(dirname "$0")/.."
+make -s phi2 >&2
+mkdir -p build
+if [ ! -x build/membw ] || [ scripts/membw.c -nt build/membw ]; then
+    ${CC:-cc} -std=c11 -O3 -march=native -fopenmp -o build/membw scripts/membw.c
+fi
+
+TIME=/usr/bin/time
+[ -x "$TIME" ] || { echo "bench: /usr/bin/time is needed for the peak memory" >&2; exit 1; }
+
+# Model shape from the header (docs/FORMAT.md): hidden at 20, layers at 28 (u32 LE).
+read -r HIDDEN < <(od -An -tu4 -j20 -N4 "$MODEL")
+read -r LAYERS < <(od -An -tu4 -j28 -N4 "$MODEL")
+MODEL_BYTES=$(stat -c %s "$MODEL")
+KV_BYTES=$(( 2 * LAYERS * (PROMPT + GEN) * HIDDEN * 4 ))
+
+echo "bench: $MODEL ($((MODEL_BYTES / 1000000)) MB), $THREADS threads, prompt $PROMPT tokens, $GEN generated, $REPS runs"
+PROBE=$(OMP_NUM_THREADS=$THREADS build/membw 300 9)
+echo "$PROBE"
+PROBE_GBS=$(echo "$PROBE" | awk '{print $2}')
+
+# A fixed prompt of ordinary token ids (no <|endoftext|>).
+IDS=$(awk -v n="$PROMPT" 'BEGIN { for (i = 0; i < n; i++) printf "%s%d", (i ? "," : ""), 1000 + (i * 7919) % 40000 }')
+
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
+for r in $(seq 1 "$REPS"); do
+    $TIME -f "bench-rss-kb %M" ./phi2 "$MODEL" --ids "$IDS" -n "$GEN" --temp 0 --ignore-eos -t "$THREADS" \
+        --print-ids >/dev/null 2>"$TMP/err"
+    line=$(grep '^phi2: load' "$TMP/err") || { cat "$TMP/err" >&2; exit 1; }
+    rss=$(awk '/^bench-rss-kb/ {print $2}' "$TMP/err")
+    # phi2: load X s | prompt N tokens, X tok/s | generated N tokens, X tok/s (X GB/s of weights) | N threads
+    echo "$line" | awk -v rss="$rss" '{
+        for (i = 1; i <= NF; i++) {
+            if ($i == "prompt") pp = $(i + 3);
+            if ($i == "generated") { ng = $(i + 1); tg = $(i + 3); gbs = substr($(i + 5), 2) }
+        }
+        printf "%s %s %s %s %s\n", pp, tg, gbs, rss, ng
+    }' >>"$TMP/runs"
+    echo "  run $r: $line | peak RSS $((rss / 1024)) MB"
+done
+
+median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+PP=$(awk '{print $1}' "$TMP/runs" | median)
+TG=$(awk '{print $2}' "$TMP/runs" | median)
+GBS=$(awk '{print $3}' "$TMP/runs" | median)
+RSS=$(awk '{print $4}' "$TMP/runs" | median)
+awk -v pp="$PP" -v tg="$TG" -v gbs="$GBS" -v probe="$PROBE_GBS" -v rss="$RSS" -v model="$MODEL_BYTES" \
+    -v kv="$KV_BYTES" -v reps="$REPS" 'BEGIN {
+    printf "median of %d runs:\n", reps
+    printf "  prompt      %8.2f tok/s\n", pp
+    printf "  generation  %8.2f tok/s\n", tg
+    printf "  weights     %8.1f MB per generated token\n", (tg > 0 ? gbs * 1000 / tg : 0)
+    printf "  bandwidth   %8.1f GB/s effective = %.0f%% of the %.1f GB/s read probe\n", gbs, 100 * gbs / probe, probe
+    printf "  peak RSS    %8.0f MB = model %.0f MB + KV cache %.0f MB + %.0f MB\n", rss / 1024, model / 1048576,
+        kv / 1048576, (rss * 1024 - model - kv) / 1048576
+}'
