@@ -466,7 +466,9 @@ MAYBE_UNUSED static void matmul_f32_scalar(float *out, const float *in, const Ma
  * R weight rows (R x KC floats) stay in L1 while every token block reuses them. With one or
  * two tokens (decode) there is no column blocking: a plain streaming matvec over R rows.
  * Threads: each takes one contiguous range of row tiles (it streams its part of W). */
+#ifndef F32_KC
 #define F32_KC 2048
+#endif
 
 /* Columns per block: at most F32_KC, equal blocks, a multiple of 16 (but no blocking for
  * decode, where nothing is reused and one pass over each row streams best). */
@@ -911,45 +913,74 @@ typedef struct {
 static unsigned char *g_amx_pack;
 static size_t g_amx_pack_size;
 
-/* Tiles: tmm0 = C (n_rows x 16 int32), tmm1 = A (n_rows weight rows x 64 bytes),
- * tmm2 = B (16 x 64 bytes: 64 activation bytes of each of 16 tokens). */
+/* Tiles: tmm0, tmm3 = C (n_rows x 16 int32), tmm1 = A (n_rows weight rows x 64 bytes),
+ * tmm2, tmm4 = B (16 x 64 bytes: 64 activation bytes of each of 16 tokens). */
 static void amx_configure(int n_rows) {
     AmxTileConfig cfg = {.palette_id = 1};
     cfg.rows[0] = (uint8_t)n_rows, cfg.colsb[0] = 64;
     cfg.rows[1] = (uint8_t)n_rows, cfg.colsb[1] = 64;
     cfg.rows[2] = 16, cfg.colsb[2] = 64;
+    cfg.rows[3] = (uint8_t)n_rows, cfg.colsb[3] = 64;  // tmm3, tmm4: a second C and B, so two
+    cfg.rows[4] = 16, cfg.colsb[4] = 64;               // products are in flight at once
     _tile_loadconfig(&cfg);
 }
 
-/* Rows [r, r + n_rows) (n_rows <= 16, as configured) for all tokens. */
+/* acc[i][t] += (float)sums[i][t] * wd[i * n_groups] * xs[t]: the scalar kernel's
+ * sum += (float)isum * d_w * d_x, same operations in the same order (no FMA). */
+static ALWAYS_INLINE void amx_scale_add(float acc[16][16], int32_t sums[16][16], const float *wd, int n_groups,
+                                        const float *xs_packed, int n_rows) {
+    const __m512 xs = _mm512_load_ps(xs_packed);
+    for (int i = 0; i < n_rows; i++) {
+        __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums[i])), _mm512_set1_ps(wd[(size_t)i * n_groups]));
+        _mm512_store_ps(acc[i], _mm512_add_ps(_mm512_load_ps(acc[i]), _mm512_mul_ps(v, xs)));
+    }
+}
+
+/* Rows [r, r + n_rows) (n_rows <= 16, as configured) for all tokens. Token blocks go in
+ * chunks of AMX_TB_CHUNK so each weight tile, once loaded, serves up to 64 tokens; the
+ * float accumulators of the chunk live in L1 (acc). The 16 weight rows are 16 separate
+ * streams, which the hardware prefetcher follows poorly: prefetch AMX_PF groups ahead. */
+#define AMX_TB_CHUNK 4
+#define AMX_PF 4
 static ALWAYS_INLINE void amx_rows(float *out, const Matrix *W, const float *bias, const int8_t *packed,
                                    const float *xs_packed, int n_tokens, int r, int n_rows) {
     const int rows = W->rows, cols = W->cols, n_groups = cols / 64, n_tb = (n_tokens + 15) / 16;
     const int8_t *wq = W->q + (size_t)r * cols;
     const float *wd = W->scale + (size_t)r * n_groups;
-    int32_t sums[16][16] __attribute__((aligned(64)));
-    float res[16][16] __attribute__((aligned(64)));
-    for (int tb = 0; tb < n_tb; tb++) {
-        __m512 acc[16];
-        for (int i = 0; i < n_rows; i++) acc[i] = _mm512_setzero_ps();
+    int32_t sums[2][16][16] __attribute__((aligned(64)));
+    float acc[AMX_TB_CHUNK][16][16] __attribute__((aligned(64)));
+    for (int tb0 = 0; tb0 < n_tb; tb0 += AMX_TB_CHUNK) {
+        const int n_chunk = n_tb - tb0 < AMX_TB_CHUNK ? n_tb - tb0 : AMX_TB_CHUNK;
+        memset(acc, 0, sizeof(acc));
         for (int g = 0; g < n_groups; g++) {
+            if (g + AMX_PF < n_groups)
+                for (int i = 0; i < n_rows; i++)
+                    _mm_prefetch((const char *)(wq + (size_t)i * cols + (size_t)(g + AMX_PF) * 64), _MM_HINT_T0);
             _tile_loadd(1, wq + (size_t)g * 64, cols);
-            _tile_loadd(2, packed + ((size_t)tb * n_groups + g) * 1024, 64);
-            _tile_zero(0);
-            _tile_dpbssd(0, 1, 2);
-            _tile_stored(0, sums, 64);
-            // sum += (float)isum * d_w * d_x, exactly as the scalar kernel (no FMA)
-            const __m512 xs = _mm512_load_ps(xs_packed + ((size_t)tb * n_groups + g) * 16);
-            for (int i = 0; i < n_rows; i++) {
-                __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums[i])),
-                                         _mm512_set1_ps(wd[(size_t)i * n_groups + g]));
-                acc[i] = _mm512_add_ps(acc[i], _mm512_mul_ps(v, xs));
+            // token blocks in pairs: the second product runs while the first is scaled
+            for (int c = 0; c < n_chunk; c += 2) {
+                const size_t tile = (size_t)(tb0 + c) * n_groups + g;
+                _tile_loadd(2, packed + tile * 1024, 64);
+                _tile_zero(0);
+                _tile_dpbssd(0, 1, 2);
+                if (c + 1 < n_chunk) {
+                    _tile_loadd(4, packed + (tile + n_groups) * 1024, 64);
+                    _tile_zero(3);
+                    _tile_dpbssd(3, 1, 4);
+                }
+                _tile_stored(0, sums[0], 64);
+                amx_scale_add(acc[c], sums[0], wd + g, n_groups, xs_packed + tile * 16, n_rows);
+                if (c + 1 < n_chunk) {
+                    _tile_stored(3, sums[1], 64);
+                    amx_scale_add(acc[c + 1], sums[1], wd + g, n_groups, xs_packed + (tile + n_groups) * 16, n_rows);
+                }
             }
         }
-        for (int i = 0; i < n_rows; i++) _mm512_store_ps(res[i], acc[i]);
-        const int T = n_tokens - tb * 16 < 16 ? n_tokens - tb * 16 : 16;
-        for (int t = 0; t < T; t++)
-            for (int i = 0; i < n_rows; i++) out[(size_t)(tb * 16 + t) * rows + r + i] = res[i][t] + bias[r + i];
+        for (int c = 0; c < n_chunk; c++) {
+            const int t0 = (tb0 + c) * 16, T = n_tokens - t0 < 16 ? n_tokens - t0 : 16;
+            for (int t = 0; t < T; t++)
+                for (int i = 0; i < n_rows; i++) out[(size_t)(t0 + t) * rows + r + i] = acc[c][i][t] + bias[r + i];
+        }
     }
 }
 
