@@ -19,6 +19,7 @@
  * Build: make        Test: make test        Usage: ./phi2 -h
  */
 #define _POSIX_C_SOURCE 200809L
+#define _DEFAULT_SOURCE  // MAP_POPULATE, MADV_HUGEPAGE
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -202,8 +203,9 @@ typedef struct {
     Matrix lm_head;                      // [vocab, hidden]
     const float *lm_head_bias;           // [vocab]
     Tokenizer tokenizer;
-    const unsigned char *map;            // the whole file, memory-mapped read-only
+    const unsigned char *map;            // the whole file, read-only
     size_t map_size;
+    int mapped;                          // map is an mmap (else a malloc'd copy, --no-mmap)
     size_t weight_bytes;                 // bytes of weights streamed per generated token
 } Model;
 
@@ -312,8 +314,41 @@ static Config parse_header(const unsigned char *h, size_t file_size, const char 
     return c;
 }
 
-/* Map the file, validate it completely, then point every tensor into the mapping. */
-static void load_model(Model *m, const char *path) {
+/* The whole file in memory, read-only. By default it is memory-mapped: the pages are the
+ * OS's file cache, shared between runs, and MAP_POPULATE faults them all in now rather than
+ * one 4 KB page at a time during the first forward pass. */
+static const unsigned char *map_file(int fd, size_t size, const char *path) {
+    int flags = MAP_PRIVATE;
+#ifdef MAP_POPULATE
+    flags |= MAP_POPULATE;
+#endif
+    void *map = mmap(NULL, size, PROT_READ, flags, fd, 0);
+    if (map == MAP_FAILED) die("cannot mmap '%s': %s", path, strerror(errno));
+    return map;
+}
+
+/* --no-mmap: read the file into anonymous memory, asking for 2 MB huge pages. Streaming
+ * gigabytes of weights through 4 KB pages costs a TLB miss every 4 KB per stream; with
+ * huge pages decoding measured ~10% faster, at the price of a slower start. */
+static const unsigned char *read_into_huge_pages(int fd, size_t size, const char *path) {
+    const size_t huge = (size_t)2 << 20;
+    size_t capacity = (size + huge - 1) / huge * huge;
+    void *buf = NULL;
+    if (posix_memalign(&buf, huge, capacity) != 0) die("out of memory reading '%s' (%zu bytes)", path, size);
+#ifdef MADV_HUGEPAGE
+    madvise(buf, capacity, MADV_HUGEPAGE);  // only a hint: without huge pages it still works
+#endif
+    for (size_t done = 0; done < size;) {
+        ssize_t got = read(fd, (unsigned char *)buf + done, size - done > ((size_t)1 << 30) ? (size_t)1 << 30 : size - done);
+        if (got < 0 && errno == EINTR) continue;
+        if (got <= 0) die("cannot read '%s': %s", path, got < 0 ? strerror(errno) : "file shrank while reading");
+        done += (size_t)got;
+    }
+    return buf;
+}
+
+/* Load the file, validate it completely, then point every tensor into it. */
+static void load_model(Model *m, const char *path, int use_mmap) {
     memset(m, 0, sizeof(*m));
     int fd = open(path, O_RDONLY);
     if (fd < 0) die("cannot open model '%s': %s", path, strerror(errno));
@@ -322,11 +357,10 @@ static void load_model(Model *m, const char *path) {
     if (!S_ISREG(st.st_mode)) die("'%s' is not a regular file", path);
     size_t size = (size_t)st.st_size;
     if (size < HEADER_SIZE) die("'%s' is too small (%zu bytes) to be a phi2.c model file", path, size);
-    void *map = mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
-    if (map == MAP_FAILED) die("cannot mmap '%s': %s", path, strerror(errno));
-    close(fd);  // the mapping keeps the file alive
-    m->map = map;
+    m->map = use_mmap ? map_file(fd, size, path) : read_into_huge_pages(fd, size, path);
+    m->mapped = use_mmap;
     m->map_size = size;
+    close(fd);  // a mapping keeps the file alive
 
     Config c = parse_header(m->map, size, path);
     m->config = c;
@@ -377,7 +411,8 @@ static void load_model(Model *m, const char *path) {
 static void free_model(Model *m) {
     tokenizer_free(&m->tokenizer);
     free(m->layers);
-    munmap((void *)m->map, m->map_size);
+    if (m->mapped) munmap((void *)m->map, m->map_size);
+    else free((void *)m->map);
 }
 
 /* ------------------------------------------------------------------------------------- */
@@ -1445,6 +1480,8 @@ static void usage(FILE *f) {
             "  -s, --seed N           random seed (default: from the clock)\n"
             "  -c, --ctx-size N       context length (default and maximum: the model's, 2048)\n"
             "  -t, --threads N        threads (default: all available cores)\n"
+            "      --no-mmap          read the model into memory (huge pages) instead of mapping\n"
+            "                         it: slower start, faster generation\n"
             "  -b, --batch N          prompt positions processed together (default 64; 1 = one\n"
             "                         at a time through the KV cache, as during generation)\n"
             "      --ignore-eos       keep generating past <|endoftext|> (for benchmarks)\n"
@@ -1474,7 +1511,7 @@ typedef struct {
     int ctx;                    // 0: the model's max_seq_len
     int batch;                  // prompt positions per forward pass
     int n_threads;              // 0: all cores
-    int tokenize, print_ids, no_display_prompt, ignore_eos;
+    int tokenize, print_ids, no_display_prompt, ignore_eos, no_mmap;
 } Options;
 
 static Options parse_args(int argc, char **argv) {
@@ -1490,6 +1527,7 @@ static Options parse_args(int argc, char **argv) {
         if (!strcmp(a, "--print-ids")) { o.print_ids = 1; continue; }
         if (!strcmp(a, "--no-display-prompt")) { o.no_display_prompt = 1; continue; }
         if (!strcmp(a, "--ignore-eos")) { o.ignore_eos = 1; continue; }
+        if (!strcmp(a, "--no-mmap")) { o.no_mmap = 1; continue; }
         if (a[0] != '-' || a[1] == '\0') {
             if (o.model_path) die("unexpected argument '%s' (the model path is '%s'); see -h", a, o.model_path);
             o.model_path = a;
@@ -1666,7 +1704,7 @@ int main(int argc, char **argv) {
 
     double t_load = now_seconds();
     Model model;
-    load_model(&model, opt.model_path);
+    load_model(&model, opt.model_path, !opt.no_mmap);
     const Config *c = &model.config;
 
     int n_prompt = 0;

@@ -48,7 +48,7 @@ def expect_error(*args, contains=None):
 def test_help_lists_every_flag():
     out = phi2("-h").out
     for flag in ("--prompt", "--file", "--ids", "--n-predict", "--temp", "--top-k", "--top-p", "--seed",
-                 "--ctx-size", "--threads", "--batch", "--tokenize", "--print-ids", "--dump-logits", "--help"):
+                 "--ctx-size", "--threads", "--batch", "--no-mmap", "--ignore-eos", "--tokenize", "--print-ids", "--dump-logits", "--help"):
         assert flag in out, flag
 
 
@@ -85,6 +85,7 @@ def test_bad_model_files():
         with open(path, "wb") as f:
             f.write(data[:n])
         expect_error(path, "-p", "hi")
+        expect_error(path, "-p", "hi", "--no-mmap")
     expect_error(patched_copy("magic.bin", lambda d: d.__setitem__(slice(0, 8), b"GGUFxxxx")), "-p", "hi",
                  contains="magic")
     expect_error(patched_copy("version.bin", lambda d: d.__setitem__(slice(8, 12), struct.pack("<I", 2))),

@@ -79,3 +79,11 @@ def test_threads_do_not_change_results():
     one = read_logits(engine_logits(model, SHORT, "-t", "1"), VOCAB)
     two = read_logits(engine_logits(model, SHORT, "-t", "2"), VOCAB)
     assert rel_max_diff(one, two) <= 1e-6
+
+
+def test_no_mmap_gives_identical_logits():
+    """--no-mmap (weights read into memory) computes exactly what the mapped file does."""
+    model = converted(checkpoint())
+    mapped = read_logits(engine_logits(model, SHORT), VOCAB)
+    copied = read_logits(engine_logits(model, SHORT, "--no-mmap"), VOCAB)
+    assert np.array_equal(mapped, copied)
