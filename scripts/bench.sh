@@ -3,7 +3,7 @@
 # comes to the machine's own memory read bandwidth.
 #
 #   scripts/bench.sh MODEL.bin [THREADS]        (default THREADS: all cores)
-#   REPS=5 PROMPT=128 GEN=64 scripts/bench.sh MODEL.bin 2
+#   REPS=5 PROMPT=128 GEN=64 FLAGS=--no-mmap scripts/bench.sh MODEL.bin 2
 #
 # Builds ./phi2 (make phi2) and build/membw (scripts/membw.c), measures read bandwidth
 # over a 300 MB buffer, then runs phi2 REPS times (default 3) with a PROMPT-token prompt
@@ -22,6 +22,7 @@ THREADS=${2:-$(nproc)}
 REPS=${REPS:-3}
 PROMPT=${PROMPT:-128}
 GEN=${GEN:-64}
+FLAGS=${FLAGS:-}   # extra phi2 flags, e.g. --no-mmap
 [ -f "$MODEL" ] || { echo "bench: no such model file: $MODEL" >&2; exit 1; }
 
 cd "$(dirname "$0")/.."
@@ -40,7 +41,7 @@ read -r LAYERS < <(od -An -tu4 -j28 -N4 "$MODEL")
 MODEL_BYTES=$(stat -c %s "$MODEL")
 KV_BYTES=$(( 2 * LAYERS * (PROMPT + GEN) * HIDDEN * 4 ))
 
-echo "bench: $MODEL ($((MODEL_BYTES / 1000000)) MB), $THREADS threads, prompt $PROMPT tokens, $GEN generated, $REPS runs"
+echo "bench: $MODEL ($((MODEL_BYTES / 1000000)) MB), $THREADS threads, prompt $PROMPT tokens, $GEN generated, $REPS runs${FLAGS:+, flags $FLAGS}"
 PROBE=$(OMP_NUM_THREADS=$THREADS build/membw 300 9)
 echo "$PROBE"
 PROBE_GBS=$(echo "$PROBE" | awk '{print $2}')
@@ -52,7 +53,7 @@ TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 for r in $(seq 1 "$REPS"); do
     $TIME -f "bench-rss-kb %M" ./phi2 "$MODEL" --ids "$IDS" -n "$GEN" --temp 0 --ignore-eos -t "$THREADS" \
-        --print-ids >/dev/null 2>"$TMP/err"
+        --print-ids $FLAGS >/dev/null 2>"$TMP/err"
     line=$(grep '^phi2: load' "$TMP/err") || { cat "$TMP/err" >&2; exit 1; }
     rss=$(awk '/^bench-rss-kb/ {print $2}' "$TMP/err")
     # phi2: load X s | prompt N tokens, X tok/s | generated N tokens, X tok/s (X GB/s of weights) | N threads
