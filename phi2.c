@@ -1262,8 +1262,8 @@ typedef struct {
     float *scores;          // [n_threads, ctx] attention weights, one row per thread
     float *logits;          // [max_batch, vocab]
     QuantizedRows xq;       // [max_batch, max(hidden, ffn)] int8 activations (q8 files)
-    float *key_cache;       // [n_layers, ctx, hidden] keys, after rotary
-    float *value_cache;     // [n_layers, ctx, hidden]
+    float *key_cache;       // [n_layers, n_heads, ctx, head_dim] keys, after rotary
+    float *value_cache;     // [n_layers, n_heads, ctx, head_dim]
     float *rope_cos;        // [ctx, rot_dim/2]
     float *rope_sin;        // [ctx, rot_dim/2]
 } RunState;
@@ -1316,14 +1316,19 @@ static void free_state(RunState *s) {
     free(s->key_cache); free(s->value_cache); free(s->rope_cos); free(s->rope_sin);
 }
 
+/* Where the cached key (or value) of one head at one position starts. The cache is
+ * head-major: a head's keys for all positions are contiguous, so attention streams them
+ * in order instead of hopping a whole hidden row (10 KB) from one position to the next. */
+static size_t kv_offset(const RunState *s, const Config *c, int layer, int head, int pos) {
+    return (((size_t)layer * c->n_heads + (size_t)head) * (size_t)s->ctx + (size_t)pos) * (size_t)c->head_dim;
+}
+
 /* Causal self-attention for a batch of positions pos0 .. pos0+n_tokens-1 of one layer.
  * The batch's keys and values are already in the cache, so token t attends to cache
  * positions 0 .. pos0+t. Each (token, head) pair is independent: spread them over threads. */
 static void attention(RunState *s, const Config *c, int layer, int pos0, int n_tokens) {
     const int H = c->hidden_dim, hd = c->head_dim, n_heads = c->n_heads;
     const float scale = 1.0f / sqrtf((float)hd);
-    const float *keys = s->key_cache + (size_t)layer * s->ctx * H;
-    const float *values = s->value_cache + (size_t)layer * s->ctx * H;
 #pragma omp parallel for schedule(dynamic, 1)
     for (int th = 0; th < n_tokens * n_heads; th++) {
         const int t = th / n_heads, head = th % n_heads, n_pos = pos0 + t + 1;
@@ -1333,15 +1338,14 @@ static void attention(RunState *s, const Config *c, int layer, int pos0, int n_t
         float *score = s->scores;
 #endif
         const float *q = s->qkv + (size_t)t * 3 * H + (size_t)head * hd;
-        for (int p = 0; p < n_pos; p++) {
-            const float *k = keys + (size_t)p * H + (size_t)head * hd;
-            score[p] = dot_f32(q, k, hd) * scale;
-        }
+        const float *keys = s->key_cache + kv_offset(s, c, layer, head, 0);
+        const float *values = s->value_cache + kv_offset(s, c, layer, head, 0);
+        for (int p = 0; p < n_pos; p++) score[p] = dot_f32(q, keys + (size_t)p * hd, hd) * scale;
         softmax(score, n_pos);
         float *out = s->att + (size_t)t * H + (size_t)head * hd;
         memset(out, 0, (size_t)hd * sizeof(float));
         for (int p = 0; p < n_pos; p++) {
-            const float *v = values + (size_t)p * H + (size_t)head * hd;
+            const float *v = values + (size_t)p * hd;
             const float w = score[p];
             for (int i = 0; i < hd; i++) out[i] += w * v[i];
         }
@@ -1370,10 +1374,10 @@ static void forward(const Model *m, RunState *s, const int *tokens, int n_tokens
             for (int head = 0; head < c->n_heads; head++) {
                 rotary(q + (size_t)head * hd, c->rot_dim, s->rope_cos + (size_t)pos * half, s->rope_sin + (size_t)pos * half);
                 rotary(k + (size_t)head * hd, c->rot_dim, s->rope_cos + (size_t)pos * half, s->rope_sin + (size_t)pos * half);
+                size_t slot = kv_offset(s, c, l, head, pos);
+                memcpy(s->key_cache + slot, k + (size_t)head * hd, (size_t)hd * sizeof(float));
+                memcpy(s->value_cache + slot, v + (size_t)head * hd, (size_t)hd * sizeof(float));
             }
-            size_t slot = ((size_t)l * s->ctx + (size_t)pos) * H;
-            memcpy(s->key_cache + slot, k, (size_t)H * sizeof(float));
-            memcpy(s->value_cache + slot, v, (size_t)H * sizeof(float));
         }
         attention(s, c, l, pos0, n_tokens);
         matmul(s->att_proj, s->att, &L->dense, L->dense_bias, n_tokens, c, &s->xq);
