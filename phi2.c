@@ -24,6 +24,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <math.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -51,6 +52,25 @@
 /* A file being written (e.g. --dump-logits) goes to "<path>.tmp" and is renamed when
  * complete; if we die first, the temporary is removed so nothing half-written remains. */
 static char g_partial_file[4096];
+static void die(const char *fmt, ...);
+
+/* Ctrl-C or a kill while that file is being written: remove it, then die of the signal as
+ * usual (unlink, signal and raise are async-signal-safe). */
+static void remove_partial_file_and_reraise(int sig) {
+    if (g_partial_file[0]) unlink(g_partial_file);
+    signal(sig, SIG_DFL);
+    raise(sig);
+}
+
+static void begin_partial_file(const char *path) {
+    if (snprintf(g_partial_file, sizeof(g_partial_file), "%s.tmp", path) >= (int)sizeof(g_partial_file)) {
+        g_partial_file[0] = '\0';
+        die("output path '%s' is too long", path);
+    }
+    signal(SIGINT, remove_partial_file_and_reraise);
+    signal(SIGTERM, remove_partial_file_and_reraise);
+    signal(SIGHUP, remove_partial_file_and_reraise);
+}
 
 /* Print "phi2: error: ..." as one line on stderr and exit with status 1. */
 static void die(const char *fmt, ...) {
@@ -1595,8 +1615,7 @@ static void print_ids(FILE *f, const int *ids, int n) {
 /* --dump-logits: every prompt position's logits, written to a temporary file then renamed. */
 static void dump_logits(const Model *m, RunState *s, const int *tokens, int n_tokens, const char *path) {
     const int V = m->config.vocab_size;
-    if (snprintf(g_partial_file, sizeof(g_partial_file), "%s.tmp", path) >= (int)sizeof(g_partial_file))
-        die("--dump-logits path is too long");
+    begin_partial_file(path);
     FILE *f = fopen(g_partial_file, "wb");
     if (!f) die("cannot create '%s': %s", g_partial_file, strerror(errno));
     for (int start = 0; start < n_tokens; start += s->max_batch) {

@@ -5,9 +5,12 @@ signal, not a sanitizer report), and leave no partial output file behind.
 """
 import os
 import shutil
+import signal
 import struct
+import subprocess
+import time
 
-from common import WORK, checkpoint, converted, phi2
+from common import PHI2, WORK, checkpoint, converted, phi2
 
 SHORT = "1212,318,281,1672,2643,290,428,318,257,1332"
 
@@ -167,3 +170,22 @@ def test_tokenize_flag():
         f.write(b"This is\n\n")
     assert phi2(m, "--tokenize", "-f", path).out.strip().startswith("1212,318")
     assert phi2(m, "--tokenize", "-f", path).out.strip() == phi2(m, "--tokenize", "-p", "This is\n\n").out.strip()
+
+
+def test_interrupted_dump_leaves_nothing():
+    """SIGINT/SIGTERM while --dump-logits is writing: the temporary file is removed."""
+    m = tiny_model()
+    ids = ",".join(str(1000 + i) for i in range(1500))
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        out = os.path.join(WORK, f"interrupted-{sig}.f32")
+        p = subprocess.Popen([PHI2, m, "--ids", ids, "--batch", "1", "--dump-logits", out],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 60
+        while not os.path.exists(out + ".tmp") and time.time() < deadline and p.poll() is None:
+            time.sleep(0.01)
+        assert p.poll() is None, "finished before it could be interrupted: make the prompt longer"
+        time.sleep(0.2)
+        p.send_signal(sig)
+        p.wait(timeout=60)
+        assert p.returncode == -sig, p.returncode
+        assert not os.path.exists(out + ".tmp") and not os.path.exists(out)
