@@ -52,17 +52,22 @@ def fnv1a64(data):
 
 # ---------------------------------------------------------------- config
 
+def read_json(path):
+    """A JSON file, or a ConvertError naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConvertError(f"{path}: cannot parse: {e}")
+
+
 def load_config(hf_dir):
     if not os.path.isdir(hf_dir):
         raise ConvertError(f"{hf_dir}: no such checkpoint folder")
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
         raise ConvertError(f"{path}: missing (not a Hugging Face checkpoint folder?)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConvertError(f"{path}: cannot parse: {e}")
+    cfg = read_json(path)
     if not isinstance(cfg, dict):
         raise ConvertError(f"{path}: not a JSON object")
     return cfg, path
@@ -327,11 +332,7 @@ def build_tokenizer_section(hf_dir, vocab_size):
     path = os.path.join(hf_dir, "tokenizer.json")
     if not os.path.isfile(path):
         raise ConvertError(f"{path}: missing")
-    try:
-        with open(path, encoding="utf-8") as f:
-            tj = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConvertError(f"{path}: cannot parse: {e}")
+    tj = read_json(path)
     model = tj.get("model") if isinstance(tj, dict) else None
     if not isinstance(model, dict) or not isinstance(model.get("vocab"), dict) \
             or not isinstance(model.get("merges"), list):
