@@ -915,8 +915,12 @@ static void q8_tile_avx2_any(float *out, int out_stride, const int8_t *w, const 
 static void q8_rows_simd(float *out, const QuantizedRows *in, const Matrix *W, const float *bias, int n_tokens,
                          int r0, int r1) {
     const int rows = W->rows, cols = W->cols, n_groups = cols / 64;
+    // Decode (one token): one row at a time, so the matrix streams strictly in address order
+    // (measured a few % faster than interleaving Q8_R rows, which only pays off when the
+    // loaded weights are reused across tokens).
+    const int tile_rows = n_tokens == 1 ? 1 : Q8_R;
     for (int r = r0; r < r1;) {
-        const int R = r1 - r >= Q8_R ? Q8_R : 1;
+        const int R = r1 - r >= tile_rows ? tile_rows : 1;
         for (int t = 0; t < n_tokens; t += Q8_T) {
             const int T = n_tokens - t < Q8_T ? n_tokens - t : Q8_T;
             Q8_TILE(out + (size_t)t * rows + r, rows, W->q + (size_t)r * cols, W->scale + (size_t)r * n_groups,
