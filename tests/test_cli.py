@@ -10,7 +10,7 @@ import struct
 import subprocess
 import time
 
-from common import PHI2, WORK, checkpoint, converted, phi2
+from common import PHI2, REPO, WORK, checkpoint, converted, phi2, run
 
 SHORT = "1212,318,281,1672,2643,290,428,318,257,1332"
 
@@ -51,7 +51,7 @@ def expect_error(*args, contains=None):
 def test_help_lists_every_flag():
     out = phi2("-h").out
     for flag in ("--prompt", "--file", "--ids", "--n-predict", "--temp", "--top-k", "--top-p", "--seed",
-                 "--ctx-size", "--threads", "--batch", "--no-mmap", "--ignore-eos", "--tokenize", "--print-ids", "--dump-logits", "--help"):
+                 "--ctx-size", "--threads", "--batch", "--no-mmap", "--ignore-eos", "--tokenize", "--print-ids", "--dump-logits", "--stop", "--help"):
         assert flag in out, flag
 
 
@@ -152,7 +152,6 @@ def test_text_output_is_prompt_then_decoded_tokens():
     ids = phi2(m, "-p", "Hello world", "-n", "16", "--temp", "0", "--print-ids").out.strip()
     text = phi2(m, "-p", "Hello world", "-n", "16", "--temp", "0").stdout
     assert text.startswith(b"Hello world")
-    from common import run, REPO
     decoded = run([os.path.join(REPO, "build", "tokenizer_tool"), m, "decode", ids]).stdout
     assert text == b"Hello world" + decoded + b"\n", (text, decoded)
 
@@ -189,3 +188,26 @@ def test_interrupted_dump_leaves_nothing():
         p.wait(timeout=60)
         assert p.returncode == -sig, p.returncode
         assert not os.path.exists(out + ".tmp") and not os.path.exists(out)
+
+
+def test_stop_string():
+    """--stop ends generation at the first occurrence of the text, which is not printed,
+    also when it spans several tokens."""
+    m = tiny_model()
+    tool = os.path.join(REPO, "build", "tokenizer_tool")
+    ids = phi2(m, "-p", "Hello world", "-n", "24", "--temp", "0", "--ignore-eos", "--print-ids").out.strip().split(",")
+    pieces = [run([tool, m, "decode", i]).stdout for i in ids]
+    text = b"".join(pieces)
+    # a stop string from the end of token 5 to the start of token 8 (spans tokens 6 and 7)
+    start = sum(len(p) for p in pieces[:5]) - 1
+    end = sum(len(p) for p in pieces[:8]) + 1
+    stop = text[start:end]
+    first = text.find(stop)
+    assert b"\0" not in stop and len(stop) >= 3
+    p = phi2(m, "-p", "Hello world", "-n", "24", "--temp", "0", "--ignore-eos", "--stop", os.fsdecode(stop))
+    assert p.stdout == b"Hello world" + text[:first] + b"\n", (p.stdout, text, stop)
+    assert "stop string" in p.err
+    q = phi2(m, "-p", "Hello world", "-n", "24", "--temp", "0", "--ignore-eos", "--print-ids", "--stop",
+             os.fsdecode(stop)).out.strip().split(",")
+    assert q == ids[:len(q)] and len(b"".join(pieces[:len(q)])) >= first + len(stop) > len(b"".join(pieces[:len(q) - 1]))
+    expect_error(m, "--stop", "", "-p", "hi")
