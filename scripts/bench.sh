@@ -46,6 +46,14 @@ PROBE=$(OMP_NUM_THREADS=$THREADS build/membw 300 9)
 echo "$PROBE"
 PROBE_GBS=$(echo "$PROBE" | awk '{print $2}')
 
+# Tokenizer: 100 KB of this repository's own text and code through --tokenize.
+TOKTXT=$(mktemp)
+while [ "$(stat -c %s "$TOKTXT")" -lt 100000 ]; do cat README.md phi2.c >>"$TOKTXT"; done
+truncate -s 100000 "$TOKTXT"
+make -s build/tokenizer_tool >&2
+echo "tokenizer: 100 KB of README.md + phi2.c: $(build/tokenizer_tool "$MODEL" bench "$TOKTXT" 5) (best of 5)"
+rm -f "$TOKTXT"
+
 # A fixed prompt of ordinary token ids (no <|endoftext|>).
 IDS=$(awk -v n="$PROMPT" 'BEGIN { for (i = 0; i < n; i++) printf "%s%d", (i ? "," : ""), 1000 + (i * 7919) % 40000 }')
 

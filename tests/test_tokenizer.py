@@ -221,20 +221,17 @@ def test_stream_invalid_and_truncated_bytes_are_lossless():
     assert stream(encode(b"x\xf0\x9f\x98"))[1] == b"\xf0\x9f\x98"   # flushed at the end
 
 
-def test_encode_speed_100kb():
+def test_long_inputs_round_trip():
+    """100 KB of mixed text, one 100 KB word (the longest BPE merge chain) and 100 KB of
+    whitespace encode and decode back exactly. Speed is shown by scripts/bench.sh, not
+    asserted here; the subprocess timeout only guards against a hang."""
     parts = [case_bytes(c) for c in load_vectors()["cases"] if c["category"] != "invalid-utf8"]
     text = b""
     while len(text) < 100_000:
         text += b"\n".join(parts)
-    text = text[:100_000]
-    p = tool("bench", tmpfile("bench.txt", text), 3)
-    ms = float(p.out.split()[0])
-    print(f"     encode 100 KB mixed text: {p.out.strip()}")
-    assert ms < 1000, p.out
-    # Pathological inputs: one 100 KB word (long BPE), and a 100 KB whitespace mix.
-    for name, data in [("word", b"a" * 100_000), ("ws", b" \n\t \t\n" * 16_667)]:
-        p = tool("bench", tmpfile(f"bench-{name}.txt", data), 1)
-        assert float(p.out.split()[0]) < 1000, p.out
+    for name, data in [("mixed", text[:100_000]), ("word", b"a" * 100_000), ("ws", b" \n\t \t\n" * 16_667)]:
+        p = run([TOOL, "--section", section_path(), "roundtrip", tmpfile(f"long-{name}.txt", data)], timeout=120)
+        assert p.out.startswith(f"ok {len(data)} "), p.out
 
 
 def corruptions(sec):
