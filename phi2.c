@@ -1672,6 +1672,7 @@ typedef struct {
 } TextOut;
 
 static void text_out_emit(TextOut *o, size_t n) {
+    if (n == 0) return;  // (held may still be NULL)
     if (o->print) utf8_stream_write(&o->utf8, o->held, n, stdout);
     memmove(o->held, o->held + n, o->n_held - n);
     o->n_held -= n;
@@ -1679,6 +1680,7 @@ static void text_out_emit(TextOut *o, size_t n) {
 
 /* Add one token's bytes; print what is safe. Returns 1 if the stop string is now complete. */
 static int text_out_push(TextOut *o, const unsigned char *bytes, size_t n) {
+    if (n == 0) return 0;
     if (o->n_held + n > o->cap) {
         o->cap = (o->n_held + n) * 2;
         unsigned char *grown = realloc(o->held, o->cap);
