@@ -20,7 +20,7 @@ phi2: $(SRC) $(HDR)
 
 portable: phi2-portable
 phi2-portable: $(SRC) $(HDR)
-	$(CC) $(WARN) -O2 -DPHI2_SCALAR_ONLY $(OPENMP) -o $@ $(SRC) -lm
+	$(CC) $(WARN) -O3 -DPHI2_SCALAR_ONLY $(OPENMP) -o $@ $(SRC) -lm
 
 sanitize: phi2-asan
 phi2-asan: $(SRC) $(HDR)
@@ -39,7 +39,7 @@ build/test_kernels: tests/test_kernels.c $(SRC) $(HDR)
 	$(CC) $(WARN) -O3 -march=native $(OPENMP) -o $@ tests/test_kernels.c tokenizer.c -lm
 build/test_kernels-portable: tests/test_kernels.c $(SRC) $(HDR)
 	@mkdir -p build
-	$(CC) $(WARN) -O2 -DPHI2_SCALAR_ONLY $(OPENMP) -o $@ tests/test_kernels.c tokenizer.c -lm
+	$(CC) $(WARN) -O3 -DPHI2_SCALAR_ONLY $(OPENMP) -o $@ tests/test_kernels.c tokenizer.c -lm
 build/test_kernels-asan: tests/test_kernels.c $(SRC) $(HDR)
 	@mkdir -p build
 	$(CC) $(WARN) -O1 -g -march=native $(OPENMP) -fsanitize=address,undefined -fno-sanitize-recover=all \
@@ -63,7 +63,7 @@ test-portable: phi2-portable $(TEST_BINS) build/test_kernels-portable
 # No SIMD kernels exist for Arm yet, so this checks the portable path end to end.
 ARM_CC ?= aarch64-linux-gnu-gcc
 phi2-aarch64: $(SRC) $(HDR)
-	$(ARM_CC) $(WARN) -O2 -fopenmp -o $@ $(SRC) -lm
+	$(ARM_CC) $(WARN) -O3 -fopenmp -o $@ $(SRC) -lm
 
 test-arm: phi2-aarch64 $(TEST_BINS)
 	rm -rf build/testdata

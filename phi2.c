@@ -504,8 +504,15 @@ MAYBE_UNUSED static void matmul_f32_scalar(float *out, const float *in, const Ma
         const float *wr = W->w + (size_t)r * cols;
         for (int t = 0; t < n_tokens; t++) {
             const float *xt = in + (size_t)t * cols;
+            // 16 independent partial sums: the compiler may keep them in SIMD lanes on any
+            // target (one running sum would force it to add strictly in order, one at a time).
+            float part[16] = {0};
+            int c = 0;
+            for (; c + 16 <= cols; c += 16)
+                for (int j = 0; j < 16; j++) part[j] += wr[c + j] * xt[c + j];
             float sum = 0.0f;
-            for (int c = 0; c < cols; c++) sum += wr[c] * xt[c];
+            for (int j = 0; j < 16; j++) sum += part[j];
+            for (; c < cols; c++) sum += wr[c] * xt[c];
             out[(size_t)t * rows + r] = sum + bias[r];
         }
     }
