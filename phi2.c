@@ -53,6 +53,11 @@
  * complete; if we die first, the temporary is removed so nothing half-written remains. */
 static char g_partial_file[4096];
 static void die(const char *fmt, ...);
+#ifdef PHI2_FUZZ
+/* Fuzz harnesses (tests/fuzz/) include this file and define this: every error, which
+ * would exit(1), jumps back to the harness instead, so one process runs millions of inputs. */
+void phi2_fuzz_on_error(void) __attribute__((noreturn));
+#endif
 
 /* Ctrl-C or a kill while that file is being written: remove it, then die of the signal as
  * usual (unlink, signal and raise are async-signal-safe). */
@@ -82,6 +87,9 @@ static void die(const char *fmt, ...) {
     va_end(ap);
     fprintf(stderr, "\n");
     if (g_partial_file[0]) unlink(g_partial_file);
+#ifdef PHI2_FUZZ
+    phi2_fuzz_on_error();  // a fuzz harness returns to the fuzzer instead of exiting
+#endif
     exit(1);
 }
 
@@ -278,6 +286,13 @@ static Matrix take_matrix(WeightCursor *c, const Config *cfg, int rows, int cols
     return m;
 }
 
+/* Upper limits on the header's dimensions: far above Phi-2's (and any model this engine
+ * could run), low enough that every product of them fits comfortably in 64 bits. */
+static const struct { const char *name; uint32_t max; } DIM_LIMITS[8] = {
+    {"vocab_size", 1u << 20}, {"hidden_dim", 1u << 16}, {"ffn_dim", 1u << 18}, {"n_layers", 1u << 10},
+    {"n_heads", 1u << 10},    {"head_dim", 1u << 12},   {"rot_dim", 1u << 12}, {"max_seq_len", 1u << 20},
+};
+
 /* Validate the header field by field: a wrong file must fail here with a clear message,
  * never later with a crash or with garbage text. */
 static Config parse_header(const unsigned char *h, size_t file_size, const char *path) {
@@ -288,22 +303,24 @@ static Config parse_header(const unsigned char *h, size_t file_size, const char 
         die("'%s' has format version %u, this build reads version %d: reconvert it with scripts/convert.py",
             path, version, MODEL_VERSION);
     if (read_u64(h + 248) != fnv1a64(h, 248)) die("'%s' is corrupt: header checksum mismatch", path);
+    if (read_u32(h + 68) != 0) die("'%s' is corrupt: reserved header field at byte 68 is not zero", path);
     for (int i = 120; i < 248; i++)
         if (h[i] != 0) die("'%s' is corrupt: reserved header bytes are not zero", path);
 
     Config c;
-    c.weight_type = (int)read_u32(h + 12);
+    uint32_t weight_type = read_u32(h + 12);
     uint32_t dims[9];  // vocab, hidden, ffn, layers, heads, head_dim, rot_dim, max_seq_len, group_size
     for (int i = 0; i < 9; i++) dims[i] = read_u32(h + 16 + 4 * i);
     c.rope_theta = read_f32(h + 52);
     c.norm_eps = read_f32(h + 56);
     uint32_t bos = read_u32(h + 60), eos = read_u32(h + 64);
 
-    const uint32_t max_dim = 1u << 20;  // generous, and keeps every product far from overflow
+    if (weight_type != WEIGHTS_F32 && weight_type != WEIGHTS_Q8)
+        die("'%s' has unknown weight type %u (expected 0 = f32 or 1 = q8)", path, weight_type);
     for (int i = 0; i < 8; i++)
-        if (dims[i] == 0 || dims[i] > max_dim) die("'%s' is corrupt: implausible model dimension %u", path, dims[i]);
-    if (c.weight_type != WEIGHTS_F32 && c.weight_type != WEIGHTS_Q8)
-        die("'%s' has unknown weight type %d (expected 0 = f32 or 1 = q8)", path, c.weight_type);
+        if (dims[i] == 0 || dims[i] > DIM_LIMITS[i].max)
+            die("'%s' is corrupt: %s %u is outside [1, %u]", path, DIM_LIMITS[i].name, dims[i], DIM_LIMITS[i].max);
+    c.weight_type = (int)weight_type;
     c.vocab_size = (int)dims[0];
     c.hidden_dim = (int)dims[1];
     c.ffn_dim = (int)dims[2];
@@ -312,15 +329,14 @@ static Config parse_header(const unsigned char *h, size_t file_size, const char 
     c.head_dim = (int)dims[5];
     c.rot_dim = (int)dims[6];
     c.max_seq_len = (int)dims[7];
+    if (weight_type == WEIGHTS_F32 && dims[8] != 0) die("'%s' is corrupt: f32 file with a group size", path);
+    if (weight_type == WEIGHTS_Q8 && (dims[8] != 64 || dims[1] % 64 != 0 || dims[2] % 64 != 0))
+        die("'%s' is corrupt: q8 group size %u must be 64 and divide the hidden and MLP sizes", path, dims[8]);
     c.group_size = (int)dims[8];
-    if (c.weight_type == WEIGHTS_F32 && c.group_size != 0) die("'%s' is corrupt: f32 file with a group size", path);
-    if (c.head_dim * c.n_heads != c.hidden_dim)
-        die("'%s' is corrupt: %d heads x %d dims != hidden size %d", path, c.n_heads, c.head_dim, c.hidden_dim);
-    if (c.rot_dim % 2 != 0 || c.rot_dim > c.head_dim)
-        die("'%s' is corrupt: rotary dims %d must be even and <= head dim %d", path, c.rot_dim, c.head_dim);
-    if (c.weight_type == WEIGHTS_Q8 &&
-        (c.group_size != 64 || c.hidden_dim % c.group_size != 0 || c.ffn_dim % c.group_size != 0))
-        die("'%s' is corrupt: q8 group size %d must be 64 and divide the hidden and MLP sizes", path, c.group_size);
+    if ((uint64_t)dims[5] * dims[4] != dims[1])
+        die("'%s' is corrupt: %u heads x %u dims != hidden size %u", path, dims[4], dims[5], dims[1]);
+    if (dims[6] % 2 != 0 || dims[6] > dims[5])
+        die("'%s' is corrupt: rotary dims %u must be even and <= head dim %u", path, dims[6], dims[5]);
     if (!(c.rope_theta > 0.0f) || !(c.norm_eps > 0.0f) || !isfinite(c.rope_theta) || !isfinite(c.norm_eps))
         die("'%s' is corrupt: bad rope_theta or layer_norm_eps", path);
     if (bos >= dims[0] || eos >= dims[0]) die("'%s' is corrupt: bos/eos id outside the vocabulary", path);
@@ -367,40 +383,38 @@ static const unsigned char *read_into_huge_pages(int fd, size_t size, const char
     return buf;
 }
 
-/* Load the file, validate it completely, then point every tensor into it. */
-static void load_model(Model *m, const char *path, int use_mmap) {
-    memset(m, 0, sizeof(*m));
-    int fd = open(path, O_RDONLY);
-    if (fd < 0) die("cannot open model '%s': %s", path, strerror(errno));
-    struct stat st;
-    if (fstat(fd, &st) != 0) die("cannot stat '%s': %s", path, strerror(errno));
-    if (!S_ISREG(st.st_mode)) die("'%s' is not a regular file", path);
-    size_t size = (size_t)st.st_size;
+/* Validate a whole model file held in memory (data[0..size), which must outlive the Model),
+ * then point every tensor into it. The fuzz harness calls this directly on its bytes. */
+static void parse_model(Model *m, const unsigned char *data, size_t size, const char *path) {
     if (size < HEADER_SIZE) die("'%s' is too small (%zu bytes) to be a phi2.c model file", path, size);
-    m->map = use_mmap ? map_file(fd, size, path) : read_into_huge_pages(fd, size, path);
-    m->mapped = use_mmap;
-    m->map_size = size;
-    close(fd);  // a mapping keeps the file alive
-
-    Config c = parse_header(m->map, size, path);
+    Config c = parse_header(data, size, path);
     m->config = c;
 
-    // Sections: tokenizer then weights, both inside the file, aligned, not overlapping.
-    uint64_t tok_off = read_u64(m->map + 72), tok_size = read_u64(m->map + 80);
-    uint64_t w_off = read_u64(m->map + 88), w_size = read_u64(m->map + 96);
-    if (tok_off < HEADER_SIZE || tok_off > size || tok_size > size - tok_off)
+    // Sections: the tokenizer right after the header, then the weights at the next 64-byte
+    // boundary (zero padding between), together filling the file exactly.
+    uint64_t tok_off = read_u64(data + 72), tok_size = read_u64(data + 80);
+    uint64_t w_off = read_u64(data + 88), w_size = read_u64(data + 96);
+    if (tok_off != HEADER_SIZE || tok_size > size - tok_off)
         die("'%s' is corrupt: tokenizer section out of bounds", path);
-    if (w_off % TENSOR_ALIGN != 0 || w_off < tok_off + tok_size || w_off > size || w_size != size - w_off)
+    uint64_t tok_end = tok_off + tok_size, padded_end = (tok_end + TENSOR_ALIGN - 1) / TENSOR_ALIGN * TENSOR_ALIGN;
+    if (w_off != padded_end || w_off > size || w_size != size - w_off)
         die("'%s' is corrupt: weights section out of bounds", path);
-    if (read_u64(m->map + 112) != fnv1a64(m->map + tok_off, tok_size))
+    for (uint64_t i = tok_end; i < w_off; i++)
+        if (data[i] != 0) die("'%s' is corrupt: padding after the tokenizer section is not zero", path);
+    if (read_u64(data + 112) != fnv1a64(data + tok_off, tok_size))
         die("'%s' is corrupt: tokenizer checksum mismatch", path);
     char err[256];
-    if (tokenizer_load(&m->tokenizer, m->map + tok_off, tok_size, err, sizeof(err)) != 0)
+    if (tokenizer_load(&m->tokenizer, data + tok_off, tok_size, err, sizeof(err)) != 0)
         die("'%s': bad tokenizer section: %s", path, err);
+    // Every id the tokenizer can produce must have an embedding row (ids from n_tokens up
+    // to vocab_size are padding rows that the tokenizer never produces).
+    if (m->tokenizer.n_tokens > c.vocab_size)
+        die("'%s' is corrupt: the tokenizer has %d tokens, more than vocab_size %d", path, m->tokenizer.n_tokens,
+            c.vocab_size);
 
     // Weights, in the order docs/FORMAT.md lists them.
     const int H = c.hidden_dim, F = c.ffn_dim, V = c.vocab_size;
-    WeightCursor cur = {.base = m->map + w_off, .size = w_size, .offset = 0, .path = path};
+    WeightCursor cur = {.base = data + w_off, .size = w_size, .offset = 0, .path = path};
     m->embed = take_matrix(&cur, &c, V, H, "embed");
     m->layers = xcalloc((size_t)c.n_layers, sizeof(Layer));
     for (int l = 0; l < c.n_layers; l++) {
@@ -426,6 +440,24 @@ static void load_model(Model *m, const char *path, int use_mmap) {
             (unsigned long long)w_size, end);
     // Everything but the embedding table (of which one row is read) streams through per token.
     m->weight_bytes = w_size - (size_t)((const unsigned char *)m->layers[0].ln_weight - cur.base);
+}
+
+/* Open the file, map it (or read it, --no-mmap), then validate it completely. */
+static void load_model(Model *m, const char *path, int use_mmap) {
+    memset(m, 0, sizeof(*m));
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) die("cannot open model '%s': %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(fd, &st) != 0) die("cannot stat '%s': %s", path, strerror(errno));
+    if (!S_ISREG(st.st_mode)) die("'%s' is not a regular file", path);
+    if (st.st_size < HEADER_SIZE) die("'%s' is too small (%lld bytes) to be a phi2.c model file", path, (long long)st.st_size);
+    if ((uint64_t)st.st_size > SIZE_MAX) die("'%s' is too large to map on this system", path);
+    size_t size = (size_t)st.st_size;
+    m->map = use_mmap ? map_file(fd, size, path) : read_into_huge_pages(fd, size, path);
+    m->mapped = use_mmap;
+    m->map_size = size;
+    close(fd);  // a mapping keeps the file alive
+    parse_model(m, m->map, size, path);
 }
 
 static void free_model(Model *m) {
@@ -1574,7 +1606,7 @@ typedef struct {
     int ctx;                    // 0: the model's max_seq_len
     int batch;                  // prompt positions per forward pass
     int n_threads;              // 0: all cores
-    int tokenize, print_ids, no_display_prompt, ignore_eos, no_mmap;
+    int tokenize, print_ids, no_display_prompt, ignore_eos, no_mmap, help;
 } Options;
 
 static Options parse_args(int argc, char **argv) {
@@ -1582,8 +1614,8 @@ static Options parse_args(int argc, char **argv) {
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
-            usage(stdout);
-            exit(0);
+            o.help = 1;  // main prints the usage: parsing itself never exits successfully
+            return o;
         }
         // flags without a value
         if (!strcmp(a, "--tokenize")) { o.tokenize = 1; continue; }
@@ -1809,6 +1841,10 @@ static void generate(const Model *m, RunState *s, const Options *opt, const int 
 
 int main(int argc, char **argv) {
     Options opt = parse_args(argc, argv);
+    if (opt.help) {
+        usage(stdout);
+        return 0;
+    }
 #ifdef _OPENMP
     if (opt.n_threads > 0) omp_set_num_threads(opt.n_threads);
 #else
