@@ -181,7 +181,7 @@ static uint64_t fnv1a64(const unsigned char *p, size_t n) {
 /* ------------------------------------------------------------------------------------- */
 
 #define MODEL_MAGIC "PHI2CBIN"
-#define MODEL_VERSION 1
+#define MODEL_VERSION 2
 #define HEADER_SIZE 256
 #define TENSOR_ALIGN 64
 enum { WEIGHTS_F32 = 0, WEIGHTS_Q8 = 1 };
@@ -304,7 +304,7 @@ static Config parse_header(const unsigned char *h, size_t file_size, const char 
             path, version, MODEL_VERSION);
     if (read_u64(h + 248) != fnv1a64(h, 248)) die("'%s' is corrupt: header checksum mismatch", path);
     if (read_u32(h + 68) != 0) die("'%s' is corrupt: reserved header field at byte 68 is not zero", path);
-    for (int i = 120; i < 248; i++)
+    for (int i = 136; i < 248; i++)
         if (h[i] != 0) die("'%s' is corrupt: reserved header bytes are not zero", path);
 
     Config c;
@@ -383,6 +383,23 @@ static const unsigned char *read_into_huge_pages(int fd, size_t size, const char
     return buf;
 }
 
+/* The weights section's two checksums (docs/FORMAT.md): the plain sum of its little-endian
+ * u64 words, which changes with any flipped bit, and the sum of (i+1) * word_i, which also
+ * changes when words trade places; both mod 2^64. Reading every weight once costs about as
+ * much as generating one token, and catches a damaged download before it produces garbage. */
+static void weights_checksums(const unsigned char *p, size_t n_words, uint64_t *sum, uint64_t *weighted) {
+    uint64_t s = 0, w = 0;
+#pragma omp parallel for schedule(static) reduction(+ : s, w)
+    for (size_t i = 0; i < n_words; i++) {
+        uint64_t word;
+        memcpy(&word, p + 8 * i, 8);  // little-endian, like the rest of the file
+        s += word;
+        w += (uint64_t)(i + 1) * word;
+    }
+    *sum = s;
+    *weighted = w;
+}
+
 /* Validate a whole model file held in memory (data[0..size), which must outlive the Model),
  * then point every tensor into it. The fuzz harness calls this directly on its bytes. */
 static void parse_model(Model *m, const unsigned char *data, size_t size, const char *path) {
@@ -438,6 +455,10 @@ static void parse_model(Model *m, const unsigned char *data, size_t size, const 
     if (end != w_size)
         die("'%s' is corrupt: weights section is %llu bytes, the header's shapes need %zu", path,
             (unsigned long long)w_size, end);
+    uint64_t sum, weighted;
+    weights_checksums(data + w_off, w_size / 8, &sum, &weighted);
+    if (sum != read_u64(data + 120) || weighted != read_u64(data + 128))
+        die("'%s' is corrupt: weights checksum mismatch (a damaged or incomplete copy?)", path);
     // Everything but the embedding table (of which one row is read) streams through per token.
     m->weight_bytes = w_size - (size_t)((const unsigned char *)m->layers[0].ln_weight - cur.base);
 }
@@ -1423,7 +1444,11 @@ static void forward(const Model *m, RunState *s, const int *tokens, int n_tokens
     const Config *c = &m->config;
     const int H = c->hidden_dim, F = c->ffn_dim, hd = c->head_dim, half = c->rot_dim / 2;
 
-    for (int t = 0; t < n_tokens; t++) matrix_row(s->x + (size_t)t * H, &m->embed, tokens[t], c->group_size);
+    for (int t = 0; t < n_tokens; t++) {
+        if (tokens[t] < 0 || tokens[t] >= c->vocab_size)  // callers check; this keeps it a rule
+            die("token id %d at position %d is outside the vocabulary of %d", tokens[t], pos0 + t, c->vocab_size);
+        matrix_row(s->x + (size_t)t * H, &m->embed, tokens[t], c->group_size);
+    }
 
     for (int l = 0; l < c->n_layers; l++) {
         const Layer *L = &m->layers[l];
@@ -1551,6 +1576,39 @@ static int sample(Sampler *sm, const float *logits, int n_valid, Candidate *cand
 /* ------------------------------------------------------------------------------------- */
 
 #ifndef PHI2_NO_MAIN
+
+/* Standard output behaves like a good Unix tool's: a write error (a full disk, /dev/full)
+ * is an error exit; a reader that went away (a closed pipe, e.g. `| head`) just ends the
+ * output, and the run ends with status 0. SIGPIPE is ignored (see main) so a closed pipe
+ * shows up here as EPIPE instead of killing the process before the timings are printed.
+ * Returns 1 while the output is wanted, 0 once the reader is gone. */
+static int flush_stdout(void) {
+    errno = 0;
+    if (fflush(stdout) == 0 && !ferror(stdout)) return 1;
+    if (errno == EPIPE) {
+        clearerr(stdout);  // not an error: later flushes (e.g. main's last) fail quietly the same way
+        return 0;
+    }
+    die("cannot write to standard output: %s", errno ? strerror(errno) : "write error");
+    return 0;
+}
+
+/* Ctrl-C during generation stops it cleanly: the text so far and the timings are printed
+ * and the exit status is 130 (128 + SIGINT), as a shell reports a process it interrupted.
+ * A second Ctrl-C kills at once. The handler only sets this flag (async-signal-safe); the
+ * prompt and generation loops look at it between forward passes. */
+static volatile sig_atomic_t g_interrupted = 0;
+
+static void on_interrupt(int sig) {
+    g_interrupted = 1;
+    signal(sig, SIG_DFL);
+}
+
+/* Non-finite logits mean the weights or activations overflowed: say so, never sample noise. */
+static void check_logits_finite(const float *logits, int n, int position) {
+    for (int i = 0; i < n; i++)
+        if (!isfinite(logits[i])) die("logits are not finite at position %d (id %d is %g)", position, i, logits[i]);
+}
 
 static void usage(FILE *f) {
     fprintf(f,
@@ -1694,6 +1752,7 @@ static void dump_logits(const Model *m, RunState *s, const int *tokens, int n_to
     for (int start = 0; start < n_tokens; start += s->max_batch) {
         int n = n_tokens - start < s->max_batch ? n_tokens - start : s->max_batch;
         forward(m, s, tokens + start, n, start, 1);
+        for (int t = 0; t < n; t++) check_logits_finite(s->logits + (size_t)t * V, V, start + t);
         if (fwrite(s->logits, sizeof(float), (size_t)n * V, f) != (size_t)n * V)
             die("cannot write '%s': %s", g_partial_file, strerror(errno));
     }
@@ -1765,7 +1824,6 @@ static int text_out_push(TextOut *o, const unsigned char *bytes, size_t n) {
         while (keep > 0 && memcmp(o->held + o->n_held - keep, o->stop, keep) != 0) keep--;
     }
     text_out_emit(o, o->n_held - keep);
-    if (o->print) fflush(stdout);
     return 0;
 }
 
@@ -1779,10 +1837,11 @@ static void text_out_finish(TextOut *o) {
 }
 
 /* Process the prompt, then sample, print and feed back tokens until end of text, the -n
- * limit or a full context. The sequence (prompt + generated) never exceeds ctx, and the
- * last token (whose logits nobody reads) is not fed. Timings go to stderr. */
-static void generate(const Model *m, RunState *s, const Options *opt, const int *prompt, int n_prompt,
-                     const unsigned char *text, size_t text_len, int ctx, double t_load) {
+ * limit, a full context, a stop string, Ctrl-C or a closed output. The sequence (prompt +
+ * generated) never exceeds ctx, and the last token (whose logits nobody reads) is not fed.
+ * Timings go to stderr. Returns the exit status: 0, or 130 after Ctrl-C. */
+static int generate(const Model *m, RunState *s, const Options *opt, const int *prompt, int n_prompt,
+                    const unsigned char *text, size_t text_len, int ctx, double t_load) {
     const Config *c = &m->config;
     const int n_vocab_real = m->tokenizer.n_tokens < c->vocab_size ? m->tokenizer.n_tokens : c->vocab_size;
     Sampler sampler = {.temperature = opt->temperature, .top_k = opt->top_k, .top_p = opt->top_p,
@@ -1791,23 +1850,30 @@ static void generate(const Model *m, RunState *s, const Options *opt, const int 
     Candidate *cand = xmalloc(mul_size((size_t)n_vocab_real, sizeof(Candidate)));
     TextOut out = {.stop = opt->stop, .stop_len = opt->stop ? strlen(opt->stop) : 0, .print = !opt->print_ids};
     if (out.print && !opt->no_display_prompt && text) utf8_stream_write(&out.utf8, text, text_len, stdout);
-    fflush(stdout);
+    int reader_alive = flush_stdout();
+    const char *stop_reason = NULL;
+    g_interrupted = 0;
+    signal(SIGINT, on_interrupt);
 
     // Prompt: all positions in batches, logits of the last one only.
     double t0 = now_seconds();
-    for (int start = 0; start < n_prompt; start += s->max_batch) {
-        int n = n_prompt - start < s->max_batch ? n_prompt - start : s->max_batch;
-        forward(m, s, prompt + start, n, start, 0);
+    int n_prompt_done = 0;
+    while (n_prompt_done < n_prompt && reader_alive && !g_interrupted) {
+        int n = n_prompt - n_prompt_done < s->max_batch ? n_prompt - n_prompt_done : s->max_batch;
+        forward(m, s, prompt + n_prompt_done, n, n_prompt_done, 0);
+        n_prompt_done += n;
     }
     double t_prompt = now_seconds() - t0;
+    if (n_prompt_done == n_prompt) check_logits_finite(s->logits, c->vocab_size, n_prompt - 1);
 
     // Generation: one token per forward pass.
     long n_limit = opt->n_predict < 0 ? LONG_MAX : opt->n_predict;
     int *generated = xmalloc(mul_size((size_t)ctx + 1, sizeof(int)));
     int n_gen = 0, n_decoded = 0, pos = n_prompt;
-    const char *stop_reason;
     t0 = now_seconds();
-    for (;;) {
+    while (!stop_reason) {
+        if (g_interrupted) { stop_reason = "interrupted"; break; }
+        if (!reader_alive) { stop_reason = "the output was closed"; break; }
         if (n_gen >= n_limit) { stop_reason = "generated the -n limit of tokens"; break; }
         if (pos >= ctx) { stop_reason = "the context is full"; break; }
         if (opt->ignore_eos) s->logits[c->eos_id] = -INFINITY;
@@ -1816,35 +1882,46 @@ static void generate(const Model *m, RunState *s, const Options *opt, const int 
         generated[n_gen++] = next;
         size_t len = 0;
         const unsigned char *bytes = tokenizer_token_bytes(&m->tokenizer, next, &len);
-        if (text_out_push(&out, bytes, len)) { stop_reason = "found the stop string"; break; }
-        if (n_gen < n_limit && pos + 1 < ctx) {
+        if (text_out_push(&out, bytes, len)) stop_reason = "found the stop string";
+        if (out.print) reader_alive = flush_stdout();
+        if (!stop_reason && n_gen < n_limit && pos + 1 < ctx) {
             forward(m, s, &next, 1, pos, 0);
+            check_logits_finite(s->logits, c->vocab_size, pos);
             n_decoded++;
         }
         pos++;
     }
     double t_gen = now_seconds() - t0;
-    text_out_finish(&out);
-    if (opt->print_ids) print_ids(stdout, generated, n_gen);
-    fflush(stdout);
+    if (reader_alive) {
+        text_out_finish(&out);
+        if (opt->print_ids) print_ids(stdout, generated, n_gen);
+        flush_stdout();
+    } else {
+        free(out.held);  // nobody reads the rest
+    }
+    signal(SIGINT, SIG_DFL);
 
     fprintf(stderr, "\nphi2: stopped: %s\n", stop_reason);
     // Decode reads every weight once per token: tok/s x bytes is the memory bandwidth used.
     double gen_tps = t_gen > 0 ? n_decoded / t_gen : 0.0;
     fprintf(stderr, "phi2: load %.2f s | prompt %d tokens, %.2f tok/s | generated %d tokens, %.2f tok/s "
             "(%.1f GB/s of weights) | %d threads\n",
-            t_load, n_prompt, t_prompt > 0 ? n_prompt / t_prompt : 0.0, n_gen, gen_tps,
+            t_load, n_prompt_done, t_prompt > 0 ? n_prompt_done / t_prompt : 0.0, n_gen, gen_tps,
             gen_tps * (double)m->weight_bytes * 1e-9, max_threads());
     free(generated);
     free(cand);
+    return g_interrupted ? 130 : 0;
 }
 
 int main(int argc, char **argv) {
+    signal(SIGPIPE, SIG_IGN);  // a closed stdout becomes EPIPE, handled in flush_stdout
     Options opt = parse_args(argc, argv);
     if (opt.help) {
         usage(stdout);
+        flush_stdout();
         return 0;
     }
+    int status = 0;
 #ifdef _OPENMP
     if (opt.n_threads > 0) omp_set_num_threads(opt.n_threads);
 #else
@@ -1881,13 +1958,14 @@ int main(int argc, char **argv) {
         t_load = now_seconds() - t_load;
 
         if (opt.dump_logits) dump_logits(&model, &state, prompt, n_prompt, opt.dump_logits);
-        else generate(&model, &state, &opt, prompt, n_prompt, text, text_len, ctx, t_load);
+        else status = generate(&model, &state, &opt, prompt, n_prompt, text, text_len, ctx, t_load);
         free_state(&state);
     }
     free(prompt);
     free(text);
     free_model(&model);
-    return 0;
+    flush_stdout();
+    return status;
 }
 
 #endif /* PHI2_NO_MAIN */

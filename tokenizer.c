@@ -10,6 +10,7 @@
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "unicode_tables.h"
 
@@ -46,8 +47,11 @@ static void *alloc_array(size_t n, size_t size) {
 
 static uint64_t merge_key(uint32_t left, uint32_t right) { return (uint64_t)left << 32 | right; }
 
-/* A cheap, well-mixing hash of the 64-bit pair key (the splitmix64 finalizer). */
-static size_t hash_key(uint64_t k) {
+/* A cheap, well-mixing hash of the 64-bit pair key (the splitmix64 finalizer), keyed with a
+ * per-load seed: a file crafted so that many merges share one slot would otherwise turn
+ * every lookup into a long probe (the seed changes where pairs land, never what is found). */
+static size_t hash_key(uint64_t k, uint64_t seed) {
+    k ^= seed;
     k ^= k >> 30; k *= 0xbf58476d1ce4e5b9ULL;
     k ^= k >> 27; k *= 0x94d049bb133111ebULL;
     k ^= k >> 31;
@@ -56,22 +60,23 @@ static size_t hash_key(uint64_t k) {
 
 static const TokMerge *merge_find(const Tokenizer *t, uint32_t left, uint32_t right) {
     uint64_t key = merge_key(left, right);
-    for (size_t i = hash_key(key) & t->merge_mask;; i = (i + 1) & t->merge_mask) {
+    for (size_t i = hash_key(key, t->hash_seed) & t->merge_mask;; i = (i + 1) & t->merge_mask) {
         if (t->merges[i].key == key) return &t->merges[i];
         if (t->merges[i].key == EMPTY_KEY) return NULL;
     }
 }
 
-/* Inserts or overwrites: with duplicate pairs the later (lower-priority) rank wins, as in
- * Hugging Face's tokenizers and transformers.js, which both build their rank map by
- * inserting the merges in order. (GPT-2's merges have no duplicates.) */
-static void merge_insert(Tokenizer *t, uint32_t left, uint32_t right, uint32_t rank, uint32_t merged) {
+/* Inserts a new pair; returns -1 if the pair is already there (a duplicate merge: GPT-2's
+ * merges have none, and the format forbids them rather than pick which rank wins). */
+static int merge_insert(Tokenizer *t, uint32_t left, uint32_t right, uint32_t rank, uint32_t merged) {
     uint64_t key = merge_key(left, right);
-    size_t i = hash_key(key) & t->merge_mask;
+    size_t i = hash_key(key, t->hash_seed) & t->merge_mask;
     while (t->merges[i].key != EMPTY_KEY && t->merges[i].key != key) i = (i + 1) & t->merge_mask;
+    if (t->merges[i].key == key) return -1;
     t->merges[i].key = key;
     t->merges[i].rank = rank;
     t->merges[i].merged = merged;
+    return 0;
 }
 
 /* Adds an added token to the byte trie. The trie has room for every node (sized at load).
@@ -112,6 +117,7 @@ int tokenizer_load(Tokenizer *t, const unsigned char *section, size_t size, char
 
     /* Pass 1: check the token records and count their bytes. */
     size_t total_bytes = 0, added_bytes = 0;
+    int n_added = 0;
     size_t p = pos;
     for (uint32_t i = 0; i < n_tokens; i++) {
         uint32_t len;
@@ -123,9 +129,16 @@ int tokenizer_load(Tokenizer *t, const unsigned char *section, size_t size, char
         if (kind == TOKEN_UNUSED && len != 0)
             return fail(err, err_len, "tokenizer: unused token %u has %u bytes", i, len);
         if (kind != TOKEN_UNUSED && len == 0) return fail(err, err_len, "tokenizer: token %u is empty", i);
+        if (len > TOKENIZER_MAX_TOKEN_BYTES)
+            return fail(err, err_len, "tokenizer: token %u is %u bytes long (the limit is %d)", i, len,
+                        TOKENIZER_MAX_TOKEN_BYTES);
         p += len;
         total_bytes += len;   /* <= size: no overflow */
-        if (kind == TOKEN_ADDED) added_bytes += len;
+        if (kind == TOKEN_ADDED) {
+            added_bytes += len;
+            if (++n_added > TOKENIZER_MAX_ADDED)
+                return fail(err, err_len, "tokenizer: more than %d added tokens", TOKENIZER_MAX_ADDED);
+        }
     }
     if (size - p != (size_t)n_merges * 12)
         return fail(err, err_len, "tokenizer: %zu bytes left for %u merges (need %zu)", size - p,
@@ -177,25 +190,47 @@ int tokenizer_load(Tokenizer *t, const unsigned char *section, size_t size, char
         }
 
     /* Merges: ids in range, used, and merged bytes == left bytes + right bytes (this is
-     * what makes decode(encode(x)) == x hold no matter what the file says). */
+     * what makes decode(encode(x)) == x hold no matter what the file says). Each token may be
+     * the result of at most one merge (as in any BPE training), so the byte comparisons add
+     * up to at most the size of the section: loading stays linear in it. */
+    unsigned char *produced = calloc(n_tokens, 1);
+    if (!produced) {
+        tokenizer_free(t);
+        return fail(err, err_len, "tokenizer: out of memory");
+    }
+    /* The seed: addresses (randomized by the OS) and the clock, nothing an attacker picks. */
+    t->hash_seed = hash_key((uint64_t)(uintptr_t)t->merges ^ (uint64_t)(uintptr_t)&n_added, (uint64_t)time(NULL));
     for (uint32_t r = 0; r < n_merges; r++) {
         uint32_t ids[3] = {0, 0, 0};
         for (int k = 0; k < 3; k++) read_u32(section, size, &p, &ids[k]);
         for (int k = 0; k < 3; k++)
             if (ids[k] >= n_tokens || t->kind[ids[k]] == TOKEN_UNUSED) {
+                free(produced);
                 tokenizer_free(t);
                 return fail(err, err_len, "tokenizer: merge %u refers to bad id %u", r, ids[k]);
             }
+        if (produced[ids[2]]) {
+            free(produced);
+            tokenizer_free(t);
+            return fail(err, err_len, "tokenizer: merge %u: token %u is already the result of another merge", r, ids[2]);
+        }
+        produced[ids[2]] = 1;
         size_t ll, rl, ml;
         const unsigned char *lb = tokenizer_token_bytes(t, (int)ids[0], &ll);
         const unsigned char *rb = tokenizer_token_bytes(t, (int)ids[1], &rl);
         const unsigned char *mb = tokenizer_token_bytes(t, (int)ids[2], &ml);
         if (ml != ll + rl || memcmp(mb, lb, ll) != 0 || memcmp(mb + ll, rb, rl) != 0) {
+            free(produced);
             tokenizer_free(t);
             return fail(err, err_len, "tokenizer: merge %u: token %u is not %u + %u", r, ids[2], ids[0], ids[1]);
         }
-        merge_insert(t, ids[0], ids[1], r, ids[2]);
+        if (merge_insert(t, ids[0], ids[1], r, ids[2]) != 0) {
+            free(produced);
+            tokenizer_free(t);
+            return fail(err, err_len, "tokenizer: merge %u: the pair %u %u is merged twice", r, ids[0], ids[1]);
+        }
     }
+    free(produced);
     return 0;
 }
 

@@ -20,6 +20,12 @@
 #include <stdint.h>
 #include <stdio.h>
 
+/* Limits the loader enforces (docs/FORMAT.md): they keep loading and encoding linear in the
+ * size of the input, whatever a hostile file holds. GPT-2's longest token is 128 bytes and
+ * Phi-2 has 39 added tokens. */
+#define TOKENIZER_MAX_TOKEN_BYTES 1024
+#define TOKENIZER_MAX_ADDED 1024
+
 /* Kinds of ids in the tokenizer section. */
 enum { TOKEN_UNUSED = 0, TOKEN_BPE = 1, TOKEN_ADDED = 2 };
 
@@ -45,6 +51,7 @@ typedef struct Tokenizer {
     int byte_id[256];          /* id of the single-byte BPE token for every byte value */
     TokMerge *merges;          /* open-addressing hash map (left, right) -> (rank, merged) */
     size_t merge_mask;         /* capacity - 1 (capacity is a power of two) */
+    uint64_t hash_seed;        /* mixed into the pair hash; chosen at load */
     TokTrieNode *trie;         /* byte trie of the added tokens; node 0 is the root */
     int n_trie;
     unsigned char added_first[256]; /* 1 if some added token starts with this byte */
@@ -52,8 +59,10 @@ typedef struct Tokenizer {
 
 /* Parses a tokenizer section (docs/FORMAT.md) of `size` bytes. `section` may be unaligned
  * and need not outlive the tokenizer (everything needed is copied). Everything is checked:
- * counts against size, kinds, ids in range, that every merge's bytes are the concatenation
- * of its parts, and that all 256 single bytes have a BPE token (so any input encodes).
+ * counts against size, kinds, ids in range, token lengths and the number of added tokens
+ * against the limits above, that every merge's bytes are the concatenation of its parts,
+ * that no pair is merged twice and no token is made by two merges, and that all 256 single
+ * bytes have a BPE token (so any input encodes). Time and memory are linear in size.
  * Returns 0, or -1 with a one-line reason in err (err may be NULL). On failure nothing needs
  * to be freed. */
 int tokenizer_load(Tokenizer *t, const unsigned char *section, size_t size, char *err, size_t err_len);

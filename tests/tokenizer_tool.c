@@ -77,7 +77,7 @@ static unsigned char *read_model_section(const char *path, size_t *len) {
     unsigned char h[256];
     if (fread(h, 1, 256, f) != 256) die("file shorter than the 256-byte header", path);
     if (memcmp(h, "PHI2CBIN", 8) != 0) die("bad magic", path);
-    if (h[8] != 1 || h[9] || h[10] || h[11]) die("unsupported version", path);
+    if (h[8] != 2 || h[9] || h[10] || h[11]) die("unsupported version (expected 2)", path);
     if (fnv1a(h, 248) != rd64(h + 248)) die("header checksum mismatch", path);
     uint64_t off = rd64(h + 72), size = rd64(h + 80), file_size = rd64(h + 104);
     if (fseek(f, 0, SEEK_END) != 0) die("cannot seek", path);
