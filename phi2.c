@@ -595,7 +595,7 @@ MAYBE_UNUSED static int f32_col_block(int cols, int n_tokens) {
 
 /* Store one finished dot product: first column block writes, later ones add; the last one
  * adds the bias (bias != NULL), so one block gives sum + bias, as in the scalar kernel. */
-static ALWAYS_INLINE void f32_store(float *o, float s, int first, const float *bias) {
+MAYBE_UNUSED static ALWAYS_INLINE void f32_store(float *o, float s, int first, const float *bias) {
     float v = first ? s : *o + s;
     *o = bias ? v + *bias : v;
 }
