@@ -143,8 +143,9 @@ static double parse_double(const char *flag, const char *s, double lo, double hi
     return v;
 }
 
-/* Read a whole file into memory (prompt files are used byte for byte, no stripping). */
-static unsigned char *read_file(const char *path, size_t *len) {
+/* Read a whole file of at most max_len bytes into memory (prompt files are used byte for
+ * byte, no stripping). A longer file (or an endless one: -f /dev/zero) is an error. */
+static unsigned char *read_file(const char *path, size_t max_len, size_t *len) {
     FILE *f = fopen(path, "rb");
     if (!f) die("cannot open '%s': %s", path, strerror(errno));
     size_t cap = 1 << 16, n = 0;
@@ -159,6 +160,7 @@ static unsigned char *read_file(const char *path, size_t *len) {
         size_t got = fread(buf + n, 1, cap - n, f);
         n += got;
         if (got == 0) break;
+        if (n > max_len) die("'%s' is longer than %zu bytes, more than the context can hold", path, max_len);
     }
     if (ferror(f)) die("cannot read '%s': %s", path, strerror(errno));
     fclose(f);
@@ -1767,7 +1769,13 @@ static int *read_prompt(const Options *opt, const Model *m, int *n_out, unsigned
     *text = NULL;
     *text_len = 0;
     if (opt->ids) return parse_ids(opt->ids, m->config.vocab_size, n_out);
-    if (opt->prompt_file) *text = read_file(opt->prompt_file, text_len);
+    if (opt->prompt_file) {
+        // Every token covers at most TOKENIZER_MAX_TOKEN_BYTES, so a longer text cannot fit
+        // in the context (--tokenize, which needs no context, may read up to 1 GiB).
+        size_t ctx = (size_t)(opt->ctx ? opt->ctx : m->config.max_seq_len);
+        size_t max_len = opt->tokenize ? (size_t)1 << 30 : mul_size(ctx, TOKENIZER_MAX_TOKEN_BYTES);
+        *text = read_file(opt->prompt_file, max_len, text_len);
+    }
     else if (opt->prompt) {
         *text_len = strlen(opt->prompt);
         *text = xmalloc(*text_len + 1);

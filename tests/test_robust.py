@@ -250,3 +250,11 @@ def test_ctrl_c_prints_text_and_timings_and_exits_130():
     ids = phi2(m, "-p", "Hello", "-n", n, "--ignore-eos", "--temp", "0", "--print-ids").out.strip()
     decoded = run([TOOL, m, "decode", ids]).stdout
     assert out == b"Hello" + decoded + b"\n", (n, out[-80:], decoded[-80:])
+
+
+def test_endless_prompt_file_is_an_error():
+    """-f /dev/zero used to read until memory ran out: a prompt file longer than the context
+    could hold (ctx x 1024 bytes, the longest token) is refused while reading."""
+    m = tiny_model()
+    expect_error(m, "-f", "/dev/zero", "-n", "1", contains="more than the context can hold")
+    expect_error(m, "-f", "/", "-n", "1", contains="cannot read")
