@@ -1648,7 +1648,8 @@ static void usage(FILE *f) {
             "                         vocab_size, little-endian) and exit\n"
             "  -h, --help             this help\n"
             "\n"
-            "Text streams to stdout; timings and the reason generation stopped go to stderr.\n");
+            "Text streams to stdout; timings and the reason generation stopped go to stderr.\n"
+            "Exit status: 0 done (also when stdout's reader went away), 1 error, 130 Ctrl-C.\n");
 }
 
 typedef struct {
