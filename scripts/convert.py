@@ -30,7 +30,7 @@ import time
 import numpy as np
 
 MAGIC = b"PHI2CBIN"
-VERSION = 1
+VERSION = 2
 HEADER_SIZE = 256
 ALIGN = 64
 GROUP = 64
@@ -397,21 +397,66 @@ def build_tokenizer_section(hf_dir, vocab_size):
 
 # ---------------------------------------------------------------- writing
 
+class WeightSums:
+    """weights_sum and weights_sum2 of docs/FORMAT.md, over the bytes as they are written:
+    the section read as little-endian u64 words w_0, w_1, ..., sum(w_i) and sum((i+1) * w_i),
+    both mod 2^64. A write that ends inside a word leaves its bytes for the next one."""
+
+    def __init__(self):
+        self.n_words = 0
+        self.sum = 0
+        self.sum2 = 0
+        self.tail = b""
+        self.ramp = np.arange(1, 1, dtype=np.uint64)    # 1, 2, 3, ...: grown as needed
+
+    def add(self, mv):
+        if self.tail:
+            take = 8 - len(self.tail)
+            self.tail += bytes(mv[:take])
+            mv = mv[take:]
+            if len(self.tail) < 8:
+                return
+            self._words(np.frombuffer(self.tail, dtype="<u8"))
+            self.tail = b""
+        whole = len(mv) // 8 * 8
+        if whole:
+            self._words(np.frombuffer(mv[:whole], dtype="<u8"))
+        self.tail = bytes(mv[whole:])
+
+    def _words(self, w):
+        # Words k+0 .. k+n-1 add sum((k+1+j) * w_j) = k * sum(w_j) + sum((j+1) * w_j).
+        # numpy's uint64 sum and dot wrap mod 2^64, which is the definition; totals are
+        # kept as Python ints, reduced mod 2^64.
+        n = len(w)
+        if len(self.ramp) < n:
+            self.ramp = np.arange(1, n + 1, dtype=np.uint64)
+        s = int(w.sum(dtype=np.uint64))
+        s2 = int(np.dot(w, self.ramp[:n]))
+        self.sum2 = (self.sum2 + self.n_words * s + s2) % (1 << 64)
+        self.sum = (self.sum + s) % (1 << 64)
+        self.n_words += n
+
+
 class Writer:
     def __init__(self, f):
         self.f = f
         self.pos = f.tell()
+        self.sums = None        # a WeightSums once the weights section begins
+
+    def start_sums(self):
+        self.sums = WeightSums()
 
     def align(self):
         pad = -self.pos % ALIGN
         if pad:
-            self.f.write(b"\0" * pad)
-            self.pos += pad
+            self.write(bytes(pad))
 
     def write(self, data):
         mv = memoryview(data).cast("B")
         self.f.write(mv)
         self.pos += len(mv)
+        if self.sums is not None:
+            self.sums.add(mv)
 
 
 def quantize_q8(w):
@@ -453,13 +498,13 @@ def write_tensor(wr, kind, srcs, shape, weight_type):
             wr.write(np.ascontiguousarray(d, dtype="<f4"))
 
 
-def pack_header(p, weight_type, tok_size, tok_checksum, w_off, w_size):
-    h = struct.pack("<8sIIIIIIIIIIIffIIIQQQQQQ", MAGIC, VERSION, weight_type,
+def pack_header(p, weight_type, tok_size, tok_checksum, w_off, w_size, w_sum, w_sum2):
+    h = struct.pack("<8sIIIIIIIIIIIffIIIQQQQQQQQ", MAGIC, VERSION, weight_type,
                     p["vocab_size"], p["hidden_dim"], p["ffn_dim"], p["n_layers"], p["n_heads"],
                     p["head_dim"], p["rot_dim"], p["max_seq_len"],
                     GROUP if weight_type == WEIGHT_Q8 else 0,
                     p["rope_theta"], p["norm_eps"], p["bos_id"], p["eos_id"], 0,
-                    HEADER_SIZE, tok_size, w_off, w_size, w_off + w_size, tok_checksum)
+                    HEADER_SIZE, tok_size, w_off, w_size, w_off + w_size, tok_checksum, w_sum, w_sum2)
     h += b"\0" * (248 - len(h))
     return h + struct.pack("<Q", fnv1a64(h))
 
@@ -488,6 +533,7 @@ def convert(hf_dir, out_path, weight_type, tmp_holder):
         wr.write(tok)
         wr.align()
         w_off = wr.pos
+        wr.start_sums()
         for label, kind, srcs, shape in plan:
             t0 = time.time()
             write_tensor(wr, kind, srcs, shape, weight_type)
@@ -498,8 +544,10 @@ def convert(hf_dir, out_path, weight_type, tmp_holder):
                   file=sys.stderr)
         wr.align()                              # the section ends on a 64-byte boundary
         w_size = wr.pos - w_off
+        assert not wr.sums.tail and wr.sums.n_words * 8 == w_size
         f.seek(0)
-        f.write(pack_header(p, weight_type, len(tok), fnv1a64(tok), w_off, w_size))
+        f.write(pack_header(p, weight_type, len(tok), fnv1a64(tok), w_off, w_size,
+                            wr.sums.sum, wr.sums.sum2))
         f.flush()
         os.fsync(f.fileno())
     os.chmod(tmp, 0o644)

@@ -18,11 +18,11 @@ sys.path.insert(0, SCRIPTS)
 import reference  # noqa: E402  (the float64 oracle's safetensors reader; independent of convert.py)
 
 VOCAB = 51200
-HEADER_FMT = "<8sIIIIIIIIIIIffIIIQQQQQQ"   # bytes 0..119 of the header, FORMAT.md order
+HEADER_FMT = "<8sIIIIIIIIIIIffIIIQQQQQQQQ"   # bytes 0..135 of the header, FORMAT.md order
 HEADER_FIELDS = ["magic", "version", "weight_type", "vocab_size", "hidden_dim", "ffn_dim", "n_layers",
                  "n_heads", "head_dim", "rot_dim", "max_seq_len", "group_size", "rope_theta", "norm_eps",
                  "bos_id", "eos_id", "reserved", "tokenizer_offset", "tokenizer_size", "weights_offset",
-                 "weights_size", "file_size", "tokenizer_checksum"]
+                 "weights_size", "file_size", "tokenizer_checksum", "weights_sum", "weights_sum2"]
 
 
 # ---------------------------------------------------------------- independent model-file reader
@@ -32,6 +32,29 @@ def fnv1a64(data):
     for b in data:
         h = ((h ^ b) * 0x100000001b3) % (1 << 64)
     return h
+
+
+def weight_sums_py(data):
+    """weights_sum and weights_sum2 of FORMAT.md, word by word in plain Python (the
+    definition; slow, for small inputs)."""
+    s = s2 = 0
+    for i in range(len(data) // 8):
+        w = int.from_bytes(data[8 * i:8 * i + 8], "little")
+        s += w
+        s2 += (i + 1) * w
+    return s % (1 << 64), s2 % (1 << 64)
+
+
+def weight_sums(data):
+    """The same, fast, computed differently from convert.py: the plain sum from the words'
+    32-bit halves summed exactly, the weighted one as the sum of the suffix sums
+    (sum_i (i+1) w_i = sum_j sum_{i>=j} w_i), in wrapping uint64."""
+    w = np.frombuffer(data, dtype="<u8")
+    lo, hi = (w & np.uint64(0xFFFFFFFF)), (w >> np.uint64(32))
+    assert len(w) < 1 << 31          # so the halves' sums cannot wrap
+    s = (int(lo.sum(dtype=np.uint64)) + (int(hi.sum(dtype=np.uint64)) << 32)) % (1 << 64)
+    s2 = int(np.cumsum(w[::-1], dtype=np.uint64).sum(dtype=np.uint64))
+    return s, s2
 
 
 def read_header(buf):
@@ -129,7 +152,7 @@ def test_header_layout_and_checksums():
     h, tokens, merges, _ = read_model(out)
     with open(out, "rb") as f:
         buf = f.read()
-    assert h["magic"] == b"PHI2CBIN" and h["version"] == 1 and h["weight_type"] == 0
+    assert h["magic"] == b"PHI2CBIN" and h["version"] == 2 and h["weight_type"] == 0
     assert h["vocab_size"] == cfg["vocab_size"] == VOCAB
     assert h["hidden_dim"] == cfg["hidden_size"] == 128
     assert h["ffn_dim"] == cfg["intermediate_size"] and h["n_layers"] == cfg["num_hidden_layers"]
@@ -144,7 +167,8 @@ def test_header_layout_and_checksums():
     assert h["tokenizer_offset"] + h["tokenizer_size"] <= h["weights_offset"] < h["tokenizer_offset"] + h["tokenizer_size"] + 64
     assert h["file_size"] == size == h["weights_offset"] + h["weights_size"]
     assert h["_layout_end"] == size, (h["_layout_end"], size)
-    assert buf[120:248] == bytes(128), "reserved header bytes must be zero"
+    assert buf[136:248] == bytes(112), "reserved header bytes must be zero"
+    assert (h["weights_sum"], h["weights_sum2"]) == weight_sums(buf[h["weights_offset"]:])
     assert h["header_checksum"] == fnv1a64(buf[:248])
     tok = buf[h["tokenizer_offset"]:h["tokenizer_offset"] + h["tokenizer_size"]]
     assert h["tokenizer_checksum"] == fnv1a64(tok)
@@ -155,6 +179,44 @@ def test_header_layout_and_checksums():
     vec = lambda n: (4 * n + 63) // 64 * 64  # noqa: E731
     per_layer = 2 * vec(H) + vec(3 * H * H) + vec(3 * H) + vec(H * H) + vec(H) + vec(F * H) + vec(F) + vec(H * F) + vec(H)
     assert h["weights_size"] == 2 * vec(VOCAB * H) + L * per_layer + 2 * vec(H) + vec(VOCAB)
+
+
+def test_weight_sums_definition_and_planted_mistakes():
+    """The test's own fast sums agree with the plain definition; the header's sums match the
+    weights of an f32 and a q8 file; one flipped byte anywhere changes weights_sum, and two
+    swapped words (same plain sum) change weights_sum2."""
+    rng = np.random.default_rng(5)
+    for n in (1, 2, 3, 1000):
+        data = rng.integers(0, 256, 8 * n, dtype=np.uint8).tobytes()
+        assert weight_sums(data) == weight_sums_py(data)
+    data = b"\xff" * 8 * 3             # wraps: 3 * (2^64 - 1) and 6 * (2^64 - 1) mod 2^64
+    assert weight_sums(data) == weight_sums_py(data) == ((1 << 64) - 3, (1 << 64) - 6)
+    assert weight_sums_py(struct.pack("<QQ", 5, 7)) == (12, 5 + 2 * 7)
+
+    # odd sizes: q, k and v rows of 99 x 99 floats (39204 bytes) and a bias of 51201 floats
+    # end inside a u64 word, so the converter carries bytes from one write to the next
+    odd = checkpoint(extra=("--set", "hidden_size=99", "--set", "num_attention_heads=3",
+                            "--set", "num_key_value_heads=3", "--set", "partial_rotary_factor=0.5",
+                            "--set", "intermediate_size=397", "--set", "vocab_size=51201"))
+    for ckpt, dtype in ((odd, "f32"), (checkpoint(), "f32"), (checkpoint(), "q8")):
+        buf = bytearray(open(converted(ckpt, dtype), "rb").read())
+        h = read_header(buf)
+        w_off, w_size = h["weights_offset"], h["weights_size"]
+        want = (h["weights_sum"], h["weights_sum2"])
+        assert weight_sums(buf[w_off:]) == want, dtype
+        assert want[0] != 0 and want[1] != 0
+        for pos in (w_off, w_off + 12345, w_off + w_size // 2 + 3, len(buf) - 1):
+            for bit in (0, 7):
+                buf[pos] ^= 1 << bit
+                # (weights_sum2 alone would miss bit 63 of a word at an odd index: 2 * 2^63)
+                assert weight_sums(buf[w_off:])[0] != want[0], f"{dtype}: flip at {pos} not detected"
+                buf[pos] ^= 1 << bit
+        # swap two different words: the plain sum cannot see it, the weighted one does
+        a, b = w_off + 64 * 10, w_off + w_size - 64 * 7
+        assert buf[a:a + 8] != buf[b:b + 8]
+        buf[a:a + 8], buf[b:b + 8] = buf[b:b + 8], buf[a:a + 8]
+        got = weight_sums(buf[w_off:])
+        assert got[0] == want[0] and got[1] != want[1], f"{dtype}: swap not detected"
 
 
 def test_tokenizer_section_round_trip():
