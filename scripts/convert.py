@@ -13,6 +13,11 @@ memory stays a few hundred MB above the largest tensor. The output is written to
 temporary file next to OUT.bin and renamed at the end: an error or Ctrl-C never leaves a
 half-written file. Errors are one line on stderr, "error: ...", with exit status 1.
 
+Refused with such an error: a config.json value out of range (docs/FORMAT.md lists the
+engine's limits), a safetensors shard whose header does not describe its data exactly
+(lengths, offsets, overlaps, dtypes, shapes), a NaN or Inf in any weight, and a
+tokenizer.json the engine would refuse (over-long tokens, repeated merges, ...).
+
 --dtype q8: Q8_0, groups of 64 along the input dimension, d = max|w|/127 (float32),
 q = round(w/d) in [-127, 127] (0 where d = 0), for every matrix (embed, qkv, dense, fc1,
 fc2, lm_head); biases and LayerNorm parameters stay float32.
@@ -36,6 +41,11 @@ ALIGN = 64
 GROUP = 64
 WEIGHT_F32, WEIGHT_Q8 = 0, 1
 CHUNK_BYTES = 64 << 20      # float32 bytes per row chunk while streaming a matrix
+MAX_TOKEN_BYTES = 1024      # the longest token the engine accepts
+
+# Upper limits on the header's dimensions, as the engine checks them (docs/FORMAT.md).
+DIM_LIMITS = {"vocab_size": 1 << 20, "hidden_dim": 1 << 16, "ffn_dim": 1 << 18, "n_layers": 1 << 10,
+              "n_heads": 1 << 10, "head_dim": 1 << 12, "rot_dim": 1 << 12, "max_seq_len": 1 << 20}
 
 
 class ConvertError(Exception):
@@ -83,9 +93,18 @@ def model_params(cfg, path, weight_type):
         v = cfg[key]
         if kind is int and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
             raise ConvertError(f"{path}: {key} must be a positive integer, got {v!r}")
-        if kind is float and (not isinstance(v, (int, float)) or isinstance(v, bool)):
-            raise ConvertError(f"{path}: {key} must be a number, got {v!r}")
+        if kind is float and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)):
+            raise ConvertError(f"{path}: {key} must be a finite number, got {v!r}")
         return v
+
+    def positive_f32(key, default):
+        # stored as float32: it must still be a positive finite number after rounding
+        v = get(key, float, default)
+        with np.errstate(over="ignore", under="ignore"):
+            f = np.float32(v)
+        if not (np.isfinite(f) and f > 0):
+            raise ConvertError(f"{path}: {key} {v!r} must be positive and fit a float32")
+        return float(f)
 
     if cfg.get("model_type") != "phi":
         raise ConvertError(f"{path}: unsupported model_type {cfg.get('model_type')!r} (expected 'phi')")
@@ -101,9 +120,15 @@ def model_params(cfg, path, weight_type):
         "n_layers": get("num_hidden_layers", int),
         "n_heads": get("num_attention_heads", int),
         "max_seq_len": get("max_position_embeddings", int, 2048),
-        "rope_theta": float(get("rope_theta", float, 10000.0)),
-        "norm_eps": float(get("layer_norm_eps", float, 1e-5)),
+        "rope_theta": positive_f32("rope_theta", 10000.0),
+        "norm_eps": positive_f32("layer_norm_eps", 1e-5),
     }
+    keys = {"vocab_size": "vocab_size", "hidden_dim": "hidden_size", "ffn_dim": "intermediate_size",
+            "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+            "max_seq_len": "max_position_embeddings"}
+    for dim, key in keys.items():
+        if p[dim] > DIM_LIMITS[dim]:
+            raise ConvertError(f"{path}: {key} {p[dim]} is above the engine's limit {DIM_LIMITS[dim]}")
     kv = cfg.get("num_key_value_heads")
     if kv is not None and kv != p["n_heads"]:
         raise ConvertError(f"{path}: unsupported config: num_key_value_heads {kv} != "
@@ -112,11 +137,16 @@ def model_params(cfg, path, weight_type):
         raise ConvertError(f"{path}: hidden_size {p['hidden_dim']} is not a multiple of "
                            f"num_attention_heads {p['n_heads']}")
     p["head_dim"] = p["hidden_dim"] // p["n_heads"]
+    if p["head_dim"] > DIM_LIMITS["head_dim"]:
+        raise ConvertError(f"{path}: hidden_size / num_attention_heads = {p['head_dim']} is above the "
+                           f"engine's limit {DIM_LIMITS['head_dim']}")
     prf = float(get("partial_rotary_factor", float, 0.5))
-    rot = int(prf * p["head_dim"])
-    if rot % 2 or rot > p["head_dim"] or rot < 0:
-        raise ConvertError(f"{path}: partial_rotary_factor {prf} gives {rot} rotary dims per head: "
-                           f"must be even and <= head_dim {p['head_dim']}")
+    if not 0 < prf <= 1:
+        raise ConvertError(f"{path}: partial_rotary_factor {prf} is outside (0, 1]")
+    rot = int(prf * p["head_dim"])      # as transformers computes it
+    if rot % 2 or rot < 2:
+        raise ConvertError(f"{path}: partial_rotary_factor {prf} gives {rot} rotary dims per head of "
+                           f"{p['head_dim']}: must be even and at least 2")
     p["rot_dim"] = rot
     for key in ("bos_token_id", "eos_token_id"):
         v = cfg.get(key, 50256)
@@ -124,8 +154,6 @@ def model_params(cfg, path, weight_type):
             raise ConvertError(f"{path}: {key} {v!r} is not an id below vocab_size {p['vocab_size']}")
     p["bos_id"] = cfg.get("bos_token_id", 50256)
     p["eos_id"] = cfg.get("eos_token_id", 50256)
-    if not (p["rope_theta"] > 0 and p["norm_eps"] > 0):
-        raise ConvertError(f"{path}: rope_theta and layer_norm_eps must be positive")
     if weight_type == WEIGHT_Q8:
         for key, dim in (("hidden_size", p["hidden_dim"]), ("intermediate_size", p["ffn_dim"])):
             if dim % GROUP:
@@ -143,8 +171,9 @@ KNOWN_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16
 
 
 class Tensor:
-    def __init__(self, name, path, dtype, shape, offset):
-        self.name, self.path, self.dtype, self.shape, self.offset = name, path, dtype, shape, offset
+    def __init__(self, name, path, dtype, shape, offset, nbytes):
+        self.name, self.path, self.dtype, self.shape = name, path, dtype, shape
+        self.offset, self.nbytes = offset, nbytes      # file offset and length of the data
 
     def rows(self, r0, r1):
         """float32 copy of rows r0..r1-1 (a 1-D tensor is one "row" per element)."""
@@ -160,7 +189,18 @@ class Tensor:
         else:
             a = mm.astype(np.float32)
         del mm
+        # A NaN or Inf weight would only show up later as garbage (or NaN) logits: refuse it
+        # here, one chunk at a time (a pass at memory speed, small next to the conversion).
+        finite = np.isfinite(a)
+        if not finite.all():
+            i = int(np.argmin(finite))
+            where = np.unravel_index(r0 * row + i, self.shape) if self.shape else ()
+            raise ConvertError(f"{self.path}: tensor {self.name} holds a non-finite value ({a[i]}) at "
+                               f"{list(map(int, where))}")
         return a.reshape((r1 - r0,) + tuple(self.shape[1:]))
+
+
+MAX_SAFETENSORS_HEADER = 100 << 20     # the limit the safetensors library itself enforces
 
 
 def read_safetensors_header(path):
@@ -175,13 +215,16 @@ def read_safetensors_header(path):
             if n > size - 8:
                 raise ConvertError(f"{path}: malformed safetensors header: length {n} exceeds the "
                                    f"file ({size} bytes; truncated?)")
+            if n > MAX_SAFETENSORS_HEADER:
+                raise ConvertError(f"{path}: malformed safetensors header: length {n} is above "
+                                   f"{MAX_SAFETENSORS_HEADER} bytes")
             raw = f.read(n)
     except OSError as e:
         raise ConvertError(f"{path}: cannot read: {e.strerror}")
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConvertError(f"{path}: malformed safetensors header: {e}")
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ConvertError(f"{path}: malformed safetensors header: {type(e).__name__}: {str(e)[:200]}")
     if not isinstance(header, dict):
         raise ConvertError(f"{path}: malformed safetensors header: not a JSON object")
     base = 8 + n
@@ -204,7 +247,22 @@ def read_safetensors_header(path):
         if base + offs[1] > size:
             raise ConvertError(f"{path}: truncated: tensor {name} ends at byte {base + offs[1]}, "
                                f"the file has {size}")
-        out[name] = Tensor(name, path, dtype, tuple(shape), base + offs[0])
+        out[name] = Tensor(name, path, dtype, tuple(shape), base + offs[0], offs[1] - offs[0])
+    # As in the safetensors specification, the tensors tile the data area exactly: no two
+    # share a byte (a crafted file could alias weights) and none is missing (a header
+    # length that is too short shifts every tensor, which leaves bytes over at the end).
+    end = 0
+    for t in sorted(out.values(), key=lambda t: (t.offset, t.nbytes)):
+        if t.offset < base + end:
+            raise ConvertError(f"{path}: malformed safetensors header: tensor {t.name} overlaps "
+                               f"the tensor before it")
+        if t.offset > base + end:
+            raise ConvertError(f"{path}: malformed safetensors header: {t.offset - base - end} bytes "
+                               f"before tensor {t.name} belong to no tensor")
+        end += t.nbytes
+    if base + end != size:
+        raise ConvertError(f"{path}: malformed safetensors header: the last {size - base - end} bytes "
+                           f"of the file belong to no tensor")
     return out
 
 
@@ -217,9 +275,13 @@ def load_tensors(hf_dir):
                 wm = json.load(f)["weight_map"]
             if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
                 raise ValueError("weight_map is not an object of file names")
-        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
-            raise ConvertError(f"{index}: cannot parse: {e}")
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError) as e:
+            raise ConvertError(f"{index}: cannot parse: {type(e).__name__}: {str(e)[:200]}")
         files = sorted(set(wm.values()))
+        for fn in files:
+            # a shard is a file of the checkpoint folder, never a path to elsewhere
+            if not fn or os.path.basename(fn) != fn or fn in (".", ".."):
+                raise ConvertError(f"{index}: shard name {fn!r} is not a file name in the folder")
     elif os.path.isfile(single):
         wm, files = None, ["model.safetensors"]
     else:
@@ -229,7 +291,10 @@ def load_tensors(hf_dir):
         path = os.path.join(hf_dir, fn)
         if not os.path.isfile(path):
             raise ConvertError(f"{path}: missing shard (listed in {os.path.basename(index)})")
-        tensors.update(read_safetensors_header(path))
+        for name, t in read_safetensors_header(path).items():
+            if name in tensors:
+                raise ConvertError(f"{path}: tensor {name} is also in {os.path.basename(tensors[name].path)}")
+            tensors[name] = t
     if wm is not None:
         for name, fn in wm.items():
             t = tensors.get(name)
@@ -368,8 +433,16 @@ def build_tokenizer_section(hf_dir, vocab_size):
     n_tokens = max(entries) + 1
     if n_tokens > vocab_size:
         raise ConvertError(f"{path}: {n_tokens} token ids exceed the model's vocab_size {vocab_size}")
+    for i, (kind, b) in entries.items():
+        if len(b) > MAX_TOKEN_BYTES:
+            raise ConvertError(f"{path}: token {i} is {len(b)} bytes long, more than {MAX_TOKEN_BYTES}")
+    singles = {b for kind, b in entries.values() if kind == 1 and len(b) == 1}
+    if len(singles) != 256:
+        missing = min(set(range(256)) - {b[0] for b in singles})
+        raise ConvertError(f"{path}: no vocabulary token for the single byte 0x{missing:02x} (BPE starts from them)")
 
     merges = []
+    pair_rank, made_by = {}, {}     # (left, right) -> rank; merged id -> rank
     for rank, m in enumerate(model["merges"]):
         if isinstance(m, str):
             parts = m.split(" ")
@@ -384,6 +457,19 @@ def build_tokenizer_section(hf_dir, vocab_size):
         for s, i in zip((a, b, a + b), ids):
             if i is None:
                 raise ConvertError(f"{path}: merge {rank} ({a!r} {b!r}): {s!r} is not in the vocab")
+        # The engine refuses a pair merged twice or a token made by two merges (either makes
+        # the result depend on which one wins), and needs the merged token's bytes to be the
+        # two parts' (an added token may have taken over a vocabulary id).
+        pair = (ids[0], ids[1])
+        if pair in pair_rank:
+            raise ConvertError(f"{path}: merge {rank} ({a!r} {b!r}) repeats merge {pair_rank[pair]}")
+        if ids[2] in made_by:
+            raise ConvertError(f"{path}: merge {rank} ({a!r} {b!r}) makes token {ids[2]}, as merge "
+                               f"{made_by[ids[2]]} already does")
+        pair_rank[pair], made_by[ids[2]] = rank, rank
+        if entries[ids[2]][1] != entries[ids[0]][1] + entries[ids[1]][1]:
+            raise ConvertError(f"{path}: merge {rank} ({a!r} {b!r}): token {ids[2]} is not the two "
+                               f"parts joined (an added token with a vocabulary id?)")
         merges.append(ids)
 
     out = bytearray(struct.pack("<II", n_tokens, len(merges)))

@@ -1,6 +1,7 @@
 """scripts/convert.py (the model file of docs/FORMAT.md, parsed independently here),
 scripts/synth.py variants and scripts/reference.py sanity. Does not use ./phi2.
 """
+import concurrent.futures
 import json
 import math
 import os
@@ -406,19 +407,27 @@ def zero_bytes(hdr, data, name, start, n):
 
 
 def expect_error(ckpt, what, *flags):
-    """convert.py fails: exit 1, exactly one stderr line 'error: ...' mentioning `what`,
-    and the output folder stays empty (no output, no temporary)."""
-    out_dir = os.path.join(WORK, "err-out")
+    """convert.py fails: exit 1, one stderr line 'error: ...' mentioning `what` (the last;
+    any before it are the progress lines of tensors already written), and the output folder
+    stays empty (no output, no temporary)."""
+    out_dir = os.path.join(WORK, "err-out", os.path.basename(ckpt))     # one per case
     shutil.rmtree(out_dir, ignore_errors=True)
     os.makedirs(out_dir)
     p = run([PY, os.path.join(SCRIPTS, "convert.py"), ckpt, os.path.join(out_dir, "m.bin"), *flags], check=False)
     lines = p.err.strip().splitlines()
     assert p.returncode == 1, f"exit {p.returncode}: {p.err[-500:]}"
-    assert len(lines) == 1 and lines[0].startswith("error: "), f"stderr: {p.err[-800:]!r}"
+    assert lines and lines[-1].startswith("error: "), f"stderr: {p.err[-800:]!r}"
+    assert all(ln.startswith(("convert: ", "  ")) for ln in lines[:-1]), f"stderr: {p.err[-800:]!r}"
     assert "Traceback" not in p.err
-    assert what in lines[0], f"{what!r} not in {lines[0]!r}"
+    assert what in lines[-1], f"{what!r} not in {lines[-1]!r}"
     assert os.listdir(out_dir) == [], f"left behind: {os.listdir(out_dir)}"
-    return lines[0]
+    return lines[-1]
+
+
+def expect_errors(cases):
+    """expect_error(*case) for each case, two at a time (each is mostly Python start-up)."""
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        return list(pool.map(lambda case: expect_error(*case), cases))
 
 
 def test_error_missing_folder_and_config():
@@ -460,10 +469,19 @@ def test_error_shards():
     expect_error(d, "model.safetensors")
 
 
+def remove_tensor(hdr, data, name):
+    """Drop a tensor and its bytes from a shard, moving the later tensors down."""
+    a, b = hdr.pop(name)["data_offsets"]
+    del data[a:b]
+    for k, v in hdr.items():
+        if k != "__metadata__" and v["data_offsets"][0] >= b:
+            v["data_offsets"] = [v["data_offsets"][0] - (b - a), v["data_offsets"][1] - (b - a)]
+
+
 def test_error_tensors():
     def drop(name):
         def fn(ckpt_dir):
-            edit_shard(ckpt_dir, lambda hdr, data: hdr.pop(name))
+            edit_shard(ckpt_dir, lambda hdr, data: remove_tensor(hdr, data, name))
             edit_json(os.path.join(ckpt_dir, "model.safetensors.index.json"), lambda ix: ix["weight_map"].pop(name))
         return fn
     d = broken_copy("missing-tensor")
@@ -521,6 +539,224 @@ def test_error_tokenizer():
     expect_error(d, "'a b'")
     # 50295 token ids do not fit a 50280-row embedding
     expect_error(checkpoint(extra=("--set", "vocab_size=50280")), "vocab_size")
+
+
+def test_error_config_values():
+    """Each config.json value out of range: one line naming the key, before any weights are
+    read. The limits are the engine's (FORMAT.md); a value at a limit still converts."""
+    cases = (("hidden_size", 130, "num_attention_heads"),          # 130 / 4 heads
+             ("hidden_size", 0, "hidden_size"),
+             ("intermediate_size", -512, "intermediate_size"),
+             ("num_hidden_layers", 2.5, "num_hidden_layers"),
+             ("num_attention_heads", True, "num_attention_heads"),
+             ("max_position_embeddings", "2048", "max_position_embeddings"),
+             ("vocab_size", (1 << 20) + 1, "vocab_size"),
+             ("hidden_size", (1 << 16) + 4, "hidden_size"),
+             ("intermediate_size", (1 << 18) + 1, "intermediate_size"),
+             ("num_hidden_layers", 1025, "num_hidden_layers"),
+             ("num_attention_heads", 1025, "num_attention_heads"),
+             ("max_position_embeddings", (1 << 20) + 1, "max_position_embeddings"),
+             ("partial_rotary_factor", -0.5, "partial_rotary_factor"),
+             ("partial_rotary_factor", 0, "partial_rotary_factor"),
+             ("partial_rotary_factor", 0.01, "partial_rotary_factor"),  # 0 dims of 32
+             ("partial_rotary_factor", float("nan"), "partial_rotary_factor"),
+             ("partial_rotary_factor", "half", "partial_rotary_factor"),
+             ("rope_theta", 0, "rope_theta"),
+             ("rope_theta", -10000.0, "rope_theta"),
+             ("rope_theta", float("inf"), "rope_theta"),
+             ("rope_theta", 1e39, "rope_theta"),                  # no float32 holds it
+             ("layer_norm_eps", 1e-50, "layer_norm_eps"),         # rounds to float32 0
+             ("layer_norm_eps", 0.0, "layer_norm_eps"),
+             ("eos_token_id", 51200, "eos_token_id"),
+             ("bos_token_id", -1, "bos_token_id"))
+    runs = []
+    for i, (key, value, what) in enumerate(cases):
+        d = broken_copy(f"cfgval-{i}")
+        edit_json(os.path.join(d, "config.json"), lambda c: c.update({key: value}))
+        runs.append((d, what))
+    expect_errors(runs)
+    # head_dim = hidden_size / heads above 2^12 (the config alone decides: weights unread)
+    d = broken_copy("cfgval-head-dim")
+    edit_json(os.path.join(d, "config.json"), lambda c: c.update(hidden_size=8192, num_attention_heads=1, num_key_value_heads=1))
+    expect_error(d, "hidden_size / num_attention_heads")
+    # exactly at the limit is fine (max_seq_len does not change any tensor)
+    d = broken_copy("cfgval-at-limit")
+    edit_json(os.path.join(d, "config.json"), lambda c: c.update(max_position_embeddings=1 << 20))
+    out = os.path.join(d, "out.bin")
+    script("convert.py", d, out)
+    assert read_header(open(out, "rb").read(256))["max_seq_len"] == 1 << 20
+
+
+def test_error_safetensors_lying_header_length():
+    raw = open(shard_path(checkpoint()), "rb").read()
+    (n,) = struct.unpack("<Q", raw[:8])
+    for i, length in enumerate((len(raw) - 7, 1 << 63, (1 << 64) - 1)):   # longer than the file
+        d = broken_copy(f"hdrlen-long-{i}")
+        replace_file(shard_path(d), struct.pack("<Q", length) + raw[8:])
+        expect_error(d, f"length {length} exceeds the file")
+    # shorter than the JSON, and longer (the JSON followed by tensor bytes)
+    for i, length in enumerate((n - 9, n // 2, 1, 0, n + 8)):
+        d = broken_copy(f"hdrlen-wrong-{i}")
+        replace_file(shard_path(d), struct.pack("<Q", length) + raw[8:])
+        expect_error(d, "malformed safetensors header")
+    # shorter but still whole JSON (8 padding spaces left out): every tensor would be read 8
+    # bytes early, which leaves 8 bytes at the end that belong to no tensor
+    hdr = raw[8:8 + n].rstrip(b" ")
+    d = broken_copy("hdrlen-short-valid")
+    replace_file(shard_path(d), struct.pack("<Q", len(hdr)) + hdr + b" " * 8 + raw[8 + n:])
+    expect_error(d, "belong to no tensor")
+    # a header longer than the safetensors limit (100 MB), in a sparse file that is larger still
+    d = broken_copy("hdrlen-huge")
+    replace_file(shard_path(d), struct.pack("<Q", 200 << 20) + b"{")
+    os.truncate(shard_path(d), 300 << 20)
+    expect_error(d, "above")
+    # a deeply nested header is malformed, not a RecursionError traceback
+    d = broken_copy("hdr-nested")
+    deep = b"[" * 100000 + b"]" * 100000
+    replace_file(shard_path(d), struct.pack("<Q", len(deep)) + deep)
+    expect_error(d, "malformed safetensors header")
+
+
+def test_error_safetensors_offsets():
+    names = ("model.layers.0.input_layernorm.bias", "model.layers.2.input_layernorm.bias")
+    # past the end of the file
+    d = broken_copy("offsets-past-end")
+
+    def past_end(hdr, data):
+        a, b = hdr[names[0]]["data_offsets"]
+        hdr[names[0]]["data_offsets"] = [len(data), len(data) + b - a]
+    edit_shard(d, past_end)
+    expect_error(d, names[0])
+    # two tensors sharing bytes (the later one pointed at the earlier one's data)
+    d = broken_copy("offsets-overlap")
+
+    def overlap(hdr, data):
+        first, second = sorted(names, key=lambda nm: hdr[nm]["data_offsets"][0])
+        hdr[second]["data_offsets"] = list(hdr[first]["data_offsets"])
+    edit_shard(d, overlap)
+    msg = expect_error(d, "overlaps")
+    assert any(nm in msg for nm in names), msg
+    # partly overlapping: a tensor starting 4 bytes inside the one before it
+    d = broken_copy("offsets-overlap-partly")
+
+    def partly(hdr, data):
+        a, b = hdr[names[1]]["data_offsets"]
+        hdr[names[1]]["data_offsets"] = [a - 4, b - 4]
+    edit_shard(d, partly)
+    expect_error(d, "overlaps")
+    # offsets that do not match dtype x shape (F16 [128] is 256 bytes)
+    for i, fix in enumerate((lambda a, b: [a, b + 2], lambda a, b: [a, a + 128], lambda a, b: [b, a])):
+        d = broken_copy(f"offsets-size-{i}")
+        edit_shard(d, lambda hdr, data: hdr[names[0]].update(data_offsets=fix(*hdr[names[0]]["data_offsets"])))
+        expect_error(d, names[0])
+    # a shape whose size is absurd (2^80 elements)
+    d = broken_copy("offsets-huge-shape")
+    edit_shard(d, lambda hdr, data: hdr[names[0]].update(shape=[1 << 40, 1 << 40]))
+    expect_error(d, names[0])
+
+
+def test_error_index_and_shards():
+    # the index names a shard that is not there (also: a shard in another folder)
+    d = broken_copy("index-missing-shard")
+    edit_json(os.path.join(d, "model.safetensors.index.json"),
+              lambda ix: ix["weight_map"].update({"lm_head.bias": "model-00009-of-00009.safetensors"}))
+    expect_error(d, "model-00009-of-00009.safetensors")
+    for i, fn in enumerate(("../model-00001-of-00001.safetensors", "/etc/passwd", "")):
+        d = broken_copy(f"index-outside-{i}")
+        edit_json(os.path.join(d, "model.safetensors.index.json"),
+                  lambda ix: ix["weight_map"].update({"lm_head.bias": fn}))
+        expect_error(d, "shard name")
+    d = broken_copy("index-not-object")
+    replace_file(os.path.join(d, "model.safetensors.index.json"), '{"weight_map": ["a"]}')
+    expect_error(d, "model.safetensors.index.json")
+    # one tensor in two shards: which copy would win is not for the converter to guess
+    src = checkpoint(shards=3)
+    d = broken_copy("tensor-in-two-shards", src)
+    ix = json.load(open(os.path.join(d, "model.safetensors.index.json")))
+    name = "model.layers.0.mlp.fc1.bias"
+    other = next(fn for fn in sorted(set(ix["weight_map"].values())) if fn != ix["weight_map"][name])
+    path = os.path.join(d, other)
+    raw = open(path, "rb").read()
+    (n,) = struct.unpack("<Q", raw[:8])
+    hdr = json.loads(raw[8:8 + n])
+    data = raw[8 + n:]
+    hdr[name] = {"dtype": "F16", "shape": [512], "data_offsets": [len(data), len(data) + 1024]}
+    hb = json.dumps(hdr).encode()
+    replace_file(path, struct.pack("<Q", len(hb)) + hb + data + bytes(1024))
+    expect_error(d, f"{name} is also in")
+
+
+def plant(hdr, data, name, index, bits):
+    """Overwrite element `index` (flat) of a tensor with the raw bits of its dtype."""
+    info = hdr[name]
+    size = {"F16": 2, "BF16": 2, "F32": 4}[info["dtype"]]
+    b = info["data_offsets"][0] + size * index
+    data[b:b + size] = bits.to_bytes(size, "little")
+
+
+def test_error_non_finite_weights():
+    """NaN, +Inf or -Inf in a matrix or a vector, for each source dtype, f32 and q8 output:
+    one line naming the tensor and the element, nothing left behind."""
+    cases = (("F16", "model.layers.1.mlp.fc2.weight", 5 * 512 + 7, 0x7E00, "nan", [5, 7], "f32"),
+             ("F16", "model.layers.3.self_attn.q_proj.bias", 100, 0xFC00, "-inf", [100], "q8"),
+             ("BF16", "model.embed_tokens.weight", 50000 * 128 + 1, 0x7F80, "inf", [50000, 1], "f32"),
+             ("BF16", "lm_head.weight", 3, 0x7FC1, "nan", [0, 3], "q8"),
+             ("F32", "model.final_layernorm.weight", 127, 0x7FC00000, "nan", [127], "f32"),
+             ("F32", "model.layers.0.self_attn.k_proj.weight", 128 * 128 - 1, 0xFF800000, "-inf", [127, 127], "q8"))
+    runs = []
+    for i, (dtype, name, index, bits, shown, where, out_dtype) in enumerate(cases):
+        d = broken_copy(f"nonfinite-{i}", checkpoint(dtype=dtype))
+        edit_shard(d, lambda hdr, data: plant(hdr, data, name, index, bits))
+        runs.append((d, name, "--dtype", out_dtype))
+    for msg, (_, _, _, _, shown, where, _) in zip(expect_errors(runs), cases):
+        assert "non-finite" in msg and f"({shown})" in msg and str(where) in msg, msg
+    # the largest finite values are fine: F16 65504, float32's maximum, copied exactly
+    for dtype, bits, want in (("F16", 0x7BFF, 65504.0), ("F32", 0xFF7FFFFF, -3.4028235e38)):
+        d = broken_copy(f"finite-extremes-{dtype}", checkpoint(dtype=dtype))
+        edit_shard(d, lambda hdr, data: plant(hdr, data, "model.layers.0.mlp.fc1.weight", 9, bits))
+        out = os.path.join(d, "out.bin")
+        script("convert.py", d, out)
+        _, _, _, w = read_model(out)
+        assert w["0.fc1_weight"][0, 9] == np.float32(want)
+
+
+def test_error_tokenizer_rules():
+    """What the engine would refuse in the tokenizer section, refused here with one line."""
+    def tok_error(name, fn, what):
+        d = broken_copy(name)
+        edit_json(os.path.join(d, "tokenizer.json"), fn)
+        return expect_error(d, what)
+
+    # a token of 1025 bytes (vocabulary or added); 1024 is fine
+    tok_error("tok-long-vocab", lambda t: t["model"]["vocab"].update({"a" * 1025: 50300}), "1025 bytes")
+    tok_error("tok-long-added", lambda t: t["added_tokens"].append(
+        {"id": 50300, "content": "é" * 513, "special": False}), "1026 bytes")
+    d = broken_copy("tok-long-ok")
+    edit_json(os.path.join(d, "tokenizer.json"), lambda t: t["model"]["vocab"].update({"a" * 1024: 50300}))
+    out = os.path.join(d, "out.bin")
+    script("convert.py", d, out)
+    h, tokens, _, _ = read_model(out)
+    assert tokens[50300] == (1, b"a" * 1024) and len(tokens) == 50301
+    # the same pair merged twice
+    tok_error("tok-dup-pair", lambda t: t["model"]["merges"].append(t["model"]["merges"][7]), "repeats merge 7")
+    # one token made by two merges: another split of a merged token, both halves in the vocab
+    with open(os.path.join(checkpoint(), "tokenizer.json"), encoding="utf-8") as f:
+        model = json.load(f)["model"]
+    vocab = model["vocab"]
+    for rank, m in enumerate(model["merges"]):
+        a, b = m.split(" ")
+        t = a + b
+        alt = [(t[:k], t[k:]) for k in range(1, len(t)) if k != len(a) and t[:k] in vocab and t[k:] in vocab]
+        if alt:
+            break
+    tok_error("tok-two-merges", lambda tj: tj["model"]["merges"].append(" ".join(alt[0])),
+              f"as merge {rank} already does")
+    # an added token taking over an id that a merge makes: the merge no longer joins bytes
+    tok_error("tok-merge-join", lambda t: t["added_tokens"].append(
+        {"id": 256, "content": "QQ", "special": False}), "merge 0")
+    # a single byte without its token (BPE could not start from it)
+    tok_error("tok-no-byte", lambda t: t["added_tokens"].append(
+        {"id": 64, "content": "zz", "special": False}), "0x61")
 
 
 def test_interrupt_leaves_nothing_behind():
