@@ -17,6 +17,9 @@
 #include "../phi2.c"
 
 #include <sys/mman.h>
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
+#endif
 
 static int g_checks, g_failed;
 
@@ -218,6 +221,9 @@ static void matmul_q8_scalar64(float *out, const QuantizedRows *in, const Matrix
 
 static double g_q8_worst;
 static long g_q8_exact, g_q8_total;
+#if PHI2_AMX
+static int g_amx_checked;  // matmul_q8_amx was compared with the scalar kernel
+#endif
 
 static void test_q8_one(const char *name, Q8Fn fn, int rows, int cols, int n_tokens) {
     const int group = 64, n_groups = cols / group;
@@ -288,9 +294,6 @@ static void test_q8(void) {
         {"matmul_q8_amx", matmul_q8_amx_checked, 1},
 #endif
     };
-#if PHI2_AMX
-    if (!amx_available()) printf("skip matmul_q8_amx: the kernel refused the AMX tile state\n");
-#endif
     for (size_t k = 0; k < sizeof(kernels) / sizeof(*kernels); k++) {
 #if PHI2_AMX
         if (kernels[k].fn == matmul_q8_amx_checked && !amx_available()) continue;
@@ -304,12 +307,50 @@ static void test_q8(void) {
                     if ((size_t)rowss[a] * colss[b] * tokens[c] > 4000000) continue;
                     test_q8_one(kernels[k].name, kernels[k].fn, rowss[a], colss[b], tokens[c]);
                 }
+#if PHI2_AMX
+        if (kernels[k].fn == matmul_q8_amx_checked) g_amx_checked = 1;
+#endif
         if (kernels[k].exact)
             check(g_q8_exact == g_q8_total, "%s: %ld of %ld outputs differ from the scalar kernel", kernels[k].name,
                   g_q8_total - g_q8_exact, g_q8_total);
         printf("%s %s: worst error %.2g of sum |q_w q_x d_w d_x|, %ld of %ld outputs bit-identical to scalar\n",
                g_failed == before ? "ok  " : "FAIL", kernels[k].name, g_q8_worst, g_q8_exact, g_q8_total);
     }
+}
+
+/* ---- AMX coverage --------------------------------------------------------------------- */
+
+/* Does the CPU have AMX-TILE and AMX-INT8 (CPUID leaf 7, subleaf 0: EDX bits 24 and 25)? */
+static int cpu_has_amx_int8(void) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+    return (d >> 24 & 1) && (d >> 25 & 1);
+#else
+    return 0;
+#endif
+}
+
+/* The AMX kernel cannot be tested on a CPU without AMX: say so plainly. On a CPU with AMX a
+ * -march=native build must have the kernel and the OS must grant the tile state, or the
+ * kernel the engine would use for batches went untested: that is a failure. */
+static void check_amx_coverage(void) {
+#ifdef PHI2_SCALAR_ONLY
+    printf("not covered: matmul_q8_amx (a build without SIMD kernels)\n");
+#else
+    if (!cpu_has_amx_int8()) {
+        printf("not covered: matmul_q8_amx (this CPU has no AMX-INT8; every other kernel of this build was checked)\n");
+        return;
+    }
+#if !PHI2_AMX
+    check(0, "this CPU has AMX-INT8 but the build has no AMX kernel: the compiler did not enable AMX for "
+             "-march=native (install gcc >= 11 or clang >= 12)");
+#else
+    check(amx_available(), "this CPU has AMX-INT8 but Linux refused the AMX tile state (arch_prctl "
+                           "ARCH_REQ_XCOMP_PERM needs Linux >= 5.16): matmul_q8_amx went untested");
+    check(g_amx_checked, "this CPU has AMX-INT8 but matmul_q8_amx was not run");
+#endif
+#endif
 }
 
 /* ---- the dispatcher the forward pass uses ---------------------------------------------- */
@@ -415,6 +456,63 @@ static void test_gelu_dot(void) {
         guarded_free_all();
     }
     printf("%s dot_f32\n", g_failed == before ? "ok  " : "FAIL");
+}
+
+/* ---- top-k selection (the sampler's heap) ------------------------------------------- */
+
+/* 1 if cand[0..k) holds exactly the k first candidates of the full sort `sorted` (same
+ * probabilities and ids, in any order). Sorts cand[0..k) in place to compare. */
+static int same_top_k(Candidate *cand, const Candidate *sorted, int k) {
+    qsort(cand, (size_t)k, sizeof(Candidate), compare_candidates);
+    for (int i = 0; i < k; i++)
+        if (cand[i].id != sorted[i].id || memcmp(&cand[i].prob, &sorted[i].prob, sizeof(float)) != 0) return 0;
+    return 1;
+}
+
+/* select_top_k against a full qsort with compare_candidates on arrays with many ties
+ * (probabilities from a few distinct values, zeros included), so the k-th place is
+ * usually contested and only the id decides it. */
+static void test_top_k(void) {
+    static const int sizes[] = {1, 2, 3, 4, 7, 41, 100, 1000, 51200};
+    static const int n_levels[] = {1, 2, 5, 64};  // distinct probability values
+    int before = g_failed, cases = 0;
+    for (size_t a = 0; a < sizeof(sizes) / sizeof(*sizes); a++)
+        for (size_t b = 0; b < sizeof(n_levels) / sizeof(*n_levels); b++) {
+            const int n = sizes[a];
+            Candidate *orig = guarded_alloc((size_t)n * sizeof(Candidate));
+            Candidate *sorted = guarded_alloc((size_t)n * sizeof(Candidate));
+            Candidate *cand = guarded_alloc((size_t)n * sizeof(Candidate));
+            for (int i = 0; i < n; i++) orig[i].id = i;
+            for (int i = n - 1; i > 0; i--) {  // ids in random order
+                int j = (int)(random_u32(&g_rng) % (uint32_t)(i + 1));
+                int t = orig[i].id;
+                orig[i].id = orig[j].id, orig[j].id = t;
+            }
+            for (int i = 0; i < n; i++) orig[i].prob = (float)(random_u32(&g_rng) % (uint32_t)n_levels[b]) / 8.0f;
+            memcpy(sorted, orig, (size_t)n * sizeof(Candidate));
+            qsort(sorted, (size_t)n, sizeof(Candidate), compare_candidates);
+            const int ks[] = {1, 2, 3, 40, n - 1, n};
+            for (size_t c = 0; c < sizeof(ks) / sizeof(*ks); c++) {
+                const int k = ks[c];
+                if (k < 1 || k > n) continue;
+                memcpy(cand, orig, (size_t)n * sizeof(Candidate));
+                select_top_k(cand, n, k);
+                check(same_top_k(cand, sorted, k), "select_top_k n=%d k=%d levels=%d: not the first k of the full sort",
+                      n, k, n_levels[b]);
+                cases++;
+            }
+            // The comparison itself notices a wrong answer: one kept candidate replaced by
+            // the next one of the full sort (a different id, maybe an equal probability).
+            if (n >= 2) {
+                const int k = n >= 3 ? 2 : 1;
+                memcpy(cand, sorted, (size_t)n * sizeof(Candidate));
+                cand[k - 1] = sorted[k];
+                check(!same_top_k(cand, sorted, k), "same_top_k accepted a planted wrong selection (n=%d)", n);
+            }
+            guarded_free_all();
+        }
+    printf("%s select_top_k: equals the full sort's first k on %d cases with ties\n",
+           g_failed == before ? "ok  " : "FAIL", cases);
 }
 
 /* ---- micro-benchmark on full-size shapes ---------------------------------------------- */
@@ -559,8 +657,10 @@ int main(int argc, char **argv) {
     test_quantize();
     test_f32();
     test_q8();
+    check_amx_coverage();
     test_dispatch();
     test_gelu_dot();
+    test_top_k();
 #ifdef _OPENMP
     // Uneven thread splits: 3 threads over row tiles that do not divide evenly.
     omp_set_num_threads(3);
