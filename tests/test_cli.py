@@ -125,16 +125,29 @@ def test_dump_logits_leaves_nothing_half_written():
     assert not os.path.exists(out + ".tmp")
 
 
+def generated_ids(p):
+    """The ids a --print-ids run printed (an empty line: none)."""
+    line = p.out.strip()
+    return [int(i) for i in line.split(",")] if line else []
+
+
 def test_stops_at_context_and_at_n():
+    """With --ignore-eos generation ends exactly at the context (-c 9 after a 4-token prompt:
+    5 tokens) or at -n (7 tokens), and says which; -n 0 generates nothing."""
     m = tiny_model()
-    p = phi2(m, "--ids", "1,2,3,4", "-c", "9", "-n", "100", "--temp", "0", "--print-ids")
-    assert len(p.out.strip().split(",")) <= 5, p.out
-    assert "context is full" in p.err or "end of text" in p.err, p.err
-    p = phi2(m, "--ids", "1,2,3,4", "-n", "7", "--temp", "0", "--print-ids")
-    n = len(p.out.strip().split(",")) if p.out.strip() else 0
-    assert n == 7 or "end of text" in p.err, (p.out, p.err)
+    p = phi2(m, "--ids", "1,2,3,4", "-c", "9", "-n", "100", "--temp", "0", "--ignore-eos", "--print-ids")
+    assert len(generated_ids(p)) == 5, p.out
+    assert "stopped: the context is full" in p.err, p.err
+    p = phi2(m, "--ids", "1,2,3,4", "-c", "9", "-n", "-1", "--ignore-eos", "-s", "3", "--print-ids")
+    assert len(generated_ids(p)) == 5 and "stopped: the context is full" in p.err, (p.out, p.err)
+    p = phi2(m, "--ids", "1,2,3,4", "-n", "7", "--temp", "0", "--ignore-eos", "--print-ids")
+    assert len(generated_ids(p)) == 7, p.out
+    assert "stopped: generated the -n limit of tokens" in p.err, p.err
+    # the -n limit and a full context at the same token: both are true, and exactly 5 come out
+    p = phi2(m, "--ids", "1,2,3,4", "-c", "9", "-n", "5", "--temp", "0", "--ignore-eos", "--print-ids")
+    assert len(generated_ids(p)) == 5, p.out
     p = phi2(m, "--ids", "1,2,3,4", "-n", "0", "--print-ids")
-    assert p.out.strip() == "" and "-n" in p.err
+    assert generated_ids(p) == [] and "stopped: generated the -n limit of tokens" in p.err, (p.out, p.err)
 
 
 def test_sampling_is_seeded_and_varies():
@@ -157,8 +170,24 @@ def test_text_output_is_prompt_then_decoded_tokens():
 
 
 def test_empty_prompt_starts_from_endoftext():
-    p = phi2(tiny_model(), "-n", "3", "--temp", "0", "--print-ids")
-    assert p.returncode == 0 and len(p.out.strip().split(",")) <= 3
+    """No prompt, -p '' and an empty -f file all mean the prompt <|endoftext|> (id 50256):
+    the same logits (--dump-logits) and the same generated ids, greedy and sampled."""
+    m = tiny_model()
+    empty_file = os.path.join(WORK, "empty-prompt.txt")
+    open(empty_file, "wb").close()
+    empties = ([], ["-p", ""], ["-f", empty_file])
+    eot = os.path.join(WORK, "eot.f32")
+    phi2(m, "--ids", "50256", "--dump-logits", eot)
+    for i, prompt in enumerate(empties):
+        out = os.path.join(WORK, f"empty-{i}.f32")
+        phi2(m, *prompt, "--dump-logits", out)
+        assert open(out, "rb").read() == open(eot, "rb").read(), f"{prompt}: logits differ from --ids 50256"
+    for flags in (["--temp", "0"], ["-s", "4", "--top-k", "0", "--top-p", "1"]):
+        want = generated_ids(phi2(m, "--ids", "50256", "-n", "12", "--ignore-eos", "--print-ids", *flags))
+        assert len(want) == 12
+        for prompt in empties:
+            got = generated_ids(phi2(m, *prompt, "-n", "12", "--ignore-eos", "--print-ids", *flags))
+            assert got == want, (prompt, flags, got, want)
 
 
 def test_tokenize_flag():
