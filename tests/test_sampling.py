@@ -1,0 +1,199 @@
+"""Sampling: temperature, top-k and top-p checked against a Python re-implementation.
+
+The engine's sampler (phi2.c, section 5, sample()) works on the logits of the real tokens
+(ids past the tokenizer's 50,295 are padding and never sampled), in float32:
+
+    prob[i] = expf((logit[i] - max) / T)
+    keep the top_k best (0: all), ordered by prob descending, ties by id ascending
+    total = sum of the kept probs, in that order
+    keep the shortest prefix whose running sum reaches top_p * total
+    r = random_f32() * (that prefix's sum): the first id whose running sum exceeds r
+
+The Python version below does the same arithmetic on the logits --dump-logits writes (the
+last row is what the first generated token is drawn from) and gives the set of ids that can
+ever come out first. The engine, run with -n 1 over 200 seeds and several settings, must
+only ever produce ids of that set and, where an allowed id is likely enough that missing it
+in all the draws would be a one-in-100,000 event, must produce it. The same check must fail
+on sets computed with top_p before top_k, or without the temperature: it is tight enough to
+notice those mistakes. Finally, with the engine's RNG (xorshift64*, seeded as generate()
+does) the Python sampler predicts the engine's draw for every seed.
+"""
+import os
+
+import numpy as np
+
+from common import WORK, checkpoint, converted, phi2, read_logits
+
+VOCAB = 51200
+N_REAL = 50295  # tokens in the tokenizer; ids from here on are padding rows of lm_head
+EOS = 50256
+# A prompt after which the best few logits are within 0.35 of each other (found by scanning
+# the positions of test_model's LONG prompt), so small allowed sets have several likely ids.
+PROMPT = [int(i) for i in np.random.default_rng(7).integers(0, 50295, size=130)][:38]
+
+# (temperature, top_k, top_p, number of seeds): 200 engine runs in all.
+SETTINGS = [
+    (1.0, 3, 1.0, 40),     # top-k alone: 3 ids, each about 1/3
+    (1.0, 4, 0.5, 50),     # top-p inside top-k: 2 of the 4 (top-p first would keep all 4)
+    (0.8, 40, 0.95, 40),   # the defaults
+    (3.0, 0, 0.3, 40),     # hot, whole vocabulary: thousands of ids (at T = 1: a handful)
+    (0.3, 0, 0.9, 30),     # cold: very few ids
+]
+MISS_CHANCE = 1e-5  # an allowed id this unlikely to be missed in every draw must be drawn
+
+
+def last_logits():
+    """The last prompt row of --dump-logits, real tokens only, <|endoftext|> at -inf as
+    --ignore-eos makes it."""
+    path = os.path.join(WORK, "sampling-logits.f32")
+    if not os.path.isfile(path):
+        phi2(converted(checkpoint()), "--ids", ",".join(map(str, PROMPT)), "--dump-logits", path)
+    row = read_logits(path, VOCAB)[-1, :N_REAL].copy()
+    row[EOS] = -np.inf
+    return row
+
+
+def candidates(logits, temp, top_k, top_p, top_p_first=False, strict=True):
+    """The sampler's kept candidates: (ids, float32 probs, running float32 sums), in the
+    engine's order. top_p_first: a planted mistake, the nucleus taken over the whole
+    vocabulary before top-k."""
+    x = logits.astype(np.float32)
+    prob = np.exp((x - x.max()) / np.float32(temp)).astype(np.float32)
+    order = np.lexsort((np.arange(len(prob)), -prob))  # prob descending, then id ascending
+    n = top_k if 0 < top_k < len(prob) else len(prob)
+    if top_p_first:
+        n_kept = nucleus_size(np.cumsum(prob[order], dtype=np.float32), top_p, strict=False)
+        order = order[:min(n, n_kept)]
+    else:
+        order = order[:n]
+        running = np.cumsum(prob[order], dtype=np.float32)  # sequential float32 sums, like C
+        order = order[:nucleus_size(running, top_p, strict)]
+    p = prob[order]
+    return order, p, np.cumsum(p, dtype=np.float32)
+
+
+def nucleus_size(running, top_p, strict=True):
+    """How many candidates the engine keeps: up to the first running sum >= top_p * total."""
+    threshold = np.float32(top_p) * running[-1]
+    reached = np.nonzero(running >= threshold)[0]
+    n_kept = int(reached[0]) + 1 if len(reached) else len(running)
+    # The setting must not sit on a rounding edge, where 1-ulp differences between the
+    # engine's and numpy's float32 arithmetic could move the cut by one candidate. (With
+    # top_p 1 the cut is where the sum stops growing: what follows is never drawn anyway.)
+    if not strict or top_p >= 1.0:
+        return n_kept
+    if n_kept < len(running):
+        assert running[n_kept - 1] >= threshold * np.float32(1 + 1e-4), "top-p cut too close to call"
+    if n_kept >= 2:
+        assert running[n_kept - 2] <= threshold * np.float32(1 - 1e-4), "top-p cut too close to call"
+    return n_kept
+
+
+def allowed(logits, temp, top_k, top_p, **mistake):
+    """{id: probability of being drawn} over the ids the sampler can ever return."""
+    if mistake.get("no_temperature"):
+        temp = 1.0
+    ids, p, running = candidates(logits, temp, top_k, top_p, top_p_first=mistake.get("top_p_first", False),
+                                 strict=not mistake)
+    widths = np.diff(np.concatenate([[np.float32(0)], running]))  # an id with no width is never drawn
+    return {int(i): float(w) / float(running[-1]) for i, w in zip(ids, widths) if w > 0}
+
+
+def check_draws(allowed_probs, draws):
+    """The drawn ids lie in the allowed set, and every allowed id that is likely enough
+    (missed by all draws with probability < MISS_CHANCE) was drawn. Returns the problems."""
+    problems = []
+    outside = sorted(set(draws) - set(allowed_probs))
+    if outside:
+        problems.append(f"drew ids outside the allowed set: {outside[:10]}")
+    n = len(draws)
+    missed = sorted(i for i, p in allowed_probs.items() if (1 - p) ** n < MISS_CHANCE and i not in draws)
+    if missed:
+        problems.append(f"never drew likely ids {missed[:10]} in {n} draws")
+    return problems
+
+
+_draws = {}
+
+
+def engine_draws():
+    """{setting: [first generated id for each seed]}: 200 runs of the engine with -n 1."""
+    if not _draws:
+        model = converted(checkpoint())
+        ids = ",".join(map(str, PROMPT))
+        seed = 0
+        for temp, top_k, top_p, n_seeds in SETTINGS:
+            got = []
+            for _ in range(n_seeds):
+                seed += 1
+                p = phi2(model, "--ids", ids, "-n", 1, "--ignore-eos", "--print-ids", "-t", 1, "-s", seed,
+                         "--temp", temp, "--top-k", top_k, "--top-p", top_p)
+                got.append((seed, int(p.out.strip())))
+            _draws[(temp, top_k, top_p)] = got
+    return _draws
+
+
+def test_engine_draws_only_allowed_ids_and_all_likely_ones():
+    """Over 200 seeds and five (temperature, top-k, top-p) settings, every first token the
+    engine samples can be sampled by the Python sampler, and every likely one was sampled
+    (e.g. all three of top-k 3)."""
+    logits = last_logits()
+    for (temp, top_k, top_p), got in engine_draws().items():
+        probs = allowed(logits, temp, top_k, top_p)
+        draws = [i for _, i in got]
+        print(f"     T={temp} top-k={top_k} top-p={top_p}: {len(probs)} allowed ids, "
+              f"{len(set(draws))} distinct drawn in {len(draws)}")
+        problems = check_draws(probs, draws)
+        assert not problems, f"T={temp} top-k={top_k} top-p={top_p}: " + "; ".join(problems)
+    # the settings do what their comments say
+    assert len(allowed(logits, 1.0, 3, 1.0)) == 3
+    assert len(allowed(logits, 1.0, 4, 0.5)) == 2 and len(allowed(logits, 1.0, 4, 0.5, top_p_first=True)) == 4
+    assert len(allowed(logits, 3.0, 0, 0.3)) > 1000 > 10 > len(allowed(logits, 3.0, 0, 0.3, no_temperature=True))
+
+
+def test_check_notices_planted_sampler_mistakes():
+    """The same draws checked against sets computed wrongly (top-p before top-k; the
+    temperature left out) fail: the check is tight enough to see either mistake."""
+    logits = last_logits()
+    for mistake in ("top_p_first", "no_temperature"):
+        failed = [s for s, got in engine_draws().items()
+                  if check_draws(allowed(logits, *s, **{mistake: True}), [i for _, i in got])]
+        print(f"     {mistake}: caught by {len(failed)} of {len(SETTINGS)} settings")
+        assert failed, f"a sampler with the mistake '{mistake}' would pass the check"
+
+
+def random_u32(state):
+    """xorshift64* as in phi2.c: (new state, 32-bit output)."""
+    mask = (1 << 64) - 1
+    state ^= state >> 12
+    state = (state ^ (state << 25)) & mask
+    state ^= state >> 27
+    return state, ((state * 0x2545F4914F6CDD1D) & mask) >> 32
+
+
+def predicted_draw(logits, seed, temp, top_k, top_p):
+    """The first id the engine draws with -s seed, and whether the draw lies so close to an
+    edge between two ids (1e-5 of the kept mass) that float32 rounding could decide it."""
+    ids, _, running = candidates(logits, temp, top_k, top_p)
+    state = (seed * 0x9E3779B97F4A7C15 + 1) & ((1 << 64) - 1)  # as generate() seeds it
+    _, u = random_u32(state)
+    r = np.float32(u >> 8) / np.float32(16777216.0) * running[-1]
+    i = int(np.searchsorted(running, r, side="right"))  # the first running sum > r
+    i = min(i, len(ids) - 1)
+    near_edge = bool(np.min(np.abs(running - r)) < 1e-5 * running[-1])
+    return int(ids[i]), near_edge
+
+
+def test_python_sampler_predicts_every_draw():
+    """With the engine's RNG and seeding, the Python sampler predicts the engine's first
+    token for every one of the 200 seeds (a draw within 1e-5 of an edge may go either way)."""
+    logits = last_logits()
+    n_checked = 0
+    for (temp, top_k, top_p), got in engine_draws().items():
+        for seed, drawn in got:
+            want, near_edge = predicted_draw(logits, seed, temp, top_k, top_p)
+            if near_edge:
+                continue
+            assert drawn == want, f"T={temp} top-k={top_k} top-p={top_p} seed {seed}: engine {drawn}, Python {want}"
+            n_checked += 1
+    assert n_checked >= 190, f"only {n_checked} draws away from an edge"
