@@ -61,7 +61,8 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
 }
 
 static void finding(const char *what) {
-    printf("fuzz_args: %s\n", what);
+    printf("fuzz_args: %s\n", what);  // stdout: run.sh hides stderr (-close_fd_mask=2)
+    fflush(stdout);
     abort();
 }
 

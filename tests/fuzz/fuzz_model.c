@@ -4,13 +4,15 @@
  *   make fuzz                          all harnesses, FUZZ_SECONDS each (tests/fuzz/run.sh)
  *   build/fuzz/fuzz_model CRASH_FILE   replay one input (die() messages are shown)
  *
- * Each input goes through parse_model() (phi2.c, included below) twice:
+ * Each input goes through parse_model() (phi2.c, included below) three times:
  *   1. as it is: the checksums must reject almost every mutation, cleanly;
  *   2. with its version set to MODEL_VERSION and its checksums recomputed (header,
  *      tokenizer section, and from version 2 on the weights sums), wherever the header's
  *      section bounds allow: otherwise the fuzzer
  *      would never get past the checksums to the shapes, the section layout and the
- *      tokenizer parser behind them.
+ *      tokenizer parser behind them;
+ *   3. rebuilt: its header and tokenizer section followed by zero weights of exactly the
+ *      size its shapes need, all offsets and checksums fixed (see try_rebuilt).
  * A file that loads must also hold up: every tensor lies inside the weights section, every
  * id below vocab_size has bytes (or none), and the tokenizer encodes bytes of the input
  * into ids below n_tokens <= vocab_size that decode back to those bytes.
@@ -32,12 +34,24 @@ static Model g_model;  // global, so its contents survive the longjmp
 
 void phi2_fuzz_on_error(void) { longjmp(g_on_error, 1); }
 
+/* A finding: say what went wrong, then abort() so libFuzzer saves the input. stdout,
+ * flushed, because run.sh hides stderr (-close_fd_mask=2). */
+static void finding(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
+static void finding(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vprintf(fmt, ap);
+    va_end(ap);
+    printf("\n");
+    fflush(stdout);
+    abort();
+}
+
 /* Aborts (a finding) if [p, p + n) is not inside the weights section. */
 static void check_inside(const void *p, size_t n, const unsigned char *lo, const unsigned char *hi, const char *what) {
     const unsigned char *b = p;
     if (!b || b < lo || b > hi || n > (size_t)(hi - b)) {
-        fprintf(stdout, "fuzz_model: tensor %s lies outside the weights section\n", what);
-        abort();
+        finding("fuzz_model: tensor %s lies outside the weights section", what);
     }
 }
 
@@ -59,8 +73,7 @@ static void check_loaded(const Model *m, const unsigned char *data, size_t size)
     const unsigned char *lo = data + read_u64(data + 88), *hi = data + size;
     const int H = c->hidden_dim, F = c->ffn_dim, V = c->vocab_size;
     if (t->n_tokens > V || c->bos_id >= V || c->eos_id >= V || H != c->n_heads * c->head_dim) {
-        fprintf(stdout, "fuzz_model: loaded a model whose config is inconsistent\n");
-        abort();
+        finding("fuzz_model: loaded a model whose config is inconsistent");
     }
     check_matrix(&m->embed, c, lo, hi, "embed");
     for (int l = 0; l < c->n_layers; l++) {
@@ -96,26 +109,22 @@ static void check_loaded(const Model *m, const unsigned char *data, size_t size)
     int *ids = NULL;
     size_t n_ids = 0;
     if (tokenizer_encode(t, text, n, &ids, &n_ids) != 0) {
-        fprintf(stdout, "fuzz_model: tokenizer_encode failed on %zu bytes\n", n);
-        abort();
+        finding("fuzz_model: tokenizer_encode failed on %zu bytes", n);
     }
     size_t pos = 0;
     for (size_t i = 0; i < n_ids; i++) {
         size_t len;
         if (ids[i] < 0 || ids[i] >= t->n_tokens || ids[i] >= V || t->kind[ids[i]] == TOKEN_UNUSED) {
-            fprintf(stdout, "fuzz_model: encode produced id %d (n_tokens %d, vocab %d)\n", ids[i], t->n_tokens, V);
-            abort();
+            finding("fuzz_model: encode produced id %d (n_tokens %d, vocab %d)", ids[i], t->n_tokens, V);
         }
         const unsigned char *b = tokenizer_token_bytes(t, ids[i], &len);
         if (len == 0 || len > n - pos || memcmp(b, text + pos, len) != 0) {
-            fprintf(stdout, "fuzz_model: decode(encode(x)) != x at byte %zu\n", pos);
-            abort();
+            finding("fuzz_model: decode(encode(x)) != x at byte %zu", pos);
         }
         pos += len;
     }
     if (pos != n) {
-        fprintf(stdout, "fuzz_model: decode(encode(x)) has %zu of %zu bytes\n", pos, n);
-        abort();
+        finding("fuzz_model: decode(encode(x)) has %zu of %zu bytes", pos, n);
     }
     free(ids);
 }
@@ -170,9 +179,51 @@ static void fix_checksums(unsigned char *d, size_t size) {
     put_u64(d + 248, fnv(d, 248));
 }
 
+static uint64_t pad64(uint64_t n) { return (n + 63) / 64 * 64; }
+
+/* Bytes of the weights section that header h's shapes call for (docs/FORMAT.md), or
+ * UINT64_MAX for shapes too large to build here. */
+static uint64_t weights_layout(const unsigned char *h) {
+    uint64_t q8 = read_u32(h + 12) == 1, V = read_u32(h + 16), H = read_u32(h + 20), F = read_u32(h + 24),
+             L = read_u32(h + 28);
+    if (V > (1u << 20) || H > (1u << 20) || F > (1u << 20) || L > (1u << 20)) return UINT64_MAX;
+#define MAT(r, c) (q8 ? pad64((r) * (c)) + pad64((r) * (c) / 64 * 4) : pad64((r) * (c) * 4))
+#define VEC(n) pad64((n) * 4)
+    uint64_t layer = 2 * VEC(H) + MAT(3 * H, H) + VEC(3 * H) + MAT(H, H) + VEC(H) + MAT(F, H) + VEC(F) +
+                     MAT(H, F) + VEC(H);
+    return MAT(V, H) + L * layer + 2 * VEC(H) + MAT(V, H) + VEC(V);
+#undef MAT
+#undef VEC
+}
+
+/* Pass 3: the input's header and tokenizer section, followed by a zero weights section of
+ * exactly the size the header's shapes call for (when that is at most 1 MB), with every
+ * offset, size and checksum made to match. Mutating a dimension or a token then reaches
+ * the checks that compare shapes and tokenizer with each other, which passes 1 and 2 only
+ * reach if the fuzzer also resizes the weights to the byte. */
+static void try_rebuilt(const unsigned char *data, size_t size) {
+    if (size < HEADER_SIZE) return;
+    uint64_t tok_size = read_u64(data + 80);
+    if (tok_size > size - HEADER_SIZE) tok_size = size - HEADER_SIZE;
+    uint64_t w_size = weights_layout(data);
+    if (w_size > (1u << 20)) w_size = 0;  // the engine must reject it without the weights
+    uint64_t w_off = pad64(HEADER_SIZE + tok_size), total = w_off + w_size;
+    unsigned char *file = calloc(total, 1);
+    if (!file) return;
+    memcpy(file, data, HEADER_SIZE + tok_size);
+    put_u64(file + 72, HEADER_SIZE);
+    put_u64(file + 80, tok_size);
+    put_u64(file + 88, w_off);
+    put_u64(file + 96, w_size);
+    put_u64(file + 104, total);
+    fix_checksums(file, total);
+    try_load(file, total);
+    free(file);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
-    try_load(data, size);
-    if (size >= HEADER_SIZE) {
+    try_load(data, size);  // pass 1: as it is
+    if (size >= HEADER_SIZE) {  // pass 2: checksums fixed
         unsigned char *copy = malloc(size);
         if (!copy) return 0;
         memcpy(copy, data, size);
@@ -180,5 +231,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         try_load(copy, size);
         free(copy);
     }
+    try_rebuilt(data, size);
     return 0;
 }

@@ -17,6 +17,7 @@
  * Seeds: tests/fuzz/corpus/tokenizer/ (contractions, Unicode classes, whitespace runs,
  * added tokens, invalid UTF-8) and the dictionary tests/fuzz/tokenizer.dict.
  */
+#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -25,6 +26,19 @@
 #include "../../tokenizer.h"
 
 static Tokenizer g_tok;
+
+/* A finding: say what went wrong, then abort() so libFuzzer saves the input. stdout,
+ * flushed, because run.sh hides stderr (-close_fd_mask=2). */
+static void finding(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
+static void finding(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vprintf(fmt, ap);
+    va_end(ap);
+    printf("\n");
+    fflush(stdout);
+    abort();
+}
 
 int LLVMFuzzerInitialize(int *argc, char ***argv) {
     const char *path = getenv("PHI2_FUZZ_TOKENIZER");
@@ -56,28 +70,24 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     int *ids = NULL;
     size_t n_ids = 0;
     if (tokenizer_encode(&g_tok, data, size, &ids, &n_ids) != 0) {
-        fprintf(stderr, "fuzz_tokenizer: tokenizer_encode failed on %zu bytes\n", size);
-        abort();
+        finding("fuzz_tokenizer: tokenizer_encode failed on %zu bytes", size);
     }
     size_t pos = 0;
     for (size_t i = 0; i < n_ids; i++) {
         int id = ids[i];
         if (id < 0 || id >= g_tok.n_tokens || g_tok.kind[id] == TOKEN_UNUSED) {
-            fprintf(stderr, "fuzz_tokenizer: id %d at position %zu is not a token (n_tokens %d)\n", id, i,
+            finding("fuzz_tokenizer: id %d at position %zu is not a token (n_tokens %d)", id, i,
                     g_tok.n_tokens);
-            abort();
         }
         size_t len;
         const unsigned char *b = tokenizer_token_bytes(&g_tok, id, &len);
         if (len == 0 || len > size - pos || memcmp(b, data + pos, len) != 0) {
-            fprintf(stderr, "fuzz_tokenizer: decode(encode(x)) != x: token %zu (id %d) at byte %zu\n", i, id, pos);
-            abort();
+            finding("fuzz_tokenizer: decode(encode(x)) != x: token %zu (id %d) at byte %zu", i, id, pos);
         }
         pos += len;
     }
     if (pos != size) {
-        fprintf(stderr, "fuzz_tokenizer: decode(encode(x)) is %zu of %zu bytes\n", pos, size);
-        abort();
+        finding("fuzz_tokenizer: decode(encode(x)) is %zu of %zu bytes", pos, size);
     }
     free(ids);
     return 0;

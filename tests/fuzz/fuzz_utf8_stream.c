@@ -65,7 +65,9 @@ static size_t incomplete_tail(const unsigned char *p, size_t n) {
 }
 
 static void fail(const char *what, size_t in_len, size_t out_len) {
-    fprintf(stderr, "fuzz_utf8_stream: %s (input so far %zu bytes, output %zu bytes)\n", what, in_len, out_len);
+    /* stdout, flushed: run.sh hides stderr (-close_fd_mask=2) */
+    printf("fuzz_utf8_stream: %s (input so far %zu bytes, output %zu bytes)\n", what, in_len, out_len);
+    fflush(stdout);
     abort();
 }
 

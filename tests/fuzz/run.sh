@@ -38,6 +38,7 @@ run_one() {
     local opts=(-close_fd_mask=2 -timeout="$timeout_s" -rss_limit_mb=2048 -print_final_stats=1
                 -artifact_prefix=build/fuzz/artifacts/$h/)
     [ -f "tests/fuzz/$h.dict" ] && opts+=(-dict="tests/fuzz/$h.dict")
+    rm -rf "build/fuzz/artifacts/$h"  # only this run's findings
     mkdir -p "build/fuzz/artifacts/$h"
     if [ ! -x "$bin" ]; then
         echo "$bin is missing: build it with make (needs clang)" >"$log"
