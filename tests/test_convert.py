@@ -710,14 +710,19 @@ def test_error_non_finite_weights():
         runs.append((d, name, "--dtype", out_dtype))
     for msg, (_, _, _, _, shown, where, _) in zip(expect_errors(runs), cases):
         assert "non-finite" in msg and f"({shown})" in msg and str(where) in msg, msg
-    # the largest finite values are fine: F16 65504, float32's maximum, copied exactly
+    # the largest finite values are fine: F16 65504, float32's maximum, copied exactly; two
+    # float32 maxima in one tensor overflow any sum of it, which must not count as non-finite
     for dtype, bits, want in (("F16", 0x7BFF, 65504.0), ("F32", 0xFF7FFFFF, -3.4028235e38)):
         d = broken_copy(f"finite-extremes-{dtype}", checkpoint(dtype=dtype))
-        edit_shard(d, lambda hdr, data: plant(hdr, data, "model.layers.0.mlp.fc1.weight", 9, bits))
+
+        def extremes(hdr, data):
+            plant(hdr, data, "model.layers.0.mlp.fc1.weight", 9, bits)
+            plant(hdr, data, "model.layers.0.mlp.fc1.weight", 10, bits)
+        edit_shard(d, extremes)
         out = os.path.join(d, "out.bin")
         script("convert.py", d, out)
         _, _, _, w = read_model(out)
-        assert w["0.fc1_weight"][0, 9] == np.float32(want)
+        assert w["0.fc1_weight"][0, 9] == w["0.fc1_weight"][0, 10] == np.float32(want)
 
 
 def test_error_tokenizer_rules():
