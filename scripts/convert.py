@@ -42,6 +42,7 @@ GROUP = 64
 WEIGHT_F32, WEIGHT_Q8 = 0, 1
 CHUNK_BYTES = 64 << 20      # float32 bytes per row chunk while streaming a matrix
 MAX_TOKEN_BYTES = 1024      # the longest token the engine accepts
+MAX_ADDED_TOKENS = 1024     # the most added tokens the engine accepts (Phi-2 has 39)
 
 # Upper limits on the header's dimensions, as the engine checks them (docs/FORMAT.md).
 DIM_LIMITS = {"vocab_size": 1 << 20, "hidden_dim": 1 << 16, "ffn_dim": 1 << 18, "n_layers": 1 << 10,
@@ -431,6 +432,9 @@ def build_tokenizer_section(hf_dir, vocab_size):
         entries[t["id"]] = (2, t["content"].encode("utf-8"))
     if not entries:
         raise ConvertError(f"{path}: empty vocabulary")
+    n_added = sum(1 for kind, b in entries.values() if kind == 2)
+    if n_added > MAX_ADDED_TOKENS:
+        raise ConvertError(f"{path}: {n_added} added tokens, more than {MAX_ADDED_TOKENS}")
     n_tokens = max(entries) + 1
     if n_tokens > vocab_size:
         raise ConvertError(f"{path}: {n_tokens} token ids exceed the model's vocab_size {vocab_size}")

@@ -725,6 +725,11 @@ def test_error_non_finite_weights():
         assert w["0.fc1_weight"][0, 9] == w["0.fc1_weight"][0, 10] == np.float32(want)
 
 
+def model_added_tokens():
+    with open(os.path.join(checkpoint(), "tokenizer.json"), encoding="utf-8") as f:
+        return json.load(f)["added_tokens"]
+
+
 def test_error_tokenizer_rules():
     """What the engine would refuse in the tokenizer section, refused here with one line."""
     def tok_error(name, fn, what):
@@ -742,6 +747,15 @@ def test_error_tokenizer_rules():
     script("convert.py", d, out)
     h, tokens, _, _ = read_model(out)
     assert tokens[50300] == (1, b"a" * 1024) and len(tokens) == 50301
+    # more than 1024 added tokens (the engine's limit); 939 (all that fit in vocab_size) are fine
+    def added(n):
+        return lambda t: t["added_tokens"].extend(
+            {"id": 50295 + i, "content": f"<x{i}>", "special": False} for i in range(n - 39))
+    assert sum(1 for t in model_added_tokens()) == 39
+    tok_error("tok-many-added", added(1025), "1025 added tokens")
+    d = broken_copy("tok-added-ok")
+    edit_json(os.path.join(d, "tokenizer.json"), added(939))
+    script("convert.py", d, os.path.join(d, "out.bin"))
     # the same pair merged twice
     tok_error("tok-dup-pair", lambda t: t["model"]["merges"].append(t["model"]["merges"][7]), "repeats merge 7")
     # one token made by two merges: another split of a merged token, both halves in the vocab
