@@ -14,8 +14,9 @@
  *   3. rebuilt: its header and tokenizer section followed by zero weights of exactly the
  *      size its shapes need, all offsets and checksums fixed (see try_rebuilt).
  * A file that loads must also hold up: every tensor lies inside the weights section, every
- * id below vocab_size has bytes (or none), and the tokenizer encodes bytes of the input
- * into ids below n_tokens <= vocab_size that decode back to those bytes.
+ * id below vocab_size has bytes (or none), the tokenizer encodes bytes of the input into
+ * ids below n_tokens <= vocab_size that decode back to those bytes, and (weights up to
+ * 1 MB) a forward pass over those ids and the sampler run to a valid id.
  *
  * die() in phi2.c calls phi2_fuzz_on_error() under PHI2_FUZZ; it jumps back here, where what
  * parse_model may have allocated is freed. Its one-line messages go to stderr: run.sh passes
@@ -64,6 +65,35 @@ static void check_matrix(const Matrix *w, const Config *c, const unsigned char *
         check_inside(w->q, n, lo, hi, what);
         check_inside(w->scale, n / (size_t)c->group_size * sizeof(float), lo, hi, what);
     }
+}
+
+/* A loaded model must also run: a forward pass over up to 3 of the ids (in batches of 2,
+ * through the KV cache) and the sampler, greedy and with top-k/top-p, on whatever the
+ * (mutated) weights give, NaN and infinities included: no crash, no hang, a valid id. */
+static void run_model(const Model *m, const int *ids, size_t n_ids) {
+    const Config *c = &m->config;
+    int ctx = c->max_seq_len < 4 ? c->max_seq_len : 4;
+    int tokens[3] = {c->bos_id, 0, 0}, n = 1;
+    if (n_ids > 0) {
+        n = n_ids < 3 ? (int)n_ids : 3;
+        memcpy(tokens, ids, (size_t)n * sizeof(int));
+    }
+    if (n > ctx) n = ctx;
+    RunState s;
+    memset(&s, 0, sizeof(s));
+    init_state(&s, c, ctx, 2);
+    for (int pos = 0; pos < n; pos += 2) forward(m, &s, tokens + pos, n - pos < 2 ? n - pos : 2, pos, 0);
+    int n_valid = m->tokenizer.n_tokens < c->vocab_size ? m->tokenizer.n_tokens : c->vocab_size;
+    Candidate *cand = malloc((size_t)n_valid * sizeof(Candidate));
+    Sampler samplers[3] = {{.temperature = 0.0f, .top_k = 40, .top_p = 0.95f, .rng = 1},
+                           {.temperature = 0.8f, .top_k = 3, .top_p = 0.5f, .rng = 12345},
+                           {.temperature = 100.0f, .top_k = 0, .top_p = 1.0f, .rng = 99}};
+    for (int i = 0; i < 3; i++) {
+        int id = sample(&samplers[i], s.logits, n_valid, cand);
+        if (id < 0 || id >= n_valid) finding("fuzz_model: sampler %d returned id %d of %d", i, id, n_valid);
+    }
+    free(cand);
+    free_state(&s);
 }
 
 /* What a loaded model promises to the rest of the engine. */
@@ -126,6 +156,7 @@ static void check_loaded(const Model *m, const unsigned char *data, size_t size)
     if (pos != n) {
         finding("fuzz_model: decode(encode(x)) has %zu of %zu bytes", pos, n);
     }
+    if ((size_t)(hi - lo) <= (1u << 20)) run_model(m, ids, n_ids);
     free(ids);
 }
 
