@@ -83,10 +83,17 @@ def q8_layout(path):
 
 
 def sabotaged(name, edit):
+    """A copy of the tiny q8 file with edit(data, offsets, dims) applied, its weight sums and
+    header checksum made to match: a converter's mistake, not a damaged file."""
+    from test_cli import fnv1a64
+    from test_convert import weight_sums
     src = converted(checkpoint(), "q8")
     data = bytearray(open(src, "rb").read())
     offsets, dims = q8_layout(src)
     edit(data, offsets, dims)
+    w_off = struct.unpack("<Q", data[88:96])[0]
+    data[120:136] = struct.pack("<QQ", *weight_sums(bytes(data[w_off:])))
+    data[248:256] = struct.pack("<Q", fnv1a64(bytes(data[:248])))
     path = os.path.join(WORK, name)
     with open(path, "wb") as f:
         f.write(data)
