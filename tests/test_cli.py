@@ -91,8 +91,9 @@ def test_bad_model_files():
         expect_error(path, "-p", "hi", "--no-mmap")
     expect_error(patched_copy("magic.bin", lambda d: d.__setitem__(slice(0, 8), b"GGUFxxxx")), "-p", "hi",
                  contains="magic")
-    expect_error(patched_copy("version.bin", lambda d: d.__setitem__(slice(8, 12), struct.pack("<I", 2))),
-                 "-p", "hi", contains="version")
+    for v in (1, 3):  # version 1 (no weights checksums) and an unknown future version
+        expect_error(patched_copy(f"version{v}.bin", lambda d: d.__setitem__(slice(8, 12), struct.pack("<I", v))),
+                     "-p", "hi", contains="reconvert")
     expect_error(patched_copy("hdrsum.bin", lambda d: d.__setitem__(20, d[20] ^ 1), fix_checksum=False),
                  "-p", "hi", contains="checksum")
     expect_error(patched_copy("toksum.bin", lambda d: d.__setitem__(300, d[300] ^ 0x55)), "-p", "hi",
