@@ -8,7 +8,8 @@
 #
 # Fuzzing starts from tests/fuzz/corpus/<harness>/ and tests/fuzz/regressions/<harness>/
 # (so every regression input is run first) but writes the new inputs it finds to the
-# scratch folder build/fuzz/work/<harness>/, never to the committed corpus. A crash, leak,
+# scratch folder build/fuzz/work/<harness>/, never to the committed corpus; the next run
+# starts from those too (rm -rf build/fuzz/work to start afresh). A crash, leak,
 # sanitizer report, timeout (-timeout, seconds per input) or out-of-memory is saved under
 # build/fuzz/artifacts/<harness>/ and makes the run fail. Each harness's log is
 # build/fuzz/<harness>.log; the executions per harness (libFuzzer's -print_final_stats) are
@@ -45,8 +46,7 @@ run_one() {
         return 1
     fi
     if [ "$mode" = fuzz ]; then
-        rm -rf "build/fuzz/work/$h"
-        mkdir -p "build/fuzz/work/$h"
+        mkdir -p "build/fuzz/work/$h"  # kept between runs: each run goes on from the last
         local dirs=("build/fuzz/work/$h" "tests/fuzz/corpus/$h")
         [ -d "tests/fuzz/regressions/$h" ] && dirs+=("tests/fuzz/regressions/$h")
         "$bin" "${opts[@]}" -max_total_time="$seconds" "${dirs[@]}" >"$log" 2>&1
