@@ -97,9 +97,10 @@ static void fill_q8_weights(int8_t *q, float *d, int rows, int cols, int group) 
 
 /* ---- quantization ---------------------------------------------------------------------------- */
 
-typedef void (*QuantFn)(QuantizedRows *, const float *, int, int, int);
+typedef void (*QuantFn)(QuantizedRows *, const float *, int, int);
 
-static void test_quantize_one(const char *name, QuantFn fn, int n_tokens, int cols, int group) {
+static void test_quantize_one(const char *name, QuantFn fn, int n_tokens, int cols) {
+    const int group = Q8_GROUP;
     const size_t n = (size_t)n_tokens * cols, n_scales = n / group;
     float *x = guarded_alloc(n * sizeof(float));
     fill_activations(x, n, 1);
@@ -112,13 +113,13 @@ static void test_quantize_one(const char *name, QuantFn fn, int n_tokens, int co
     QuantizedRows ref = {guarded_alloc(n), guarded_alloc(n_scales * sizeof(float))};
     QuantizedRows got = {guarded_alloc(n), guarded_alloc(n_scales * sizeof(float))};
     memset(got.q, 0x55, n);
-    quantize_rows_q8_scalar(&ref, x, n_tokens, cols, group);
-    fn(&got, x, n_tokens, cols, group);
+    quantize_rows_q8_scalar(&ref, x, n_tokens, cols);
+    fn(&got, x, n_tokens, cols);
     size_t bad_q = 0, bad_d = 0;
     for (size_t i = 0; i < n; i++) bad_q += ref.q[i] != got.q[i];
     for (size_t i = 0; i < n_scales; i++) bad_d += memcmp(&ref.scale[i], &got.scale[i], sizeof(float)) != 0;
-    check(bad_q == 0 && bad_d == 0, "%s tokens=%d cols=%d group=%d: %zu int8 and %zu scales differ", name, n_tokens,
-          cols, group, bad_q, bad_d);
+    check(bad_q == 0 && bad_d == 0, "%s tokens=%d cols=%d: %zu int8 and %zu scales differ", name, n_tokens, cols,
+          bad_q, bad_d);
     guarded_free_all();
 }
 
@@ -128,14 +129,12 @@ static void test_quantize(void) {
     int before = g_failed;
     for (size_t a = 0; a < sizeof(tokens) / sizeof(*tokens); a++)
         for (size_t b = 0; b < sizeof(colss) / sizeof(*colss); b++) {
-            test_quantize_one("quantize_rows_q8", quantize_rows_q8, tokens[a], colss[b], 64);
+            test_quantize_one("quantize_rows_q8", quantize_rows_q8, tokens[a], colss[b]);
 #if PHI2_AVX512
-            test_quantize_one("quantize_rows_q8_avx512", quantize_rows_q8_avx512, tokens[a], colss[b], 64);
-            test_quantize_one("quantize_rows_q8_avx512/g40", quantize_rows_q8_avx512, tokens[a], colss[b] / 64 * 40, 40);
+            test_quantize_one("quantize_rows_q8_avx512", quantize_rows_q8_avx512, tokens[a], colss[b]);
 #endif
 #if PHI2_AVX2
-            test_quantize_one("quantize_rows_q8_avx2", quantize_rows_q8_avx2, tokens[a], colss[b], 64);
-            test_quantize_one("quantize_rows_q8_avx2/g40", quantize_rows_q8_avx2, tokens[a], colss[b] / 64 * 40, 40);
+            test_quantize_one("quantize_rows_q8_avx2", quantize_rows_q8_avx2, tokens[a], colss[b]);
 #endif
         }
     printf("%s quantization: bit-identical to the scalar version\n", g_failed == before ? "ok  " : "FAIL");
@@ -215,14 +214,11 @@ static void test_f32(void) {
 
 typedef void (*Q8Fn)(float *, const QuantizedRows *, const Matrix *, const float *, int);
 
-static void matmul_q8_scalar64(float *out, const QuantizedRows *in, const Matrix *W, const float *bias, int n) {
-    matmul_q8_scalar(out, in, W, bias, n, 64);
-}
-
 static double g_q8_worst;
 static long g_q8_exact, g_q8_total;
 #if PHI2_AMX
-static int g_amx_checked;  // matmul_q8_amx was compared with the scalar kernel
+static int g_amx_checked;        // matmul_q8_amx was compared with the scalar kernel
+static KernelScratch g_amx_kern; // its packing buffer and the OS's answer about AMX
 #endif
 
 static void test_q8_one(const char *name, Q8Fn fn, int rows, int cols, int n_tokens) {
@@ -237,10 +233,10 @@ static void test_q8_one(const char *name, Q8Fn fn, int rows, int cols, int n_tok
     fill_activations(x, (size_t)n_tokens * cols, 1);
     for (int i = 0; i < rows; i++) bias[i] = frand();
     QuantizedRows xq = {guarded_alloc((size_t)n_tokens * cols), guarded_alloc((size_t)n_tokens * n_groups * sizeof(float))};
-    quantize_rows_q8_scalar(&xq, x, n_tokens, cols, group);
+    quantize_rows_q8_scalar(&xq, x, n_tokens, cols);
     Matrix W = {.rows = rows, .cols = cols, .q = wq, .scale = wd};
     for (size_t i = 0; i < (size_t)n_tokens * rows; i++) out[i] = NAN;
-    matmul_q8_scalar(ref, &xq, &W, bias, n_tokens, group);
+    matmul_q8_scalar(ref, &xq, &W, bias, n_tokens);
     fn(out, &xq, &W, bias, n_tokens);
     // The group sums are exact integers, so the only freedom is the order of the float sum
     // of n_groups scaled terms: allow a few ulps of sum |term|.
@@ -273,7 +269,7 @@ static void test_q8_one(const char *name, Q8Fn fn, int rows, int cols, int n_tok
 
 #if PHI2_AMX
 static void matmul_q8_amx_checked(float *out, const QuantizedRows *in, const Matrix *W, const float *bias, int n) {
-    matmul_q8_amx(out, in, W, bias, n);
+    matmul_q8_amx(out, in, W, bias, n, &g_amx_kern);
 }
 #endif
 
@@ -286,8 +282,8 @@ static void test_q8(void) {
         Q8Fn fn;
         int exact;  // must equal the scalar kernel bit for bit
     } kernels[] = {
-        {"matmul_q8_scalar", matmul_q8_scalar64, 1},
-#ifdef Q8_TILE
+        {"matmul_q8_scalar", matmul_q8_scalar, 1},
+#if PHI2_Q8_SIMD
         {"matmul_q8_simd", matmul_q8_simd, 0},
 #endif
 #if PHI2_AMX
@@ -296,7 +292,7 @@ static void test_q8(void) {
     };
     for (size_t k = 0; k < sizeof(kernels) / sizeof(*kernels); k++) {
 #if PHI2_AMX
-        if (kernels[k].fn == matmul_q8_amx_checked && !amx_available()) continue;
+        if (kernels[k].fn == matmul_q8_amx_checked && !amx_available(&g_amx_kern)) continue;
 #endif
         int before = g_failed;
         g_q8_worst = 0.0;
@@ -346,7 +342,7 @@ static void check_amx_coverage(void) {
     check(0, "this CPU has AMX-INT8 but the build has no AMX kernel: the compiler did not enable AMX for "
              "-march=native (install gcc >= 11 or clang >= 12)");
 #else
-    check(amx_available(), "this CPU has AMX-INT8 but Linux refused the AMX tile state (arch_prctl "
+    check(amx_available(&g_amx_kern), "this CPU has AMX-INT8 but Linux refused the AMX tile state (arch_prctl "
                            "ARCH_REQ_XCOMP_PERM needs Linux >= 5.16): matmul_q8_amx went untested");
     check(g_amx_checked, "this CPU has AMX-INT8 but matmul_q8_amx was not run");
 #endif
@@ -372,9 +368,10 @@ static void test_dispatch(void) {
         for (int i = 0; i < rows; i++) bias[i] = frand();
         QuantizedRows xq = {guarded_alloc((size_t)n * cols), guarded_alloc((size_t)n * n_groups * sizeof(float))};
         Matrix W = {.rows = rows, .cols = cols, .q = wq, .scale = wd};
-        quantize_rows_q8_scalar(&xq, x, n, cols, 64);
-        matmul_q8_scalar(ref, &xq, &W, bias, n, 64);
-        matmul(out, x, &W, bias, n, &c, &xq);
+        KernelScratch kern = {.xq = xq};
+        quantize_rows_q8_scalar(&xq, x, n, cols);
+        matmul_q8_scalar(ref, &xq, &W, bias, n);
+        matmul(out, x, &W, bias, n, &c, &kern);
         double worst = 0.0, scale = 1.0;  // errors relative to the largest output
         for (size_t i = 0; i < (size_t)n * rows; i++) scale = fmax(scale, fabs(ref[i]));
         for (size_t i = 0; i < (size_t)n * rows; i++) {
@@ -388,7 +385,7 @@ static void test_dispatch(void) {
         Matrix Wf = {.rows = rows, .cols = cols, .w = wf};
         c = (Config){.weight_type = WEIGHTS_F32};
         matmul_f32_scalar(ref, x, &Wf, bias, n);
-        matmul(out, x, &Wf, bias, n, &c, &xq);
+        matmul(out, x, &Wf, bias, n, &c, &kern);
         worst = 0.0, scale = 1.0;
         for (size_t i = 0; i < (size_t)n * rows; i++) scale = fmax(scale, fabs(ref[i]));
         for (size_t i = 0; i < (size_t)n * rows; i++) {
@@ -396,6 +393,7 @@ static void test_dispatch(void) {
             if (!(e <= worst)) worst = e;
         }
         check(worst <= 1e-4, "matmul (f32 dispatch) tokens=%d: error %.2g against the scalar kernel", n, worst);
+        free(kern.amx_pack);
         guarded_free_all();
     }
     printf("%s matmul dispatch (f32 and q8, 1..64 tokens)\n", g_failed == before ? "ok  " : "FAIL");
@@ -560,14 +558,14 @@ static void bench_run(void *p) {
 #if PHI2_AVX2
     else if (!strcmp(a->kernel, "f32_avx2")) matmul_f32_avx2(a->out, a->x, &a->W, a->bias, a->n);
 #endif
-    else if (!strcmp(a->kernel, "q8_scalar")) matmul_q8_scalar(a->out, a->xq, &a->W, a->bias, a->n, 64);
-#ifdef Q8_TILE
+    else if (!strcmp(a->kernel, "q8_scalar")) matmul_q8_scalar(a->out, a->xq, &a->W, a->bias, a->n);
+#if PHI2_Q8_SIMD
     else if (!strcmp(a->kernel, "q8_simd")) matmul_q8_simd(a->out, a->xq, &a->W, a->bias, a->n);
 #endif
 #if PHI2_AMX
-    else if (!strcmp(a->kernel, "q8_amx")) matmul_q8_amx(a->out, a->xq, &a->W, a->bias, a->n);
+    else if (!strcmp(a->kernel, "q8_amx")) matmul_q8_amx(a->out, a->xq, &a->W, a->bias, a->n, &g_amx_kern);
 #endif
-    else if (!strcmp(a->kernel, "quantize")) quantize_rows_q8(a->xq, a->x, a->n, a->W.cols, 64);
+    else if (!strcmp(a->kernel, "quantize")) quantize_rows_q8(a->xq, a->x, a->n, a->W.cols);
 }
 
 static void bench(int argc, char **argv) {
@@ -590,7 +588,7 @@ static void bench(int argc, char **argv) {
         fill_q8_weights(wq, wd, rows, cols, 64);
         fill_activations(x, (size_t)64 * cols, 0);
         for (int i = 0; i < rows; i++) bias[i] = frand();
-        quantize_rows_q8(&xq, x, 64, cols, 64);
+        quantize_rows_q8(&xq, x, 64, cols);
         for (int k = 0; k < n_kernels; k++)
             for (size_t ti = 0; ti < sizeof(tokens) / sizeof(*tokens); ti++) {
                 const int is_q8 = kernels[k][0] == 'q';
@@ -604,11 +602,11 @@ static void bench(int argc, char **argv) {
 #if !PHI2_AVX2
                 if (!strcmp(kernels[k], "f32_avx2")) continue;
 #endif
-#ifndef Q8_TILE
+#if !PHI2_Q8_SIMD
                 if (!strcmp(kernels[k], "q8_simd")) continue;
 #endif
 #if PHI2_AMX
-                if (!strcmp(kernels[k], "q8_amx") && !amx_available()) continue;
+                if (!strcmp(kernels[k], "q8_amx") && !amx_available(&g_amx_kern)) continue;
 #else
                 if (!strcmp(kernels[k], "q8_amx")) continue;
 #endif
