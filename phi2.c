@@ -690,6 +690,8 @@ typedef struct {
     float *value_cache;     // [n_layers, n_heads, ctx, head_dim]
     float *rope_cos;        // [ctx, rot_dim/2]
     float *rope_sin;        // [ctx, rot_dim/2]
+    FILE *trace;            // --trace: forward() writes its intermediates here (NULL: off)
+    const char *trace_path; // for error messages
 } RunState;
 
 static int max_threads(void) {
@@ -778,6 +780,25 @@ static void attention(RunState *s, const Config *c, int layer, int pos0, int n_t
     }
 }
 
+/* --trace: append rows [0, n_tokens) of an intermediate (row t belongs to position pos0 + t;
+ * n floats each, rows `stride` floats apart) as records of
+ *   u32 name length, the name ("embed", "L3.q", "logits", ...), u32 position, u32 n, n f32
+ * which scripts/compare_trace.py compares with scripts/reference.py --trace, step by step.
+ * layer < 0: a name without a layer. Nothing happens unless --trace is on. */
+static void trace(const RunState *s, const char *name, int layer, const float *rows, size_t stride, int n, int pos0,
+                  int n_tokens) {
+    if (!s->trace) return;
+    char full[64];
+    int len = layer < 0 ? snprintf(full, sizeof(full), "%s", name) : snprintf(full, sizeof(full), "L%d.%s", layer, name);
+    for (int t = 0; t < n_tokens; t++) {
+        const uint32_t head[2] = {(uint32_t)pos0 + (uint32_t)t, (uint32_t)n};
+        const uint32_t name_len = (uint32_t)len;
+        if (fwrite(&name_len, 4, 1, s->trace) != 1 || fwrite(full, 1, (size_t)len, s->trace) != (size_t)len ||
+            fwrite(head, 4, 2, s->trace) != 2 || fwrite(rows + (size_t)t * stride, sizeof(float), (size_t)n, s->trace) != (size_t)n)
+            die("cannot write '%s': %s", s->trace_path, strerror(errno));
+    }
+}
+
 /* Run tokens[0..n_tokens) at positions pos0.. through the model (n_tokens <= max_batch).
  * Fills the KV cache for those positions. Logits: if all_logits, every position's row is
  * written to s->logits; otherwise only the last position's, in row 0 (the lm_head is a
@@ -791,10 +812,12 @@ static void forward(const Model *m, RunState *s, const int *tokens, int n_tokens
             die("token id %d at position %d is outside the vocabulary of %d", tokens[t], pos0 + t, c->vocab_size);
         matrix_row(s->x + (size_t)t * H, &m->embed, tokens[t]);
     }
+    trace(s, "embed", -1, s->x, H, H, pos0, n_tokens);
 
     for (int l = 0; l < c->n_layers; l++) {
         const Layer *L = &m->layers[l];
         layernorm(s->h, s->x, L->ln_weight, L->ln_bias, n_tokens, H, c->norm_eps);
+        trace(s, "ln", l, s->h, H, H, pos0, n_tokens);
 
         // Attention: project, rotate q and k, cache k and v, attend, project back.
         matmul(s->qkv, s->h, &L->qkv, L->qkv_bias, n_tokens, c, &s->kern);
@@ -809,20 +832,30 @@ static void forward(const Model *m, RunState *s, const int *tokens, int n_tokens
                 memcpy(s->value_cache + slot, v + (size_t)head * hd, (size_t)hd * sizeof(float));
             }
         }
+        trace(s, "q", l, s->qkv, 3 * (size_t)H, H, pos0, n_tokens);  // q and k after rotary
+        trace(s, "k", l, s->qkv + H, 3 * (size_t)H, H, pos0, n_tokens);
+        trace(s, "v", l, s->qkv + 2 * H, 3 * (size_t)H, H, pos0, n_tokens);
         attention(s, c, l, pos0, n_tokens);
+        trace(s, "attn", l, s->att, H, H, pos0, n_tokens);
         matmul(s->att_proj, s->att, &L->dense, L->dense_bias, n_tokens, c, &s->kern);
+        trace(s, "attn_out", l, s->att_proj, H, H, pos0, n_tokens);
 
         // MLP on the same normalized input h: the block is parallel, not sequential.
         matmul(s->ffn, s->h, &L->fc1, L->fc1_bias, n_tokens, c, &s->kern);
         gelu_new(s->ffn, (size_t)n_tokens * F);
+        trace(s, "mlp_act", l, s->ffn, F, F, pos0, n_tokens);
         matmul(s->mlp_out, s->ffn, &L->fc2, L->fc2_bias, n_tokens, c, &s->kern);
+        trace(s, "mlp_out", l, s->mlp_out, H, H, pos0, n_tokens);
 
         for (size_t i = 0; i < (size_t)n_tokens * H; i++) s->x[i] += s->att_proj[i] + s->mlp_out[i];
+        trace(s, "residual", l, s->x, H, H, pos0, n_tokens);
     }
 
     const int first = all_logits ? 0 : n_tokens - 1, n_out = n_tokens - first;
     layernorm(s->h, s->x + (size_t)first * H, m->final_ln_weight, m->final_ln_bias, n_out, H, c->norm_eps);
+    trace(s, "final_ln", -1, s->h, H, H, pos0 + first, n_out);
     matmul(s->logits, s->h, &m->lm_head, m->lm_head_bias, n_out, c, &s->kern);
+    trace(s, "logits", -1, s->logits, c->vocab_size, c->vocab_size, pos0 + first, n_out);
 }
 
 /* Non-finite logits mean the weights or activations overflowed: say so, never sample noise. */
@@ -841,10 +874,11 @@ static int prefill(const Model *m, RunState *s, const int *tokens, int n_tokens,
     int done = 0;
     while (done < n_tokens && !g_interrupted) {
         const int n = n_tokens - done < s->max_batch ? n_tokens - done : s->max_batch;
-        forward(m, s, tokens + done, n, done, logits_out != NULL);
-        const int n_rows = logits_out ? n : 1;
+        const int all_logits = logits_out != NULL || s->trace != NULL;
+        forward(m, s, tokens + done, n, done, all_logits);
+        const int n_rows = all_logits ? n : 1;
         for (int t = 0; t < n_rows; t++)
-            check_logits_finite(s->logits + (size_t)t * V, V, logits_out ? done + t : done + n - 1);
+            check_logits_finite(s->logits + (size_t)t * V, V, all_logits ? done + t : done + n - 1);
         if (logits_out && fwrite(s->logits, sizeof(float), (size_t)n * V, logits_out) != (size_t)n * V)
             die("cannot write '%s': %s", out_path, strerror(errno));
         done += n;
@@ -996,6 +1030,10 @@ static void usage(FILE *f) {
             "      --print-ids        print generated token ids (comma-separated) instead of text\n"
             "      --dump-logits FILE write the logits of every prompt position (float32 rows of\n"
             "                         vocab_size, little-endian) and exit\n"
+            "      --trace FILE       write every named intermediate (embedding, each layer's\n"
+            "                         LayerNorm, q/k/v, attention, MLP, residual; logits) of\n"
+            "                         every prompt position and exit; compare it with\n"
+            "                         scripts/reference.py --trace (scripts/compare_trace.py)\n"
             "  -h, --help             this help\n"
             "\n"
             "Text streams to stdout; timings and the reason generation stopped go to stderr.\n"
@@ -1008,6 +1046,7 @@ typedef struct {
     const char *prompt_file;    // -f
     const char *ids;            // --ids
     const char *dump_logits;    // --dump-logits
+    const char *trace;          // --trace
     const char *stop;           // --stop
     long n_predict;
     float temperature, top_p;
@@ -1046,6 +1085,7 @@ static Options parse_args(int argc, char **argv) {
         else if (!strcmp(a, "-f") || !strcmp(a, "--file")) o.prompt_file = v;
         else if (!strcmp(a, "--ids")) o.ids = v;
         else if (!strcmp(a, "--dump-logits")) o.dump_logits = v;
+        else if (!strcmp(a, "--trace")) o.trace = v;
         else if (!strcmp(a, "--stop")) o.stop = v;
         else if (!strcmp(a, "-n") || !strcmp(a, "--n-predict")) o.n_predict = parse_long(a, v, -1, INT_MAX);
         else if (!strcmp(a, "--temp")) o.temperature = (float)parse_double(a, v, 0.0, 100.0);
@@ -1062,6 +1102,7 @@ static Options parse_args(int argc, char **argv) {
         die("give the prompt only once: -p, -f or --ids");
     if (o.top_p <= 0.0f) die("--top-p must be greater than 0");
     if (o.stop && o.stop[0] == '\0') die("--stop needs a non-empty string");
+    if (o.dump_logits && o.trace) die("give only one of --dump-logits and --trace");
     return o;
 }
 
@@ -1096,12 +1137,20 @@ static void print_ids(FILE *f, const int *ids, int n) {
     fprintf(f, "\n");
 }
 
-/* --dump-logits: every prompt position's logits, written to a temporary file then renamed. */
-static void dump_logits(const Model *m, RunState *s, const int *tokens, int n_tokens, const char *path) {
+/* --dump-logits (every prompt position's logits) or --trace (every named intermediate of
+ * every prompt position), written to a temporary file that is renamed when complete. */
+static void dump_prompt(const Model *m, RunState *s, const int *tokens, int n_tokens, const char *path, int trace) {
     begin_partial_file(path);
     FILE *f = fopen(g_partial_file, "wb");
     if (!f) die("cannot create '%s': %s", g_partial_file, strerror(errno));
-    prefill(m, s, tokens, n_tokens, f, g_partial_file);
+    if (trace) {
+        s->trace = f;
+        s->trace_path = g_partial_file;
+        prefill(m, s, tokens, n_tokens, NULL, NULL);
+        s->trace = NULL;
+    } else {
+        prefill(m, s, tokens, n_tokens, f, g_partial_file);
+    }
     if (fclose(f) != 0) die("cannot write '%s': %s", g_partial_file, strerror(errno));
     if (rename(g_partial_file, path) != 0) die("cannot rename '%s' to '%s': %s", g_partial_file, path, strerror(errno));
     g_partial_file[0] = '\0';
@@ -1297,13 +1346,14 @@ int main(int argc, char **argv) {
         if (n_prompt > ctx) die("the prompt is %d tokens, longer than the context of %d tokens", n_prompt, ctx);
 
         // The KV cache only needs the positions we will actually use.
-        long needed = opt.dump_logits ? n_prompt : (opt.n_predict < 0 ? ctx : n_prompt + opt.n_predict);
+        long needed = opt.dump_logits || opt.trace ? n_prompt : (opt.n_predict < 0 ? ctx : n_prompt + opt.n_predict);
         int cache_len = needed < ctx ? (int)needed : ctx;
         RunState state;
         init_state(&state, c, cache_len, opt.batch);
         t_load = now_seconds() - t_load;
 
-        if (opt.dump_logits) dump_logits(&model, &state, prompt, n_prompt, opt.dump_logits);
+        if (opt.dump_logits) dump_prompt(&model, &state, prompt, n_prompt, opt.dump_logits, 0);
+        else if (opt.trace) dump_prompt(&model, &state, prompt, n_prompt, opt.trace, 1);
         else status = generate(&model, &state, &opt, prompt, n_prompt, text, text_len, ctx, t_load);
         free_state(&state);
     }
