@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Reference Phi-2 forward pass: float64 numpy, straight from a Hugging Face checkpoint folder.
 
-usage: reference.py HF_DIR --ids 1,2,3 [--dump-logits FILE] [--greedy N]
+usage: reference.py HF_DIR --ids 1,2,3 [--dump-logits FILE | --trace FILE] [--greedy N]
 
 The oracle the C engine is tested against, so it is written to be obviously correct rather
 than fast: it follows transformers' PhiForCausalLM (modeling_phi.py) step by step, runs the
@@ -9,9 +9,14 @@ whole sequence at once (no KV cache) and shares no code with convert.py.
 
   --dump-logits FILE  write the logits of every prompt position as little-endian float32
                       rows of vocab_size
+  --trace FILE        write every named intermediate of every prompt position (embed,
+                      L{l}.ln/q/k/v/attn/attn_out/mlp_act/mlp_out/residual, final_ln,
+                      logits) as records of: u32 name length, name, u32 position, u32 n,
+                      n little-endian float32; the same records as ./phi2 --trace, for
+                      scripts/compare_trace.py
   --greedy N          then append N greedily chosen tokens (argmax; the whole sequence is
                       recomputed for each) and print them comma-separated on one line
-Without either flag it prints the argmax of the last position.
+Without any of them it prints the argmax of the last position.
 Reads config.json, model.safetensors.index.json (or model.safetensors) and the shards;
 tensor names of current transformers or of the original "phi-msft" remote code; F16, BF16
 or F32 tensors.
@@ -142,8 +147,14 @@ def apply_rotary(x, rot_dim, theta):
     return np.concatenate([x_rot, x_pass], axis=-1)
 
 
-def forward(cfg, weights, ids, all_positions=True):
-    """Logits [T, vocab] (or [1, vocab] for the last position only)."""
+def forward(cfg, weights, ids, all_positions=True, capture=None):
+    """Logits [T, vocab] (or [1, vocab] for the last position only).
+
+    capture(name, rows): if given, called with every named intermediate, rows = [T, n]
+    (row t = position t; final_ln and logits: the last position only if not all_positions);
+    what --trace writes. It changes nothing in the computation."""
+    if capture is None:
+        capture = lambda name, rows: None  # noqa: E731
     embed, layers, (fin_w, fin_b), (head_w, head_b) = weights
     H = cfg["hidden_size"]
     n_heads = cfg["num_attention_heads"]
@@ -154,9 +165,11 @@ def forward(cfg, weights, ids, all_positions=True):
     T = len(ids)
 
     x = embed[np.asarray(ids)]                                          # [T, H]
+    capture("embed", x)
     causal = np.triu(np.full((T, T), -np.inf), k=1)                      # mask j > i
-    for ly in layers:
+    for l, ly in enumerate(layers):
         h = layer_norm(x, ly.ln_w, ly.ln_b, eps)
+        capture(f"L{l}.ln", h)
         q = h @ ly.wq.T + ly.bq
         k = h @ ly.wk.T + ly.bk
         v = h @ ly.wv.T + ly.bv
@@ -164,18 +177,41 @@ def forward(cfg, weights, ids, all_positions=True):
         q, k, v = (a.reshape(T, n_heads, head_dim).transpose(1, 0, 2) for a in (q, k, v))
         q = apply_rotary(q, rot_dim, theta)
         k = apply_rotary(k, rot_dim, theta)
+        # [heads, T, head_dim] -> [T, H] (heads concatenated), as traced
+        capture(f"L{l}.q", q.transpose(1, 0, 2).reshape(T, H))
+        capture(f"L{l}.k", k.transpose(1, 0, 2).reshape(T, H))
+        capture(f"L{l}.v", v.transpose(1, 0, 2).reshape(T, H))
         scores = q @ k.transpose(0, 2, 1) / math.sqrt(head_dim) + causal   # [heads, T, T]
         scores = scores - scores.max(axis=-1, keepdims=True)
         p = np.exp(scores)
         p = p / p.sum(axis=-1, keepdims=True)
         att = (p @ v).transpose(1, 0, 2).reshape(T, H)
+        capture(f"L{l}.attn", att)
         attn_out = att @ ly.wd.T + ly.bd
-        mlp_out = gelu_new(h @ ly.w1.T + ly.b1) @ ly.w2.T + ly.b2
+        capture(f"L{l}.attn_out", attn_out)
+        act = gelu_new(h @ ly.w1.T + ly.b1)
+        capture(f"L{l}.mlp_act", act)
+        mlp_out = act @ ly.w2.T + ly.b2
+        capture(f"L{l}.mlp_out", mlp_out)
         x = x + attn_out + mlp_out                                       # parallel block
+        capture(f"L{l}.residual", x)
     if not all_positions:
         x = x[-1:]
     x = layer_norm(x, fin_w, fin_b, eps)
-    return x @ head_w.T + head_b
+    capture("final_ln", x)
+    logits = x @ head_w.T + head_b
+    capture("logits", logits)
+    return logits
+
+
+def write_trace(path, records):
+    """records: [(name, [T, n] array)] -> the --trace file, one record per row (position)."""
+    with open(path, "wb") as f:
+        for name, rows in records:
+            for pos, row in enumerate(rows):
+                f.write(struct.pack("<I", len(name)) + name.encode("ascii"))
+                f.write(struct.pack("<II", pos, row.size))
+                f.write(row.astype("<f4").tobytes())
 
 
 def main():
@@ -183,8 +219,11 @@ def main():
     ap.add_argument("hf_dir")
     ap.add_argument("--ids", required=True, help="comma-separated token ids")
     ap.add_argument("--dump-logits", metavar="FILE")
+    ap.add_argument("--trace", metavar="FILE")
     ap.add_argument("--greedy", type=int, default=0, metavar="N")
     args = ap.parse_args()
+    if args.dump_logits and args.trace:
+        raise SystemExit("error: give only one of --dump-logits and --trace")
 
     ids = [int(s) for s in args.ids.split(",") if s.strip() != ""]
     if not ids:
@@ -196,7 +235,11 @@ def main():
         if not 0 <= i < V:
             raise SystemExit(f"error: token id {i} out of range [0, {V})")
 
-    if args.dump_logits or args.greedy == 0:
+    if args.trace:
+        records = []
+        forward(cfg, weights, ids, capture=lambda name, rows: records.append((name, rows.copy())))
+        write_trace(args.trace, records)
+    elif args.dump_logits or args.greedy == 0:
         logits = forward(cfg, weights, ids)
         if args.dump_logits:
             logits.astype("<f4").tofile(args.dump_logits)
