@@ -1108,25 +1108,25 @@ static Options parse_args(int argc, char **argv) {
 
 /* "1,2,3" -> ids, each checked against the vocabulary. */
 static int *parse_ids(const char *s, int vocab_size, int *n_out) {
-    int cap = 16, n = 0;
-    int *ids = xmalloc(sizeof(int) * (size_t)cap);
-    const char *p = s;
-    for (;;) {
-        char *end = NULL;
-        errno = 0;
-        long v = strtol(p, &end, 10);
-        if (end == p || errno || v < 0 || v >= vocab_size)
-            die("--ids expects comma-separated token ids in [0, %d), got '%s'", vocab_size, s);
-        if (n == cap) {
-            cap *= 2;
-            int *grown = realloc(ids, sizeof(int) * (size_t)cap);
-            if (!grown) die("out of memory");
-            ids = grown;
+    // Two passes over the string: check every id first (nothing is allocated yet, so an
+    // error leaks nothing), then store them.
+    int n = 0;
+    int *ids = NULL;
+    for (int pass = 0; pass < 2; pass++) {
+        const char *p = s;
+        for (int i = 0;; i++) {
+            char *end = NULL;
+            errno = 0;
+            long v = strtol(p, &end, 10);
+            if (end == p || errno || v < 0 || v >= vocab_size)
+                die("--ids expects comma-separated token ids in [0, %d), got '%s'", vocab_size, s);
+            if (*end != '\0' && *end != ',') die("--ids expects comma-separated token ids, got '%s'", s);
+            if (pass == 0) n++;
+            else ids[i] = (int)v;
+            if (*end == '\0') break;
+            p = end + 1;
         }
-        ids[n++] = (int)v;
-        if (*end == '\0') break;
-        if (*end != ',') die("--ids expects comma-separated token ids, got '%s'", s);
-        p = end + 1;
+        if (pass == 0) ids = xmalloc(mul_size((size_t)n, sizeof(int)));
     }
     *n_out = n;
     return ids;
