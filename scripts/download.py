@@ -174,7 +174,9 @@ def describe_http_error(e, repo, revision, name):
 
 
 def request(url, headers, method="GET", follow=True):
-    """Open url; follow redirects by hand (the Authorization header only to the endpoint's host).
+    """Open url; follow redirects by hand (the Authorization header only to the endpoint's host;
+    follow="relative": only redirects within the hub, as for a renamed repository, so that a
+    large file's redirect to the file store is returned with its headers).
     Returns (response, final url). HTTP errors are raised as urllib.error.HTTPError."""
     host = urllib.parse.urlsplit(endpoint()).netloc
     for _ in range(MAX_REDIRECTS + 1):
@@ -186,7 +188,8 @@ def request(url, headers, method="GET", follow=True):
             resp = OPENER.open(req, timeout=TIMEOUT)
         except urllib.error.HTTPError as e:
             if e.code in (301, 302, 303, 307, 308) and e.headers.get("Location"):
-                if not follow:
+                if not follow or (follow == "relative"
+                                  and urllib.parse.urlsplit(e.headers["Location"]).netloc):
                     return e, url
                 url = urllib.parse.urljoin(url, e.headers["Location"])
                 e.close()
@@ -205,7 +208,7 @@ def metadata(repo, revision, name, auth):
     headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
     if auth:
         headers["Authorization"] = f"Bearer {auth}"
-    resp, _ = request(url, headers, method="HEAD", follow=False)
+    resp, url = request(url, headers, method="HEAD", follow="relative")
     try:
         hd = resp.headers
         size = hd.get("X-Linked-Size") or hd.get("Content-Length")
@@ -466,6 +469,37 @@ def transfer(url, headers, part, size, name, quiet):
 
 # ---------------------------------------------------------------- the whole repository
 
+def fetch_all(repo, revision, folder, auth, retries, quiet, state):
+    """Every file conversion needs; returns (all hashes verified, the file names)."""
+    verified = True
+    names = ["config.json", "tokenizer.json"]
+    for name in names:
+        verified &= fetch_file(repo, revision, name, folder, auth, retries, quiet, state)
+    try:
+        verified &= fetch_file(repo, revision, "model.safetensors.index.json", folder, auth, retries,
+                               quiet, state)
+        names.append("model.safetensors.index.json")
+        shards = weight_files(os.path.join(folder, "model.safetensors.index.json"))
+    except HubError as e:
+        if e.code != 404:
+            raise
+        shards = ["model.safetensors"]
+    for name in shards:
+        verified &= fetch_file(repo, revision, name, folder, auth, retries, quiet, state)
+    return verified, names + shards
+
+
+def offline_ok(folder, repo, revision):
+    """True when folder holds a complete earlier download of repo@revision, unchanged since."""
+    try:
+        with open(os.path.join(folder, ".download", "complete.json"), encoding="utf-8") as f:
+            rec = json.load(f)
+        return (rec["repo"] == repo and rec["revision"] == revision
+                and all(recorded_ok(folder, n, None, None) for n in rec["files"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def download(repo, revision, folder, retries=5, quiet=False):
     """Returns (the folder to convert, True when every file's hash was verified)."""
     snap = cached_snapshot(repo, revision)
@@ -481,19 +515,17 @@ def download(repo, revision, folder, retries=5, quiet=False):
     state = {}
     if not quiet:
         print(f"download: {repo}@{revision} from {endpoint()} into {folder}", file=sys.stderr)
-    verified = True
-    for name in ("config.json", "tokenizer.json"):
-        verified &= fetch_file(repo, revision, name, folder, auth, retries, quiet, state)
     try:
-        verified &= fetch_file(repo, revision, "model.safetensors.index.json", folder, auth, retries,
-                               quiet, state)
-        shards = weight_files(os.path.join(folder, "model.safetensors.index.json"))
-    except HubError as e:
-        if e.code != 404:
+        verified, names = fetch_all(repo, revision, folder, auth, retries, quiet, state)
+    except urllib.error.URLError as e:
+        if isinstance(e, urllib.error.HTTPError) or not offline_ok(folder, repo, revision):
             raise
-        shards = ["model.safetensors"]
-    for name in shards:
-        verified &= fetch_file(repo, revision, name, folder, auth, retries, quiet, state)
+        print(f"download: warning: cannot reach {endpoint()} ({e.reason}); using the complete "
+              f"earlier download in {folder}", file=sys.stderr)
+        return folder, False
+    with open(os.path.join(folder, ".download", "complete.json"), "w", encoding="utf-8") as f:
+        json.dump({"repo": repo, "revision": revision, "commit": state.get("commit"),
+                   "files": names, "verified": verified}, f)
     if not quiet:
         rev = f" (commit {state['commit']})" if state.get("commit") else ""
         print(f"download: {repo}@{revision}{rev}: complete in {folder}"

@@ -22,6 +22,7 @@ import urllib.parse
 from common import PHI2, PY, REPO, SCRIPTS, WORK, checkpoint, converted, phi2, run
 
 REPO_ID = "synth/tiny"
+OLD_REPO_ID = "synth/old-name"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 NEEDED = ["config.json", "tokenizer.json", "model.safetensors.index.json",
           "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
@@ -126,6 +127,12 @@ class Hub:
                 repo, rev, name = "/".join(parts[:2]), parts[3], "/".join(parts[4:])
                 if hub.private and rec["headers"].get("authorization") != f"Bearer {TOKEN}":
                     return self.error(401, "RepoNotFound")
+                if repo == OLD_REPO_ID:       # a renamed repository: a relative redirect
+                    self.send_response(307)
+                    self.send_header("Location", "/" + REPO_ID + self.path[len(OLD_REPO_ID) + 1:])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if repo != REPO_ID:
                     return self.error(404, "RepoNotFound")
                 if rev not in ("main", COMMIT):
@@ -282,12 +289,64 @@ def test_download_convert_run():
         assert again and all(r["method"] == "HEAD" for r in again), again
         assert "already complete" in p.err, p.err
 
+        # a damaged file (same size, no record of a check) is fetched again
+        path = os.path.join(dest, SHARD2)
+        with open(path, "r+b") as f:
+            f.seek(1000)
+            f.write(b"\xff\xfe")
+        os.unlink(os.path.join(dest, ".download", SHARD2 + ".json"))
+        n = len(hub.log)
+        p = download(env_for(hub, work, TOKEN), REPO_ID, "--dir", dest)
+        assert p.returncode == 0, p.err
+        assert [r["method"] for r in hub.log[n:] if r["server"] == "store"] == ["GET"], hub.log[n:]
+        same_files(ckpt, dest)
+
+    # no network, but a complete earlier download in the folder: used, with a warning
+    p = download(env_for(None, work), REPO_ID, "--dir", dest)
+    assert p.returncode == 0 and p.out.strip() == dest, p.err
+    assert "warning: cannot reach" in p.err, p.err
+
     model = os.path.join(work, "model.f32.bin")
     run([PY, os.path.join(SCRIPTS, "convert.py"), dest, model, "--dtype", "f32"])
     prompt = "Instruct: hello\nOutput:"
     got = phi2(model, "-p", prompt, "--temp", "0", "-n", "4").out
     want = phi2(converted(ckpt, "f32"), "-p", prompt, "--temp", "0", "-n", "4").out
     assert got == want and got, (got, want)
+    shutil.rmtree(work)
+
+
+def test_download_renamed_repo_and_tty_progress():
+    """A renamed repository (the hub answers with a relative redirect to the new name) still
+    yields the large files' hashes; on a terminal, progress is one line redrawn with \r."""
+    import pty
+    ckpt = ckpt2()
+    work = tmpdir("tty")
+    dest = os.path.join(work, "dl")
+    with Hub(ckpt) as hub:
+        master, slave = pty.openpty()
+        proc = subprocess.Popen([PY, os.path.join(SCRIPTS, "download.py"), OLD_REPO_ID, "--dir", dest],
+                                env=env_for(hub, work), stdout=subprocess.PIPE, stderr=slave)
+        os.close(slave)
+        chunks = []
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                b = os.read(master, 65536)
+            except OSError:         # EIO: the other end is closed
+                break
+            if not b:
+                break
+            chunks.append(b)
+        os.close(master)
+        out, _ = proc.communicate(timeout=30)
+        err = b"".join(chunks).decode("utf-8", "replace")
+        assert proc.returncode == 0, err
+        assert out.decode().strip() == dest
+        same_files(ckpt, dest)
+        assert f"\r  {SHARD1}: " in err and "MB/s" in err, err
+        assert "\x1b[K" in err, err
+        heads = [r for r in hub.requests("hub", "HEAD") if SHARD1 in r["path"]]
+        assert [r["path"].split("/")[2] for r in heads] == ["old-name", "tiny"], heads
     shutil.rmtree(work)
 
 
