@@ -453,8 +453,7 @@ def transfer(url, headers, part, size, name, quiet):
                                 f"({type(e).__name__})")
             except OSError as e:
                 if e.errno == errno.ENOSPC:
-                    raise DownloadError(f"{part}: disk full after {human(done)}; free some space and "
-                                        f"run again to resume")
+                    raise DownloadError(f"{part}: disk full; free some space and run again to resume")
                 raise
             except KeyboardInterrupt:
                 f.flush()

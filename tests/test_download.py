@@ -37,6 +37,11 @@ def git_sha1(data):
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
+class QuietServer(http.server.ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        pass        # a client that hangs up mid-transfer (as some tests make it) is no news
+
+
 class Hub:
     """The hub and its file store; `with Hub(folder) as hub:` serves folder as REPO_ID@main."""
 
@@ -58,7 +63,7 @@ class Hub:
     # -- lifecycle
     def __enter__(self):
         for role in ("hub", "store"):
-            srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler(role))
+            srv = QuietServer(("127.0.0.1", 0), self._handler(role))
             srv.daemon_threads = True
             threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
             self.servers.append(srv)
@@ -549,4 +554,74 @@ def test_run_sh_one_command():
         p = subprocess.run(cmd, capture_output=True, timeout=60, env=env)
         assert p.returncode == 0 and p.stdout.decode() == want, p.stderr.decode()
         assert len(hub.log) == n and "downloading" not in p.stderr.decode()
+    shutil.rmtree(work)
+
+
+def test_download_disk_full():
+    """A full disk: found up front (free space below what is left to fetch), or while writing
+    (ENOSPC): one error line naming the .part file, which is kept for a later resume."""
+    import builtins
+    import contextlib
+    import errno
+    import importlib.util
+    import io
+    import sys
+    spec = importlib.util.spec_from_file_location("download_under_test", os.path.join(SCRIPTS, "download.py"))
+    dl = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dl)
+    ckpt = ckpt2()
+    work = tmpdir("full-disk")
+
+    def call(dest, patch):
+        err = io.StringIO()
+        saved = dict(os.environ), sys.argv
+        try:
+            os.environ.clear()
+            os.environ.update(env_for(hub, work))
+            sys.argv = ["download.py", REPO_ID, "--dir", dest, "--retries", "0"]
+            with patch, contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                try:
+                    dl.main()
+                except SystemExit as e:
+                    code = e.code
+        finally:
+            os.environ.clear()
+            os.environ.update(saved[0])
+            sys.argv = saved[1]
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        p = subprocess.CompletedProcess([], code)
+        p.err = err.getvalue()
+        return p
+
+    class Usage:
+        free = 2_000_000
+
+    class FullFile(io.FileIO):
+        """Writes to a .part file fail with ENOSPC once 20,000 bytes are in it."""
+        def write(self, b):
+            room = 20000 - self.tell()
+            if len(b) > room:
+                super().write(bytes(b[:room]))
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(b)
+
+    real_open = builtins.open
+
+    def fake_open(path, mode="r", *a, **k):
+        if str(path).endswith(SHARD1 + ".part") and "b" in mode and ("a" in mode or "w" in mode):
+            return FullFile(path, mode.replace("b", ""))
+        return real_open(path, mode, *a, **k)
+
+    import unittest.mock as mock
+    with Hub(ckpt) as hub:
+        p = call(os.path.join(work, "a"), mock.patch.object(dl.shutil, "disk_usage", lambda d: Usage()))
+        assert_one_error(p, "not enough disk space", SHARD1 + ".part", "2.00 MB free")
+        p = call(os.path.join(work, "b"), mock.patch.object(builtins, "open", fake_open))
+        assert_one_error(p, "disk full", SHARD1 + ".part", "run again to resume")
+        part = os.path.join(work, "b", SHARD1 + ".part")
+        assert os.path.isfile(part) and os.path.getsize(part) == 20000, part
+        # with space again, the next run completes from there
+        p = download(env_for(hub, work), REPO_ID, "--dir", os.path.join(work, "b"))
+        assert p.returncode == 0, p.err
+        same_files(ckpt, os.path.join(work, "b"))
     shutil.rmtree(work)
