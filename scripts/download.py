@@ -262,10 +262,10 @@ class Progress:
                 sys.stderr.write("\r" + self.line(now) + "\x1b[K")
                 sys.stderr.flush()
         elif not self.quiet and self.total:
-            while self.next_step <= 10 and done * 10 >= self.total * self.next_step:
-                self.next_step += 1
-                if self.next_step <= 10:        # 100% is the "done" line
-                    print(self.line(now), file=sys.stderr, flush=True)
+            step = done * 10 // self.total      # one line per tenth passed; 100% is the "done" line
+            if self.next_step <= step < 10:
+                self.next_step = step + 1
+                print(self.line(now), file=sys.stderr, flush=True)
 
     def line(self, now):
         dt = max(now - self.t0, 1e-6)

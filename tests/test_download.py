@@ -285,6 +285,10 @@ def test_download_convert_run():
         assert "commit " + COMMIT in p.err, p.err
         # progress: stderr is not a terminal, so plain lines, no carriage returns
         assert "\r" not in p.err and f"{SHARD1}:" in p.err and "MB/s" in p.err, p.err
+        lines = p.err.splitlines()
+        assert len([l for l in lines if l.startswith("  config.json:")]) == 1, p.err     # just "done"
+        shard = [l for l in lines if l.startswith(f"  {SHARD1}:")]
+        assert 2 <= len(shard) <= 10 and len(set(shard)) == len(shard), p.err
 
         # a second run: only HEAD requests, nothing downloaded again
         n = len(hub.log)
