@@ -45,11 +45,12 @@ class QuietServer(http.server.ThreadingHTTPServer):
 class Hub:
     """The hub and its file store; `with Hub(folder) as hub:` serves folder as REPO_ID@main."""
 
-    def __init__(self, folder, private=False, cut=None, stall=None, wrong_sha=(), ignore_range=False):
+    def __init__(self, folder, repo=REPO_ID, private=False, cut=None, stall=None, wrong_sha=(), ignore_range=False):
         self.files = {}
         for name in os.listdir(folder):
             with open(os.path.join(folder, name), "rb") as f:
                 self.files[name] = f.read()
+        self.repo = repo
         self.private = private
         self.cut = dict(cut or {})          # name -> N: the next GET sends N bytes and hangs up
         self.stall = dict(stall or {})      # name -> N: the next GET sends N bytes and waits
@@ -134,11 +135,11 @@ class Hub:
                     return self.error(401, "RepoNotFound")
                 if repo == OLD_REPO_ID:       # a renamed repository: a relative redirect
                     self.send_response(307)
-                    self.send_header("Location", "/" + REPO_ID + self.path[len(OLD_REPO_ID) + 1:])
+                    self.send_header("Location", "/" + hub.repo + self.path[len(OLD_REPO_ID) + 1:])
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
-                if repo != REPO_ID:
+                if repo != hub.repo:
                     return self.error(404, "RepoNotFound")
                 if rev not in ("main", COMMIT):
                     return self.error(404, "RevisionNotFound")
@@ -558,6 +559,29 @@ def test_run_sh_one_command():
         p = subprocess.run(cmd, capture_output=True, timeout=60, env=env)
         assert p.returncode == 0 and p.stdout.decode() == want, p.stderr.decode()
         assert len(hub.log) == n and "downloading" not in p.stderr.decode()
+    shutil.rmtree(work)
+
+
+def test_run_sh_selfcheck_for_phi2():
+    """For microsoft/phi-2, run.sh says the download size up front and runs selfcheck.py after
+    converting; the synthetic weights served under that name fail it, which is reported
+    without deleting the model, and the prompt still runs."""
+    ckpt = ckpt2()
+    work = tmpdir("runsh-phi2")
+    model = os.path.join(work, "m.f32.bin")
+    dest = os.path.join(work, "phi-2")
+    with Hub(ckpt, repo="microsoft/phi-2") as hub:
+        env = env_for(hub, work)
+        env["PHI2_BIN"] = os.path.abspath(PHI2)
+        cmd = ["bash", os.path.join(REPO, "scripts", "run.sh"), "--dtype", "f32", "--model", model,
+               "--dir", dest, "--temp", "0", "-n", "3"]
+        p = subprocess.run(cmd, capture_output=True, timeout=120, env=env)
+        err = p.stderr.decode()
+        assert p.returncode == 0, err
+        assert f"downloading microsoft/phi-2 (5.6 GB) into {dest}, then converting to {model} (11.1 GB)" in err, err
+        assert "max |diff| vs published logits" in err and "selfcheck FAILED" in err, err
+        assert os.path.isfile(model)
+        assert p.stdout.decode().startswith("Instruct: Write a haiku about caches.\nOutput:"), p.stdout
     shutil.rmtree(work)
 
 
