@@ -1,13 +1,30 @@
 # phi2.c -- build and test.
-#   make            ./phi2, optimized for this CPU (-O3 -march=native), OpenMP if available
+#   make            ./phi2, optimized for this CPU (-O3 -march=native, or -mcpu=native), OpenMP if available
 #   make portable   ./phi2-portable: no SIMD assumptions (scalar kernels), still OpenMP
 #   make sanitize   ./phi2-asan: AddressSanitizer + UndefinedBehaviorSanitizer build
 #   make test       the whole suite against ./phi2 (then: make test-sanitize, make test-portable,
 #                   make test-arm: an aarch64 build under qemu-user)
 CC      ?= cc
-PYTHON  ?= /usr/bin/python3
 WARN    := -std=c11 -Wall -Wextra -Wshadow -Wno-unused-parameter
-OPENMP  := $(shell echo 'int main(void){return 0;}' | $(CC) -fopenmp -x c - -o /dev/null 2>/dev/null && echo -fopenmp)
+# A C program that compiles with the flags given, or nothing: probes for what this compiler takes.
+try_cc   = $(shell echo 'int main(void){return 0;}' | $(CC) $(1) -x c - -o /dev/null 2>/dev/null && echo ok)
+# Tune for this CPU: -march=native (gcc anywhere, clang on x86), else -mcpu=native (clang on
+# Arm, including Apple clang up to 14), else nothing.
+NATIVE  := $(if $(call try_cc,-march=native),-march=native,$(if $(call try_cc,-mcpu=native),-mcpu=native,))
+# OpenMP: the compiler's own -fopenmp; on macOS, Apple clang with Homebrew's libomp; else
+# a single-threaded build, said once.
+BREW_OMP := $(shell brew --prefix libomp 2>/dev/null)
+ifneq ($(call try_cc,-fopenmp),)
+OPENMP  := -fopenmp
+else ifneq ($(and $(BREW_OMP),$(call try_cc,-Xpreprocessor -fopenmp -I$(BREW_OMP)/include -L$(BREW_OMP)/lib -lomp)),)
+OPENMP  := -Xpreprocessor -fopenmp -I$(BREW_OMP)/include -L$(BREW_OMP)/lib -lomp
+else
+OPENMP  :=
+$(info phi2: $(CC) has no OpenMP: building single-threaded (macOS: brew install libomp; Linux: install libgomp or use gcc))
+endif
+# The tests need a Python 3 with numpy: the first of these that has it.
+PYTHON  ?= $(firstword $(foreach p,python3 /usr/bin/python3 /opt/homebrew/bin/python3 /usr/local/bin/python3,\
+             $(shell $(p) -c 'import numpy' >/dev/null 2>&1 && command -v $(p))) python3-with-numpy-not-found)
 SRC     := phi2.c tokenizer.c
 HDR     := tokenizer.h unicode_tables.h
 
@@ -16,7 +33,7 @@ HDR     := tokenizer.h unicode_tables.h
 all: phi2
 
 phi2: $(SRC) $(HDR)
-	$(CC) $(WARN) -O3 -march=native $(OPENMP) -o $@ $(SRC) -lm
+	$(CC) $(WARN) -O3 $(NATIVE) $(OPENMP) -o $@ $(SRC) -lm
 
 portable: phi2-portable
 phi2-portable: $(SRC) $(HDR)
@@ -24,7 +41,7 @@ phi2-portable: $(SRC) $(HDR)
 
 sanitize: phi2-asan
 phi2-asan: $(SRC) $(HDR)
-	$(CC) $(WARN) -O1 -g -march=native $(OPENMP) -fsanitize=address,undefined -fno-sanitize-recover=all \
+	$(CC) $(WARN) -O1 -g $(NATIVE) $(OPENMP) -fsanitize=address,undefined -fno-sanitize-recover=all \
 	    -fno-omit-frame-pointer -o $@ $(SRC) -lm
 
 # Test-only programs (tokenizer and kernel unit tests) live in build/.
@@ -36,13 +53,13 @@ build/tokenizer_tool: tests/tokenizer_tool.c tokenizer.c $(HDR)
 # as the binary under test, so the fast kernels are checked against their scalar twins.
 build/test_kernels: tests/test_kernels.c $(SRC) $(HDR)
 	@mkdir -p build
-	$(CC) $(WARN) -O3 -march=native $(OPENMP) -o $@ tests/test_kernels.c tokenizer.c -lm
+	$(CC) $(WARN) -O3 $(NATIVE) $(OPENMP) -o $@ tests/test_kernels.c tokenizer.c -lm
 build/test_kernels-portable: tests/test_kernels.c $(SRC) $(HDR)
 	@mkdir -p build
 	$(CC) $(WARN) -O3 -DPHI2_SCALAR_ONLY $(OPENMP) -o $@ tests/test_kernels.c tokenizer.c -lm
 build/test_kernels-asan: tests/test_kernels.c $(SRC) $(HDR)
 	@mkdir -p build
-	$(CC) $(WARN) -O1 -g -march=native $(OPENMP) -fsanitize=address,undefined -fno-sanitize-recover=all \
+	$(CC) $(WARN) -O1 -g $(NATIVE) $(OPENMP) -fsanitize=address,undefined -fno-sanitize-recover=all \
 	    -o $@ tests/test_kernels.c tokenizer.c -lm
 
 TEST_BINS := build/tokenizer_tool

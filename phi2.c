@@ -50,6 +50,11 @@
 
 #include "tokenizer.h"
 
+/* Model files are little-endian and used in place, without conversion. */
+#if defined(__BYTE_ORDER__) && defined(__ORDER_BIG_ENDIAN__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+#error "phi2.c needs a little-endian CPU: it uses the (little-endian) model file in place"
+#endif
+
 #define ALWAYS_INLINE inline __attribute__((always_inline))
 #define MAYBE_UNUSED __attribute__((unused))  // scalar twins and helpers some builds do not call
 
@@ -317,6 +322,8 @@ static const struct { const char *name; uint32_t max; } DIM_LIMITS[8] = {
 /* Validate the header field by field: a wrong file must fail here with a clear message,
  * never later with a crash or with garbage text. */
 static Config parse_header(const unsigned char *h, size_t file_size, const char *path) {
+    const uint16_t one = 1;  // for compilers the #error above cannot see through
+    if (*(const unsigned char *)&one != 1) die("this CPU is big-endian: phi2.c reads little-endian model files in place");
     if (memcmp(h, MODEL_MAGIC, 8) != 0)
         die("'%s' is not a phi2.c model file (bad magic); convert a checkpoint with scripts/convert.py", path);
     uint32_t version = read_u32(h + 8);
@@ -646,6 +653,10 @@ static void matmul_q8(float *out, const QuantizedRows *in, const Matrix *W, cons
                       KernelScratch *k);
 static void gelu_new_span(float *x, size_t n);
 static float dot_f32(const float *a, const float *b, int n);
+/* The kernels this build has, and for int8 the ones it will use here (AMX needs the OS's
+ * permission), e.g. "x86-64 avx512, int8 vnni+amx" or "scalar": printed by -v and in the
+ * timings line, so figures from different machines say what ran. */
+static void kernel_description(char *out, size_t size, KernelScratch *k, int weight_type);
 
 /* The matrix product the forward pass calls: float weights directly; int8 weights after
  * quantizing the activations the same way (one scale per 64 values). */
@@ -1034,6 +1045,7 @@ static void usage(FILE *f) {
             "                         LayerNorm, q/k/v, attention, MLP, residual; logits) of\n"
             "                         every prompt position and exit; compare it with\n"
             "                         scripts/reference.py --trace (scripts/compare_trace.py)\n"
+            "  -v, --version          the model format and the kernels of this build\n"
             "  -h, --help             this help\n"
             "\n"
             "Text streams to stdout; timings and the reason generation stopped go to stderr.\n"
@@ -1056,7 +1068,7 @@ typedef struct {
     int ctx;                    // 0: the model's max_seq_len
     int batch;                  // prompt positions per forward pass
     int n_threads;              // 0: all cores
-    int tokenize, print_ids, no_display_prompt, ignore_eos, no_mmap, help;
+    int tokenize, print_ids, no_display_prompt, ignore_eos, no_mmap, help, version;
 } Options;
 
 static Options parse_args(int argc, char **argv) {
@@ -1065,6 +1077,10 @@ static Options parse_args(int argc, char **argv) {
         const char *a = argv[i];
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
             o.help = 1;  // main prints the usage: parsing itself never exits successfully
+            return o;
+        }
+        if (!strcmp(a, "-v") || !strcmp(a, "--version")) {
+            o.version = 1;
             return o;
         }
         // flags without a value
@@ -1299,10 +1315,12 @@ static int generate(const Model *m, RunState *s, const Options *opt, const int *
     fprintf(stderr, "\nphi2: stopped: %s\n", stop_reason);
     // Decode reads every weight once per token: tok/s x bytes is the memory bandwidth used.
     double gen_tps = t_gen > 0 ? n_decoded / t_gen : 0.0;
+    char kernels[96];
+    kernel_description(kernels, sizeof(kernels), &s->kern, c->weight_type);
     fprintf(stderr, "phi2: load %.2f s | prompt %d tokens, %.2f tok/s | generated %d tokens, %.2f tok/s "
-            "(%.1f GB/s of weights) | %d threads\n",
+            "(%.1f GB/s of weights) | %d threads | %s\n",
             t_load, n_prompt_done, t_prompt > 0 ? n_prompt_done / t_prompt : 0.0, n_gen, gen_tps,
-            gen_tps * (double)m->weight_bytes * 1e-9, max_threads());
+            gen_tps * (double)m->weight_bytes * 1e-9, max_threads(), kernels);
     free(generated);
     free(cand);
     return g_interrupted ? 130 : 0;
@@ -1313,6 +1331,14 @@ int main(int argc, char **argv) {
     Options opt = parse_args(argc, argv);
     if (opt.help) {
         usage(stdout);
+        flush_stdout();
+        return 0;
+    }
+    if (opt.version) {  // which kernels this build has, and which int8 one it uses here
+        KernelScratch probe = {0};
+        char kernels[96];
+        kernel_description(kernels, sizeof(kernels), &probe, WEIGHTS_Q8);
+        printf("phi2 (model format %d): %s\n", MODEL_VERSION, kernels);
         flush_stdout();
         return 0;
     }
@@ -2052,6 +2078,47 @@ static float dot_f32(const float *a, const float *b, int n) {
 #else
     return dot_f32_scalar(a, b, n);
 #endif
+}
+
+static void kernel_description(char *out, size_t size, KernelScratch *k, int weight_type) {
+#if defined(__x86_64__) || defined(_M_X64)
+#define PHI2_ARCH "x86-64"
+#elif defined(__aarch64__) || defined(_M_ARM64)
+#define PHI2_ARCH "arm64"
+#else
+#define PHI2_ARCH "cpu"
+#endif
+#if PHI2_AVX512
+    const char *f32 = PHI2_ARCH " avx512";
+#elif PHI2_AVX2
+    const char *f32 = PHI2_ARCH " avx2+fma";
+#elif PHI2_NEON
+    const char *f32 = PHI2_ARCH " neon";
+#else
+    const char *f32 = PHI2_ARCH " scalar";
+#endif
+    (void)k;
+    if (weight_type != WEIGHTS_Q8) {
+        snprintf(out, size, "%s", f32);
+        return;
+    }
+#if PHI2_AMX
+    const char *int8 = amx_available(k) ? "vnni+amx" : "vnni";
+#elif PHI2_AVX512_VNNI
+    const char *int8 = "vnni";
+#elif PHI2_AVX2
+    const char *int8 = "avx2";
+#elif PHI2_NEON_I8MM
+    const char *int8 = "dotprod+i8mm";
+#elif PHI2_NEON_DOTPROD
+    const char *int8 = "dotprod";
+#elif PHI2_NEON
+    const char *int8 = "neon";
+#else
+    const char *int8 = "scalar";
+#endif
+    snprintf(out, size, "%s, int8 %s", f32, int8);
+#undef PHI2_ARCH
 }
 
 /* ------------------------------------------------------------------------------------- */

@@ -258,3 +258,19 @@ def test_endless_prompt_file_is_an_error():
     m = tiny_model()
     expect_error(m, "-f", "/dev/zero", "-n", "1", contains="more than the context can hold")
     expect_error(m, "-f", "/", "-n", "1", contains="cannot read")
+
+
+def test_version_names_the_kernels():
+    """-v names the model format and the kernels compiled in; the timings line of a run says
+    the same, so benchmark figures from different machines say what ran."""
+    line = phi2("-v").out.strip()
+    assert line.startswith("phi2 (model format 2): ") and ", int8 " in line, line
+    kernels = line.split(": ", 1)[1]
+    arch = kernels.split(" ")[0]
+    assert arch in ("x86-64", "arm64", "cpu"), kernels
+    p = phi2(tiny_model("q8"), "--ids", "1,2", "-n", "2")
+    timings = [ln for ln in p.err.splitlines() if ln.startswith("phi2: load")][0]
+    assert timings.endswith(" | " + kernels), (timings, kernels)
+    p = phi2(tiny_model(), "--ids", "1,2", "-n", "2")  # f32: no int8 kernel in the description
+    timings = [ln for ln in p.err.splitlines() if ln.startswith("phi2: load")][0]
+    assert timings.endswith(" | " + kernels.split(", int8")[0]), (timings, kernels)
