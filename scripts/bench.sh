@@ -18,7 +18,7 @@ if [ $# -lt 1 ] || [ $# -gt 2 ]; then
     exit 2
 fi
 MODEL=$1
-THREADS=${2:-$(nproc)}
+THREADS=${2:-$(getconf _NPROCESSORS_ONLN 2>/dev/null || nproc)}
 REPS=${REPS:-3}
 PROMPT=${PROMPT:-128}
 GEN=${GEN:-64}
@@ -29,27 +29,39 @@ cd "$(dirname "$0")/.."
 make -s phi2 >&2
 mkdir -p build
 if [ ! -x build/membw ] || [ scripts/membw.c -nt build/membw ]; then
-    ${CC:-cc} -std=c11 -O3 -march=native -fopenmp -o build/membw scripts/membw.c
+    ${CC:-cc} -std=c11 -O3 -march=native -fopenmp -o build/membw scripts/membw.c 2>/dev/null ||
+        ${CC:-cc} -std=c11 -O3 -o build/membw scripts/membw.c  # no OpenMP (Apple clang): one thread
 fi
 
+# Peak memory comes from /usr/bin/time: GNU's -f (Linux) or BSD's -l (macOS, in bytes).
 TIME=/usr/bin/time
 [ -x "$TIME" ] || { echo "bench: /usr/bin/time is needed for the peak memory" >&2; exit 1; }
+if "$TIME" -f "%M" true >/dev/null 2>&1; then
+    peak_rss_kb() { "$TIME" -f "bench-rss-kb %M" "$@"; }
+else
+    peak_rss_kb() { "$TIME" -l "$@" 2> >(awk '/maximum resident set size/ { print "bench-rss-kb", int($1 / 1024); next } { print }' >&2); }
+fi
+file_size() { wc -c <"$1" | tr -d ' '; }
+# What ran: the CPU's name and the kernels compiled into ./phi2.
+CPU=$( (grep -m1 'model name' /proc/cpuinfo 2>/dev/null | sed 's/.*: //') || true)
+[ -n "$CPU" ] || CPU=$(sysctl -n machdep.cpu.brand_string 2>/dev/null || uname -m)
 
 # Model shape from the header (docs/FORMAT.md): hidden at 20, layers at 28 (u32 LE).
 read -r HIDDEN < <(od -An -tu4 -j20 -N4 "$MODEL")
 read -r LAYERS < <(od -An -tu4 -j28 -N4 "$MODEL")
-MODEL_BYTES=$(stat -c %s "$MODEL")
+MODEL_BYTES=$(file_size "$MODEL")
 KV_BYTES=$(( 2 * LAYERS * (PROMPT + GEN) * HIDDEN * 4 ))
 
 echo "bench: $MODEL ($((MODEL_BYTES / 1000000)) MB), $THREADS threads, prompt $PROMPT tokens, $GEN generated, $REPS runs${FLAGS:+, flags $FLAGS}"
+echo "cpu: $CPU ($(getconf _NPROCESSORS_ONLN 2>/dev/null || nproc) logical cores); $(./phi2 -v)"
 PROBE=$(OMP_NUM_THREADS=$THREADS build/membw 300 9)
 echo "$PROBE"
 PROBE_GBS=$(echo "$PROBE" | awk '{print $2}')
 
 # Tokenizer: 100 KB of this repository's own text and code through --tokenize.
 TOKTXT=$(mktemp)
-while [ "$(stat -c %s "$TOKTXT")" -lt 100000 ]; do cat README.md phi2.c >>"$TOKTXT"; done
-truncate -s 100000 "$TOKTXT"
+while [ "$(file_size "$TOKTXT")" -lt 100000 ]; do cat README.md phi2.c >>"$TOKTXT"; done
+head -c 100000 "$TOKTXT" >"$TOKTXT.cut" && mv "$TOKTXT.cut" "$TOKTXT"
 make -s build/tokenizer_tool >&2
 echo "tokenizer: 100 KB of README.md + phi2.c: $(build/tokenizer_tool "$MODEL" bench "$TOKTXT" 5) (best of 5)"
 rm -f "$TOKTXT"
@@ -60,7 +72,7 @@ IDS=$(awk -v n="$PROMPT" 'BEGIN { for (i = 0; i < n; i++) printf "%s%d", (i ? ",
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 for r in $(seq 1 "$REPS"); do
-    $TIME -f "bench-rss-kb %M" ./phi2 "$MODEL" --ids "$IDS" -n "$GEN" --temp 0 --ignore-eos -t "$THREADS" \
+    peak_rss_kb ./phi2 "$MODEL" --ids "$IDS" -n "$GEN" --temp 0 --ignore-eos -t "$THREADS" \
         --print-ids $FLAGS >/dev/null 2>"$TMP/err"
     line=$(grep '^phi2: load' "$TMP/err") || { cat "$TMP/err" >&2; exit 1; }
     rss=$(awk '/^bench-rss-kb/ {print $2}' "$TMP/err")
