@@ -3,7 +3,7 @@
 #   make portable   ./phi2-portable: no SIMD assumptions (scalar kernels), still OpenMP
 #   make sanitize   ./phi2-asan: AddressSanitizer + UndefinedBehaviorSanitizer build
 #   make test       the whole suite against ./phi2 (then: make test-sanitize, make test-portable,
-#                   make test-arm: an aarch64 build under qemu-user)
+#                   make test-arm: aarch64 builds at three levels, gcc and clang, under qemu-user)
 CC      ?= cc
 WARN    := -std=c11 -Wall -Wextra -Wshadow -Wno-unused-parameter
 # A C program that compiles with the flags given, or nothing: probes for what this compiler takes.
@@ -28,7 +28,7 @@ PYTHON  ?= $(firstword $(foreach p,python3 /usr/bin/python3 /opt/homebrew/bin/py
 SRC     := phi2.c tokenizer.c
 HDR     := tokenizer.h unicode_tables.h
 
-.PHONY: all portable sanitize test test-sanitize test-portable test-arm clean
+.PHONY: all portable sanitize test test-sanitize test-portable test-clang test-arm clean
 
 all: phi2
 
@@ -76,20 +76,86 @@ test-portable: phi2-portable $(TEST_BINS) build/test_kernels-portable
 	rm -rf build/testdata
 	PHI2_BIN=./phi2-portable KERNEL_TEST_BIN=build/test_kernels-portable $(PYTHON) tests/run.py
 
-# Arm (aarch64, as on an Apple or Raspberry Pi machine): cross-compiled, run under qemu-user.
-# No SIMD kernels exist for Arm yet, so this checks the portable path end to end.
-ARM_CC ?= aarch64-linux-gnu-gcc
+# The same suite with the engine and kernel tests built by clang (CI builds with both compilers).
+CLANG ?= clang
+CLANG_OPENMP := $(shell echo 'int main(void){return 0;}' | $(CLANG) -fopenmp -x c - -o /dev/null 2>/dev/null && echo -fopenmp)
+phi2-clang: $(SRC) $(HDR)
+	$(CLANG) $(WARN) -O3 -march=native $(CLANG_OPENMP) -o $@ $(SRC) -lm
+build/test_kernels-clang: tests/test_kernels.c $(SRC) $(HDR)
+	@mkdir -p build
+	$(CLANG) $(WARN) -O3 -march=native $(CLANG_OPENMP) -o $@ tests/test_kernels.c tokenizer.c -lm
+test-clang: phi2-clang $(TEST_BINS) build/test_kernels-clang
+	rm -rf build/testdata
+	PHI2_BIN=./phi2-clang KERNEL_TEST_BIN=build/test_kernels-clang $(PYTHON) tests/run.py
+
+# Arm (aarch64: Apple M, Snapdragon X, Graviton, Raspberry Pi): cross-compiled and run under
+# qemu-user (-cpu max: every extension), at the three levels of the NEON kernels (Appendix A2
+# of phi2.c), each with gcc and with clang:
+#   v8       -march=armv8-a             plain NEON (int8 by widening multiplies)
+#   dotprod  -march=armv8.2-a+dotprod   int8 with SDOT
+#   i8mm     -march=armv8.6-a+i8mm      int8 with SMMLA for batches, SDOT for decode
+# make test-arm runs, for every build, the kernel tests (tests/test_kernels.c against the
+# scalar twins) and the engine tests (test_model, test_cli, test_q8); make test-arm-i8mm-gcc
+# and the like run one build; make check-arm-asm checks that the dotprod and i8mm builds'
+# int8 kernels really contain sdot and smmla. The clang builds are without OpenMP: Debian has
+# no arm64 libomp for the cross compiler (clang -fopenmp=libgomp only ignores the pragmas).
+ARM_CC      ?= aarch64-linux-gnu-gcc
+ARM_CLANG   ?= clang --target=aarch64-linux-gnu
+ARM_OBJDUMP ?= aarch64-linux-gnu-objdump
+ARM_QEMU    ?= qemu-aarch64 -cpu max -L /usr/aarch64-linux-gnu
+ARM_LEVELS  := v8 dotprod i8mm
+ARM_MARCH_v8      := armv8-a
+ARM_MARCH_dotprod := armv8.2-a+dotprod
+ARM_MARCH_i8mm    := armv8.6-a+i8mm
+ARM_CC_gcc        = $(ARM_CC) -fopenmp
+ARM_CC_clang      = $(ARM_CLANG)
+ARM_BUILDS  := $(foreach l,$(ARM_LEVELS),$(l)-gcc $(l)-clang)
+
+# build/arm/phi2-LEVEL-CC, build/arm/test_kernels-LEVEL-CC, and a qemu wrapper script for each
+define ARM_BUILD
+build/arm/phi2-$(1)-$(2): $$(SRC) $$(HDR)
+	@mkdir -p build/arm
+	$$(ARM_CC_$(2)) $$(WARN) -O3 -march=$$(ARM_MARCH_$(1)) -o $$@ $$(SRC) -lm
+build/arm/test_kernels-$(1)-$(2): tests/test_kernels.c $$(SRC) $$(HDR)
+	@mkdir -p build/arm
+	$$(ARM_CC_$(2)) $$(WARN) -O3 -march=$$(ARM_MARCH_$(1)) -o $$@ tests/test_kernels.c tokenizer.c -lm
+build/arm/%-$(1)-$(2)-qemu: build/arm/%-$(1)-$(2)
+	printf '#!/bin/sh\nexec $$(ARM_QEMU) "$$(CURDIR)/$$<" "$$$$@"\n' >$$@
+	chmod +x $$@
+test-arm-$(1)-$(2): build/arm/phi2-$(1)-$(2)-qemu build/arm/test_kernels-$(1)-$(2)-qemu $$(TEST_BINS)
+	@echo "== aarch64 $(1) ($$(ARM_MARCH_$(1))), $(2)"
+	rm -rf build/testdata-arm
+	PHI2_BIN=build/arm/phi2-$(1)-$(2)-qemu KERNEL_TEST_BIN=build/arm/test_kernels-$(1)-$(2)-qemu \
+	    PHI2_TEST_WORK=build/testdata-arm $$(PYTHON) tests/run.py test_kernels test_model test_cli test_q8
+.PHONY: test-arm-$(1)-$(2)
+endef
+$(foreach l,$(ARM_LEVELS),$(foreach c,gcc clang,$(eval $(call ARM_BUILD,$(l),$(c)))))
+
+# The disassembly of each build's int8 kernels: SDOT in the dotprod builds, SMMLA in the
+# i8mm builds, neither in the plain-NEON builds (which must still have NEON int8 code).
+check-arm-asm: $(ARM_BUILDS:%=build/arm/phi2-%)
+	@for b in $(ARM_BUILDS); do \
+	    f=build/arm/phi2-$$b; $(ARM_OBJDUMP) -d $$f >$$f.dis || exit 1; \
+	    n_sdot=$$(grep -c '\bsdot\b' $$f.dis); n_smmla=$$(grep -c '\bsmmla\b' $$f.dis); \
+	    n_smull=$$(grep -c '\bsmull2\?\b' $$f.dis); \
+	    echo "$$f: $$n_sdot sdot, $$n_smmla smmla, $$n_smull smull/smull2"; \
+	    case $$b in \
+	    v8-*) [ $$n_sdot = 0 ] && [ $$n_smmla = 0 ] && [ $$n_smull -gt 0 ] || { echo "FAIL $$f: expected smull, no sdot/smmla"; exit 1; } ;; \
+	    dotprod-*) [ $$n_sdot -gt 0 ] && [ $$n_smmla = 0 ] || { echo "FAIL $$f: expected sdot, no smmla"; exit 1; } ;; \
+	    i8mm-*) [ $$n_sdot -gt 0 ] && [ $$n_smmla -gt 0 ] || { echo "FAIL $$f: expected sdot and smmla"; exit 1; } ;; \
+	    esac; \
+	done
+
+test-arm: check-arm-asm $(ARM_BUILDS:%=test-arm-%)
+test-arm-all: test-arm
+.PHONY: check-arm-asm test-arm-all
+
+# The default aarch64 build (gcc's default target: armv8-a, plain NEON).
 phi2-aarch64: $(SRC) $(HDR)
 	$(ARM_CC) $(WARN) -O3 -fopenmp -o $@ $(SRC) -lm
 
-test-arm: phi2-aarch64 $(TEST_BINS)
-	rm -rf build/testdata
-	printf '#!/bin/sh\nexec qemu-aarch64 -L /usr/aarch64-linux-gnu "$(CURDIR)/phi2-aarch64" "$$@"\n' >build/phi2-aarch64-qemu
-	chmod +x build/phi2-aarch64-qemu
-	PHI2_BIN=build/phi2-aarch64-qemu $(PYTHON) tests/run.py test_model test_cli test_q8
-
 clean:
-	rm -rf phi2 phi2-portable phi2-asan phi2-aarch64 build
+	rm -rf phi2 phi2-portable phi2-asan phi2-clang phi2-aarch64 build
 
 # Fuzzing (tests/fuzz/): libFuzzer harnesses built with clang, run by tests/fuzz/run.sh.
 #   make fuzz           each harness for FUZZ_SECONDS (default 60) seconds, FUZZ_JOBS at a time,
