@@ -13,7 +13,10 @@
  * Appendices, for speed and portability only:
  *   A. x86 kernels        AVX-512, AVX2, VNNI and AMX versions of the section 3 kernels,
  *                         each tested against its scalar twin (tests/test_kernels.c)
- *   B. platform           memory mapping, huge pages, the AMX permission request
+ *   A2. Arm kernels       NEON, dotprod (SDOT) and i8mm (SMMLA) versions, tested the same
+ *                         way (under qemu-aarch64 in CI); then the dispatch functions
+ *   B. platform           memory mapping, huge pages, the AMX permission request; the
+ *                         Windows versions of these (MinGW-w64, make windows)
  *
  * Phi-2 in one paragraph: tokens are embedded (no position embedding); each of the 32
  * layers normalizes the residual stream once and feeds the SAME normalized vector to
@@ -25,6 +28,9 @@
  */
 #define _POSIX_C_SOURCE 200809L
 #define _DEFAULT_SOURCE  // MAP_POPULATE, MADV_HUGEPAGE
+#ifdef _WIN32
+#define __USE_MINGW_ANSI_STDIO 1  // MinGW: C99 printf (%zu, %lld), not the old msvcrt one
+#endif
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -35,10 +41,14 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
+#ifdef _WIN32  // Appendix B has the Windows versions of the platform functions
+#include <io.h>
+#else
+#include <sys/mman.h>
+#endif
 #ifdef _OPENMP
 #include <omp.h>
 #else
@@ -61,6 +71,16 @@
 /* ------------------------------------------------------------------------------------- */
 /* 1. Utilities                                                                           */
 /* ------------------------------------------------------------------------------------- */
+
+/* What POSIX and Windows do differently, as a few functions defined in Appendix B. */
+static void setup_process(void);        // ignore SIGPIPE; Windows: binary stdout, UTF-8 console
+static void catch_termination_signals(void (*handler)(int));  // Ctrl-C, kill, hangup
+static double now_seconds(void);        // monotonic clock
+static void *xmalloc_aligned(size_t n); // 64-byte aligned, released with free_aligned (not free)
+static void free_aligned(void *p);
+static FILE *create_partial_file(const char *path);  // "wb", removable while still open
+static int replace_file(const char *from, const char *to);  // rename over an existing file: 0, or -1 and errno
+static int reader_gone(int err);        // whether a failed write (errno err) met a closed pipe
 
 /* A file being written (e.g. --dump-logits) goes to "<path>.tmp" and is renamed when
  * complete; if we die first, the temporary is removed so nothing half-written remains. */
@@ -85,9 +105,7 @@ static void begin_partial_file(const char *path) {
         g_partial_file[0] = '\0';
         die("output path '%s' is too long", path);
     }
-    signal(SIGINT, remove_partial_file_and_reraise);
-    signal(SIGTERM, remove_partial_file_and_reraise);
-    signal(SIGHUP, remove_partial_file_and_reraise);
+    catch_termination_signals(remove_partial_file_and_reraise);
 }
 
 /* Print "phi2: error: ..." as one line on stderr and exit with status 1. */
@@ -124,26 +142,14 @@ static void *xcalloc(size_t count, size_t size) {
     return p;
 }
 
-/* 64-byte aligned allocation, so SIMD loads of activation rows never split cache lines. */
-static void *xmalloc_aligned(size_t n) {
-    void *p = NULL;
-    if (posix_memalign(&p, 64, n ? n : 64) != 0) die("out of memory allocating %zu bytes", n);
-    return p;
-}
-
-static double now_seconds(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
-/* Strict number parsing for flags: the whole string must be a number within [lo, hi]. */
-static long parse_long(const char *flag, const char *s, long lo, long hi) {
+/* Strict number parsing for flags: the whole string must be a number within [lo, hi].
+ * long long, not long: long is 32 bits on Windows. */
+static long long parse_long(const char *flag, const char *s, long long lo, long long hi) {
     char *end = NULL;
     errno = 0;
-    long v = strtol(s, &end, 10);
+    long long v = strtoll(s, &end, 10);
     if (errno || end == s || *end != '\0' || v < lo || v > hi)
-        die("%s expects an integer in [%ld, %ld], got '%s'", flag, lo, hi, s);
+        die("%s expects an integer in [%lld, %lld], got '%s'", flag, lo, hi, s);
     return v;
 }
 
@@ -380,8 +386,10 @@ static Config parse_header(const unsigned char *h, size_t file_size, const char 
 
 /* Getting the file's bytes into memory is platform code (Appendix B): a read-only memory
  * map of the file (the default), or a copy in huge pages (--no-mmap). */
-static const unsigned char *map_file(int fd, size_t size, const char *path);
-static const unsigned char *read_into_huge_pages(int fd, size_t size, const char *path);
+static int open_model_file(const char *path, uint64_t *size);  // a descriptor, or dies: missing, not a regular file
+static const unsigned char *map_file(int fd, size_t size, const char *path);  // released with unmap_file
+static void unmap_file(const unsigned char *map, size_t size);
+static const unsigned char *read_into_huge_pages(int fd, size_t size, const char *path);  // free_aligned
 
 /* The weights section's two checksums (docs/FORMAT.md): the plain sum of its little-endian
  * u64 words, which changes with any flipped bit, and the sum of (i+1) * word_i, which also
@@ -466,14 +474,11 @@ static void parse_model(Model *m, const unsigned char *data, size_t size, const 
 /* Open the file, map it (or read it, --no-mmap), then validate it completely. */
 static void load_model(Model *m, const char *path, int use_mmap) {
     memset(m, 0, sizeof(*m));
-    int fd = open(path, O_RDONLY);
-    if (fd < 0) die("cannot open model '%s': %s", path, strerror(errno));
-    struct stat st;
-    if (fstat(fd, &st) != 0) die("cannot stat '%s': %s", path, strerror(errno));
-    if (!S_ISREG(st.st_mode)) die("'%s' is not a regular file", path);
-    if (st.st_size < HEADER_SIZE) die("'%s' is too small (%lld bytes) to be a phi2.c model file", path, (long long)st.st_size);
-    if ((uint64_t)st.st_size > SIZE_MAX) die("'%s' is too large to map on this system", path);
-    size_t size = (size_t)st.st_size;
+    uint64_t file_size = 0;
+    int fd = open_model_file(path, &file_size);
+    if (file_size < HEADER_SIZE) die("'%s' is too small (%llu bytes) to be a phi2.c model file", path, (unsigned long long)file_size);
+    if (file_size > SIZE_MAX) die("'%s' is too large to map on this system", path);
+    size_t size = (size_t)file_size;
     m->map = use_mmap ? map_file(fd, size, path) : read_into_huge_pages(fd, size, path);
     m->mapped = use_mmap;
     m->map_size = size;
@@ -484,8 +489,8 @@ static void load_model(Model *m, const char *path, int use_mmap) {
 static void free_model(Model *m) {
     tokenizer_free(&m->tokenizer);
     free(m->layers);
-    if (m->mapped) munmap((void *)m->map, m->map_size);
-    else free((void *)m->map);
+    if (m->mapped) unmap_file(m->map, m->map_size);
+    else free_aligned((void *)m->map);
 }
 
 /* ------------------------------------------------------------------------------------- */
@@ -644,7 +649,7 @@ typedef struct {
 } KernelScratch;
 
 /* --- Dispatch: the fastest version of each kernel this build has ---------------------
- * Defined in Appendix A, which picks by the compile target (-march) and falls back to the
+ * Defined after Appendix A2, picking by the compile target (-march) and falling back to the
  * scalar twins above: the same results, exactly for the quantizer (and the AMX kernel), to
  * float rounding for the rest. */
 static void matmul_f32(float *out, const float *in, const Matrix *W, const float *bias, int n_tokens);
@@ -749,10 +754,11 @@ static void init_state(RunState *s, const Config *c, int ctx, int max_batch) {
 }
 
 static void free_state(RunState *s) {
-    free(s->x); free(s->h); free(s->qkv); free(s->att); free(s->att_proj); free(s->ffn);
-    free(s->mlp_out); free(s->scores); free(s->logits); free(s->kern.xq.q); free(s->kern.xq.scale);
-    free(s->kern.amx_pack);
-    free(s->key_cache); free(s->value_cache); free(s->rope_cos); free(s->rope_sin);
+    free_aligned(s->x); free_aligned(s->h); free_aligned(s->qkv); free_aligned(s->att); free_aligned(s->att_proj);
+    free_aligned(s->ffn); free_aligned(s->mlp_out); free_aligned(s->scores); free_aligned(s->logits);
+    free_aligned(s->kern.xq.q); free_aligned(s->kern.xq.scale); free_aligned(s->kern.amx_pack);
+    free_aligned(s->key_cache); free_aligned(s->value_cache);
+    free(s->rope_cos); free(s->rope_sin);
 }
 
 /* Where the cached key (or value) of one head at one position starts. The cache is
@@ -999,7 +1005,7 @@ static int sample(Sampler *sm, const float *logits, int n_valid, Candidate *cand
 static int flush_stdout(void) {
     errno = 0;
     if (fflush(stdout) == 0 && !ferror(stdout)) return 1;
-    if (errno == EPIPE) {
+    if (reader_gone(errno)) {
         clearerr(stdout);  // not an error: later flushes (e.g. main's last) fail quietly the same way
         return 0;
     }
@@ -1060,7 +1066,7 @@ typedef struct {
     const char *dump_logits;    // --dump-logits
     const char *trace;          // --trace
     const char *stop;           // --stop
-    long n_predict;
+    long long n_predict;
     float temperature, top_p;
     int top_k;
     uint64_t seed;
@@ -1107,7 +1113,7 @@ static Options parse_args(int argc, char **argv) {
         else if (!strcmp(a, "--temp")) o.temperature = (float)parse_double(a, v, 0.0, 100.0);
         else if (!strcmp(a, "--top-k")) o.top_k = (int)parse_long(a, v, 0, INT_MAX);
         else if (!strcmp(a, "--top-p")) o.top_p = (float)parse_double(a, v, 0.0, 1.0);
-        else if (!strcmp(a, "-s") || !strcmp(a, "--seed")) { o.seed = (uint64_t)parse_long(a, v, 0, LONG_MAX); o.seed_given = 1; }
+        else if (!strcmp(a, "-s") || !strcmp(a, "--seed")) { o.seed = (uint64_t)parse_long(a, v, 0, LLONG_MAX); o.seed_given = 1; }
         else if (!strcmp(a, "-c") || !strcmp(a, "--ctx-size")) o.ctx = (int)parse_long(a, v, 1, INT_MAX);
         else if (!strcmp(a, "-b") || !strcmp(a, "--batch")) o.batch = (int)parse_long(a, v, 1, 4096);
         else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) o.n_threads = (int)parse_long(a, v, 1, 1024);
@@ -1157,7 +1163,7 @@ static void print_ids(FILE *f, const int *ids, int n) {
  * every prompt position), written to a temporary file that is renamed when complete. */
 static void dump_prompt(const Model *m, RunState *s, const int *tokens, int n_tokens, const char *path, int trace) {
     begin_partial_file(path);
-    FILE *f = fopen(g_partial_file, "wb");
+    FILE *f = create_partial_file(g_partial_file);
     if (!f) die("cannot create '%s': %s", g_partial_file, strerror(errno));
     if (trace) {
         s->trace = f;
@@ -1168,7 +1174,7 @@ static void dump_prompt(const Model *m, RunState *s, const int *tokens, int n_to
         prefill(m, s, tokens, n_tokens, f, g_partial_file);
     }
     if (fclose(f) != 0) die("cannot write '%s': %s", g_partial_file, strerror(errno));
-    if (rename(g_partial_file, path) != 0) die("cannot rename '%s' to '%s': %s", g_partial_file, path, strerror(errno));
+    if (replace_file(g_partial_file, path) != 0) die("cannot rename '%s' to '%s': %s", g_partial_file, path, strerror(errno));
     g_partial_file[0] = '\0';
 }
 
@@ -1278,7 +1284,7 @@ static int generate(const Model *m, RunState *s, const Options *opt, const int *
     double t_prompt = now_seconds() - t0;
 
     // Generation: one token per forward pass.
-    long n_limit = opt->n_predict < 0 ? LONG_MAX : opt->n_predict;
+    long long n_limit = opt->n_predict < 0 ? LLONG_MAX : opt->n_predict;
     int *generated = xmalloc(mul_size((size_t)ctx + 1, sizeof(int)));
     int n_gen = 0, n_decoded = 0, pos = n_prompt;
     t0 = now_seconds();
@@ -1327,7 +1333,7 @@ static int generate(const Model *m, RunState *s, const Options *opt, const int *
 }
 
 int main(int argc, char **argv) {
-    signal(SIGPIPE, SIG_IGN);  // a closed stdout becomes EPIPE, handled in flush_stdout
+    setup_process();  // e.g. SIGPIPE ignored: a closed stdout becomes EPIPE, handled in flush_stdout
     Options opt = parse_args(argc, argv);
     if (opt.help) {
         usage(stdout);
@@ -1372,7 +1378,7 @@ int main(int argc, char **argv) {
         if (n_prompt > ctx) die("the prompt is %d tokens, longer than the context of %d tokens", n_prompt, ctx);
 
         // The KV cache only needs the positions we will actually use.
-        long needed = opt.dump_logits || opt.trace ? n_prompt : (opt.n_predict < 0 ? ctx : n_prompt + opt.n_predict);
+        long long needed = opt.dump_logits || opt.trace ? n_prompt : (opt.n_predict < 0 ? ctx : n_prompt + opt.n_predict);
         int cache_len = needed < ctx ? (int)needed : ctx;
         RunState state;
         init_state(&state, c, cache_len, opt.batch);
@@ -1403,7 +1409,7 @@ int main(int argc, char **argv) {
  *   PHI2_AMX     AMX-INT8 (Sapphire Rapids and later, Linux): int8 matmul for batches, used
  *                only if the OS grants the tile state at run time (amx_available)
  * -DPHI2_SCALAR_ONLY (make portable) leaves only the scalar kernels. The dispatch functions
- * declared in section 3 come at the end of this appendix. */
+ * declared in section 3 come after Appendix A2 (the Arm kernels). */
 #if !defined(PHI2_SCALAR_ONLY) && defined(__AVX512F__) && defined(__AVX512BW__)
 #define PHI2_AVX512 1
 #if defined(__AVX512VNNI__)
@@ -1415,6 +1421,19 @@ int main(int argc, char **argv) {
 #endif
 #if !defined(PHI2_SCALAR_ONLY) && defined(__AVX2__) && defined(__FMA__)
 #define PHI2_AVX2 1
+#endif
+/* The Arm kernels of Appendix A2 (defined here so the loop nests below serve them too). */
+#if !defined(PHI2_SCALAR_ONLY) && defined(__aarch64__) && defined(__ARM_NEON)
+#define PHI2_NEON 1
+#include <arm_neon.h>
+#if defined(__ARM_FEATURE_DOTPROD)
+#define PHI2_NEON_DOTPROD 1
+#if defined(__ARM_FEATURE_MATMUL_INT8)
+#define PHI2_NEON_I8MM 1  // (its kernel uses SDOT for decode, hence inside dotprod)
+#endif
+#elif defined(__ARM_FEATURE_MATMUL_INT8)
+#warning "i8mm without dotprod (clang 14 does not imply it from -march=armv8.6-a: add +dotprod): plain NEON int8"
+#endif
 #endif
 
 /* Inside a parallel region: this thread's share [*lo, *hi) of n items, contiguous, so each
@@ -1545,11 +1564,11 @@ static void f32_tile_avx2_any(float *out, int out_stride, const float *w, const 
 }
 #endif
 
-#if PHI2_AVX512 || PHI2_AVX2
+#if PHI2_AVX512 || PHI2_AVX2 || PHI2_NEON
 typedef void (*F32Tile)(float *out, int out_stride, const float *w, const float *x, int cols, int kc, int R, int T,
                         int first, const float *bias);
 
-/* The blocked loop nest shared by the AVX-512 and AVX2 f32 kernels (tile: RT rows x TT tokens). */
+/* The blocked loop nest shared by the AVX-512, AVX2 and NEON f32 kernels (tile: RT rows x TT tokens). */
 static void matmul_f32_blocked(float *out, const float *in, const Matrix *W, const float *bias, int n_tokens,
                                F32Tile tile, int RT, int TT) {
     const int rows = W->rows, cols = W->cols, kc = f32_col_block(cols, n_tokens);
@@ -1754,12 +1773,12 @@ static void q8_tile_avx2_any(float *out, int out_stride, const int8_t *w, const 
 }
 #endif
 
-#if PHI2_AVX512_VNNI || PHI2_AVX2
+#if PHI2_AVX512_VNNI || PHI2_AVX2 || PHI2_NEON
 #define PHI2_Q8_SIMD 1
 typedef void (*Q8Tile)(float *out, int out_stride, const int8_t *w, const float *wd, const int8_t *x, const float *xd,
                        int cols, int n_groups, int R, int T, const float *bias);
 
-/* The loop nest shared by the VNNI and AVX2 int8 kernels (tile: RT rows x TT tokens). Each
+/* The loop nest shared by the VNNI, AVX2 and NEON int8 kernels (tile: RT rows x TT tokens). Each
  * thread takes a contiguous range of rows and reads each weight row once (the tile loops
  * over all tokens with the rows in cache): a batch's activations are small (n_tokens x cols
  * bytes) and stay in L2. Decode (one token) goes one row at a time, so the matrix streams
@@ -1786,7 +1805,11 @@ static void matmul_q8_tiled(float *out, const QuantizedRows *in, const Matrix *W
     }
 }
 
-/* matmul_q8_simd: the VNNI kernel on AVX512-VNNI builds, the maddubs one on AVX2 builds. */
+#endif
+
+#if PHI2_AVX512_VNNI || PHI2_AVX2
+/* matmul_q8_simd: the VNNI kernel on AVX512-VNNI builds, the maddubs one on AVX2 builds
+ * (Arm: Appendix A2). */
 static void matmul_q8_simd(float *out, const QuantizedRows *in, const Matrix *W, const float *bias, int n_tokens) {
 #if PHI2_AVX512_VNNI
     matmul_q8_tiled(out, in, W, bias, n_tokens, q8_tile_vnni_any, Q8_R_VNNI, Q8_T_VNNI);
@@ -1898,7 +1921,7 @@ static void matmul_q8_amx(float *out, const QuantizedRows *in, const Matrix *W, 
     const size_t tiles = (size_t)n_tb * n_groups;
     size_t need = tiles * 1024 + tiles * 16 * sizeof(float);
     if (need > k->amx_pack_size) {  // repacked activations: grown as needed, kept for the next call
-        free(k->amx_pack);
+        free_aligned(k->amx_pack);
         k->amx_pack = xmalloc_aligned(need);
         k->amx_pack_size = need;
     }
@@ -2022,6 +2045,329 @@ MAYBE_UNUSED static float dot_f32_avx2(const float *a, const float *b, int n) {
 }
 #endif
 
+/* ------------------------------------------------------------------------------------- */
+/* Appendix A2. Arm kernels: NEON, dotprod, i8mm                                          */
+/* ------------------------------------------------------------------------------------- */
+/* The section 3 kernels for 64-bit Arm (Apple M-series, Snapdragon X, Graviton, Raspberry
+ * Pi), chosen at compile time from the target (make: -mcpu=native or -march=...). The
+ * macros are defined at the top of Appendix A, beside the x86 ones, so that the loop nests
+ * shared with the x86 kernels (matmul_f32_blocked, matmul_q8_tiled) serve these too:
+ *   PHI2_NEON          any aarch64 (NEON is part of Armv8-A): f32 matmul, quantization,
+ *                      gelu, dot, int8 matmul (widening multiplies, vmull_s8 + vpadalq_s16)
+ *   PHI2_NEON_DOTPROD  Armv8.2 dotprod (all Apple M, Snapdragon X, Graviton2+): int8 matmul
+ *                      with SDOT, four int8 products summed into each int32 lane
+ *   PHI2_NEON_I8MM     Armv8.6 i8mm (Apple M2+, Graviton3+): int8 matmul for batches with
+ *                      SMMLA, a 2x8 by 8x2 int8 product into a 2x2 int32 block
+ * Fallback chain: i8mm -> dotprod -> plain NEON -> the scalar kernels. As on x86, each
+ * kernel is checked against its scalar twin by tests/test_kernels.c (make test-arm runs it
+ * under qemu-aarch64 for every level). */
+#if PHI2_NEON
+
+/* f32: the x86 register tile (R weight rows x T tokens of vector accumulators, one FMA per
+ * pair) in 4-float vectors. 32 NEON registers: 16 accumulators + 4 weights + 4 tokens. */
+enum { F32_R_NEON = 4, F32_T_NEON = 4 };
+
+static ALWAYS_INLINE void f32_tile_neon(float *out, int out_stride, const float *w, const float *x, int cols, int kc,
+                                        int R, int T, int first, const float *bias) {
+    float32x4_t acc[F32_R_NEON][F32_T_NEON];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) acc[r][t] = vdupq_n_f32(0.0f);
+    int c = 0;
+    for (; c + 4 <= kc; c += 4) {
+        float32x4_t wv[F32_R_NEON];
+        for (int r = 0; r < R; r++) wv[r] = vld1q_f32(w + (size_t)r * cols + c);
+        for (int t = 0; t < T; t++) {
+            const float32x4_t xv = vld1q_f32(x + (size_t)t * cols + c);
+            for (int r = 0; r < R; r++) acc[r][t] = vfmaq_f32(acc[r][t], wv[r], xv);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) {
+            float s = vaddvq_f32(acc[r][t]);
+            for (int cc = c; cc < kc; cc++) s += w[(size_t)r * cols + cc] * x[(size_t)t * cols + cc];  // tail
+            f32_store(out + (size_t)t * out_stride + r, s, first, bias ? bias + r : NULL);
+        }
+}
+
+static void f32_tile_neon_any(float *out, int out_stride, const float *w, const float *x, int cols, int kc, int R,
+                              int T, int first, const float *bias) {
+#define F32_CASE(RR, TT) \
+    case (RR) * 8 + (TT): f32_tile_neon(out, out_stride, w, x, cols, kc, RR, TT, first, bias); break;
+    switch (R * 8 + T) {
+        F32_CASE(4, 1) F32_CASE(4, 2) F32_CASE(4, 3) F32_CASE(4, 4)
+        F32_CASE(1, 1) F32_CASE(1, 2) F32_CASE(1, 3) F32_CASE(1, 4)
+        default: die("f32_tile_neon: bad tile %dx%d", R, T);
+    }
+#undef F32_CASE
+}
+
+MAYBE_UNUSED static void matmul_f32_neon(float *out, const float *in, const Matrix *W, const float *bias, int n_tokens) {
+    matmul_f32_blocked(out, in, W, bias, n_tokens, f32_tile_neon_any, F32_R_NEON, F32_T_NEON);
+}
+
+/* Quantization, bit-identical to the scalar version: max |x| (order-free), one scalar
+ * division, then per element one multiply and vcvtnq (round to nearest, ties to even, like
+ * lrintf), narrowed with saturation (the values are within [-127, 127] anyway). */
+MAYBE_UNUSED static void quantize_rows_q8_neon(QuantizedRows *out, const float *x, int n_tokens, int cols) {
+    const int n_groups = cols / Q8_GROUP, group = Q8_GROUP;
+    for (int t = 0; t < n_tokens; t++) {
+        for (int g = 0; g < n_groups; g++) {
+            const float *xg = x + (size_t)t * cols + (size_t)g * group;
+            int8_t *qg = out->q + (size_t)t * cols + (size_t)g * group;
+            float32x4_t vmax = vdupq_n_f32(0.0f);
+            int i = 0;
+            for (; i + 4 <= group; i += 4) vmax = vmaxq_f32(vmax, vabsq_f32(vld1q_f32(xg + i)));
+            float amax = vmaxvq_f32(vmax);
+            for (; i < group; i++) amax = fmaxf(amax, fabsf(xg[i]));
+            float d = amax / 127.0f;
+            float inv_d = d > 0.0f ? 1.0f / d : 0.0f;
+            const float32x4_t vinv = vdupq_n_f32(inv_d);
+            for (i = 0; i + 8 <= group; i += 8) {
+                const int32x4_t q0 = vcvtnq_s32_f32(vmulq_f32(vld1q_f32(xg + i), vinv));
+                const int32x4_t q1 = vcvtnq_s32_f32(vmulq_f32(vld1q_f32(xg + i + 4), vinv));
+                vst1_s8(qg + i, vqmovn_s16(vcombine_s16(vqmovn_s32(q0), vqmovn_s32(q1))));
+            }
+            for (; i < group; i++) qg[i] = (int8_t)lrintf(xg[i] * inv_d);
+            out->scale[(size_t)t * n_groups + g] = d;
+        }
+    }
+}
+
+/* int8 kernels (group == 64: four 16-byte vectors). Each group's int32 sum is exact, as in
+ * the scalar kernel; it is then scaled by d_w * d_x and accumulated in float lanes, summed
+ * at the end (the only difference from the scalar kernel: the order of the float sum).
+ * Register tile: 4 rows x 2 tokens (8 int32 group sums + 8 float accumulators). The tiles
+ * go through matmul_q8_tiled (Appendix A): decode streams one row at a time. */
+enum { Q8_R_NEON = 4, Q8_T_NEON = 2 };
+
+/* The int32 sum of 16 products w[i] * x[i] added to acc: plain NEON widens to int16 (a pair
+ * of products is at most 2 * 128 * 127 < 32767: exact) and pairwise-adds into int32. */
+static ALWAYS_INLINE int32x4_t dot16_neon(int32x4_t acc, int8x16_t w, int8x16_t x) {
+    int16x8_t p = vmull_s8(vget_low_s8(w), vget_low_s8(x));
+    p = vmlal_high_s8(p, w, x);
+    return vpadalq_s16(acc, p);
+}
+
+#if PHI2_NEON_DOTPROD
+static ALWAYS_INLINE int32x4_t dot16_sdot(int32x4_t acc, int8x16_t w, int8x16_t x) { return vdotq_s32(acc, w, x); }
+#endif
+
+/* One tile with the 16-byte dot product DOT16 (dot16_neon or dot16_sdot). */
+#define Q8_TILE_NEON_BODY(DOT16)                                                                                  \
+    float32x4_t acc[Q8_R_NEON][Q8_T_NEON];                                                                      \
+    for (int r = 0; r < R; r++)                                                                                  \
+        for (int t = 0; t < T; t++) acc[r][t] = vdupq_n_f32(0.0f);                                               \
+    for (int g = 0; g < n_groups; g++) {                                                                         \
+        int32x4_t isum[Q8_R_NEON][Q8_T_NEON];                                                                    \
+        for (int r = 0; r < R; r++)                                                                              \
+            for (int t = 0; t < T; t++) isum[r][t] = vdupq_n_s32(0);                                             \
+        for (int k = 0; k < 64; k += 16) {                                                                       \
+            int8x16_t wv[Q8_R_NEON], xv[Q8_T_NEON];                                                              \
+            for (int r = 0; r < R; r++) wv[r] = vld1q_s8(w + (size_t)r * cols + (size_t)g * 64 + k);             \
+            for (int t = 0; t < T; t++) xv[t] = vld1q_s8(x + (size_t)t * cols + (size_t)g * 64 + k);             \
+            for (int r = 0; r < R; r++)                                                                          \
+                for (int t = 0; t < T; t++) isum[r][t] = DOT16(isum[r][t], wv[r], xv[t]);                        \
+        }                                                                                                        \
+        for (int r = 0; r < R; r++)                                                                              \
+            for (int t = 0; t < T; t++)                                                                          \
+                acc[r][t] = vfmaq_f32(acc[r][t], vcvtq_f32_s32(isum[r][t]),                                      \
+                                      vdupq_n_f32(wd[(size_t)r * n_groups + g] * xd[(size_t)t * n_groups + g])); \
+    }                                                                                                            \
+    for (int r = 0; r < R; r++)                                                                                  \
+        for (int t = 0; t < T; t++) out[(size_t)t * out_stride + r] = vaddvq_f32(acc[r][t]) + bias[r];
+
+static ALWAYS_INLINE void q8_tile_neon(float *out, int out_stride, const int8_t *w, const float *wd, const int8_t *x,
+                                       const float *xd, int cols, int n_groups, int R, int T, const float *bias) {
+    Q8_TILE_NEON_BODY(dot16_neon)
+}
+
+#if PHI2_NEON_DOTPROD
+static ALWAYS_INLINE void q8_tile_sdot(float *out, int out_stride, const int8_t *w, const float *wd, const int8_t *x,
+                                       const float *xd, int cols, int n_groups, int R, int T, const float *bias) {
+    Q8_TILE_NEON_BODY(dot16_sdot)
+}
+#endif
+#undef Q8_TILE_NEON_BODY
+
+/* The tile shapes matmul_q8_tiled asks for (Q8_R_NEON or 1 rows, 1 .. Q8_T_NEON tokens). */
+#define Q8_TILE_ANY(NAME, TILE)                                                                                  \
+    static void NAME(float *out, int out_stride, const int8_t *w, const float *wd, const int8_t *x,              \
+                     const float *xd, int cols, int n_groups, int R, int T, const float *bias) {                 \
+        _Static_assert(Q8_R_NEON == 4 && Q8_T_NEON == 2, #NAME " lists the tiles of 4 rows x 2 tokens");          \
+        switch (R * 8 + T) {                                                                                     \
+        case 4 * 8 + 1: TILE(out, out_stride, w, wd, x, xd, cols, n_groups, 4, 1, bias); break;                  \
+        case 4 * 8 + 2: TILE(out, out_stride, w, wd, x, xd, cols, n_groups, 4, 2, bias); break;                  \
+        case 1 * 8 + 1: TILE(out, out_stride, w, wd, x, xd, cols, n_groups, 1, 1, bias); break;                  \
+        case 1 * 8 + 2: TILE(out, out_stride, w, wd, x, xd, cols, n_groups, 1, 2, bias); break;                  \
+        default: die(#TILE ": bad tile %dx%d", R, T);                                                            \
+        }                                                                                                        \
+    }
+Q8_TILE_ANY(q8_tile_neon_any, q8_tile_neon)
+#if PHI2_NEON_DOTPROD
+Q8_TILE_ANY(q8_tile_sdot_any, q8_tile_sdot)
+#endif
+#undef Q8_TILE_ANY
+
+/* Plain NEON int8 (Armv8.0). */
+MAYBE_UNUSED static void matmul_q8_neon(float *out, const QuantizedRows *in, const Matrix *W, const float *bias,
+                                        int n_tokens) {
+    matmul_q8_tiled(out, in, W, bias, n_tokens, q8_tile_neon_any, Q8_R_NEON, Q8_T_NEON);
+}
+
+#if PHI2_NEON_DOTPROD
+/* SDOT (Armv8.2 dotprod). */
+MAYBE_UNUSED static void matmul_q8_dotprod(float *out, const QuantizedRows *in, const Matrix *W, const float *bias,
+                                           int n_tokens) {
+    matmul_q8_tiled(out, in, W, bias, n_tokens, q8_tile_sdot_any, Q8_R_NEON, Q8_T_NEON);
+}
+#endif
+
+#if PHI2_NEON_I8MM
+/* SMMLA (Armv8.6 i8mm) for batches: vmmlaq_s32(acc, a, b) adds to the 2x2 int32 block acc
+ * (lanes: [r0 t0, r0 t1, r1 t0, r1 t1]) the product of a = 8 bytes of row r0 then 8 bytes of
+ * row r1 by b = 8 bytes of token t0 then 8 bytes of token t1. Two rows' (or tokens') 16-byte
+ * vectors become two such operands by interleaving their 64-bit halves (zip1/zip2). One
+ * SMMLA does 32 multiply-adds, twice an SDOT. Tile: 4 rows x 4 tokens = 2 x 2 blocks of 2x2.
+ * A tile of 1 row or 1 token (leftovers, decode) goes to SDOT, which wastes nothing there. */
+enum { Q8_R_I8MM = 4, Q8_T_I8MM = 4 };
+
+static ALWAYS_INLINE void q8_tile_smmla(float *out, int out_stride, const int8_t *w, const float *wd,
+                                        const int8_t *x, const float *xd, int cols, int n_groups, int R, int T,
+                                        const float *bias) {
+    // R, T even here: each pair of rows (tokens) is one operand of SMMLA
+    float32x4_t acc[Q8_R_I8MM / 2][Q8_T_I8MM / 2];
+    for (int i = 0; i < R / 2; i++)
+        for (int j = 0; j < T / 2; j++) acc[i][j] = vdupq_n_f32(0.0f);
+    for (int g = 0; g < n_groups; g++) {
+        int32x4_t isum[Q8_R_I8MM / 2][Q8_T_I8MM / 2];
+        for (int i = 0; i < R / 2; i++)
+            for (int j = 0; j < T / 2; j++) isum[i][j] = vdupq_n_s32(0);
+        for (int k = 0; k < 64; k += 16) {
+            int8x16_t a_lo[Q8_R_I8MM / 2], a_hi[Q8_R_I8MM / 2], b_lo[Q8_T_I8MM / 2], b_hi[Q8_T_I8MM / 2];
+            for (int i = 0; i < R / 2; i++) {
+                const int64x2_t w0 = vreinterpretq_s64_s8(vld1q_s8(w + (size_t)(2 * i) * cols + (size_t)g * 64 + k));
+                const int64x2_t w1 = vreinterpretq_s64_s8(vld1q_s8(w + (size_t)(2 * i + 1) * cols + (size_t)g * 64 + k));
+                a_lo[i] = vreinterpretq_s8_s64(vzip1q_s64(w0, w1));
+                a_hi[i] = vreinterpretq_s8_s64(vzip2q_s64(w0, w1));
+            }
+            for (int j = 0; j < T / 2; j++) {
+                const int64x2_t x0 = vreinterpretq_s64_s8(vld1q_s8(x + (size_t)(2 * j) * cols + (size_t)g * 64 + k));
+                const int64x2_t x1 = vreinterpretq_s64_s8(vld1q_s8(x + (size_t)(2 * j + 1) * cols + (size_t)g * 64 + k));
+                b_lo[j] = vreinterpretq_s8_s64(vzip1q_s64(x0, x1));
+                b_hi[j] = vreinterpretq_s8_s64(vzip2q_s64(x0, x1));
+            }
+            for (int i = 0; i < R / 2; i++)
+                for (int j = 0; j < T / 2; j++)
+                    isum[i][j] = vmmlaq_s32(vmmlaq_s32(isum[i][j], a_lo[i], b_lo[j]), a_hi[i], b_hi[j]);
+        }
+        for (int i = 0; i < R / 2; i++) {
+            const float w0 = wd[(size_t)(2 * i) * n_groups + g], w1 = wd[(size_t)(2 * i + 1) * n_groups + g];
+            const float32x4_t ws = {w0, w0, w1, w1};
+            for (int j = 0; j < T / 2; j++) {
+                const float x0 = xd[(size_t)(2 * j) * n_groups + g], x1 = xd[(size_t)(2 * j + 1) * n_groups + g];
+                const float32x4_t xs = {x0, x1, x0, x1};
+                acc[i][j] = vfmaq_f32(acc[i][j], vcvtq_f32_s32(isum[i][j]), vmulq_f32(ws, xs));
+            }
+        }
+    }
+    for (int i = 0; i < R / 2; i++)
+        for (int j = 0; j < T / 2; j++) {
+            float v[4];
+            vst1q_f32(v, acc[i][j]);
+            for (int l = 0; l < 4; l++) {
+                const int r = 2 * i + (l >> 1), t = 2 * j + (l & 1);
+                out[(size_t)t * out_stride + r] = v[l] + bias[r];
+            }
+        }
+}
+
+/* The tile shapes matmul_q8_tiled asks for (4 or 1 rows, 1 .. 4 tokens): even ones with
+ * SMMLA, an odd last token through SDOT, single rows through SDOT. */
+static void q8_tile_i8mm_any(float *out, int out_stride, const int8_t *w, const float *wd, const int8_t *x,
+                             const float *xd, int cols, int n_groups, int R, int T, const float *bias) {
+    _Static_assert(Q8_R_I8MM == 4 && Q8_T_I8MM == 4, "q8_tile_i8mm_any lists the tiles of 4 rows x 4 tokens");
+    if (R == 4 && T >= 2) {
+        if (T >= 4) q8_tile_smmla(out, out_stride, w, wd, x, xd, cols, n_groups, 4, 4, bias);
+        else q8_tile_smmla(out, out_stride, w, wd, x, xd, cols, n_groups, 4, 2, bias);
+        const int done = T & ~1;
+        if (T > done)  // an odd last token
+            q8_tile_sdot(out + (size_t)done * out_stride, out_stride, w, wd, x + (size_t)done * cols,
+                         xd + (size_t)done * n_groups, cols, n_groups, 4, 1, bias);
+        return;
+    }
+    if (R != 1 && R != 4) die("q8_tile_i8mm: bad tile %dx%d", R, T);
+    for (int t = 0; t < T; t += 2) {  // one row (or 4 rows, 1 token): SDOT
+        const int n = T - t < 2 ? T - t : 2;
+        q8_tile_sdot_any(out + (size_t)t * out_stride, out_stride, w, wd, x + (size_t)t * cols,
+                         xd + (size_t)t * n_groups, cols, n_groups, R, n, bias);
+    }
+}
+
+/* SMMLA for batches; decode (one token) is the SDOT kernel (memory-bound: nothing to gain). */
+MAYBE_UNUSED static void matmul_q8_i8mm(float *out, const QuantizedRows *in, const Matrix *W, const float *bias,
+                                        int n_tokens) {
+    if (n_tokens == 1) matmul_q8_dotprod(out, in, W, bias, n_tokens);
+    else matmul_q8_tiled(out, in, W, bias, n_tokens, q8_tile_i8mm_any, Q8_R_I8MM, Q8_T_I8MM);
+}
+#endif
+
+/* matmul_q8_simd: the best int8 kernel of this build (i8mm, else dotprod, else plain NEON). */
+static void matmul_q8_simd(float *out, const QuantizedRows *in, const Matrix *W, const float *bias, int n_tokens) {
+#if PHI2_NEON_I8MM
+    matmul_q8_i8mm(out, in, W, bias, n_tokens);
+#elif PHI2_NEON_DOTPROD
+    matmul_q8_dotprod(out, in, W, bias, n_tokens);
+#else
+    matmul_q8_neon(out, in, W, bias, n_tokens);
+#endif
+}
+
+/* gelu_new as v / (1 + exp(-2u)) with the vector expf of exp_avx2 (same clamp, same Cephes
+ * polynomial), so it agrees with the scalar tanhf version within a few ulps (tested). */
+static ALWAYS_INLINE float32x4_t exp_neon(float32x4_t x) {
+    x = vminq_f32(vmaxq_f32(x, vdupq_n_f32(-87.0f)), vdupq_n_f32(87.0f));
+    const float32x4_t n = vrndnq_f32(vmulq_f32(x, vdupq_n_f32(1.44269504088896341f)));  // nearest, ties even
+    float32x4_t r = vfmsq_f32(x, n, vdupq_n_f32(0.693359375f));                      // x - n ln2 (two parts)
+    r = vfmsq_f32(r, n, vdupq_n_f32(-2.12194440e-4f));
+    float32x4_t y = vdupq_n_f32(1.9875691500e-4f);
+    y = vfmaq_f32(vdupq_n_f32(1.3981999507e-3f), y, r);
+    y = vfmaq_f32(vdupq_n_f32(8.3334519073e-3f), y, r);
+    y = vfmaq_f32(vdupq_n_f32(4.1665795894e-2f), y, r);
+    y = vfmaq_f32(vdupq_n_f32(1.6666665459e-1f), y, r);
+    y = vfmaq_f32(vdupq_n_f32(5.0000001201e-1f), y, r);
+    y = vfmaq_f32(vaddq_f32(r, vdupq_n_f32(1.0f)), y, vmulq_f32(r, r));
+    // 2^n from the exponent bits (|n| <= 126 after the clamp)
+    const int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtnq_s32_f32(n), vdupq_n_s32(127)), 23);
+    return vmulq_f32(y, vreinterpretq_f32_s32(e));
+}
+
+MAYBE_UNUSED static void gelu_new_neon(float *x, size_t n) {
+    const float32x4_t k = vdupq_n_f32(-2.0f * 0.7978845608028654f), c = vdupq_n_f32(0.044715f);
+    const float32x4_t one = vdupq_n_f32(1.0f);
+    size_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        const float32x4_t v = vld1q_f32(x + i);
+        const float32x4_t u = vmulq_f32(k, vfmaq_f32(v, vmulq_f32(c, v), vmulq_f32(v, v)));  // -2u
+        vst1q_f32(x + i, vdivq_f32(v, vaddq_f32(one, exp_neon(u))));
+    }
+    gelu_new_scalar(x + i, n - i);
+}
+
+MAYBE_UNUSED static float dot_f32_neon(const float *a, const float *b, int n) {
+    float32x4_t acc0 = vdupq_n_f32(0.0f), acc1 = vdupq_n_f32(0.0f);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        acc0 = vfmaq_f32(acc0, vld1q_f32(a + i), vld1q_f32(b + i));
+        acc1 = vfmaq_f32(acc1, vld1q_f32(a + i + 4), vld1q_f32(b + i + 4));
+    }
+    if (i + 4 <= n) {
+        acc0 = vfmaq_f32(acc0, vld1q_f32(a + i), vld1q_f32(b + i));
+        i += 4;
+    }
+    return vaddvq_f32(vaddq_f32(acc0, acc1)) + dot_f32_scalar(a + i, b + i, n - i);
+}
+#endif /* PHI2_NEON */
+
 /* --- The dispatch functions declared in section 3 -------------------------------------- */
 
 static void matmul_f32(float *out, const float *in, const Matrix *W, const float *bias, int n_tokens) {
@@ -2029,6 +2375,8 @@ static void matmul_f32(float *out, const float *in, const Matrix *W, const float
     matmul_f32_avx512(out, in, W, bias, n_tokens);
 #elif PHI2_AVX2
     matmul_f32_avx2(out, in, W, bias, n_tokens);
+#elif PHI2_NEON
+    matmul_f32_neon(out, in, W, bias, n_tokens);
 #else
     matmul_f32_scalar(out, in, W, bias, n_tokens);
 #endif
@@ -2039,6 +2387,8 @@ static void quantize_rows_q8(QuantizedRows *out, const float *x, int n_tokens, i
     quantize_rows_q8_avx512(out, x, n_tokens, cols);
 #elif PHI2_AVX2
     quantize_rows_q8_avx2(out, x, n_tokens, cols);
+#elif PHI2_NEON
+    quantize_rows_q8_neon(out, x, n_tokens, cols);
 #else
     quantize_rows_q8_scalar(out, x, n_tokens, cols);
 #endif
@@ -2065,6 +2415,8 @@ static void gelu_new_span(float *x, size_t n) {
     gelu_new_avx512(x, n);
 #elif PHI2_AVX2
     gelu_new_avx2(x, n);
+#elif PHI2_NEON
+    gelu_new_neon(x, n);
 #else
     gelu_new_scalar(x, n);
 #endif
@@ -2075,6 +2427,8 @@ static float dot_f32(const float *a, const float *b, int n) {
     return dot_f32_avx512(a, b, n);
 #elif PHI2_AVX2
     return dot_f32_avx2(a, b, n);
+#elif PHI2_NEON
+    return dot_f32_neon(a, b, n);
 #else
     return dot_f32_scalar(a, b, n);
 #endif
@@ -2122,8 +2476,53 @@ static void kernel_description(char *out, size_t size, KernelScratch *k, int wei
 }
 
 /* ------------------------------------------------------------------------------------- */
-/* Appendix B. Platform: memory mapping, huge pages, AMX permission                      */
+/* Appendix B. Platform: files, memory, signals, clock; AMX permission                 */
 /* ------------------------------------------------------------------------------------- */
+/* Everything the operating system does differently, behind the functions declared in
+ * sections 1 and 2: POSIX (Linux, macOS) first, then Windows (MinGW-w64). */
+#ifndef _WIN32
+
+static void setup_process(void) {
+    signal(SIGPIPE, SIG_IGN);  // a closed stdout becomes EPIPE (flush_stdout) instead of a kill
+}
+
+static void catch_termination_signals(void (*handler)(int)) {
+    signal(SIGINT, handler);
+    signal(SIGTERM, handler);
+    signal(SIGHUP, handler);
+}
+
+static double now_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* 64-byte aligned allocation, so SIMD loads of activation rows never split cache lines. */
+static void *xmalloc_aligned(size_t n) {
+    void *p = NULL;
+    if (posix_memalign(&p, 64, n ? n : 64) != 0) die("out of memory allocating %zu bytes", n);
+    return p;
+}
+
+static void free_aligned(void *p) { free(p); }
+
+static FILE *create_partial_file(const char *path) { return fopen(path, "wb"); }
+
+static int replace_file(const char *from, const char *to) { return rename(from, to); }
+
+static int reader_gone(int err) { return err == EPIPE; }
+
+static int open_model_file(const char *path, uint64_t *size) {
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) die("cannot open model '%s': %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(fd, &st) != 0) die("cannot stat '%s': %s", path, strerror(errno));
+    if (!S_ISREG(st.st_mode)) die("'%s' is not a regular file", path);
+    *size = (uint64_t)st.st_size;
+    return fd;
+}
+
 /* The whole file in memory, read-only. By default it is memory-mapped: the pages are the
  * OS's file cache, shared between runs, and MAP_POPULATE faults them all in now rather than
  * one 4 KB page at a time during the first forward pass. */
@@ -2136,6 +2535,8 @@ static const unsigned char *map_file(int fd, size_t size, const char *path) {
     if (map == MAP_FAILED) die("cannot mmap '%s': %s", path, strerror(errno));
     return map;
 }
+
+static void unmap_file(const unsigned char *map, size_t size) { munmap((void *)map, size); }
 
 /* --no-mmap: read the file into anonymous memory, asking for 2 MB huge pages. Streaming
  * gigabytes of weights through 4 KB pages costs a TLB miss every 4 KB per stream; with
@@ -2156,6 +2557,127 @@ static const unsigned char *read_into_huge_pages(int fd, size_t size, const char
     }
     return buf;
 }
+
+#else  /* _WIN32 */
+/* Windows, built with MinGW-w64 (make windows). Included here, not at the top, so that its
+ * macros stay out of the engine. */
+#define WIN32_LEAN_AND_MEAN
+#include <windows.h>
+
+static int g_console_cp_set = 0;
+static UINT g_console_cp;
+static void restore_console_cp(void) { SetConsoleOutputCP(g_console_cp); }
+
+/* Standard output in binary mode: text mode would turn every "\n" of the generated text
+ * (and of --print-ids) into "\r\n". On a console, generated text is UTF-8: tell the console
+ * so (and put its code page back at exit). */
+static void setup_process(void) {
+    _setmode(_fileno(stdout), _O_BINARY);
+    if (GetFileType(GetStdHandle(STD_OUTPUT_HANDLE)) == FILE_TYPE_CHAR && !g_console_cp_set) {
+        g_console_cp = GetConsoleOutputCP();
+        g_console_cp_set = 1;
+        if (SetConsoleOutputCP(CP_UTF8)) atexit(restore_console_cp);
+    }
+}
+
+/* The C runtime turns Ctrl-C into SIGINT and Ctrl-Break into SIGBREAK (on a thread of
+ * their own); there is no SIGHUP or SIGPIPE. */
+static void catch_termination_signals(void (*handler)(int)) {
+    signal(SIGINT, handler);
+    signal(SIGTERM, handler);
+    signal(SIGBREAK, handler);
+}
+
+static double now_seconds(void) {
+    static LARGE_INTEGER freq;
+    LARGE_INTEGER t;
+    if (!freq.QuadPart) QueryPerformanceFrequency(&freq);
+    QueryPerformanceCounter(&t);
+    return (double)t.QuadPart / (double)freq.QuadPart;
+}
+
+static void *xmalloc_aligned(size_t n) {
+    void *p = _aligned_malloc(n ? n : 64, 64);
+    if (!p) die("out of memory allocating %zu bytes", n);
+    return p;
+}
+
+static void free_aligned(void *p) { _aligned_free(p); }
+
+/* Windows cannot delete a file that is open unless it was opened with FILE_SHARE_DELETE:
+ * so open the temporary that way, for die() and the Ctrl-C handler to be able to remove it
+ * (it disappears when the process exits and its handle closes). */
+static FILE *create_partial_file(const char *path) {
+    HANDLE h = CreateFileA(path, GENERIC_WRITE, FILE_SHARE_READ | FILE_SHARE_DELETE, NULL, CREATE_ALWAYS,
+                           FILE_ATTRIBUTE_NORMAL, NULL);
+    if (h == INVALID_HANDLE_VALUE) {
+        DWORD e = GetLastError();
+        errno = e == ERROR_PATH_NOT_FOUND || e == ERROR_FILE_NOT_FOUND ? ENOENT : e == ERROR_ACCESS_DENIED ? EACCES : EIO;
+        return NULL;
+    }
+    int fd = _open_osfhandle((intptr_t)h, _O_WRONLY | _O_BINARY);
+    if (fd < 0) {
+        CloseHandle(h);
+        return NULL;
+    }
+    FILE *f = _fdopen(fd, "wb");
+    if (!f) _close(fd);
+    return f;
+}
+
+/* rename() on Windows fails when the target exists; MoveFileEx replaces it. */
+/* The C runtime reports a write into a pipe whose reader has gone as EINVAL, not EPIPE;
+ * the Windows error says what happened. */
+static int reader_gone(int err) {
+    DWORD e = GetLastError();
+    return err == EPIPE || e == ERROR_NO_DATA || e == ERROR_BROKEN_PIPE;
+}
+
+static int replace_file(const char *from, const char *to) {
+    if (MoveFileExA(from, to, MOVEFILE_REPLACE_EXISTING | MOVEFILE_WRITE_THROUGH)) return 0;
+    DWORD e = GetLastError();
+    errno = e == ERROR_PATH_NOT_FOUND || e == ERROR_FILE_NOT_FOUND ? ENOENT : e == ERROR_ACCESS_DENIED ? EACCES : EIO;
+    return -1;
+}
+
+/* 64-bit sizes throughout: the q8 model file is 3 GB, more than a 32-bit st_size holds. */
+static int open_model_file(const char *path, uint64_t *size) {
+    struct _stat64 st;
+    if (_stat64(path, &st) != 0) die("cannot open model '%s': %s", path, strerror(errno));
+    if ((st.st_mode & _S_IFMT) != _S_IFREG) die("'%s' is not a regular file", path);  // before open: a folder cannot be opened
+    int fd = _open(path, _O_RDONLY | _O_BINARY);
+    if (fd < 0) die("cannot open model '%s': %s", path, strerror(errno));
+    if (_fstat64(fd, &st) != 0) die("cannot stat '%s': %s", path, strerror(errno));
+    *size = (uint64_t)st.st_size;
+    return fd;
+}
+
+static const unsigned char *map_file(int fd, size_t size, const char *path) {
+    HANDLE mapping = CreateFileMappingW((HANDLE)_get_osfhandle(fd), NULL, PAGE_READONLY, 0, 0, NULL);
+    if (!mapping) die("cannot map '%s' (Windows error %lu)", path, (unsigned long)GetLastError());
+    void *map = MapViewOfFile(mapping, FILE_MAP_READ, 0, 0, size);
+    DWORD e = GetLastError();
+    CloseHandle(mapping);  // the view keeps the mapping (and the file) alive
+    if (!map) die("cannot map '%s' (Windows error %lu)", path, (unsigned long)e);
+    return map;
+}
+
+static void unmap_file(const unsigned char *map, size_t size) { UnmapViewOfFile(map); }
+
+/* --no-mmap: a copy in 64-byte aligned memory (large pages need a privilege users lack).
+ * _read takes at most UINT_MAX bytes at a time. */
+static const unsigned char *read_into_huge_pages(int fd, size_t size, const char *path) {
+    unsigned char *buf = _aligned_malloc(size ? size : 64, 4096);
+    if (!buf) die("out of memory reading '%s' (%zu bytes)", path, size);
+    for (size_t done = 0; done < size;) {
+        int got = _read(fd, buf + done, (unsigned)(size - done > ((size_t)1 << 30) ? (size_t)1 << 30 : size - done));
+        if (got <= 0) die("cannot read '%s': %s", path, got < 0 ? strerror(errno) : "file shrank while reading");
+        done += (size_t)got;
+    }
+    return buf;
+}
+
+#endif /* _WIN32 */
 
 #if PHI2_AMX
 /* Linux gives a process the AMX tile registers only after it asks (they enlarge the state

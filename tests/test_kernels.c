@@ -136,6 +136,9 @@ static void test_quantize(void) {
 #if PHI2_AVX2
             test_quantize_one("quantize_rows_q8_avx2", quantize_rows_q8_avx2, tokens[a], colss[b]);
 #endif
+#if PHI2_NEON
+            test_quantize_one("quantize_rows_q8_neon", quantize_rows_q8_neon, tokens[a], colss[b]);
+#endif
         }
     printf("%s quantization: bit-identical to the scalar version\n", g_failed == before ? "ok  " : "FAIL");
 }
@@ -194,6 +197,9 @@ static void test_f32(void) {
 #endif
 #if PHI2_AVX2
         {"matmul_f32_avx2", matmul_f32_avx2},
+#endif
+#if PHI2_NEON
+        {"matmul_f32_neon", matmul_f32_neon},
 #endif
     };
     for (size_t k = 0; k < sizeof(kernels) / sizeof(*kernels); k++) {
@@ -286,6 +292,15 @@ static void test_q8(void) {
 #if PHI2_Q8_SIMD
         {"matmul_q8_simd", matmul_q8_simd, 0},
 #endif
+#if PHI2_NEON  // every Arm int8 kernel of the build, not only the one matmul_q8_simd picks
+        {"matmul_q8_neon", matmul_q8_neon, 0},
+#endif
+#if PHI2_NEON_DOTPROD
+        {"matmul_q8_dotprod", matmul_q8_dotprod, 0},
+#endif
+#if PHI2_NEON_I8MM
+        {"matmul_q8_i8mm", matmul_q8_i8mm, 0},
+#endif
 #if PHI2_AMX
         {"matmul_q8_amx", matmul_q8_amx_checked, 1},
 #endif
@@ -372,8 +387,10 @@ static void test_dispatch(void) {
         quantize_rows_q8_scalar(&xq, x, n, cols);
         matmul_q8_scalar(ref, &xq, &W, bias, n);
         matmul(out, x, &W, bias, n, &c, &kern);
-        double worst = 0.0, scale = 1.0;  // errors relative to the largest output
-        for (size_t i = 0; i < (size_t)n * rows; i++) scale = fmax(scale, fabs(ref[i]));
+        // errors relative to the largest output (no fmax: gcc 12 for aarch64 crashes vectorizing
+        // an fmax reduction at -O3)
+        double worst = 0.0, scale = 1.0;
+        for (size_t i = 0; i < (size_t)n * rows; i++) scale = fabs(ref[i]) > scale ? fabs(ref[i]) : scale;
         for (size_t i = 0; i < (size_t)n * rows; i++) {
             double e = fabs((double)ref[i] - out[i]) / scale;
             if (!(e <= worst)) worst = e;
@@ -387,7 +404,7 @@ static void test_dispatch(void) {
         matmul_f32_scalar(ref, x, &Wf, bias, n);
         matmul(out, x, &Wf, bias, n, &c, &kern);
         worst = 0.0, scale = 1.0;
-        for (size_t i = 0; i < (size_t)n * rows; i++) scale = fmax(scale, fabs(ref[i]));
+        for (size_t i = 0; i < (size_t)n * rows; i++) scale = fabs(ref[i]) > scale ? fabs(ref[i]) : scale;
         for (size_t i = 0; i < (size_t)n * rows; i++) {
             double e = fabs((double)ref[i] - out[i]) / scale;
             if (!(e <= worst)) worst = e;
@@ -438,22 +455,36 @@ static void test_gelu_dot(void) {
 #if PHI2_AVX2
     test_gelu_one("gelu_new_avx2", gelu_new_avx2);
 #endif
-    int before = g_failed;
-    static const int sizes[] = {1, 5, 16, 31, 80, 257};
-    for (size_t k = 0; k < sizeof(sizes) / sizeof(*sizes); k++) {
-        const int n = sizes[k];
-        float *a = guarded_alloc((size_t)n * sizeof(float)), *b = guarded_alloc((size_t)n * sizeof(float));
-        double exact = 0.0, mag = 0.0;
-        for (int i = 0; i < n; i++) {
-            a[i] = frand() * 10.0f, b[i] = frand() * 10.0f;
-            exact += (double)a[i] * b[i];
-            mag += fabs((double)a[i] * b[i]);
+#if PHI2_NEON
+    test_gelu_one("gelu_new_neon", gelu_new_neon);
+#endif
+    static const struct {
+        const char *name;
+        float (*fn)(const float *, const float *, int);
+    } dots[] = {
+        {"dot_f32", dot_f32},
+#if PHI2_NEON
+        {"dot_f32_neon", dot_f32_neon},
+#endif
+    };
+    for (size_t d = 0; d < sizeof(dots) / sizeof(*dots); d++) {
+        int before = g_failed;
+        static const int sizes[] = {1, 3, 4, 5, 8, 12, 16, 31, 80, 257};
+        for (size_t k = 0; k < sizeof(sizes) / sizeof(*sizes); k++) {
+            const int n = sizes[k];
+            float *a = guarded_alloc((size_t)n * sizeof(float)), *b = guarded_alloc((size_t)n * sizeof(float));
+            double exact = 0.0, mag = 0.0;
+            for (int i = 0; i < n; i++) {
+                a[i] = frand() * 10.0f, b[i] = frand() * 10.0f;
+                exact += (double)a[i] * b[i];
+                mag += fabs((double)a[i] * b[i]);
+            }
+            float got = dots[d].fn(a, b, n);
+            check(fabs(got - exact) <= 1e-6 * mag, "%s n=%d: %.9g, exact %.9g", dots[d].name, n, got, exact);
+            guarded_free_all();
         }
-        float got = dot_f32(a, b, n);
-        check(fabs(got - exact) <= 1e-6 * mag, "dot_f32 n=%d: %.9g, exact %.9g", n, got, exact);
-        guarded_free_all();
+        printf("%s %s\n", g_failed == before ? "ok  " : "FAIL", dots[d].name);
     }
-    printf("%s dot_f32\n", g_failed == before ? "ok  " : "FAIL");
 }
 
 /* ---- top-k selection (the sampler's heap) ------------------------------------------- */
@@ -558,6 +589,9 @@ static void bench_run(void *p) {
 #if PHI2_AVX2
     else if (!strcmp(a->kernel, "f32_avx2")) matmul_f32_avx2(a->out, a->x, &a->W, a->bias, a->n);
 #endif
+#if PHI2_NEON
+    else if (!strcmp(a->kernel, "f32_neon")) matmul_f32_neon(a->out, a->x, &a->W, a->bias, a->n);
+#endif
     else if (!strcmp(a->kernel, "q8_scalar")) matmul_q8_scalar(a->out, a->xq, &a->W, a->bias, a->n);
 #if PHI2_Q8_SIMD
     else if (!strcmp(a->kernel, "q8_simd")) matmul_q8_simd(a->out, a->xq, &a->W, a->bias, a->n);
@@ -570,7 +604,7 @@ static void bench_run(void *p) {
 
 static void bench(int argc, char **argv) {
     // --bench [KERNEL ...]: default all kernels of this build on qkv, fc1, fc2 shapes.
-    static const char *all[] = {"f32_avx512", "f32_avx2", "q8_simd", "q8_amx", "quantize"};
+    static const char *all[] = {"f32_avx512", "f32_avx2", "f32_neon", "q8_simd", "q8_amx", "quantize"};
     static const int shapes[][2] = {{7680, 2560}, {10240, 2560}, {2560, 10240}};
     static const int tokens[] = {1, 64};
     const char **kernels = argc > 0 ? (const char **)argv : all;
@@ -602,6 +636,9 @@ static void bench(int argc, char **argv) {
 #if !PHI2_AVX2
                 if (!strcmp(kernels[k], "f32_avx2")) continue;
 #endif
+#if !PHI2_NEON
+                if (!strcmp(kernels[k], "f32_neon")) continue;
+#endif
 #if !PHI2_Q8_SIMD
                 if (!strcmp(kernels[k], "q8_simd")) continue;
 #endif
@@ -625,7 +662,7 @@ int main(int argc, char **argv) {
         bench(argc - 2, argv + 2);
         return 0;
     }
-    printf("test_kernels: built with%s%s%s%s%s, %d threads\n",
+    printf("test_kernels: built with%s%s%s%s%s%s%s%s, %d threads\n",
 #if PHI2_AVX512
            " avx512",
 #else
@@ -646,7 +683,22 @@ int main(int argc, char **argv) {
 #else
            "",
 #endif
-#if !PHI2_AVX512 && !PHI2_AVX2
+#if PHI2_NEON
+           " aarch64 neon",
+#else
+           "",
+#endif
+#if PHI2_NEON_DOTPROD
+           " dotprod",
+#else
+           "",
+#endif
+#if PHI2_NEON_I8MM
+           " i8mm",
+#else
+           "",
+#endif
+#if !PHI2_AVX512 && !PHI2_AVX2 && !PHI2_NEON
            " scalar kernels only",
 #else
            "",
