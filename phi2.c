@@ -2625,14 +2625,15 @@ static FILE *create_partial_file(const char *path) {
     return f;
 }
 
-/* rename() on Windows fails when the target exists; MoveFileEx replaces it. */
 /* The C runtime reports a write into a pipe whose reader has gone as EINVAL, not EPIPE;
- * the Windows error says what happened. */
+ * the Windows error says what happened (ERROR_NO_DATA on Windows, ERROR_PIPE_NOT_CONNECTED
+ * under Wine). */
 static int reader_gone(int err) {
     DWORD e = GetLastError();
-    return err == EPIPE || e == ERROR_NO_DATA || e == ERROR_BROKEN_PIPE;
+    return err == EPIPE || e == ERROR_NO_DATA || e == ERROR_BROKEN_PIPE || e == ERROR_PIPE_NOT_CONNECTED;
 }
 
+/* rename() on Windows fails when the target exists; MoveFileEx replaces it. */
 static int replace_file(const char *from, const char *to) {
     if (MoveFileExA(from, to, MOVEFILE_REPLACE_EXISTING | MOVEFILE_WRITE_THROUGH)) return 0;
     DWORD e = GetLastError();
