@@ -73,7 +73,9 @@
 /* ------------------------------------------------------------------------------------- */
 
 /* What POSIX and Windows do differently, as a few functions defined in Appendix B. */
-static void setup_process(void);        // ignore SIGPIPE; Windows: binary stdout, UTF-8 console
+static void setup_process(int *argc, char ***argv);  // ignore SIGPIPE; Windows: UTF-8 argv, binary stdout, UTF-8 console
+static FILE *fopen_path(const char *path, const char *mode);  // paths are UTF-8 (on Windows too)
+static int remove_path(const char *path);
 static void catch_termination_signals(void (*handler)(int));  // Ctrl-C, kill, hangup
 static double now_seconds(void);        // monotonic clock
 static void *xmalloc_aligned(size_t n); // 64-byte aligned, released with free_aligned (not free)
@@ -95,7 +97,7 @@ void phi2_fuzz_on_error(void) __attribute__((noreturn));
 /* Ctrl-C or a kill while that file is being written: remove it, then die of the signal as
  * usual (unlink, signal and raise are async-signal-safe). */
 static void remove_partial_file_and_reraise(int sig) {
-    if (g_partial_file[0]) unlink(g_partial_file);
+    if (g_partial_file[0]) remove_path(g_partial_file);
     signal(sig, SIG_DFL);
     raise(sig);
 }
@@ -117,7 +119,7 @@ static void die(const char *fmt, ...) {
     vfprintf(stderr, fmt, ap);
     va_end(ap);
     fprintf(stderr, "\n");
-    if (g_partial_file[0]) unlink(g_partial_file);
+    if (g_partial_file[0]) remove_path(g_partial_file);
 #ifdef PHI2_FUZZ
     phi2_fuzz_on_error();  // a fuzz harness returns to the fuzzer instead of exiting
 #endif
@@ -165,7 +167,7 @@ static double parse_double(const char *flag, const char *s, double lo, double hi
 /* Read a whole file of at most max_len bytes into memory (prompt files are used byte for
  * byte, no stripping). A longer file (or an endless one: -f /dev/zero) is an error. */
 static unsigned char *read_file(const char *path, size_t max_len, size_t *len) {
-    FILE *f = fopen(path, "rb");
+    FILE *f = fopen_path(path, "rb");
     if (!f) die("cannot open '%s': %s", path, strerror(errno));
     size_t cap = 1 << 16, n = 0;
     unsigned char *buf = xmalloc(cap);
@@ -1333,7 +1335,7 @@ static int generate(const Model *m, RunState *s, const Options *opt, const int *
 }
 
 int main(int argc, char **argv) {
-    setup_process();  // e.g. SIGPIPE ignored: a closed stdout becomes EPIPE, handled in flush_stdout
+    setup_process(&argc, &argv);  // e.g. SIGPIPE ignored: a closed stdout becomes EPIPE, handled in flush_stdout
     Options opt = parse_args(argc, argv);
     if (opt.help) {
         usage(stdout);
@@ -2482,9 +2484,13 @@ static void kernel_description(char *out, size_t size, KernelScratch *k, int wei
  * sections 1 and 2: POSIX (Linux, macOS) first, then Windows (MinGW-w64). */
 #ifndef _WIN32
 
-static void setup_process(void) {
+static void setup_process(int *argc, char ***argv) {
     signal(SIGPIPE, SIG_IGN);  // a closed stdout becomes EPIPE (flush_stdout) instead of a kill
 }
+
+static FILE *fopen_path(const char *path, const char *mode) { return fopen(path, mode); }
+
+static int remove_path(const char *path) { return unlink(path); }
 
 static void catch_termination_signals(void (*handler)(int)) {
     signal(SIGINT, handler);
@@ -2563,15 +2569,55 @@ static const unsigned char *read_into_huge_pages(int fd, size_t size, const char
  * macros stay out of the engine. */
 #define WIN32_LEAN_AND_MEAN
 #include <windows.h>
+#include <shellapi.h>  // CommandLineToArgvW
 
 static int g_console_cp_set = 0;
 static UINT g_console_cp;
 static void restore_console_cp(void) { SetConsoleOutputCP(g_console_cp); }
 
-/* Standard output in binary mode: text mode would turn every "\n" of the generated text
- * (and of --print-ids) into "\r\n". On a console, generated text is UTF-8: tell the console
- * so (and put its code page back at exit). */
-static void setup_process(void) {
+/* Paths and arguments are UTF-8 inside phi2 as on Linux; Windows' own calls take UTF-16
+ * ("wide") strings, the C runtime's narrow ones the ANSI code page, which cannot hold most
+ * of Unicode. Paths longer than this are refused (ENAMETOOLONG). */
+#define WIN_PATH_MAX 4096
+static const wchar_t *wide_path(const char *path, wchar_t *buf) {
+    if (MultiByteToWideChar(CP_UTF8, 0, path, -1, buf, WIN_PATH_MAX) > 0) return buf;
+    errno = ENAMETOOLONG;
+    return NULL;
+}
+
+static char *utf8_from_wide(const wchar_t *w) {
+    int n = WideCharToMultiByte(CP_UTF8, 0, w, -1, NULL, 0, NULL, NULL);
+    char *s = xmalloc(n > 0 ? (size_t)n : 1);
+    if (n <= 0 || !WideCharToMultiByte(CP_UTF8, 0, w, -1, s, n, NULL, NULL)) s[0] = '\0';
+    return s;
+}
+
+static FILE *fopen_path(const char *path, const char *mode) {
+    wchar_t wpath[WIN_PATH_MAX], wmode[8];
+    if (!wide_path(path, wpath) || !MultiByteToWideChar(CP_UTF8, 0, mode, -1, wmode, 8)) return NULL;
+    return _wfopen(wpath, wmode);
+}
+
+static int remove_path(const char *path) {
+    wchar_t wpath[WIN_PATH_MAX];
+    return wide_path(path, wpath) ? _wunlink(wpath) : -1;
+}
+
+/* The arguments as UTF-8, from the UTF-16 command line (main's argv is in the ANSI code
+ * page: a prompt in Chinese or with emoji would arrive as question marks). Standard output
+ * in binary mode: text mode would turn every "\n" of the generated text (and of
+ * --print-ids) into "\r\n". On a console, generated text is UTF-8: tell the console so
+ * (and put its code page back at exit). */
+static void setup_process(int *argc, char ***argv) {
+    int n = 0;
+    wchar_t **wargv = CommandLineToArgvW(GetCommandLineW(), &n);
+    if (wargv && n > 0) {
+        char **args = xcalloc((size_t)n + 1, sizeof(char *));
+        for (int i = 0; i < n; i++) args[i] = utf8_from_wide(wargv[i]);  // kept for the whole run
+        LocalFree(wargv);
+        *argc = n;
+        *argv = args;
+    }
     _setmode(_fileno(stdout), _O_BINARY);
     if (GetFileType(GetStdHandle(STD_OUTPUT_HANDLE)) == FILE_TYPE_CHAR && !g_console_cp_set) {
         g_console_cp = GetConsoleOutputCP();
@@ -2608,7 +2654,9 @@ static void free_aligned(void *p) { _aligned_free(p); }
  * so open the temporary that way, for die() and the Ctrl-C handler to be able to remove it
  * (it disappears when the process exits and its handle closes). */
 static FILE *create_partial_file(const char *path) {
-    HANDLE h = CreateFileA(path, GENERIC_WRITE, FILE_SHARE_READ | FILE_SHARE_DELETE, NULL, CREATE_ALWAYS,
+    wchar_t wpath[WIN_PATH_MAX];
+    if (!wide_path(path, wpath)) return NULL;
+    HANDLE h = CreateFileW(wpath, GENERIC_WRITE, FILE_SHARE_READ | FILE_SHARE_DELETE, NULL, CREATE_ALWAYS,
                            FILE_ATTRIBUTE_NORMAL, NULL);
     if (h == INVALID_HANDLE_VALUE) {
         DWORD e = GetLastError();
@@ -2635,7 +2683,9 @@ static int reader_gone(int err) {
 
 /* rename() on Windows fails when the target exists; MoveFileEx replaces it. */
 static int replace_file(const char *from, const char *to) {
-    if (MoveFileExA(from, to, MOVEFILE_REPLACE_EXISTING | MOVEFILE_WRITE_THROUGH)) return 0;
+    wchar_t wfrom[WIN_PATH_MAX], wto[WIN_PATH_MAX];
+    if (!wide_path(from, wfrom) || !wide_path(to, wto)) return -1;
+    if (MoveFileExW(wfrom, wto, MOVEFILE_REPLACE_EXISTING | MOVEFILE_WRITE_THROUGH)) return 0;
     DWORD e = GetLastError();
     errno = e == ERROR_PATH_NOT_FOUND || e == ERROR_FILE_NOT_FOUND ? ENOENT : e == ERROR_ACCESS_DENIED ? EACCES : EIO;
     return -1;
@@ -2643,10 +2693,11 @@ static int replace_file(const char *from, const char *to) {
 
 /* 64-bit sizes throughout: the q8 model file is 3 GB, more than a 32-bit st_size holds. */
 static int open_model_file(const char *path, uint64_t *size) {
+    wchar_t wpath[WIN_PATH_MAX];
     struct _stat64 st;
-    if (_stat64(path, &st) != 0) die("cannot open model '%s': %s", path, strerror(errno));
+    if (!wide_path(path, wpath) || _wstat64(wpath, &st) != 0) die("cannot open model '%s': %s", path, strerror(errno));
     if ((st.st_mode & _S_IFMT) != _S_IFREG) die("'%s' is not a regular file", path);  // before open: a folder cannot be opened
-    int fd = _open(path, _O_RDONLY | _O_BINARY);
+    int fd = _wopen(wpath, _O_RDONLY | _O_BINARY);
     if (fd < 0) die("cannot open model '%s': %s", path, strerror(errno));
     if (_fstat64(fd, &st) != 0) die("cannot stat '%s': %s", path, strerror(errno));
     *size = (uint64_t)st.st_size;
