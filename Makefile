@@ -7,7 +7,8 @@
 CC      ?= cc
 WARN    := -std=c11 -Wall -Wextra -Wshadow -Wno-unused-parameter
 # A C program that compiles with the flags given, or nothing: probes for what this compiler takes.
-try_cc   = $(shell echo 'int main(void){return 0;}' | $(CC) $(1) -x c - -o /dev/null 2>/dev/null && echo ok)
+# (The probe links to a temporary file: MinGW's linker cannot write to /dev/null.)
+try_cc   = $(shell f=$$(mktemp) && echo 'int main(void){return 0;}' | $(CC) $(1) -x c - -o $$f 2>/dev/null && echo ok; rm -f $$f $$f.exe)
 # Tune for this CPU: -march=native (gcc anywhere, clang on x86), else -mcpu=native (clang on
 # Arm, including Apple clang up to 14), else nothing.
 NATIVE  := $(if $(call try_cc,-march=native),-march=native,$(if $(call try_cc,-mcpu=native),-mcpu=native,))
