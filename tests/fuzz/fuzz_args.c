@@ -75,7 +75,7 @@ static void check_arg(const char *s, int argc, char **argv, const char *what) {
 }
 
 static void check_options(const Options *o, int argc, char **argv) {
-    if (o->help) return;  // -h returns at once: the rest is unset
+    if (o->help || o->version) return;  // -h and -v return at once: the rest is unset
     if (!o->model_path) finding("no model path");
     check_arg(o->model_path, argc, argv, "model path is not an argument");
     check_arg(o->prompt, argc, argv, "prompt is not an argument");
