@@ -2485,6 +2485,7 @@ static void kernel_description(char *out, size_t size, KernelScratch *k, int wei
 #ifndef _WIN32
 
 static void setup_process(int *argc, char ***argv) {
+    (void)argc, (void)argv;    // POSIX passes arguments as UTF-8 already (Windows converts them)
     signal(SIGPIPE, SIG_IGN);  // a closed stdout becomes EPIPE (flush_stdout) instead of a kill
 }
 
@@ -2714,7 +2715,10 @@ static const unsigned char *map_file(int fd, size_t size, const char *path) {
     return map;
 }
 
-static void unmap_file(const unsigned char *map, size_t size) { UnmapViewOfFile(map); }
+static void unmap_file(const unsigned char *map, size_t size) {
+    (void)size;  // a view is unmapped whole
+    UnmapViewOfFile(map);
+}
 
 /* --no-mmap: a copy in 64-byte aligned memory (large pages need a privilege users lack).
  * _read takes at most UINT_MAX bytes at a time. */
