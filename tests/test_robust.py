@@ -15,6 +15,7 @@ import numpy as np
 
 from common import PHI2, REPO, WORK, checkpoint, converted, phi2, run
 from test_cli import expect_error, fnv1a64
+from test_convert import weight_sums  # FORMAT.md's weights checksums, checked there
 import tok_section
 
 TOOL = os.path.join(REPO, "build", "tokenizer_tool")
@@ -29,13 +30,6 @@ def align64(n):
     return (n + 63) // 64 * 64
 
 
-def weights_sums(weights):
-    """The two weights checksums of docs/FORMAT.md, computed here independently."""
-    w = np.frombuffer(weights, dtype="<u8")
-    idx = np.arange(1, w.size + 1, dtype=np.uint64)
-    return int(w.sum(dtype=np.uint64)), int((w * idx).sum(dtype=np.uint64))
-
-
 def rewrite_model(name, src=None, tokenizer=None, weights=None, header=None):
     """A consistent model file (every offset and checksum recomputed) from src with its
     tokenizer section and/or weights replaced, and header fields patched (header: a function
@@ -48,7 +42,7 @@ def rewrite_model(name, src=None, tokenizer=None, weights=None, header=None):
     h = bytearray(data[:HEADER_SIZE])
     struct.pack_into("<QQQQQQ", h, 72, HEADER_SIZE, len(tok), new_w_off, len(wts), new_w_off + len(wts),
                      fnv1a64(tok))
-    struct.pack_into("<QQ", h, 120, *weights_sums(wts))
+    struct.pack_into("<QQ", h, 120, *weight_sums(wts))
     if header:
         header(h)
     struct.pack_into("<Q", h, 248, fnv1a64(bytes(h[:248])))

@@ -60,18 +60,14 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
     return 0;
 }
 
-static void finding(const char *what) {
-    printf("fuzz_args: %s\n", what);  // stdout: run.sh hides stderr (-close_fd_mask=2)
-    fflush(stdout);
-    abort();
-}
+#include "finding.h"
 
 /* s must be NULL or one of argv[1..argc). */
 static void check_arg(const char *s, int argc, char **argv, const char *what) {
     if (!s) return;
     for (int i = 1; i < argc; i++)
         if (s == argv[i]) return;
-    finding(what);
+    finding("fuzz_args: %s", what);
 }
 
 static void check_options(const Options *o, int argc, char **argv) {

@@ -35,18 +35,7 @@ static Model g_model;  // global, so its contents survive the longjmp
 
 void phi2_fuzz_on_error(void) { longjmp(g_on_error, 1); }
 
-/* A finding: say what went wrong, then abort() so libFuzzer saves the input. stdout,
- * flushed, because run.sh hides stderr (-close_fd_mask=2). */
-static void finding(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
-static void finding(const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    vprintf(fmt, ap);
-    va_end(ap);
-    printf("\n");
-    fflush(stdout);
-    abort();
-}
+#include "finding.h"
 
 /* Aborts (a finding) if [p, p + n) is not inside the weights section. */
 static void check_inside(const void *p, size_t n, const unsigned char *lo, const unsigned char *hi, const char *what) {

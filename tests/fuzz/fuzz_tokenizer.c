@@ -27,18 +27,7 @@
 
 static Tokenizer g_tok;
 
-/* A finding: say what went wrong, then abort() so libFuzzer saves the input. stdout,
- * flushed, because run.sh hides stderr (-close_fd_mask=2). */
-static void finding(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
-static void finding(const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    vprintf(fmt, ap);
-    va_end(ap);
-    printf("\n");
-    fflush(stdout);
-    abort();
-}
+#include "finding.h"
 
 int LLVMFuzzerInitialize(int *argc, char ***argv) {
     const char *path = getenv("PHI2_FUZZ_TOKENIZER");
