@@ -2,9 +2,16 @@
 
 Synthetic checkpoints and converted model files are written under build/testdata/ (wiped by
 `make test` before each run) and cached by their parameters within a run.
+
+Disk: a CI machine may have little free space, so the suite keeps its footprint small.
+After every test, tests/run.py calls prune_work(): everything a test left in WORK is deleted
+except the few most recently used cached checkpoints and model files (MAX_CACHED) and the
+small files a module registered with persist(). A run that passes removes WORK entirely.
 """
 import hashlib
+import itertools
 import os
+import shutil
 import subprocess
 import sys
 
@@ -16,6 +23,52 @@ SCRIPTS = os.path.join(REPO, "scripts")
 PY = sys.executable
 PHI2 = os.environ.get("PHI2_BIN", os.path.join(REPO, "phi2"))
 WORK = os.environ.get("PHI2_TEST_WORK", os.path.join(REPO, "build", "testdata"))
+
+MAX_CACHED = 6              # cached checkpoints / model files kept between tests (~60 MB each)
+_cache_use = {}             # cached path -> when it was last asked for
+_use_clock = itertools.count()
+_persistent = set()         # small per-module files kept for the whole run
+
+
+def _cached(path):
+    _cache_use[path] = next(_use_clock)
+    return path
+
+
+def persist(path):
+    """Keep path (a small file or folder in WORK) until the run ends; returns path."""
+    _persistent.add(os.path.abspath(path))
+    return path
+
+
+def prune_work():
+    """Delete what the last test left in WORK, keeping the MAX_CACHED most recently used
+    cached checkpoints and model files and every persist()ed path."""
+    if not os.path.isdir(WORK):
+        return
+    recent = sorted(_cache_use, key=_cache_use.get)[-MAX_CACHED:]
+    for path in list(_cache_use):
+        if path not in recent:
+            del _cache_use[path]
+    keep = {os.path.abspath(p) for p in recent} | _persistent
+    for name in os.listdir(WORK):
+        path = os.path.abspath(os.path.join(WORK, name))
+        if path in keep:
+            continue
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+
+
+def remove_work():
+    """Remove WORK and forget every cached path (the end of a run that passed)."""
+    shutil.rmtree(WORK, ignore_errors=True)
+    _cache_use.clear()
+    _persistent.clear()
 
 
 def run(cmd, check=True, timeout=600, input=None):
@@ -48,7 +101,7 @@ def checkpoint(preset="tiny", seed=1, dtype="F16", naming="hf", shards=1, extra=
         script("synth.py", d + ".tmp", "--preset", preset, "--seed", seed, "--dtype", dtype,
                "--naming", naming, "--shards", shards, *extra)
         os.rename(d + ".tmp", d)
-    return d
+    return _cached(d)
 
 
 def converted(ckpt, dtype="f32"):
@@ -56,7 +109,7 @@ def converted(ckpt, dtype="f32"):
     out = os.path.join(WORK, f"{os.path.basename(ckpt)}.{dtype}.bin")
     if not os.path.isfile(out):
         script("convert.py", ckpt, out, "--dtype", dtype)
-    return out
+    return _cached(out)
 
 
 def read_logits(path, vocab_size):

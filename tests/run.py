@@ -5,7 +5,9 @@ Usage: tests/run.py [-k SUBSTRING] [--skip MODULE.TEST ...] [MODULE ...]
 Each test is a plain function that raises (usually AssertionError) on failure. The last
 line printed is "N passed, N failed". Exit status is non-zero if any test failed or if no
 test ran. --skip (repeatable) leaves out one test by its full name, e.g. for a platform it
-cannot apply to; each one left out is printed as "skip". Environment: PHI2_BIN selects the engine binary (default ./phi2).
+cannot apply to; each one left out is printed as "skip". Environment: PHI2_BIN selects the engine
+binary (default ./phi2); PHI2_TEST_WORK the test-data folder; PHI2_TEST_KEEP=1 keeps that folder
+after a run that passed (a failed run always keeps it).
 """
 import importlib.util
 import os
@@ -15,6 +17,8 @@ import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+
+import common  # noqa: E402 -- after the path is set
 
 
 def main():
@@ -57,11 +61,14 @@ def main():
             else:
                 passed += 1
                 print(f"ok   {full} ({time.time() - t0:.1f}s)", flush=True)
+            common.prune_work()
     for name in sorted(skip):  # a --skip that matched nothing: a renamed test, say so
         failed += 1
         print(f"FAIL --skip {name}: no such test", flush=True)
     print(f"# {time.time() - t_start:.0f}s in all")
     print(f"{passed} passed, {failed} failed")
+    if not failed and not os.environ.get("PHI2_TEST_KEEP"):
+        common.remove_work()   # a run that passed leaves no test data behind (see common.py)
     return 1 if failed or passed == 0 else 0
 
 

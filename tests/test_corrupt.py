@@ -97,8 +97,9 @@ def base(dtype):
             path = converted(checkpoint(), dtype)
             data = open(path, "rb").read()
             hdr = {name: struct.unpack_from("<" + code, data, off)[0] for name, off, code in FIELDS}
-            _bases[dtype] = (path, data, hdr)
-        return _bases[dtype]
+            _bases[dtype] = (data, hdr)
+        data, hdr = _bases[dtype]
+        return converted(checkpoint(), dtype), data, hdr   # converted(): made again if pruned
 
 
 def tensor_starts(hdr):

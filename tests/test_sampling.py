@@ -25,7 +25,7 @@ import os
 
 import numpy as np
 
-from common import WORK, checkpoint, converted, phi2, read_logits
+from common import WORK, checkpoint, converted, persist, phi2, read_logits
 
 VOCAB = 51200
 N_REAL = 50295  # tokens in the tokenizer; ids from here on are padding rows of lm_head
@@ -49,7 +49,7 @@ MISS_CHANCE = 1e-5  # an allowed id this unlikely to be missed in every draw mus
 def last_logits():
     """The last prompt row of --dump-logits, real tokens only, <|endoftext|> at -inf as
     --ignore-eos makes it."""
-    path = os.path.join(WORK, "sampling-logits.f32")
+    path = persist(os.path.join(WORK, "sampling-logits.f32"))
     if not os.path.isfile(path):
         phi2(converted(checkpoint()), "--ids", ",".join(map(str, PROMPT)), "--dump-logits", path)
     row = read_logits(path, VOCAB)[-1, :N_REAL].copy()

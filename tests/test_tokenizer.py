@@ -14,12 +14,12 @@ import struct
 import subprocess
 import time
 
-from common import REPO, TESTS, WORK, checkpoint, converted, run
+from common import REPO, TESTS, WORK, checkpoint, converted, persist, run
 import tok_section
 
 TOOL = os.environ.get("TOKENIZER_TOOL", os.path.join(REPO, "build", "tokenizer_tool"))
 VECTORS = os.path.join(TESTS, "tokenizer_vectors.json")
-TOKDIR = os.path.join(WORK, "tokenizer")
+TOKDIR = persist(os.path.join(WORK, "tokenizer"))
 
 _section_cache = {}
 

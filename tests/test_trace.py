@@ -13,7 +13,7 @@ import shlex
 import struct
 import subprocess
 
-from common import REPO, SCRIPTS, WORK, checkpoint, converted, phi2, reference_logits, script
+from common import REPO, SCRIPTS, WORK, checkpoint, converted, persist, phi2, reference_logits, script
 
 IDS = [1212, 318, 281, 1672, 2643, 290]  # "This is an example sentence and"
 
@@ -23,7 +23,7 @@ _spec.loader.exec_module(compare_trace)
 
 
 def reference_trace(ckpt):
-    out = os.path.join(WORK, f"trace-ref-{os.path.basename(ckpt)}.bin")
+    out = persist(os.path.join(WORK, f"trace-ref-{os.path.basename(ckpt)}.bin"))
     if not os.path.isfile(out):
         script("reference.py", ckpt, "--ids", ",".join(map(str, IDS)), "--trace", out)
     return out
