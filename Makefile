@@ -63,10 +63,19 @@ build/test_kernels-asan: tests/test_kernels.c $(SRC) $(HDR)
 	$(CC) $(WARN) -O1 -g $(NATIVE) $(OPENMP) -fsanitize=address,undefined -fno-sanitize-recover=all \
 	    -o $@ tests/test_kernels.c tokenizer.c -lm
 
+# On a host with AVX2 + FMA, `make test` also checks the kernels of an AVX2 build
+# (-march=haswell: laptops without AVX-512), which an AVX-512 host's native build leaves out.
+AVX2_HOST := $(shell grep -qw avx2 /proc/cpuinfo 2>/dev/null && grep -qw fma /proc/cpuinfo && echo yes)
+AVX2_KERNEL_TEST := $(if $(AVX2_HOST),build/test_kernels-avx2)
+build/test_kernels-avx2: tests/test_kernels.c $(SRC) $(HDR)
+	@mkdir -p build
+	$(CC) $(WARN) -O3 -march=haswell $(OPENMP) -o $@ tests/test_kernels.c tokenizer.c -lm
+
 TEST_BINS := build/tokenizer_tool
 
-test: phi2 $(TEST_BINS) build/test_kernels
+test: phi2 $(TEST_BINS) build/test_kernels $(AVX2_KERNEL_TEST)
 	rm -rf build/testdata
+	$(if $(AVX2_KERNEL_TEST),KERNEL_TEST_BIN=$(AVX2_KERNEL_TEST) $(PYTHON) tests/run.py test_kernels)
 	PHI2_BIN=./phi2 KERNEL_TEST_BIN=build/test_kernels $(PYTHON) tests/run.py
 
 test-sanitize: phi2-asan $(TEST_BINS) build/test_kernels-asan

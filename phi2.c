@@ -217,11 +217,18 @@ static uint64_t fnv1a64(const unsigned char *p, size_t n) {
 #define MODEL_VERSION 2
 #define HEADER_SIZE 256
 #define TENSOR_ALIGN 64
-#define Q8_GROUP 64  // q8 files: consecutive weights of a row sharing one scale (the only size)
-enum { WEIGHTS_F32 = 0, WEIGHTS_Q8 = 1 };
+#define Q8_GROUP 64  // q8 matrices: consecutive weights of a row sharing one float32 scale
+#define Q4_GROUP 32  // q4 matrices: consecutive weights of a row sharing one float16 scale
+#define Q4_BLOCK 64  // q4 matrices: weights whose 4-bit codes share 32 bytes (two groups)
+enum { WEIGHTS_F32 = 0, WEIGHTS_Q8 = 1, WEIGHTS_Q4 = 2 };
+
+/* The 16 values a 4-bit code stands for, in units of its group's scale: non-uniform (denser
+ * near zero, where most weights are), fitted to weights by scripts/quant_study.py. Kernels
+ * turn codes into these int8 values with one table lookup, then multiply as int8. */
+static const int8_t Q4_LEVELS[16] = {-122, -94, -73, -56, -41, -28, -16, -5, 5, 16, 28, 41, 56, 73, 94, 122};
 
 typedef struct {
-    int weight_type;    // WEIGHTS_F32 or WEIGHTS_Q8
+    int weight_type;    // WEIGHTS_F32, WEIGHTS_Q8 or WEIGHTS_Q4 (of the layers' matrices)
     int vocab_size;     // rows of the embedding and lm_head (51200; ids >= 50295 are padding)
     int hidden_dim;     // width of the residual stream (2560)
     int ffn_dim;        // width of the MLP (10240)
@@ -230,18 +237,22 @@ typedef struct {
     int head_dim;       // hidden_dim / n_heads (80)
     int rot_dim;        // leading dims of each head that get rotary embeddings (32)
     int max_seq_len;    // positions the model was trained for (2048)
-    int group_size;     // q8: weights sharing one scale (64); f32: 0
+    int group_size;     // q8: weights sharing one scale (64); q4: 32; f32: 0
     float rope_theta;   // rotary base (10000)
     float norm_eps;     // LayerNorm epsilon (1e-5)
     int bos_id, eos_id; // <|endoftext|> (50256) for both
 } Config;
 
-/* A weight matrix in PyTorch's Linear layout: y = W x, one row per output feature. */
+/* A weight matrix in PyTorch's Linear layout: y = W x, one row per output feature. In q4
+ * files the layers' matrices are q4 and embed / lm_head are q8 (docs/FORMAT.md). */
 typedef struct {
-    int rows, cols;      // output features, input features
-    const float *w;      // [rows, cols] (f32 files)
-    const int8_t *q;     // [rows, cols] (q8 files) int8 weights ...
-    const float *scale;  // [rows, cols / Q8_GROUP] ... times one scale per group
+    int rows, cols;            // output features, input features
+    int type;                  // WEIGHTS_F32, WEIGHTS_Q8 or WEIGHTS_Q4: which pointers are set
+    const float *w;            // f32: [rows, cols]
+    const int8_t *q;           // q8: [rows, cols] int8 weights ...
+    const float *scale;        // q8: [rows, cols / Q8_GROUP] ... times one scale per group
+    const uint8_t *codes;      // q4: [rows, cols / 2] 4-bit codes, two per byte (see q4_code) ...
+    const uint16_t *scale16;   // q4: [rows, cols / Q4_GROUP] ... levels times a float16 scale per group
 } Matrix;
 
 typedef struct {
@@ -308,14 +319,17 @@ static const float *take_vector(WeightCursor *c, int n, const char *what) {
     return take_bytes(c, mul_size((size_t)n, sizeof(float)), what);
 }
 
-static Matrix take_matrix(WeightCursor *c, const Config *cfg, int rows, int cols, const char *what) {
-    Matrix m = {.rows = rows, .cols = cols};
+static Matrix take_matrix(WeightCursor *c, int type, int rows, int cols, const char *what) {
+    Matrix m = {.rows = rows, .cols = cols, .type = type};
     size_t n = mul_size((size_t)rows, (size_t)cols);
-    if (cfg->weight_type == WEIGHTS_F32) {
+    if (type == WEIGHTS_F32) {
         m.w = take_bytes(c, mul_size(n, sizeof(float)), what);
-    } else {
+    } else if (type == WEIGHTS_Q8) {
         m.q = take_bytes(c, n, what);
         m.scale = take_bytes(c, mul_size(n / Q8_GROUP, sizeof(float)), what);
+    } else {
+        m.codes = take_bytes(c, n / 2, what);
+        m.scale16 = take_bytes(c, mul_size(n / Q4_GROUP, sizeof(uint16_t)), what);
     }
     return m;
 }
@@ -351,8 +365,8 @@ static Config parse_header(const unsigned char *h, size_t file_size, const char 
     c.norm_eps = read_f32(h + 56);
     uint32_t bos = read_u32(h + 60), eos = read_u32(h + 64);
 
-    if (weight_type != WEIGHTS_F32 && weight_type != WEIGHTS_Q8)
-        die("'%s' has unknown weight type %u (expected 0 = f32 or 1 = q8)", path, weight_type);
+    if (weight_type != WEIGHTS_F32 && weight_type != WEIGHTS_Q8 && weight_type != WEIGHTS_Q4)
+        die("'%s' has unknown weight type %u (expected 0 = f32, 1 = q8 or 2 = q4)", path, weight_type);
     for (int i = 0; i < 8; i++)
         if (dims[i] == 0 || dims[i] > DIM_LIMITS[i].max)
             die("'%s' is corrupt: %s %u is outside [1, %u]", path, DIM_LIMITS[i].name, dims[i], DIM_LIMITS[i].max);
@@ -368,6 +382,9 @@ static Config parse_header(const unsigned char *h, size_t file_size, const char 
     if (weight_type == WEIGHTS_F32 && dims[8] != 0) die("'%s' is corrupt: f32 file with a group size", path);
     if (weight_type == WEIGHTS_Q8 && (dims[8] != Q8_GROUP || dims[1] % Q8_GROUP != 0 || dims[2] % Q8_GROUP != 0))
         die("'%s' is corrupt: q8 group size %u must be %d and divide the hidden and MLP sizes", path, dims[8], Q8_GROUP);
+    if (weight_type == WEIGHTS_Q4 && (dims[8] != Q4_GROUP || dims[1] % Q4_BLOCK != 0 || dims[2] % Q4_BLOCK != 0))
+        die("'%s' is corrupt: q4 group size %u must be %d, and %d divide the hidden and MLP sizes", path, dims[8],
+            Q4_GROUP, Q4_BLOCK);
     c.group_size = (int)dims[8];
     if ((uint64_t)dims[5] * dims[4] != dims[1])
         die("'%s' is corrupt: %u heads x %u dims != hidden size %u", path, dims[4], dims[5], dims[1]);
@@ -442,24 +459,25 @@ static void parse_model(Model *m, const unsigned char *data, size_t size, const 
     // Weights, in the order docs/FORMAT.md lists them.
     const int H = c.hidden_dim, F = c.ffn_dim, V = c.vocab_size;
     WeightCursor cur = {.base = data + w_off, .size = w_size, .offset = 0, .path = path};
-    m->embed = take_matrix(&cur, &c, V, H, "embed");
+    const int table_type = c.weight_type == WEIGHTS_F32 ? WEIGHTS_F32 : WEIGHTS_Q8;  // embed, lm_head
+    m->embed = take_matrix(&cur, table_type, V, H, "embed");
     m->layers = xcalloc((size_t)c.n_layers, sizeof(Layer));
     for (int l = 0; l < c.n_layers; l++) {
         Layer *L = &m->layers[l];
         L->ln_weight = take_vector(&cur, H, "ln_weight");
         L->ln_bias = take_vector(&cur, H, "ln_bias");
-        L->qkv = take_matrix(&cur, &c, 3 * H, H, "qkv_weight");
+        L->qkv = take_matrix(&cur, c.weight_type, 3 * H, H, "qkv_weight");
         L->qkv_bias = take_vector(&cur, 3 * H, "qkv_bias");
-        L->dense = take_matrix(&cur, &c, H, H, "dense_weight");
+        L->dense = take_matrix(&cur, c.weight_type, H, H, "dense_weight");
         L->dense_bias = take_vector(&cur, H, "dense_bias");
-        L->fc1 = take_matrix(&cur, &c, F, H, "fc1_weight");
+        L->fc1 = take_matrix(&cur, c.weight_type, F, H, "fc1_weight");
         L->fc1_bias = take_vector(&cur, F, "fc1_bias");
-        L->fc2 = take_matrix(&cur, &c, H, F, "fc2_weight");
+        L->fc2 = take_matrix(&cur, c.weight_type, H, F, "fc2_weight");
         L->fc2_bias = take_vector(&cur, H, "fc2_bias");
     }
     m->final_ln_weight = take_vector(&cur, H, "final_ln_weight");
     m->final_ln_bias = take_vector(&cur, H, "final_ln_bias");
-    m->lm_head = take_matrix(&cur, &c, V, H, "lm_head_weight");
+    m->lm_head = take_matrix(&cur, table_type, V, H, "lm_head_weight");
     m->lm_head_bias = take_vector(&cur, V, "lm_head_bias");
     size_t end = (cur.offset + TENSOR_ALIGN - 1) / TENSOR_ALIGN * TENSOR_ALIGN;
     if (end != w_size)
@@ -592,15 +610,78 @@ MAYBE_UNUSED static void matmul_q8_scalar(float *out, const QuantizedRows *in, c
     }
 }
 
-/* One row of a (possibly quantized) matrix as floats: used for the embedding lookup. */
-static void matrix_row(float *out, const Matrix *W, int row) {
-    if (W->w) {
-        memcpy(out, W->w + (size_t)row * W->cols, (size_t)W->cols * sizeof(float));
-        return;
+/* --- 4-bit (q4) matrix product ------------------------------------------------------- */
+/* A q4 weight is Q4_LEVELS[code] times its group's float16 scale (groups of 32 along the
+ * row). In each block of 64 weights of a row, byte i of the block's 32 bytes holds the code
+ * of weight i in its low nibble and of weight 32 + i in its high nibble, so one mask and one
+ * shift split a vector of bytes into two vectors of consecutive weights. The activations are
+ * quantized exactly as for q8 (one scale per 64 values = per block), so each group's sum is
+ * again an exact int32 sum of int8 products:
+ *   sum over blocks b: d_x[b] * (d_w[2b] * isum(group 2b) + d_w[2b+1] * isum(group 2b+1)). */
+_Static_assert(Q4_BLOCK == Q8_GROUP && Q4_BLOCK == 2 * Q4_GROUP, "a q4 block is one activation group, two weight groups");
+
+/* IEEE binary16 to float, exactly. Shifted left by 13, the 5-bit exponent and 10-bit
+ * mantissa land in a float's fields; multiplying by 2^112 then corrects the exponent bias
+ * (15 instead of 127), which also turns half subnormals (float subnormals after the shift)
+ * into the right normal floats. Infinities and NaN (exponent 31) take the float's all-ones
+ * exponent instead. The sign bit moves from bit 15 to bit 31. */
+static float f16_to_f32(uint16_t h) {
+    uint32_t bits = (uint32_t)(h & 0x7fff) << 13;
+    float v;
+    if ((h & 0x7c00) == 0x7c00) {
+        bits |= 0x7f800000u;
+    } else {
+        memcpy(&v, &bits, 4);
+        v *= 0x1p112f;
+        memcpy(&bits, &v, 4);
     }
-    const int8_t *q = W->q + (size_t)row * W->cols;
-    const float *d = W->scale + (size_t)row * (W->cols / Q8_GROUP);
-    for (int c = 0; c < W->cols; c++) out[c] = d[c / Q8_GROUP] * (float)q[c];
+    bits |= (uint32_t)(h & 0x8000) << 16;
+    memcpy(&v, &bits, 4);
+    return v;
+}
+
+/* The code (0..15) of weight c of a q4 row. */
+static int q4_code(const uint8_t *row_codes, int c) {
+    const uint8_t byte = row_codes[c / Q4_BLOCK * (Q4_BLOCK / 2) + c % (Q4_BLOCK / 2)];
+    return c % Q4_BLOCK < Q4_BLOCK / 2 ? byte & 15 : byte >> 4;
+}
+
+MAYBE_UNUSED static void matmul_q4_scalar(float *out, const QuantizedRows *in, const Matrix *W, const float *bias,
+                                          int n_tokens) {
+    const int rows = W->rows, cols = W->cols, n_groups = cols / Q4_GROUP, n_blocks = cols / Q4_BLOCK;
+#pragma omp parallel for schedule(static)
+    for (int r = 0; r < rows; r++) {
+        const uint8_t *codes = W->codes + (size_t)r * (cols / 2);
+        const uint16_t *wd = W->scale16 + (size_t)r * n_groups;
+        for (int t = 0; t < n_tokens; t++) {
+            const int8_t *xq = in->q + (size_t)t * cols;
+            const float *xd = in->scale + (size_t)t * n_blocks;
+            float sum = 0.0f;
+            for (int g = 0; g < n_groups; g++) {
+                int32_t isum = 0;
+                for (int c = g * Q4_GROUP; c < (g + 1) * Q4_GROUP; c++)
+                    isum += (int32_t)Q4_LEVELS[q4_code(codes, c)] * (int32_t)xq[c];
+                sum += (float)isum * f16_to_f32(wd[g]) * xd[g / 2];
+            }
+            out[(size_t)t * rows + r] = sum + bias[r];
+        }
+    }
+}
+
+/* One row of a matrix as floats: used for the embedding lookup. */
+static void matrix_row(float *out, const Matrix *W, int row) {
+    const size_t cols = (size_t)W->cols;
+    if (W->type == WEIGHTS_F32) {
+        memcpy(out, W->w + (size_t)row * cols, cols * sizeof(float));
+    } else if (W->type == WEIGHTS_Q8) {
+        const int8_t *q = W->q + (size_t)row * cols;
+        const float *d = W->scale + (size_t)row * (cols / Q8_GROUP);
+        for (size_t c = 0; c < cols; c++) out[c] = d[c / Q8_GROUP] * (float)q[c];
+    } else {
+        const uint8_t *codes = W->codes + (size_t)row * (cols / 2);
+        const uint16_t *d = W->scale16 + (size_t)row * (cols / Q4_GROUP);
+        for (size_t c = 0; c < cols; c++) out[c] = f16_to_f32(d[c / Q4_GROUP]) * (float)Q4_LEVELS[q4_code(codes, (int)c)];
+    }
 }
 
 /* gelu_new, the tanh approximation of GELU used by Phi-2. */
@@ -658,6 +739,7 @@ static void matmul_f32(float *out, const float *in, const Matrix *W, const float
 static void quantize_rows_q8(QuantizedRows *out, const float *x, int n_tokens, int cols);
 static void matmul_q8(float *out, const QuantizedRows *in, const Matrix *W, const float *bias, int n_tokens,
                       KernelScratch *k);
+static void matmul_q4(float *out, const QuantizedRows *in, const Matrix *W, const float *bias, int n_tokens);
 static void gelu_new_span(float *x, size_t n);
 static float dot_f32(const float *a, const float *b, int n);
 /* The kernels this build has, and for int8 the ones it will use here (AMX needs the OS's
@@ -665,16 +747,16 @@ static float dot_f32(const float *a, const float *b, int n);
  * timings line, so figures from different machines say what ran. */
 static void kernel_description(char *out, size_t size, KernelScratch *k, int weight_type);
 
-/* The matrix product the forward pass calls: float weights directly; int8 weights after
- * quantizing the activations the same way (one scale per 64 values). */
-static void matmul(float *out, const float *in, const Matrix *W, const float *bias, int n_tokens, const Config *c,
-                   KernelScratch *k) {
-    if (c->weight_type == WEIGHTS_F32) {
+/* The matrix product the forward pass calls: float weights directly; int8 and 4-bit weights
+ * after quantizing the activations to int8 (one scale per 64 values). */
+static void matmul(float *out, const float *in, const Matrix *W, const float *bias, int n_tokens, KernelScratch *k) {
+    if (W->type == WEIGHTS_F32) {
         matmul_f32(out, in, W, bias, n_tokens);
         return;
     }
     quantize_rows_q8(&k->xq, in, n_tokens, W->cols);
-    matmul_q8(out, &k->xq, W, bias, n_tokens, k);
+    if (W->type == WEIGHTS_Q8) matmul_q8(out, &k->xq, W, bias, n_tokens, k);
+    else matmul_q4(out, &k->xq, W, bias, n_tokens);
 }
 
 /* gelu_new over n values, split over the threads for a prompt's batch. */
@@ -839,7 +921,7 @@ static void forward(const Model *m, RunState *s, const int *tokens, int n_tokens
         trace(s, "ln", l, s->h, H, H, pos0, n_tokens);
 
         // Attention: project, rotate q and k, cache k and v, attend, project back.
-        matmul(s->qkv, s->h, &L->qkv, L->qkv_bias, n_tokens, c, &s->kern);
+        matmul(s->qkv, s->h, &L->qkv, L->qkv_bias, n_tokens, &s->kern);
         for (int t = 0; t < n_tokens; t++) {
             const int pos = pos0 + t;
             float *q = s->qkv + (size_t)t * 3 * H, *k = q + H, *v = q + 2 * H;
@@ -856,14 +938,14 @@ static void forward(const Model *m, RunState *s, const int *tokens, int n_tokens
         trace(s, "v", l, s->qkv + 2 * H, 3 * (size_t)H, H, pos0, n_tokens);
         attention(s, c, l, pos0, n_tokens);
         trace(s, "attn", l, s->att, H, H, pos0, n_tokens);
-        matmul(s->att_proj, s->att, &L->dense, L->dense_bias, n_tokens, c, &s->kern);
+        matmul(s->att_proj, s->att, &L->dense, L->dense_bias, n_tokens, &s->kern);
         trace(s, "attn_out", l, s->att_proj, H, H, pos0, n_tokens);
 
         // MLP on the same normalized input h: the block is parallel, not sequential.
-        matmul(s->ffn, s->h, &L->fc1, L->fc1_bias, n_tokens, c, &s->kern);
+        matmul(s->ffn, s->h, &L->fc1, L->fc1_bias, n_tokens, &s->kern);
         gelu_new(s->ffn, (size_t)n_tokens * F);
         trace(s, "mlp_act", l, s->ffn, F, F, pos0, n_tokens);
-        matmul(s->mlp_out, s->ffn, &L->fc2, L->fc2_bias, n_tokens, c, &s->kern);
+        matmul(s->mlp_out, s->ffn, &L->fc2, L->fc2_bias, n_tokens, &s->kern);
         trace(s, "mlp_out", l, s->mlp_out, H, H, pos0, n_tokens);
 
         for (size_t i = 0; i < (size_t)n_tokens * H; i++) s->x[i] += s->att_proj[i] + s->mlp_out[i];
@@ -873,7 +955,7 @@ static void forward(const Model *m, RunState *s, const int *tokens, int n_tokens
     const int first = all_logits ? 0 : n_tokens - 1, n_out = n_tokens - first;
     layernorm(s->h, s->x + (size_t)first * H, m->final_ln_weight, m->final_ln_bias, n_out, H, c->norm_eps);
     trace(s, "final_ln", -1, s->h, H, H, pos0 + first, n_out);
-    matmul(s->logits, s->h, &m->lm_head, m->lm_head_bias, n_out, c, &s->kern);
+    matmul(s->logits, s->h, &m->lm_head, m->lm_head_bias, n_out, &s->kern);
     trace(s, "logits", -1, s->logits, c->vocab_size, c->vocab_size, pos0 + first, n_out);
 }
 
@@ -1672,6 +1754,21 @@ MAYBE_UNUSED static void quantize_rows_q8_avx2(QuantizedRows *out, const float *
  * scalar kernel; only the float accumulation of the scaled groups runs in another order
  * (per lane, summed at the end), except in the AMX kernel, which matches it exactly. */
 
+#if PHI2_AVX2
+/* q4: the 32 bytes of codes of one block (64 weights) as two vectors of int8 weights:
+ * weights 0..31 from the low nibbles, 32..63 from the high nibbles, each code looked up in
+ * Q4_LEVELS by vpshufb (levels: Q4_LEVELS in both 128-bit halves). */
+static ALWAYS_INLINE void q4_decode_avx2(const uint8_t *codes, __m256i levels, __m256i *w_lo, __m256i *w_hi) {
+    const __m256i bytes = _mm256_loadu_si256((const __m256i *)codes), nibble = _mm256_set1_epi8(15);
+    *w_lo = _mm256_shuffle_epi8(levels, _mm256_and_si256(bytes, nibble));
+    *w_hi = _mm256_shuffle_epi8(levels, _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble));
+}
+
+static ALWAYS_INLINE __m256i q4_levels_avx2(void) {
+    return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)Q4_LEVELS));
+}
+#endif
+
 #if PHI2_AVX512_VNNI
 /* AVX512-VNNI: vpdpbusd multiplies unsigned by signed bytes. Activations are made unsigned
  * by adding 128 (x ^ 0x80), and the accumulator starts at -128 * sum(w) (one more vpdpbusd per
@@ -1712,7 +1809,7 @@ static ALWAYS_INLINE void q8_tile_vnni(float *out, int out_stride, const int8_t 
 
 /* The tile shapes q8_rows_simd asks for (Q8_R_VNNI or 1 rows, 1 .. Q8_T_VNNI tokens), each
  * a specialization the compiler unrolls. */
-static void q8_tile_vnni_any(float *out, int out_stride, const int8_t *w, const float *wd, const int8_t *x,
+static void q8_tile_vnni_any(float *out, int out_stride, const void *w, const void *wd, const int8_t *x,
                              const float *xd, int cols, int n_groups, int R, int T, const float *bias) {
     _Static_assert(Q8_R_VNNI == 4 && Q8_T_VNNI == 4, "q8_tile_vnni_any lists the tiles of 4 rows x 4 tokens");
 #define Q8_CASE(RR, TT) \
@@ -1723,6 +1820,57 @@ static void q8_tile_vnni_any(float *out, int out_stride, const int8_t *w, const 
         default: die("q8_tile_vnni: bad tile %dx%d", R, T);
     }
 #undef Q8_CASE
+}
+
+/* q4 with VNNI: the tile of q8_tile_vnni, with each block's weights decoded into one 512-bit
+ * vector (weights 0..63 in order) and a per-lane scale: lanes 0..7 sum weights 0..31 (the
+ * block's first group), lanes 8..15 weights 32..63 (its second). */
+static ALWAYS_INLINE void q4_tile_vnni(float *out, int out_stride, const uint8_t *w, const uint16_t *wd,
+                                       const int8_t *x, const float *xd, int cols, int n_blocks, int R, int T,
+                                       const float *bias) {
+    __m512 acc[Q8_R_VNNI][Q8_T_VNNI];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_ps();
+    const __m512i offset = _mm512_set1_epi8((char)0x80), zero = _mm512_setzero_si512();
+    const __m256i levels = q4_levels_avx2();
+    const size_t row_bytes = (size_t)cols / 2, row_scales = (size_t)cols / Q4_GROUP;
+    for (int b = 0; b < n_blocks; b++) {
+        __m512i wv[Q8_R_VNNI], neg_corr[Q8_R_VNNI];
+        __m512 ws[Q8_R_VNNI];
+        for (int r = 0; r < R; r++) {
+            const uint8_t *codes = w + (size_t)r * row_bytes + (size_t)b * (Q4_BLOCK / 2);
+            __m256i lo, hi;
+            q4_decode_avx2(codes, levels, &lo, &hi);
+            _mm_prefetch((const char *)(codes + Q8_PREFETCH_BYTES), _MM_HINT_T0);
+            wv[r] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+            neg_corr[r] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, offset, wv[r]));
+            const uint16_t *d = wd + (size_t)r * row_scales + 2 * (size_t)b;
+            ws[r] = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(f16_to_f32(d[0])), _mm512_set1_ps(f16_to_f32(d[1])));
+        }
+        for (int t = 0; t < T; t++) {
+            const __m512i xu = _mm512_xor_si512(
+                _mm512_loadu_si512((const void *)(x + (size_t)t * cols + (size_t)b * Q4_BLOCK)), offset);
+            const __m512 xs = _mm512_set1_ps(xd[(size_t)t * n_blocks + b]);
+            for (int r = 0; r < R; r++) {
+                __m512i d = _mm512_dpbusd_epi32(neg_corr[r], xu, wv[r]);
+                acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(ws[r], xs), acc[r][t]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) out[(size_t)t * out_stride + r] = _mm512_reduce_add_ps(acc[r][t]) + bias[r];
+}
+
+static void q4_tile_vnni_any(float *out, int out_stride, const void *w, const void *wd, const int8_t *x,
+                             const float *xd, int cols, int n_blocks, int R, int T, const float *bias) {
+#define Q4_CASE(RR, TT) \
+    case (RR) * 8 + (TT): q4_tile_vnni(out, out_stride, w, wd, x, xd, cols, n_blocks, RR, TT, bias); break;
+    switch (R * 8 + T) {
+        Q4_CASE(4, 1) Q4_CASE(4, 2) Q4_CASE(4, 3) Q4_CASE(4, 4)
+        Q4_CASE(1, 1) Q4_CASE(1, 2) Q4_CASE(1, 3) Q4_CASE(1, 4)
+        default: die("q4_tile_vnni: bad tile %dx%d", R, T);
+    }
+#undef Q4_CASE
 }
 
 #elif PHI2_AVX2
@@ -1762,7 +1910,7 @@ static ALWAYS_INLINE void q8_tile_avx2(float *out, int out_stride, const int8_t 
         for (int t = 0; t < T; t++) out[(size_t)t * out_stride + r] = hsum256(acc[r][t]) + bias[r];
 }
 
-static void q8_tile_avx2_any(float *out, int out_stride, const int8_t *w, const float *wd, const int8_t *x,
+static void q8_tile_avx2_any(float *out, int out_stride, const void *w, const void *wd, const int8_t *x,
                              const float *xd, int cols, int n_groups, int R, int T, const float *bias) {
     _Static_assert(Q8_R_AVX2 == 2 && Q8_T_AVX2 == 2, "q8_tile_avx2_any lists the tiles of 2 rows x 2 tokens");
 #define Q8_CASE(RR, TT) \
@@ -1773,12 +1921,61 @@ static void q8_tile_avx2_any(float *out, int out_stride, const int8_t *w, const 
     }
 #undef Q8_CASE
 }
+
+/* q4 on AVX2: the tile of q8_tile_avx2 with each block's weights decoded from its codes
+ * (q4_decode_avx2); the block's two groups of 32 each have their own scale. */
+static ALWAYS_INLINE void q4_tile_avx2(float *out, int out_stride, const uint8_t *w, const uint16_t *wd,
+                                       const int8_t *x, const float *xd, int cols, int n_blocks, int R, int T,
+                                       const float *bias) {
+    __m256 acc[Q8_R_AVX2][Q8_T_AVX2];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) acc[r][t] = _mm256_setzero_ps();
+    const __m256i ones = _mm256_set1_epi16(1), levels = q4_levels_avx2();
+    const size_t row_bytes = (size_t)cols / 2, row_scales = (size_t)cols / Q4_GROUP;
+    for (int b = 0; b < n_blocks; b++) {
+        __m256i w0[Q8_R_AVX2], w1[Q8_R_AVX2];
+        float d0[Q8_R_AVX2], d1[Q8_R_AVX2];
+        for (int r = 0; r < R; r++) {
+            q4_decode_avx2(w + (size_t)r * row_bytes + (size_t)b * (Q4_BLOCK / 2), levels, &w0[r], &w1[r]);
+            d0[r] = f16_to_f32(wd[(size_t)r * row_scales + 2 * (size_t)b]);
+            d1[r] = f16_to_f32(wd[(size_t)r * row_scales + 2 * (size_t)b + 1]);
+        }
+        for (int t = 0; t < T; t++) {
+            const __m256i x0 = _mm256_loadu_si256((const __m256i *)(x + (size_t)t * cols + (size_t)b * Q4_BLOCK));
+            const __m256i x1 = _mm256_loadu_si256((const __m256i *)(x + (size_t)t * cols + (size_t)b * Q4_BLOCK + 32));
+            const float xs = xd[(size_t)t * n_blocks + b];
+            for (int r = 0; r < R; r++) {
+                __m256i p0 = _mm256_maddubs_epi16(_mm256_abs_epi8(w0[r]), _mm256_sign_epi8(x0, w0[r]));
+                __m256i p1 = _mm256_maddubs_epi16(_mm256_abs_epi8(w1[r]), _mm256_sign_epi8(x1, w1[r]));
+                acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p0, ones)),
+                                            _mm256_set1_ps(d0[r] * xs), acc[r][t]);
+                acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p1, ones)),
+                                            _mm256_set1_ps(d1[r] * xs), acc[r][t]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) out[(size_t)t * out_stride + r] = hsum256(acc[r][t]) + bias[r];
+}
+
+static void q4_tile_avx2_any(float *out, int out_stride, const void *w, const void *wd, const int8_t *x,
+                             const float *xd, int cols, int n_blocks, int R, int T, const float *bias) {
+#define Q4_CASE(RR, TT) \
+    case (RR) * 8 + (TT): q4_tile_avx2(out, out_stride, w, wd, x, xd, cols, n_blocks, RR, TT, bias); break;
+    switch (R * 8 + T) {
+        Q4_CASE(2, 1) Q4_CASE(2, 2) Q4_CASE(1, 1) Q4_CASE(1, 2)
+        default: die("q4_tile_avx2: bad tile %dx%d", R, T);
+    }
+#undef Q4_CASE
+}
 #endif
 
 #if PHI2_AVX512_VNNI || PHI2_AVX2 || PHI2_NEON
 #define PHI2_Q8_SIMD 1
-typedef void (*Q8Tile)(float *out, int out_stride, const int8_t *w, const float *wd, const int8_t *x, const float *xd,
-                       int cols, int n_groups, int R, int T, const float *bias);
+/* A tile kernel: R rows from w / wd (q8: int8 weights and float scales; q4: codes and
+ * float16 scales) times T tokens of int8 activations. */
+typedef void (*Int8Tile)(float *out, int out_stride, const void *w, const void *wd, const int8_t *x, const float *xd,
+                         int cols, int n_groups, int R, int T, const float *bias);
 
 /* The loop nest shared by the VNNI, AVX2 and NEON int8 kernels (tile: RT rows x TT tokens). Each
  * thread takes a contiguous range of rows and reads each weight row once (the tile loops
@@ -1786,8 +1983,8 @@ typedef void (*Q8Tile)(float *out, int out_stride, const int8_t *w, const float 
  * bytes) and stay in L2. Decode (one token) goes one row at a time, so the matrix streams
  * strictly in address order (measured a few % faster than interleaving RT rows, which only
  * pays off when the loaded weights are reused across tokens). */
-static void matmul_q8_tiled(float *out, const QuantizedRows *in, const Matrix *W, const float *bias, int n_tokens,
-                            Q8Tile tile, int RT, int TT) {
+static void matmul_int8_tiled(float *out, const QuantizedRows *in, const Matrix *W, const float *bias, int n_tokens,
+                            Int8Tile tile, int RT, int TT) {
     const int rows = W->rows, cols = W->cols, n_groups = cols / Q8_GROUP;
 #pragma omp parallel
     {
@@ -1799,8 +1996,12 @@ static void matmul_q8_tiled(float *out, const QuantizedRows *in, const Matrix *W
             const int R = r1 - r >= tile_rows ? tile_rows : 1;
             for (int t = 0; t < n_tokens; t += TT) {
                 const int T = n_tokens - t < TT ? n_tokens - t : TT;
-                tile(out + (size_t)t * rows + r, rows, W->q + (size_t)r * cols, W->scale + (size_t)r * n_groups,
-                     in->q + (size_t)t * cols, in->scale + (size_t)t * n_groups, cols, n_groups, R, T, bias + r);
+                const void *w = W->type == WEIGHTS_Q4 ? (const void *)(W->codes + (size_t)r * (cols / 2))
+                                                      : (const void *)(W->q + (size_t)r * cols);
+                const void *wd = W->type == WEIGHTS_Q4 ? (const void *)(W->scale16 + (size_t)r * (cols / Q4_GROUP))
+                                                       : (const void *)(W->scale + (size_t)r * n_groups);
+                tile(out + (size_t)t * rows + r, rows, w, wd, in->q + (size_t)t * cols, in->scale + (size_t)t * n_groups,
+                     cols, n_groups, R, T, bias + r);
             }
             r += R;
         }
@@ -1814,9 +2015,18 @@ static void matmul_q8_tiled(float *out, const QuantizedRows *in, const Matrix *W
  * (Arm: Appendix A2). */
 static void matmul_q8_simd(float *out, const QuantizedRows *in, const Matrix *W, const float *bias, int n_tokens) {
 #if PHI2_AVX512_VNNI
-    matmul_q8_tiled(out, in, W, bias, n_tokens, q8_tile_vnni_any, Q8_R_VNNI, Q8_T_VNNI);
+    matmul_int8_tiled(out, in, W, bias, n_tokens, q8_tile_vnni_any, Q8_R_VNNI, Q8_T_VNNI);
 #else
-    matmul_q8_tiled(out, in, W, bias, n_tokens, q8_tile_avx2_any, Q8_R_AVX2, Q8_T_AVX2);
+    matmul_int8_tiled(out, in, W, bias, n_tokens, q8_tile_avx2_any, Q8_R_AVX2, Q8_T_AVX2);
+#endif
+}
+
+/* matmul_q4_simd: the same for 4-bit weights. */
+static void matmul_q4_simd(float *out, const QuantizedRows *in, const Matrix *W, const float *bias, int n_tokens) {
+#if PHI2_AVX512_VNNI
+    matmul_int8_tiled(out, in, W, bias, n_tokens, q4_tile_vnni_any, Q8_R_VNNI, Q8_T_VNNI);
+#else
+    matmul_int8_tiled(out, in, W, bias, n_tokens, q4_tile_avx2_any, Q8_R_AVX2, Q8_T_AVX2);
 #endif
 }
 #endif
@@ -2053,7 +2263,7 @@ MAYBE_UNUSED static float dot_f32_avx2(const float *a, const float *b, int n) {
 /* The section 3 kernels for 64-bit Arm (Apple M-series, Snapdragon X, Graviton, Raspberry
  * Pi), chosen at compile time from the target (make: -mcpu=native or -march=...). The
  * macros are defined at the top of Appendix A, beside the x86 ones, so that the loop nests
- * shared with the x86 kernels (matmul_f32_blocked, matmul_q8_tiled) serve these too:
+ * shared with the x86 kernels (matmul_f32_blocked, matmul_int8_tiled) serve these too:
  *   PHI2_NEON          any aarch64 (NEON is part of Armv8-A): f32 matmul, quantization,
  *                      gelu, dot, int8 matmul (widening multiplies, vmull_s8 + vpadalq_s16)
  *   PHI2_NEON_DOTPROD  Armv8.2 dotprod (all Apple M, Snapdragon X, Graviton2+): int8 matmul
@@ -2139,7 +2349,7 @@ MAYBE_UNUSED static void quantize_rows_q8_neon(QuantizedRows *out, const float *
  * the scalar kernel; it is then scaled by d_w * d_x and accumulated in float lanes, summed
  * at the end (the only difference from the scalar kernel: the order of the float sum).
  * Register tile: 4 rows x 2 tokens (8 int32 group sums + 8 float accumulators). The tiles
- * go through matmul_q8_tiled (Appendix A): decode streams one row at a time. */
+ * go through matmul_int8_tiled (Appendix A): decode streams one row at a time. */
 enum { Q8_R_NEON = 4, Q8_T_NEON = 2 };
 
 /* The int32 sum of 16 products w[i] * x[i] added to acc: plain NEON widens to int16 (a pair
@@ -2191,9 +2401,9 @@ static ALWAYS_INLINE void q8_tile_sdot(float *out, int out_stride, const int8_t 
 #endif
 #undef Q8_TILE_NEON_BODY
 
-/* The tile shapes matmul_q8_tiled asks for (Q8_R_NEON or 1 rows, 1 .. Q8_T_NEON tokens). */
+/* The tile shapes matmul_int8_tiled asks for (Q8_R_NEON or 1 rows, 1 .. Q8_T_NEON tokens). */
 #define Q8_TILE_ANY(NAME, TILE)                                                                                  \
-    static void NAME(float *out, int out_stride, const int8_t *w, const float *wd, const int8_t *x,              \
+    static void NAME(float *out, int out_stride, const void *w, const void *wd, const int8_t *x,                \
                      const float *xd, int cols, int n_groups, int R, int T, const float *bias) {                 \
         _Static_assert(Q8_R_NEON == 4 && Q8_T_NEON == 2, #NAME " lists the tiles of 4 rows x 2 tokens");          \
         switch (R * 8 + T) {                                                                                     \
@@ -2210,17 +2420,99 @@ Q8_TILE_ANY(q8_tile_sdot_any, q8_tile_sdot)
 #endif
 #undef Q8_TILE_ANY
 
+/* q4: the 32 bytes of codes of one block as four vectors of 16 int8 weights (0..15, 16..31
+ * from the low nibbles, 32..47, 48..63 from the high ones), looked up in Q4_LEVELS by tbl. */
+static ALWAYS_INLINE void q4_decode_neon(const uint8_t *codes, int8x16_t levels, int8x16_t w[4]) {
+    const uint8x16_t b0 = vld1q_u8(codes), b1 = vld1q_u8(codes + 16), nibble = vdupq_n_u8(15);
+    w[0] = vqtbl1q_s8(levels, vandq_u8(b0, nibble));
+    w[1] = vqtbl1q_s8(levels, vandq_u8(b1, nibble));
+    w[2] = vqtbl1q_s8(levels, vshrq_n_u8(b0, 4));
+    w[3] = vqtbl1q_s8(levels, vshrq_n_u8(b1, 4));
+}
+
+/* One q4 tile with DOT16: each block's two groups get their own int32 sums and scales. */
+#define Q4_TILE_NEON_BODY(DOT16)                                                                                  \
+    float32x4_t acc[Q8_R_NEON][Q8_T_NEON];                                                                      \
+    for (int r = 0; r < R; r++)                                                                                  \
+        for (int t = 0; t < T; t++) acc[r][t] = vdupq_n_f32(0.0f);                                               \
+    const int8x16_t levels = vld1q_s8(Q4_LEVELS);                                                                \
+    const size_t row_bytes = (size_t)cols / 2, row_scales = (size_t)cols / Q4_GROUP;                             \
+    for (int b = 0; b < n_blocks; b++) {                                                                         \
+        int8x16_t wv[Q8_R_NEON][4];                                                                              \
+        float d0[Q8_R_NEON], d1[Q8_R_NEON];                                                                      \
+        for (int r = 0; r < R; r++) {                                                                            \
+            q4_decode_neon(w + (size_t)r * row_bytes + (size_t)b * (Q4_BLOCK / 2), levels, wv[r]);               \
+            d0[r] = f16_to_f32(wd[(size_t)r * row_scales + 2 * (size_t)b]);                                      \
+            d1[r] = f16_to_f32(wd[(size_t)r * row_scales + 2 * (size_t)b + 1]);                                  \
+        }                                                                                                        \
+        for (int t = 0; t < T; t++) {                                                                            \
+            const int8_t *xb = x + (size_t)t * cols + (size_t)b * Q4_BLOCK;                                      \
+            const int8x16_t x0 = vld1q_s8(xb), x1 = vld1q_s8(xb + 16), x2 = vld1q_s8(xb + 32),                   \
+                            x3 = vld1q_s8(xb + 48);                                                              \
+            const float xs = xd[(size_t)t * n_blocks + b];                                                       \
+            for (int r = 0; r < R; r++) {                                                                        \
+                int32x4_t s0 = DOT16(DOT16(vdupq_n_s32(0), wv[r][0], x0), wv[r][1], x1);                         \
+                int32x4_t s1 = DOT16(DOT16(vdupq_n_s32(0), wv[r][2], x2), wv[r][3], x3);                         \
+                acc[r][t] = vfmaq_f32(acc[r][t], vcvtq_f32_s32(s0), vdupq_n_f32(d0[r] * xs));                    \
+                acc[r][t] = vfmaq_f32(acc[r][t], vcvtq_f32_s32(s1), vdupq_n_f32(d1[r] * xs));                    \
+            }                                                                                                    \
+        }                                                                                                        \
+    }                                                                                                            \
+    for (int r = 0; r < R; r++)                                                                                  \
+        for (int t = 0; t < T; t++) out[(size_t)t * out_stride + r] = vaddvq_f32(acc[r][t]) + bias[r];
+
+static ALWAYS_INLINE void q4_tile_neon(float *out, int out_stride, const uint8_t *w, const uint16_t *wd,
+                                       const int8_t *x, const float *xd, int cols, int n_blocks, int R, int T,
+                                       const float *bias) {
+    Q4_TILE_NEON_BODY(dot16_neon)
+}
+
+#if PHI2_NEON_DOTPROD
+static ALWAYS_INLINE void q4_tile_sdot(float *out, int out_stride, const uint8_t *w, const uint16_t *wd,
+                                       const int8_t *x, const float *xd, int cols, int n_blocks, int R, int T,
+                                       const float *bias) {
+    Q4_TILE_NEON_BODY(dot16_sdot)
+}
+#endif
+#undef Q4_TILE_NEON_BODY
+
+#define Q4_TILE_ANY(NAME, TILE)                                                                                  \
+    static void NAME(float *out, int out_stride, const void *w, const void *wd, const int8_t *x,                \
+                     const float *xd, int cols, int n_blocks, int R, int T, const float *bias) {                 \
+        switch (R * 8 + T) {                                                                                     \
+        case 4 * 8 + 1: TILE(out, out_stride, w, wd, x, xd, cols, n_blocks, 4, 1, bias); break;                  \
+        case 4 * 8 + 2: TILE(out, out_stride, w, wd, x, xd, cols, n_blocks, 4, 2, bias); break;                  \
+        case 1 * 8 + 1: TILE(out, out_stride, w, wd, x, xd, cols, n_blocks, 1, 1, bias); break;                  \
+        case 1 * 8 + 2: TILE(out, out_stride, w, wd, x, xd, cols, n_blocks, 1, 2, bias); break;                  \
+        default: die(#TILE ": bad tile %dx%d", R, T);                                                            \
+        }                                                                                                        \
+    }
+Q4_TILE_ANY(q4_tile_neon_any, q4_tile_neon)
+#if PHI2_NEON_DOTPROD
+Q4_TILE_ANY(q4_tile_sdot_any, q4_tile_sdot)
+#endif
+#undef Q4_TILE_ANY
+
+/* matmul_q4_simd: SDOT where the build has it, else plain NEON (i8mm builds: SDOT too). */
+static void matmul_q4_simd(float *out, const QuantizedRows *in, const Matrix *W, const float *bias, int n_tokens) {
+#if PHI2_NEON_DOTPROD
+    matmul_int8_tiled(out, in, W, bias, n_tokens, q4_tile_sdot_any, Q8_R_NEON, Q8_T_NEON);
+#else
+    matmul_int8_tiled(out, in, W, bias, n_tokens, q4_tile_neon_any, Q8_R_NEON, Q8_T_NEON);
+#endif
+}
+
 /* Plain NEON int8 (Armv8.0). */
 MAYBE_UNUSED static void matmul_q8_neon(float *out, const QuantizedRows *in, const Matrix *W, const float *bias,
                                         int n_tokens) {
-    matmul_q8_tiled(out, in, W, bias, n_tokens, q8_tile_neon_any, Q8_R_NEON, Q8_T_NEON);
+    matmul_int8_tiled(out, in, W, bias, n_tokens, q8_tile_neon_any, Q8_R_NEON, Q8_T_NEON);
 }
 
 #if PHI2_NEON_DOTPROD
 /* SDOT (Armv8.2 dotprod). */
 MAYBE_UNUSED static void matmul_q8_dotprod(float *out, const QuantizedRows *in, const Matrix *W, const float *bias,
                                            int n_tokens) {
-    matmul_q8_tiled(out, in, W, bias, n_tokens, q8_tile_sdot_any, Q8_R_NEON, Q8_T_NEON);
+    matmul_int8_tiled(out, in, W, bias, n_tokens, q8_tile_sdot_any, Q8_R_NEON, Q8_T_NEON);
 }
 #endif
 
@@ -2283,9 +2575,9 @@ static ALWAYS_INLINE void q8_tile_smmla(float *out, int out_stride, const int8_t
         }
 }
 
-/* The tile shapes matmul_q8_tiled asks for (4 or 1 rows, 1 .. 4 tokens): even ones with
+/* The tile shapes matmul_int8_tiled asks for (4 or 1 rows, 1 .. 4 tokens): even ones with
  * SMMLA, an odd last token through SDOT, single rows through SDOT. */
-static void q8_tile_i8mm_any(float *out, int out_stride, const int8_t *w, const float *wd, const int8_t *x,
+static void q8_tile_i8mm_any(float *out, int out_stride, const void *w, const void *wd, const int8_t *x,
                              const float *xd, int cols, int n_groups, int R, int T, const float *bias) {
     _Static_assert(Q8_R_I8MM == 4 && Q8_T_I8MM == 4, "q8_tile_i8mm_any lists the tiles of 4 rows x 4 tokens");
     if (R == 4 && T >= 2) {
@@ -2309,7 +2601,7 @@ static void q8_tile_i8mm_any(float *out, int out_stride, const int8_t *w, const 
 MAYBE_UNUSED static void matmul_q8_i8mm(float *out, const QuantizedRows *in, const Matrix *W, const float *bias,
                                         int n_tokens) {
     if (n_tokens == 1) matmul_q8_dotprod(out, in, W, bias, n_tokens);
-    else matmul_q8_tiled(out, in, W, bias, n_tokens, q8_tile_i8mm_any, Q8_R_I8MM, Q8_T_I8MM);
+    else matmul_int8_tiled(out, in, W, bias, n_tokens, q8_tile_i8mm_any, Q8_R_I8MM, Q8_T_I8MM);
 }
 #endif
 
@@ -2412,6 +2704,14 @@ static void matmul_q8(float *out, const QuantizedRows *in, const Matrix *W, cons
 #endif
 }
 
+static void matmul_q4(float *out, const QuantizedRows *in, const Matrix *W, const float *bias, int n_tokens) {
+#if PHI2_Q8_SIMD
+    matmul_q4_simd(out, in, W, bias, n_tokens);
+#else
+    matmul_q4_scalar(out, in, W, bias, n_tokens);
+#endif
+}
+
 static void gelu_new_span(float *x, size_t n) {
 #if PHI2_AVX512
     gelu_new_avx512(x, n);
@@ -2454,7 +2754,7 @@ static void kernel_description(char *out, size_t size, KernelScratch *k, int wei
     const char *f32 = PHI2_ARCH " scalar";
 #endif
     (void)k;
-    if (weight_type != WEIGHTS_Q8) {
+    if (weight_type == WEIGHTS_F32) {
         snprintf(out, size, "%s", f32);
         return;
     }
@@ -2473,7 +2773,7 @@ static void kernel_description(char *out, size_t size, KernelScratch *k, int wei
 #else
     const char *int8 = "scalar";
 #endif
-    snprintf(out, size, "%s, int8 %s", f32, int8);
+    snprintf(out, size, "%s, %s %s", f32, weight_type == WEIGHTS_Q4 ? "q4" : "int8", int8);
 #undef PHI2_ARCH
 }
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Convert a Hugging Face Phi-2 checkpoint folder into a phi2.c model file (docs/FORMAT.md).
 
-usage: convert.py HF_DIR OUT.bin [--dtype f32|q8]
+usage: convert.py HF_DIR OUT.bin [--dtype f32|q8|q4]
 
 Reads config.json, model.safetensors.index.json (or a single model.safetensors), every
 shard it names, and tokenizer.json. Accepts F16, BF16 and F32 tensors, current transformers
@@ -21,6 +21,13 @@ tokenizer.json the engine would refuse (over-long tokens, repeated merges, ...).
 --dtype q8: Q8_0, groups of 64 along the input dimension, d = max|w|/127 (float32),
 q = round(w/d) in [-127, 127] (0 where d = 0), for every matrix (embed, qkv, dense, fc1,
 fc2, lm_head); biases and LayerNorm parameters stay float32.
+
+--dtype q4: the layer matrices (qkv, dense, fc1, fc2) in 4 bits per weight plus one float16
+scale per group of 32 (4.5 bits per weight): each weight is the scale times one of 16 fixed
+levels (Q4_LEVELS, a codebook fitted to group-normalized weights; scripts/quant_study.py),
+and each group's scale is the one, of four candidates, with the least squared error (see
+quantize_q4). embed and lm_head stay q8, as in --dtype q8: the lm_head is the model's most
+sensitive matrix, and the embedding is only read one row per token.
 """
 import argparse
 import json
@@ -38,8 +45,20 @@ MAGIC = b"PHI2CBIN"
 VERSION = 2
 HEADER_SIZE = 256
 ALIGN = 64
-GROUP = 64
-WEIGHT_F32, WEIGHT_Q8 = 0, 1
+GROUP = 64                  # q8: weights per float32 scale
+Q4_GROUP = 32               # q4: weights per float16 scale
+Q4_BLOCK = 64               # q4: weights per 32 bytes of codes (two groups; docs/FORMAT.md)
+WEIGHT_F32, WEIGHT_Q8, WEIGHT_Q4 = 0, 1, 2
+# The 16 levels of a q4 weight, in units of its group's scale: Lloyd's algorithm on the
+# weights of a random-init checkpoint divided by their group's max |w|, times 127, rounded.
+Q4_LEVELS = np.array([-122, -94, -73, -56, -41, -28, -16, -5, 5, 16, 28, 41, 56, 73, 94, 122], dtype=np.float32)
+Q4_MIDPOINTS = (Q4_LEVELS[1:] + Q4_LEVELS[:-1]) / 2
+# The levels are integers, so every midpoint between two is a multiple of 1/2: the nearest
+# level to x (ties: the lower one) depends only on ceil(2x), and this table maps
+# ceil(2x) + Q4_HALF_STEPS (clipped to the table) to it.
+Q4_HALF_STEPS = 2 * 128
+Q4_NEAREST = np.searchsorted(Q4_MIDPOINTS, np.arange(-Q4_HALF_STEPS, Q4_HALF_STEPS + 1) / 2).astype(np.uint8)
+Q4_MAX_ABS_WEIGHT = 65504.0 * 100  # so that the max |w| / 122 scales fit in float16
 CHUNK_BYTES = 64 << 20      # float32 bytes per row chunk while streaming a matrix
 MAX_TOKEN_BYTES = 1024      # the longest token the engine accepts
 MAX_ADDED_TOKENS = 1024     # the most added tokens the engine accepts (Phi-2 has 39)
@@ -47,6 +66,13 @@ MAX_ADDED_TOKENS = 1024     # the most added tokens the engine accepts (Phi-2 ha
 # Upper limits on the header's dimensions, as the engine checks them (docs/FORMAT.md).
 DIM_LIMITS = {"vocab_size": 1 << 20, "hidden_dim": 1 << 16, "ffn_dim": 1 << 18, "n_layers": 1 << 10,
               "n_heads": 1 << 10, "head_dim": 1 << 12, "rot_dim": 1 << 12, "max_seq_len": 1 << 20}
+
+
+def log(line):
+    """One line on stderr in a single write: a Ctrl-C between a line and its newline would
+    glue the final error line to a progress line."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 class ConvertError(Exception):
@@ -155,10 +181,11 @@ def model_params(cfg, path, weight_type):
             raise ConvertError(f"{path}: {key} {v!r} is not an id below vocab_size {p['vocab_size']}")
     p["bos_id"] = cfg.get("bos_token_id", 50256)
     p["eos_id"] = cfg.get("eos_token_id", 50256)
-    if weight_type == WEIGHT_Q8:
+    if weight_type in (WEIGHT_Q8, WEIGHT_Q4):
+        name = "q8" if weight_type == WEIGHT_Q8 else "q4"
         for key, dim in (("hidden_size", p["hidden_dim"]), ("intermediate_size", p["ffn_dim"])):
             if dim % GROUP:
-                raise ConvertError(f"{path}: {key} {dim} is not a multiple of {GROUP}: q8 impossible "
+                raise ConvertError(f"{path}: {key} {dim} is not a multiple of {GROUP}: {name} impossible "
                                    f"(use --dtype f32)")
     p["tie_word_embeddings"] = bool(cfg.get("tie_word_embeddings", False))
     return p
@@ -309,7 +336,9 @@ def load_tensors(hf_dir):
 # ---------------------------------------------------------------- weights plan
 
 def weight_plan(p, tensors):
-    """[(file name, kind, [source Tensors stacked by rows], expected shape)] in file order."""
+    """[(file name, kind, [source Tensors stacked by rows], expected shape)] in file order.
+    kind: "vector", "matrix" (a layer's matrix) or "table" (embed and lm_head: one row per
+    token id; they stay q8 in q4 files)."""
     H, F, V, L = p["hidden_dim"], p["ffn_dim"], p["vocab_size"], p["n_layers"]
     msft = "transformer.embd.wte.weight" in tensors and "model.embed_tokens.weight" not in tensors
 
@@ -325,9 +354,9 @@ def weight_plan(p, tensors):
 
     plan = []
 
-    def matrix(label, names, rows, cols):
+    def matrix(label, names, rows, cols, kind="matrix"):
         srcs = [need(n, (rows // len(names), cols)) for n in names]
-        plan.append((label, "matrix", srcs, (rows, cols)))
+        plan.append((label, kind, srcs, (rows, cols)))
 
     def vector(label, names, n):
         srcs = [need(nm, (n // len(names),)) for nm in names]
@@ -337,7 +366,7 @@ def weight_plan(p, tensors):
     if head_w not in tensors and p["tie_word_embeddings"]:
         raise ConvertError(f"unsupported config: tie_word_embeddings is true and there is no {head_w}")
 
-    matrix("embed", ["transformer.embd.wte.weight" if msft else "model.embed_tokens.weight"], V, H)
+    matrix("embed", ["transformer.embd.wte.weight" if msft else "model.embed_tokens.weight"], V, H, "table")
     for i in range(L):
         if msft:
             m = f"transformer.h.{i}."
@@ -363,7 +392,7 @@ def weight_plan(p, tensors):
         vector(f"layers.{i}.fc2_bias", [m + "mlp.fc2.bias"], H)
     vector("final_ln_weight", ["lm_head.ln.weight" if msft else "model.final_layernorm.weight"], H)
     vector("final_ln_bias", ["lm_head.ln.bias" if msft else "model.final_layernorm.bias"], H)
-    matrix("lm_head_weight", [head_w], V, H)
+    matrix("lm_head_weight", [head_w], V, H, "table")
     vector("lm_head_bias", ["lm_head.linear.bias" if msft else "lm_head.bias"], V)
     return plan
 
@@ -563,6 +592,59 @@ def quantize_q8(w):
     return q.reshape(rows, cols), d
 
 
+def quantize_q4(w):
+    """w: float32 [rows, cols] -> (codes uint8 [rows, cols/2], scales float16 [rows, cols/32]).
+
+    Weight c of a row is Q4_LEVELS[code] * scale[c // 32]; the codes of each block of 64
+    weights fill 32 bytes, byte i holding weight i in its low nibble and weight 32 + i in its
+    high nibble. Each weight gets the level nearest to w / scale (ties: the lower level).
+    Each group's scale is, of four candidates, the one with the least squared error
+    sum (level * scale - w)^2 (the first on ties), all in float16: m / 122 and 0.9 m / 122
+    (m = max |w| of the group), each also improved once by least squares for the levels it
+    chose: sum(w * level) / sum(level^2) (a candidate beyond float16's range never wins)."""
+    rows, cols = w.shape
+    g = np.asarray(w, dtype=np.float32).reshape(rows, cols // Q4_GROUP, Q4_GROUP)
+    amax = np.abs(g).max(axis=-1)
+    if amax.size and float(amax.max()) > Q4_MAX_ABS_WEIGHT:
+        raise ConvertError(f"a weight of magnitude {float(amax.max()):.3g} is too large for q4 "
+                           f"(at most {Q4_MAX_ABS_WEIGHT:.3g}; use --dtype q8 or f32)")
+    best_err = np.full(amax.shape, np.inf, dtype=np.float32)
+    best_scale = np.zeros(amax.shape, dtype=np.float16)
+    best_codes = np.zeros(g.shape, dtype=np.uint8)
+
+    def consider(scale16):
+        d = scale16.astype(np.float32)
+        inv = np.zeros_like(d)
+        np.divide(np.float32(1), d, out=inv, where=d > 0)
+        half_steps = np.ceil(g * (2 * inv[..., None]))
+        np.clip(half_steps, -Q4_HALF_STEPS, Q4_HALF_STEPS, out=half_steps)
+        codes = Q4_NEAREST[half_steps.astype(np.int32) + Q4_HALF_STEPS]
+        levels = Q4_LEVELS[codes]
+        err = np.square(levels * d[..., None] - g).sum(axis=-1)
+        better = err < best_err
+        best_err[better] = err[better]
+        best_scale[better] = scale16[better]
+        best_codes[better] = codes[better]
+        return levels
+
+    for share in (np.float32(0.9), np.float32(1.0)):
+        levels = consider((amax * share / Q4_LEVELS[-1]).astype(np.float16))
+        num, den = (g * levels).sum(axis=-1), np.square(levels).sum(axis=-1)
+        consider(np.maximum(num / den, 0).astype(np.float16))
+    blocks = best_codes.reshape(rows, cols // Q4_BLOCK, 2, Q4_BLOCK // 2)
+    packed = blocks[:, :, 0, :] | (blocks[:, :, 1, :] << 4)
+    return packed.reshape(rows, cols // 2), best_scale
+
+
+def dequantize_q4(codes, scales):
+    """The inverse of quantize_q4's layout: float32 [rows, cols]."""
+    rows, half = codes.shape
+    blocks = codes.reshape(rows, half // (Q4_BLOCK // 2), Q4_BLOCK // 2)
+    idx = np.stack([blocks & 15, blocks >> 4], axis=2).reshape(rows, half * 2)
+    d = np.repeat(scales.astype(np.float32), Q4_GROUP, axis=1)
+    return Q4_LEVELS[idx] * d
+
+
 def write_tensor(wr, kind, srcs, shape, weight_type):
     if kind == "vector":
         wr.align()
@@ -578,22 +660,26 @@ def write_tensor(wr, kind, srcs, shape, weight_type):
             w = t.rows(r0, min(t.shape[0], r0 + chunk))
             if weight_type == WEIGHT_F32:
                 wr.write(np.ascontiguousarray(w, dtype="<f4"))
-            else:
+            elif weight_type == WEIGHT_Q8 or kind == "table":
                 q, d = quantize_q8(w)
                 wr.write(q)
-                scales.append(d)
+                scales.append(np.ascontiguousarray(d, dtype="<f4"))
+            else:
+                q, d = quantize_q4(w)
+                wr.write(q)
+                scales.append(np.ascontiguousarray(d, dtype="<f2"))
             del w
-    if weight_type == WEIGHT_Q8:
+    if scales:
         wr.align()
         for d in scales:
-            wr.write(np.ascontiguousarray(d, dtype="<f4"))
+            wr.write(d)
 
 
 def pack_header(p, weight_type, tok_size, tok_checksum, w_off, w_size, w_sum, w_sum2):
     h = struct.pack("<8sIIIIIIIIIIIffIIIQQQQQQQQ", MAGIC, VERSION, weight_type,
                     p["vocab_size"], p["hidden_dim"], p["ffn_dim"], p["n_layers"], p["n_heads"],
                     p["head_dim"], p["rot_dim"], p["max_seq_len"],
-                    GROUP if weight_type == WEIGHT_Q8 else 0,
+                    {WEIGHT_F32: 0, WEIGHT_Q8: GROUP, WEIGHT_Q4: Q4_GROUP}[weight_type],
                     p["rope_theta"], p["norm_eps"], p["bos_id"], p["eos_id"], 0,
                     HEADER_SIZE, tok_size, w_off, w_size, w_off + w_size, tok_checksum, w_sum, w_sum2)
     h += b"\0" * (248 - len(h))
@@ -607,9 +693,9 @@ def convert(hf_dir, out_path, weight_type, tmp_holder):
     tensors = load_tensors(hf_dir)
     plan = weight_plan(p, tensors)
     tok, n_tokens, n_merges = build_tokenizer_section(hf_dir, p["vocab_size"])
-    print(f"convert: {hf_dir}: {p['n_layers']} layers, hidden {p['hidden_dim']}, ffn {p['ffn_dim']}, "
+    log(f"convert: {hf_dir}: {p['n_layers']} layers, hidden {p['hidden_dim']}, ffn {p['ffn_dim']}, "
           f"{p['n_heads']} heads, rot_dim {p['rot_dim']}, vocab {p['vocab_size']}; tokenizer "
-          f"{n_tokens} tokens, {n_merges} merges", file=sys.stderr)
+          f"{n_tokens} tokens, {n_merges} merges")
 
     out_dir = os.path.dirname(os.path.abspath(out_path))
     try:
@@ -630,9 +716,9 @@ def convert(hf_dir, out_path, weight_type, tmp_holder):
             write_tensor(wr, kind, srcs, shape, weight_type)
             names = ",".join(t.name for t in srcs)
             dt = "/".join(sorted({t.dtype for t in srcs}))
-            out_t = "q8_0" if weight_type == WEIGHT_Q8 and kind == "matrix" else "f32"
-            print(f"  {label} {list(shape)} {names} {dt} -> {out_t} {time.time() - t0:.2f}s",
-                  file=sys.stderr)
+            out_t = ("f32" if kind == "vector" or weight_type == WEIGHT_F32 else
+                     "q4" if kind == "matrix" and weight_type == WEIGHT_Q4 else "q8_0")
+            log(f"  {label} {list(shape)} {names} {dt} -> {out_t} {time.time() - t0:.2f}s")
         wr.align()                              # the section ends on a 64-byte boundary
         w_size = wr.pos - w_off
         assert not wr.sums.tail and wr.sums.n_words * 8 == w_size
@@ -644,15 +730,14 @@ def convert(hf_dir, out_path, weight_type, tmp_holder):
     os.chmod(tmp, 0o644)
     os.replace(tmp, out_path)
     tmp_holder.remove(tmp)
-    print(f"convert: wrote {out_path} ({w_off + w_size} bytes) in {time.time() - t_start:.1f}s",
-          file=sys.stderr)
+    log(f"convert: wrote {out_path} ({w_off + w_size} bytes) in {time.time() - t_start:.1f}s")
 
 
 def main():
     ap = argparse.ArgumentParser(description="Convert a Hugging Face Phi-2 checkpoint to a phi2.c model file")
     ap.add_argument("hf_dir")
     ap.add_argument("out")
-    ap.add_argument("--dtype", choices=["f32", "q8"], default="f32")
+    ap.add_argument("--dtype", choices=["f32", "q8", "q4"], default="f32")
     args = ap.parse_args()
 
     def on_term(signum, frame):
@@ -662,18 +747,18 @@ def main():
     tmp_holder = []
     status = 0
     try:
-        convert(args.hf_dir, args.out, WEIGHT_Q8 if args.dtype == "q8" else WEIGHT_F32, tmp_holder)
+        convert(args.hf_dir, args.out, {"f32": WEIGHT_F32, "q8": WEIGHT_Q8, "q4": WEIGHT_Q4}[args.dtype], tmp_holder)
     except ConvertError as e:
-        print(f"error: {e}", file=sys.stderr)
+        log(f"error: {e}")
         status = 1
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        log("error: interrupted")
         status = 130
     except OSError as e:
-        print(f"error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
+        log(f"error: {e.filename or args.out}: {e.strerror or e}")
         status = 1
     except Exception as e:  # noqa: BLE001 -- one line, never a traceback
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        log(f"error: {type(e).__name__}: {e}")
         status = 1
     finally:
         for tmp in tmp_holder:

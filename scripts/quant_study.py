@@ -95,6 +95,11 @@ def q4_offset(w):
     return (q * d[..., None] + m[..., None]).reshape(w.shape)
 
 
+def q4_convert(w):
+    """convert.py's q4, the format phi2.c reads (its own codebook, scale rule and layout)."""
+    return convert.dequantize_q4(*convert.quantize_q4(w.astype(np.float32))).astype(np.float64)
+
+
 def make_codebook_quantizer(levels):
     def q4_codebook(w):
         return best_scale(groups(w), levels, TRIES).reshape(w.shape)
@@ -182,8 +187,9 @@ def main():
         ("4-bit scale-only, absmax (Q4_0-like)", 4.5, q4_absmax, q4_absmax),
         ("4-bit scale-only, least-squares scale", 4.5, q4_mse, q4_mse),
         ("4-bit scale + min (Q4_1-like)", 5.0, q4_offset, q4_offset),
-        ("4-bit codebook, least-squares scale", 4.5, codebook, codebook),
+        ("4-bit codebook, scale of 41 tried", 4.5, codebook, codebook),
         ("  same, embed + lm_head q8", 4.5, codebook, q8),
+        ("convert.py q4 (codebook, 4 scales tried)", 4.5, q4_convert, q8),
         ("  Q4_0-like, embed + lm_head q8", 4.5, q4_absmax, q8),
     ]
     print(f"{cfg['hidden_size']} hidden, {cfg['num_hidden_layers']} layers, {args.positions} positions; "

@@ -240,7 +240,7 @@ static void test_q8_one(const char *name, Q8Fn fn, int rows, int cols, int n_tok
     for (int i = 0; i < rows; i++) bias[i] = frand();
     QuantizedRows xq = {guarded_alloc((size_t)n_tokens * cols), guarded_alloc((size_t)n_tokens * n_groups * sizeof(float))};
     quantize_rows_q8_scalar(&xq, x, n_tokens, cols);
-    Matrix W = {.rows = rows, .cols = cols, .q = wq, .scale = wd};
+    Matrix W = {.rows = rows, .cols = cols, .type = WEIGHTS_Q8, .q = wq, .scale = wd};
     for (size_t i = 0; i < (size_t)n_tokens * rows; i++) out[i] = NAN;
     matmul_q8_scalar(ref, &xq, &W, bias, n_tokens);
     fn(out, &xq, &W, bias, n_tokens);
@@ -329,6 +329,104 @@ static void test_q8(void) {
     }
 }
 
+/* ---- q4 matmul ------------------------------------------------------------------------------- */
+
+/* f16_to_f32 against an independent definition, for all 65536 halves: (-1)^s 2^(e-15) (1 + m/1024),
+ * subnormals 2^-14 m/1024, exponent 31 infinity (m = 0) or NaN. */
+static void test_f16_to_f32(void) {
+    int bad = 0;
+    for (uint32_t h = 0; h < 65536; h++) {
+        const int s = h >> 15, e = (h >> 10) & 31, m = h & 1023;
+        double want = e == 0 ? ldexp(m / 1024.0, -14) : e == 31 ? (m ? NAN : INFINITY) : ldexp(1.0 + m / 1024.0, e - 15);
+        if (s) want = -want;
+        const float got = f16_to_f32((uint16_t)h);
+        const int ok = isnan(want) ? isnan(got) : (double)got == want && !signbit(got) == !signbit(want);
+        if (!ok && bad++ < 3) check(0, "f16_to_f32(0x%04x) = %.9g, want %.9g", (unsigned)h, got, want);
+    }
+    if (!bad) check(1, "");
+    printf("%s f16_to_f32: all 65536 halves\n", bad ? "FAIL" : "ok  ");
+}
+
+static double g_q4_worst;
+
+/* One q4 product against the definition: sum_c Q4_LEVELS[code] d_w[c/32] * q_x[c] d_x[c/64],
+ * from the codes read back in the documented layout, in double; the scalar kernel and the
+ * fast ones must all be within a few ulps of sum |term| of it. */
+static void test_q4_one(const char *name, Q8Fn fn, int rows, int cols, int n_tokens) {
+    const int n_groups = cols / Q4_GROUP, n_blocks = cols / Q4_BLOCK;
+    uint8_t *codes = guarded_alloc((size_t)rows * cols / 2);
+    uint16_t *wd = guarded_alloc((size_t)rows * n_groups * sizeof(uint16_t));
+    float *x = guarded_alloc((size_t)n_tokens * cols * sizeof(float));
+    float *bias = guarded_alloc((size_t)rows * sizeof(float));
+    float *out = guarded_alloc((size_t)n_tokens * rows * sizeof(float));
+    int8_t *level = guarded_alloc((size_t)rows * cols);  // the weights' levels, unpacked here independently
+    for (size_t i = 0; i < (size_t)rows * cols / 2; i++) codes[i] = (uint8_t)random_u32(&g_rng);
+    for (size_t i = 0; i < (size_t)rows * n_groups; i++)  // positive halves from 2^-14 to ~2^-2, a few zero
+        wd[i] = random_u32(&g_rng) % 23 == 0 ? 0 : (uint16_t)(0x0400 + random_u32(&g_rng) % 0x3000);
+    for (int r = 0; r < rows; r++)
+        for (int b = 0; b < n_blocks; b++)
+            for (int i = 0; i < 32; i++) {
+                const uint8_t byte = codes[(size_t)r * cols / 2 + (size_t)b * 32 + i];
+                level[(size_t)r * cols + (size_t)b * 64 + i] = Q4_LEVELS[byte & 15];
+                level[(size_t)r * cols + (size_t)b * 64 + 32 + i] = Q4_LEVELS[byte >> 4];
+            }
+    fill_activations(x, (size_t)n_tokens * cols, 1);
+    for (int i = 0; i < rows; i++) bias[i] = frand();
+    QuantizedRows xq = {guarded_alloc((size_t)n_tokens * cols), guarded_alloc((size_t)n_tokens * n_blocks * sizeof(float))};
+    quantize_rows_q8_scalar(&xq, x, n_tokens, cols);
+    Matrix W = {.rows = rows, .cols = cols, .type = WEIGHTS_Q4, .codes = codes, .scale16 = wd};
+    for (size_t i = 0; i < (size_t)n_tokens * rows; i++) out[i] = NAN;
+    fn(out, &xq, &W, bias, n_tokens);
+    int bad = 0;
+    double worst = 0.0;
+    for (int t = 0; t < n_tokens; t++)
+        for (int r = 0; r < rows; r++) {
+            double want = bias[r], mag = fabs(bias[r]);
+            for (int c = 0; c < cols; c++) {
+                const double term = (double)level[(size_t)r * cols + c] * f16_to_f32(wd[(size_t)r * n_groups + c / 32]) *
+                                    xq.q[(size_t)t * cols + c] * xq.scale[(size_t)t * n_blocks + c / 64];
+                want += term;
+                mag += fabs(term);
+            }
+            const double err = fabs(want - out[(size_t)t * rows + r]) / (mag + 1e-30);
+            if (!(err <= 1e-6) && bad++ < 3)
+                check(0, "%s rows=%d cols=%d tokens=%d: out[%d][%d] = %.9g, want %.9g (rel err %.2g)", name, rows, cols,
+                      n_tokens, t, r, out[(size_t)t * rows + r], want, err);
+            if (err > worst) worst = err;
+        }
+    if (!bad) check(1, "");
+    if (worst > g_q4_worst) g_q4_worst = worst;
+    guarded_free_all();
+}
+
+static void test_q4(void) {
+    static const int rowss[] = {1, 3, 5, 16, 17, 33, 130};
+    static const int colss[] = {64, 128, 320, 2560};
+    static const int tokens[] = {1, 2, 3, 4, 5, 16, 17, 33, 64, 65};
+    static const struct {
+        const char *name;
+        Q8Fn fn;
+    } kernels[] = {
+        {"matmul_q4_scalar", matmul_q4_scalar},
+#if PHI2_Q8_SIMD
+        {"matmul_q4_simd", matmul_q4_simd},
+#endif
+    };
+    test_f16_to_f32();
+    for (size_t k = 0; k < sizeof(kernels) / sizeof(*kernels); k++) {
+        int before = g_failed;
+        g_q4_worst = 0.0;
+        for (size_t a = 0; a < sizeof(rowss) / sizeof(*rowss); a++)
+            for (size_t b = 0; b < sizeof(colss) / sizeof(*colss); b++)
+                for (size_t c = 0; c < sizeof(tokens) / sizeof(*tokens); c++) {
+                    if ((size_t)rowss[a] * colss[b] * tokens[c] > 4000000) continue;
+                    test_q4_one(kernels[k].name, kernels[k].fn, rowss[a], colss[b], tokens[c]);
+                }
+        printf("%s %s: worst error %.2g of sum |level d_w q_x d_x| against the definition\n",
+               g_failed == before ? "ok  " : "FAIL", kernels[k].name, g_q4_worst);
+    }
+}
+
 /* ---- AMX coverage --------------------------------------------------------------------- */
 
 /* Does the CPU have AMX-TILE and AMX-INT8 (CPUID leaf 7, subleaf 0: EDX bits 24 and 25)? */
@@ -371,7 +469,6 @@ static void test_dispatch(void) {
     static const int tokens[] = {1, 3, 4, 16, 64};
     for (size_t k = 0; k < sizeof(tokens) / sizeof(*tokens); k++) {
         const int rows = 96, cols = 192, n = tokens[k], n_groups = cols / 64;
-        Config c = {.weight_type = WEIGHTS_Q8, .group_size = 64};
         int8_t *wq = guarded_alloc((size_t)rows * cols);
         float *wd = guarded_alloc((size_t)rows * n_groups * sizeof(float));
         float *x = guarded_alloc((size_t)n * cols * sizeof(float));
@@ -382,11 +479,11 @@ static void test_dispatch(void) {
         fill_activations(x, (size_t)n * cols, 1);
         for (int i = 0; i < rows; i++) bias[i] = frand();
         QuantizedRows xq = {guarded_alloc((size_t)n * cols), guarded_alloc((size_t)n * n_groups * sizeof(float))};
-        Matrix W = {.rows = rows, .cols = cols, .q = wq, .scale = wd};
+        Matrix W = {.rows = rows, .cols = cols, .type = WEIGHTS_Q8, .q = wq, .scale = wd};
         KernelScratch kern = {.xq = xq};
         quantize_rows_q8_scalar(&xq, x, n, cols);
         matmul_q8_scalar(ref, &xq, &W, bias, n);
-        matmul(out, x, &W, bias, n, &c, &kern);
+        matmul(out, x, &W, bias, n, &kern);
         // errors relative to the largest output (no fmax: gcc 12 for aarch64 crashes vectorizing
         // an fmax reduction at -O3)
         double worst = 0.0, scale = 1.0;
@@ -396,13 +493,28 @@ static void test_dispatch(void) {
             if (!(e <= worst)) worst = e;
         }
         check(worst <= 1e-5, "matmul (q8 dispatch) tokens=%d: error %.2g against the scalar kernel", n, worst);
+        // q4
+        uint8_t *codes = guarded_alloc((size_t)rows * cols / 2);
+        uint16_t *wd16 = guarded_alloc((size_t)rows * (cols / 32) * sizeof(uint16_t));
+        for (size_t i = 0; i < (size_t)rows * cols / 2; i++) codes[i] = (uint8_t)random_u32(&g_rng);
+        for (size_t i = 0; i < (size_t)rows * (cols / 32); i++) wd16[i] = (uint16_t)(0x1c00 + random_u32(&g_rng) % 0x800);
+        Matrix W4 = {.rows = rows, .cols = cols, .type = WEIGHTS_Q4, .codes = codes, .scale16 = wd16};
+        quantize_rows_q8_scalar(&xq, x, n, cols);
+        matmul_q4_scalar(ref, &xq, &W4, bias, n);
+        matmul(out, x, &W4, bias, n, &kern);
+        worst = 0.0, scale = 1.0;
+        for (size_t i = 0; i < (size_t)n * rows; i++) scale = fabs(ref[i]) > scale ? fabs(ref[i]) : scale;
+        for (size_t i = 0; i < (size_t)n * rows; i++) {
+            double e = fabs((double)ref[i] - out[i]) / scale;
+            if (!(e <= worst)) worst = e;
+        }
+        check(worst <= 1e-5, "matmul (q4 dispatch) tokens=%d: error %.2g against the scalar kernel", n, worst);
         // f32
         float *wf = guarded_alloc((size_t)rows * cols * sizeof(float));
         for (size_t i = 0; i < (size_t)rows * cols; i++) wf[i] = frand();
-        Matrix Wf = {.rows = rows, .cols = cols, .w = wf};
-        c = (Config){.weight_type = WEIGHTS_F32};
+        Matrix Wf = {.rows = rows, .cols = cols, .type = WEIGHTS_F32, .w = wf};
         matmul_f32_scalar(ref, x, &Wf, bias, n);
-        matmul(out, x, &Wf, bias, n, &c, &kern);
+        matmul(out, x, &Wf, bias, n, &kern);
         worst = 0.0, scale = 1.0;
         for (size_t i = 0; i < (size_t)n * rows; i++) scale = fabs(ref[i]) > scale ? fabs(ref[i]) : scale;
         for (size_t i = 0; i < (size_t)n * rows; i++) {
@@ -413,7 +525,7 @@ static void test_dispatch(void) {
         free(kern.amx_pack);
         guarded_free_all();
     }
-    printf("%s matmul dispatch (f32 and q8, 1..64 tokens)\n", g_failed == before ? "ok  " : "FAIL");
+    printf("%s matmul dispatch (f32, q8 and q4, 1..64 tokens)\n", g_failed == before ? "ok  " : "FAIL");
 }
 
 /* ---- gelu_new and dot_f32 ------------------------------------------------------------ */
@@ -707,6 +819,7 @@ int main(int argc, char **argv) {
     test_quantize();
     test_f32();
     test_q8();
+    test_q4();
     check_amx_coverage();
     test_dispatch();
     test_gelu_dot();
@@ -717,6 +830,7 @@ int main(int argc, char **argv) {
     int before = g_failed;
     test_f32();
     test_q8();
+    test_q4();
     printf("%s the same with 3 threads\n", g_failed == before ? "ok  " : "FAIL");
 #endif
     printf("test_kernels: %d checks, %d failed\n", g_checks, g_failed);
