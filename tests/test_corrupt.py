@@ -106,7 +106,7 @@ def tensor_starts(hdr):
     """[(name, absolute file offset)] of every tensor, computed from the header as
     docs/FORMAT.md describes (each tensor 64-byte aligned in the weights section)."""
     V, H, F, L = hdr["vocab_size"], hdr["hidden_dim"], hdr["ffn_dim"], hdr["n_layers"]
-    q8 = hdr["weight_type"] == 1
+    wtype = hdr["weight_type"]   # 0 f32, 1 q8, 2 q4 (its embed and lm_head: q8)
     out, pos = [], 0
 
     def take(name, nbytes):
@@ -115,14 +115,18 @@ def tensor_starts(hdr):
         out.append((name, hdr["weights_offset"] + pos))
         pos += nbytes
 
-    def matrix(name, rows, cols):
-        if q8:
+    def matrix(name, rows, cols, table=False):
+        t = 1 if table and wtype == 2 else wtype
+        if t == 1:
             take(name + ".q", rows * cols)
-            take(name + ".scale", rows * cols // hdr["group_size"] * 4)
+            take(name + ".scale", rows * cols // 64 * 4)
+        elif t == 2:
+            take(name + ".codes", rows * cols // 2)
+            take(name + ".scale", rows * cols // 32 * 2)
         else:
             take(name, rows * cols * 4)
 
-    matrix("embed", V, H)
+    matrix("embed", V, H, table=True)
     for i in range(L):
         take(f"layer{i}.ln_weight", 4 * H)
         take(f"layer{i}.ln_bias", 4 * H)
@@ -136,7 +140,7 @@ def tensor_starts(hdr):
         take(f"layer{i}.fc2_bias", 4 * H)
     take("final_ln_weight", 4 * H)
     take("final_ln_bias", 4 * H)
-    matrix("lm_head_weight", V, H)
+    matrix("lm_head_weight", V, H, table=True)
     take("lm_head_bias", 4 * V)
     end = (pos + ALIGN - 1) // ALIGN * ALIGN
     assert end == hdr["weights_size"], f"layout {end} != weights_size {hdr['weights_size']}"
@@ -354,7 +358,7 @@ def field_values(code, true):
 
 def test_header_fields():
     cases, used = [], set()
-    for dtype in ("f32", "q8"):
+    for dtype in ("f32", "q8", "q4"):
         _, data, hdr = base(dtype)
         for name, off, code in FIELDS:
             for label, raw in field_values(code, hdr[name]):
@@ -382,7 +386,7 @@ def test_header_fields():
 
 def test_section_offsets():
     cases = []
-    for dtype in ("f32", "q8"):
+    for dtype in ("f32", "q8", "q4"):
         _, data, hdr = base(dtype)
         for name in ("tokenizer_offset", "tokenizer_size", "weights_offset", "weights_size", "file_size"):
             off = dict((n, o) for n, o, _ in FIELDS)[name]
@@ -419,7 +423,7 @@ def test_section_offsets():
 def test_truncation():
     cases = []
     rng = random.Random(8)
-    for dtype in ("f32", "q8"):
+    for dtype in ("f32", "q8", "q4"):
         _, data, hdr = base(dtype)
         n = len(data)
         tok_end = hdr["tokenizer_offset"] + hdr["tokenizer_size"]
@@ -441,7 +445,7 @@ def test_truncation():
 def test_byte_flips():
     cases = []
     rng = random.Random(1234)
-    for dtype in ("f32", "q8"):
+    for dtype in ("f32", "q8", "q4"):
         _, data, hdr = base(dtype)
         tok_off, tok_end = hdr["tokenizer_offset"], hdr["tokenizer_offset"] + hdr["tokenizer_size"]
         w_off = hdr["weights_offset"]
