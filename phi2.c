@@ -1489,21 +1489,22 @@ int main(int argc, char **argv) {
  * the model computes. Which versions exist is decided at compile time from the target
  * (make: -march=native):
  *   PHI2_AVX512  AVX-512F/BW: f32 matmul, quantization, gelu, dot; with VNNI also int8 matmul
- *   PHI2_AVX2    AVX2 + FMA (laptops): f32 matmul, quantization, int8 matmul (maddubs), gelu, dot
+ *   PHI2_AVX2    AVX2 + FMA + F16C (laptops): f32 matmul, quantization, int8 and 4-bit matmul
+ *                (maddubs), gelu, dot
  *   PHI2_AMX     AMX-INT8 (Sapphire Rapids and later, Linux): int8 matmul for batches, used
  *                only if the OS grants the tile state at run time (amx_available)
  * -DPHI2_SCALAR_ONLY (make portable) leaves only the scalar kernels. The dispatch functions
  * declared in section 3 come after Appendix A2 (the Arm kernels). */
 #if !defined(PHI2_SCALAR_ONLY) && defined(__AVX512F__) && defined(__AVX512BW__)
 #define PHI2_AVX512 1
-#if defined(__AVX512VNNI__)
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #define PHI2_AVX512_VNNI 1
 #endif
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512VNNI__) && defined(__linux__)
 #define PHI2_AMX 1
 #endif
 #endif
-#if !defined(PHI2_SCALAR_ONLY) && defined(__AVX2__) && defined(__FMA__)
+#if !defined(PHI2_SCALAR_ONLY) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define PHI2_AVX2 1
 #endif
 /* The Arm kernels of Appendix A2 (defined here so the loop nests below serve them too). */
@@ -1822,38 +1823,49 @@ static void q8_tile_vnni_any(float *out, int out_stride, const void *w, const vo
 #undef Q8_CASE
 }
 
-/* q4 with VNNI: the tile of q8_tile_vnni, with each block's weights decoded into one 512-bit
- * vector (weights 0..63 in order) and a per-lane scale: lanes 0..7 sum weights 0..31 (the
- * block's first group), lanes 8..15 weights 32..63 (its second). */
+/* q4 with VNNI: the tile of q8_tile_vnni, with each block's 64 weights decoded into one
+ * 512-bit vector (the 32 code bytes and the same bytes shifted right by 4, masked to
+ * nibbles, looked up in Q4_LEVELS: weights 0..63 in order) and a scale per lane: lanes 0..7
+ * sum weights 0..31 (the block's first group), lanes 8..15 weights 32..63 (its second). The
+ * float16 scales of 8 blocks (16 groups) of a row become floats with one vcvtph2ps; each
+ * block's pair is then spread over the lanes by one permute. */
 static ALWAYS_INLINE void q4_tile_vnni(float *out, int out_stride, const uint8_t *w, const uint16_t *wd,
                                        const int8_t *x, const float *xd, int cols, int n_blocks, int R, int T,
                                        const float *bias) {
     __m512 acc[Q8_R_VNNI][Q8_T_VNNI];
     for (int r = 0; r < R; r++)
         for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_ps();
-    const __m512i offset = _mm512_set1_epi8((char)0x80), zero = _mm512_setzero_si512();
-    const __m256i levels = q4_levels_avx2();
+    const __m512i offset = _mm512_set1_epi8((char)0x80), zero = _mm512_setzero_si512(), nibble = _mm512_set1_epi8(15);
+    const __m512i levels = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)Q4_LEVELS));
+    const __m512i first_pair = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0), two = _mm512_set1_epi32(2);
     const size_t row_bytes = (size_t)cols / 2, row_scales = (size_t)cols / Q4_GROUP;
-    for (int b = 0; b < n_blocks; b++) {
-        __m512i wv[Q8_R_VNNI], neg_corr[Q8_R_VNNI];
-        __m512 ws[Q8_R_VNNI];
-        for (int r = 0; r < R; r++) {
-            const uint8_t *codes = w + (size_t)r * row_bytes + (size_t)b * (Q4_BLOCK / 2);
-            __m256i lo, hi;
-            q4_decode_avx2(codes, levels, &lo, &hi);
-            _mm_prefetch((const char *)(codes + Q8_PREFETCH_BYTES), _MM_HINT_T0);
-            wv[r] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-            neg_corr[r] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, offset, wv[r]));
-            const uint16_t *d = wd + (size_t)r * row_scales + 2 * (size_t)b;
-            ws[r] = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(f16_to_f32(d[0])), _mm512_set1_ps(f16_to_f32(d[1])));
-        }
-        for (int t = 0; t < T; t++) {
-            const __m512i xu = _mm512_xor_si512(
-                _mm512_loadu_si512((const void *)(x + (size_t)t * cols + (size_t)b * Q4_BLOCK)), offset);
-            const __m512 xs = _mm512_set1_ps(xd[(size_t)t * n_blocks + b]);
+    for (int b0 = 0; b0 < n_blocks; b0 += 8) {
+        const int nb = n_blocks - b0 < 8 ? n_blocks - b0 : 8;
+        const __mmask16 present = (__mmask16)((1u << (2 * nb)) - 1);  // never reads past the row's scales
+        __m512 d[Q8_R_VNNI];
+        for (int r = 0; r < R; r++)
+            d[r] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(present, wd + (size_t)r * row_scales + 2 * (size_t)b0));
+        __m512i pair = first_pair;
+        for (int b = b0; b < b0 + nb; b++, pair = _mm512_add_epi32(pair, two)) {
+            __m512i wv[Q8_R_VNNI], neg_corr[Q8_R_VNNI];
+            __m512 ws[Q8_R_VNNI];
             for (int r = 0; r < R; r++) {
-                __m512i d = _mm512_dpbusd_epi32(neg_corr[r], xu, wv[r]);
-                acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(ws[r], xs), acc[r][t]);
+                const uint8_t *codes = w + (size_t)r * row_bytes + (size_t)b * (Q4_BLOCK / 2);
+                const __m256i bytes = _mm256_loadu_si256((const __m256i *)codes);
+                _mm_prefetch((const char *)(codes + Q8_PREFETCH_BYTES), _MM_HINT_T0);
+                const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(bytes), _mm256_srli_epi16(bytes, 4), 1);
+                wv[r] = _mm512_shuffle_epi8(levels, _mm512_and_si512(both, nibble));
+                neg_corr[r] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, offset, wv[r]));
+                ws[r] = _mm512_permutexvar_ps(pair, d[r]);
+            }
+            for (int t = 0; t < T; t++) {
+                const __m512i xu = _mm512_xor_si512(
+                    _mm512_loadu_si512((const void *)(x + (size_t)t * cols + (size_t)b * Q4_BLOCK)), offset);
+                const __m512 xs = _mm512_set1_ps(xd[(size_t)t * n_blocks + b]);
+                for (int r = 0; r < R; r++) {
+                    __m512i dot = _mm512_dpbusd_epi32(neg_corr[r], xu, wv[r]);
+                    acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(ws[r], xs), acc[r][t]);
+                }
             }
         }
     }
@@ -1923,7 +1935,9 @@ static void q8_tile_avx2_any(float *out, int out_stride, const void *w, const vo
 }
 
 /* q4 on AVX2: the tile of q8_tile_avx2 with each block's weights decoded from its codes
- * (q4_decode_avx2); the block's two groups of 32 each have their own scale. */
+ * (q4_decode_avx2); the block's two groups of 32 each have their own scale. The float16
+ * scales of 4 blocks (8 groups) of a row become floats with one vcvtph2ps (F16C); each
+ * group's is then broadcast by one permute. */
 static ALWAYS_INLINE void q4_tile_avx2(float *out, int out_stride, const uint8_t *w, const uint16_t *wd,
                                        const int8_t *x, const float *xd, int cols, int n_blocks, int R, int T,
                                        const float *bias) {
@@ -1932,25 +1946,36 @@ static ALWAYS_INLINE void q4_tile_avx2(float *out, int out_stride, const uint8_t
         for (int t = 0; t < T; t++) acc[r][t] = _mm256_setzero_ps();
     const __m256i ones = _mm256_set1_epi16(1), levels = q4_levels_avx2();
     const size_t row_bytes = (size_t)cols / 2, row_scales = (size_t)cols / Q4_GROUP;
-    for (int b = 0; b < n_blocks; b++) {
-        __m256i w0[Q8_R_AVX2], w1[Q8_R_AVX2];
-        float d0[Q8_R_AVX2], d1[Q8_R_AVX2];
+    for (int b0 = 0; b0 < n_blocks; b0 += 4) {
+        const int nb = n_blocks - b0 < 4 ? n_blocks - b0 : 4;
+        __m256 d[Q8_R_AVX2];
         for (int r = 0; r < R; r++) {
-            q4_decode_avx2(w + (size_t)r * row_bytes + (size_t)b * (Q4_BLOCK / 2), levels, &w0[r], &w1[r]);
-            d0[r] = f16_to_f32(wd[(size_t)r * row_scales + 2 * (size_t)b]);
-            d1[r] = f16_to_f32(wd[(size_t)r * row_scales + 2 * (size_t)b + 1]);
+            const uint16_t *src = wd + (size_t)r * row_scales + 2 * (size_t)b0;
+            uint16_t tail[8] = {0};
+            if (nb < 4) memcpy(tail, src, 2 * (size_t)nb * sizeof(uint16_t));  // never read past the row
+            d[r] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(nb < 4 ? tail : src)));
         }
-        for (int t = 0; t < T; t++) {
-            const __m256i x0 = _mm256_loadu_si256((const __m256i *)(x + (size_t)t * cols + (size_t)b * Q4_BLOCK));
-            const __m256i x1 = _mm256_loadu_si256((const __m256i *)(x + (size_t)t * cols + (size_t)b * Q4_BLOCK + 32));
-            const float xs = xd[(size_t)t * n_blocks + b];
+        for (int b = b0; b < b0 + nb; b++) {
+            __m256i w0[Q8_R_AVX2], w1[Q8_R_AVX2];
+            __m256 ws0[Q8_R_AVX2], ws1[Q8_R_AVX2];
+            const __m256i first = _mm256_set1_epi32(2 * (b - b0)), second = _mm256_set1_epi32(2 * (b - b0) + 1);
             for (int r = 0; r < R; r++) {
-                __m256i p0 = _mm256_maddubs_epi16(_mm256_abs_epi8(w0[r]), _mm256_sign_epi8(x0, w0[r]));
-                __m256i p1 = _mm256_maddubs_epi16(_mm256_abs_epi8(w1[r]), _mm256_sign_epi8(x1, w1[r]));
-                acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p0, ones)),
-                                            _mm256_set1_ps(d0[r] * xs), acc[r][t]);
-                acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p1, ones)),
-                                            _mm256_set1_ps(d1[r] * xs), acc[r][t]);
+                q4_decode_avx2(w + (size_t)r * row_bytes + (size_t)b * (Q4_BLOCK / 2), levels, &w0[r], &w1[r]);
+                ws0[r] = _mm256_permutevar8x32_ps(d[r], first);
+                ws1[r] = _mm256_permutevar8x32_ps(d[r], second);
+            }
+            for (int t = 0; t < T; t++) {
+                const __m256i x0 = _mm256_loadu_si256((const __m256i *)(x + (size_t)t * cols + (size_t)b * Q4_BLOCK));
+                const __m256i x1 = _mm256_loadu_si256((const __m256i *)(x + (size_t)t * cols + (size_t)b * Q4_BLOCK + 32));
+                const __m256 xs = _mm256_set1_ps(xd[(size_t)t * n_blocks + b]);
+                for (int r = 0; r < R; r++) {
+                    __m256i p0 = _mm256_maddubs_epi16(_mm256_abs_epi8(w0[r]), _mm256_sign_epi8(x0, w0[r]));
+                    __m256i p1 = _mm256_maddubs_epi16(_mm256_abs_epi8(w1[r]), _mm256_sign_epi8(x1, w1[r]));
+                    acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p0, ones)),
+                                                _mm256_mul_ps(ws0[r], xs), acc[r][t]);
+                    acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p1, ones)),
+                                                _mm256_mul_ps(ws1[r], xs), acc[r][t]);
+                }
             }
         }
     }

@@ -707,7 +707,9 @@ static void bench_run(void *p) {
     else if (!strcmp(a->kernel, "q8_scalar")) matmul_q8_scalar(a->out, a->xq, &a->W, a->bias, a->n);
 #if PHI2_Q8_SIMD
     else if (!strcmp(a->kernel, "q8_simd")) matmul_q8_simd(a->out, a->xq, &a->W, a->bias, a->n);
+    else if (!strcmp(a->kernel, "q4_simd")) matmul_q4_simd(a->out, a->xq, &a->W, a->bias, a->n);
 #endif
+    else if (!strcmp(a->kernel, "q4_scalar")) matmul_q4_scalar(a->out, a->xq, &a->W, a->bias, a->n);
 #if PHI2_AMX
     else if (!strcmp(a->kernel, "q8_amx")) matmul_q8_amx(a->out, a->xq, &a->W, a->bias, a->n, &g_amx_kern);
 #endif
@@ -716,8 +718,9 @@ static void bench_run(void *p) {
 
 static void bench(int argc, char **argv) {
     // --bench [KERNEL ...]: default all kernels of this build on qkv, fc1, fc2 shapes.
-    static const char *all[] = {"f32_avx512", "f32_avx2", "f32_neon", "q8_simd", "q8_amx", "quantize"};
-    static const int shapes[][2] = {{7680, 2560}, {10240, 2560}, {2560, 10240}};
+    // (The first shape's weights fit in L2 as q4 or q8: the kernels' speed without DRAM.)
+    static const char *all[] = {"f32_avx512", "f32_avx2", "f32_neon", "q8_simd", "q8_amx", "q4_simd", "quantize"};
+    static const int shapes[][2] = {{256, 2560}, {7680, 2560}, {10240, 2560}, {2560, 10240}};
     static const int tokens[] = {1, 64};
     const char **kernels = argc > 0 ? (const char **)argv : all;
     const int n_kernels = argc > 0 ? argc : (int)(sizeof(all) / sizeof(*all));
@@ -726,20 +729,25 @@ static void bench(int argc, char **argv) {
         float *w = xmalloc_aligned((size_t)rows * cols * sizeof(float));
         int8_t *wq = xmalloc_aligned((size_t)rows * cols);
         float *wd = xmalloc_aligned((size_t)rows * cols / 64 * sizeof(float));
+        uint8_t *codes = xmalloc_aligned((size_t)rows * cols / 2);
+        uint16_t *wd16 = xmalloc_aligned((size_t)rows * cols / 32 * sizeof(uint16_t));
         float *x = xmalloc_aligned((size_t)64 * cols * sizeof(float));
         float *bias = xmalloc_aligned((size_t)rows * sizeof(float));
         float *out = xmalloc_aligned((size_t)64 * rows * sizeof(float));
         QuantizedRows xq = {xmalloc_aligned((size_t)64 * cols), xmalloc_aligned((size_t)64 * cols / 64 * sizeof(float))};
         for (size_t i = 0; i < (size_t)rows * cols; i++) w[i] = frand();
         fill_q8_weights(wq, wd, rows, cols, 64);
+        for (size_t i = 0; i < (size_t)rows * cols / 2; i++) codes[i] = (uint8_t)random_u32(&g_rng);
+        for (size_t i = 0; i < (size_t)rows * cols / 32; i++) wd16[i] = (uint16_t)(0x1c00 + random_u32(&g_rng) % 0x800);
         fill_activations(x, (size_t)64 * cols, 0);
         for (int i = 0; i < rows; i++) bias[i] = frand();
         quantize_rows_q8(&xq, x, 64, cols);
         for (int k = 0; k < n_kernels; k++)
             for (size_t ti = 0; ti < sizeof(tokens) / sizeof(*tokens); ti++) {
-                const int is_q8 = kernels[k][0] == 'q';
+                const int is_q8 = !strncmp(kernels[k], "q8", 2), is_q4 = !strncmp(kernels[k], "q4", 2);
                 BenchArgs a = {kernels[k], {.rows = rows, .cols = cols}, x, bias, out, &xq, tokens[ti]};
-                if (is_q8) a.W.q = wq, a.W.scale = wd;
+                if (is_q8) a.W.type = WEIGHTS_Q8, a.W.q = wq, a.W.scale = wd;
+                else if (is_q4) a.W.type = WEIGHTS_Q4, a.W.codes = codes, a.W.scale16 = wd16;
                 else a.W.w = w;
                 if (!strcmp(kernels[k], "quantize")) a.W.w = NULL;
 #if !PHI2_AVX512
@@ -752,7 +760,7 @@ static void bench(int argc, char **argv) {
                 if (!strcmp(kernels[k], "f32_neon")) continue;
 #endif
 #if !PHI2_Q8_SIMD
-                if (!strcmp(kernels[k], "q8_simd")) continue;
+                if (!strcmp(kernels[k], "q8_simd") || !strcmp(kernels[k], "q4_simd")) continue;
 #endif
 #if PHI2_AMX
                 if (!strcmp(kernels[k], "q8_amx") && !amx_available(&g_amx_kern)) continue;
@@ -760,12 +768,14 @@ static void bench(int argc, char **argv) {
                 if (!strcmp(kernels[k], "q8_amx")) continue;
 #endif
                 double t = time_median(bench_run, &a, tokens[ti] == 1 ? 9 : 5);
-                double bytes = is_q8 ? (double)rows * cols * (1 + 4.0 / 64) : (double)rows * cols * 4;
+                double bytes = is_q8 ? (double)rows * cols * (1 + 4.0 / 64)
+                               : is_q4 ? (double)rows * cols * (0.5 + 2.0 / 32) : (double)rows * cols * 4;
                 double gmac = (double)rows * cols * tokens[ti] / t * 1e-9;
                 printf("%-10s %5dx%-5d tokens %2d: %8.3f ms  %6.1f GB/s of weights  %7.1f GMAC/s\n", kernels[k], rows,
                        cols, tokens[ti], t * 1e3, bytes / t * 1e-9, gmac);
             }
-        free(w); free(wq); free(wd); free(x); free(bias); free(out); free(xq.q); free(xq.scale);
+        free_aligned(w); free_aligned(wq); free_aligned(wd); free_aligned(codes); free_aligned(wd16); free_aligned(x);
+        free_aligned(bias); free_aligned(out); free_aligned(xq.q); free_aligned(xq.scale);
     }
 }
 
