@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # From a fresh clone to a model answering a prompt, in one command:
 #
-#   scripts/run.sh [--dtype q8|f32] [--model FILE] [--repo ORG/NAME] [--revision REV]
+#   scripts/run.sh [--dtype q8|q4|f32] [--model FILE] [--repo ORG/NAME] [--revision REV]
 #                  [--dir DIR] [--from HF_DIR] [phi2 options, e.g. -p PROMPT -n 64]
 #
 # 1. builds ./phi2 (make -s phi2; nothing to do when it is up to date; PHI2_BIN: use that
 #    binary instead, no build);
-# 2. if the model file (--model, else $PHI2_MODEL, else phi2.q8.bin / phi2.f32.bin in the
+# 2. if the model file (--model, else $PHI2_MODEL, else phi2.q8.bin / .q4.bin / .f32.bin in the
 #    repository root) is missing: downloads the checkpoint (scripts/download.py: --repo,
 #    default microsoft/phi-2, 5.6 GB, into --dir, default phi-2/ in the repository root;
 #    an existing Hugging Face cache is used instead when it holds the files) or takes the
@@ -49,7 +49,7 @@ while [ $# -gt 0 ]; do
         *)          PASS+=("$1"); shift ;;
     esac
 done
-case "$DTYPE" in q8|f32) ;; *) die "--dtype must be q8 or f32, not '$DTYPE'" ;; esac
+case "$DTYPE" in q8|q4|f32) ;; *) die "--dtype must be q8, q4 or f32, not '$DTYPE'" ;; esac
 MODEL=${MODEL:-$ROOT/phi2.$DTYPE.bin}
 DIR=${DIR:-$ROOT/${REPO_ID##*/}}
 
@@ -70,7 +70,7 @@ if [ ! -f "$MODEL" ]; then
         done
         [ -n "${PYTHON:-}" ] || die "converting needs Python 3 with numpy (pip install numpy, or apt install python3-numpy)"
     fi
-    if [ "$DTYPE" = q8 ]; then OUT_SIZE="2.9 GB"; else OUT_SIZE="11.1 GB"; fi
+    case "$DTYPE" in q8) OUT_SIZE="3.0 GB" ;; q4) OUT_SIZE="1.7 GB" ;; *) OUT_SIZE="11.1 GB" ;; esac
     if [ -n "$FROM" ]; then
         HF_DIR=$FROM
         echo "run.sh: $MODEL is missing: converting $HF_DIR to it" >&2
