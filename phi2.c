@@ -224,8 +224,9 @@ enum { WEIGHTS_F32 = 0, WEIGHTS_Q8 = 1, WEIGHTS_Q4 = 2 };
 
 /* The 16 values a 4-bit code stands for, in units of its group's scale: non-uniform (denser
  * near zero, where most weights are), fitted to weights by scripts/quant_study.py. Kernels
- * turn codes into these int8 values with one table lookup, then multiply as int8. */
-static const int8_t Q4_LEVELS[16] = {-122, -94, -73, -56, -41, -28, -16, -5, 5, 16, 28, 41, 56, 73, 94, 122};
+ * turn codes into these int8 values with one table lookup, then multiply as int8. They stay
+ * within +-63 so that a level + 64 is a byte below 128 (the x86 kernels, Appendix A). */
+static const int8_t Q4_LEVELS[16] = {-61, -47, -36, -28, -20, -14, -8, -3, 3, 8, 14, 20, 28, 36, 47, 61};
 
 typedef struct {
     int weight_type;    // WEIGHTS_F32, WEIGHTS_Q8 or WEIGHTS_Q4 (of the layers' matrices)
@@ -569,8 +570,9 @@ MAYBE_UNUSED static void matmul_f32_scalar(float *out, const float *in, const Ma
  * scales: sum_g d_w[g] * d_x[g] * sum_{i in g} q_w[i] * q_x[i]. */
 
 typedef struct {
-    int8_t *q;      // [n_tokens, cols]
-    float *scale;   // [n_tokens, cols / Q8_GROUP]
+    int8_t *q;          // [n_tokens, cols]
+    float *scale;       // [n_tokens, cols / Q8_GROUP]
+    float *q4_offset;   // [n_tokens, cols / Q4_GROUP] the x86 q4 kernels' correction (Appendix A)
 } QuantizedRows;
 
 MAYBE_UNUSED static void quantize_rows_q8_scalar(QuantizedRows *out, const float *x, int n_tokens, int cols) {
@@ -820,6 +822,7 @@ static void init_state(RunState *s, const Config *c, int ctx, int max_batch) {
     size_t widest = H > F ? H : F;
     s->kern.xq.q = xmalloc_aligned(mul_size(B, widest));
     s->kern.xq.scale = xmalloc_aligned(mul_size(B * (widest / Q8_GROUP + 1), sizeof(float)));
+    s->kern.xq.q4_offset = xmalloc_aligned(mul_size(B * (widest / Q4_GROUP + 1), sizeof(float)));
     size_t cache = mul_size(mul_size((size_t)c->n_layers, (size_t)ctx), H);
     s->key_cache = xmalloc_aligned(mul_size(cache, sizeof(float)));
     s->value_cache = xmalloc_aligned(mul_size(cache, sizeof(float)));
@@ -840,7 +843,8 @@ static void init_state(RunState *s, const Config *c, int ctx, int max_batch) {
 static void free_state(RunState *s) {
     free_aligned(s->x); free_aligned(s->h); free_aligned(s->qkv); free_aligned(s->att); free_aligned(s->att_proj);
     free_aligned(s->ffn); free_aligned(s->mlp_out); free_aligned(s->scores); free_aligned(s->logits);
-    free_aligned(s->kern.xq.q); free_aligned(s->kern.xq.scale); free_aligned(s->kern.amx_pack);
+    free_aligned(s->kern.xq.q); free_aligned(s->kern.xq.scale); free_aligned(s->kern.xq.q4_offset);
+    free_aligned(s->kern.amx_pack);
     free_aligned(s->key_cache); free_aligned(s->value_cache);
     free(s->rope_cos); free(s->rope_sin);
 }
@@ -1756,9 +1760,9 @@ MAYBE_UNUSED static void quantize_rows_q8_avx2(QuantizedRows *out, const float *
  * (per lane, summed at the end), except in the AMX kernel, which matches it exactly. */
 
 #if PHI2_AVX2
-/* q4: the 32 bytes of codes of one block (64 weights) as two vectors of int8 weights:
- * weights 0..31 from the low nibbles, 32..63 from the high nibbles, each code looked up in
- * Q4_LEVELS by vpshufb (levels: Q4_LEVELS in both 128-bit halves). */
+/* q4: the 32 bytes of codes of one block (64 weights) as two vectors of bytes: weights 0..31
+ * from the low nibbles, 32..63 from the high nibbles, each code looked up by vpshufb in
+ * levels (a 16-byte table, in both 128-bit halves: Q4_LEVELS, or Q4_LEVELS + 64). */
 static ALWAYS_INLINE void q4_decode_avx2(const uint8_t *codes, __m256i levels, __m256i *w_lo, __m256i *w_hi) {
     const __m256i bytes = _mm256_loadu_si256((const __m256i *)codes), nibble = _mm256_set1_epi8(15);
     *w_lo = _mm256_shuffle_epi8(levels, _mm256_and_si256(bytes, nibble));
@@ -1811,7 +1815,7 @@ static ALWAYS_INLINE void q8_tile_vnni(float *out, int out_stride, const int8_t 
 /* The tile shapes q8_rows_simd asks for (Q8_R_VNNI or 1 rows, 1 .. Q8_T_VNNI tokens), each
  * a specialization the compiler unrolls. */
 static void q8_tile_vnni_any(float *out, int out_stride, const void *w, const void *wd, const int8_t *x,
-                             const float *xd, int cols, int n_groups, int R, int T, const float *bias) {
+                             const float *xd, const float *xo, int cols, int n_groups, int R, int T, const float *bias) {
     _Static_assert(Q8_R_VNNI == 4 && Q8_T_VNNI == 4, "q8_tile_vnni_any lists the tiles of 4 rows x 4 tokens");
 #define Q8_CASE(RR, TT) \
     case (RR) * 8 + (TT): q8_tile_vnni(out, out_stride, w, wd, x, xd, cols, n_groups, RR, TT, bias); break;
@@ -1823,31 +1827,38 @@ static void q8_tile_vnni_any(float *out, int out_stride, const void *w, const vo
 #undef Q8_CASE
 }
 
-/* q4 with VNNI: the tile of q8_tile_vnni, with each block's 64 weights decoded into one
- * 512-bit vector (the 32 code bytes and the same bytes shifted right by 4, masked to
- * nibbles, looked up in Q4_LEVELS: weights 0..63 in order) and a scale per lane: lanes 0..7
- * sum weights 0..31 (the block's first group), lanes 8..15 weights 32..63 (its second). The
- * float16 scales of 8 blocks (16 groups) of a row become floats with one vcvtph2ps; each
- * block's pair is then spread over the lanes by one permute. */
+/* q4 with VNNI: each block's 64 weights decoded into one 512-bit vector (the 32 code bytes
+ * and the same bytes shifted right by 4, masked to nibbles, looked up in the levels: weights
+ * 0..63 in order) of unsigned bytes level + 64, which vpdpbusd multiplies by the signed
+ * activations directly; the 64 * (sum of the group's q_x) this adds is taken off once per 8
+ * blocks, scaled (q4_activation_offsets). Lanes 0..7 sum weights 0..31 (the block's first
+ * group), lanes 8..15 weights 32..63 (its second): the float16 scales of 8 blocks (16
+ * groups) of a row become floats with one vcvtph2ps, and one permute spreads a block's pair
+ * over the lanes. */
 static ALWAYS_INLINE void q4_tile_vnni(float *out, int out_stride, const uint8_t *w, const uint16_t *wd,
-                                       const int8_t *x, const float *xd, int cols, int n_blocks, int R, int T,
-                                       const float *bias) {
+                                       const int8_t *x, const float *xd, const float *xo, int cols, int n_blocks,
+                                       int R, int T, const float *bias) {
     __m512 acc[Q8_R_VNNI][Q8_T_VNNI];
     for (int r = 0; r < R; r++)
         for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_ps();
-    const __m512i offset = _mm512_set1_epi8((char)0x80), zero = _mm512_setzero_si512(), nibble = _mm512_set1_epi8(15);
-    const __m512i levels = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)Q4_LEVELS));
+    const __m512i zero = _mm512_setzero_si512(), nibble = _mm512_set1_epi8(15);
+    const __m512i levels = _mm512_add_epi8(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)Q4_LEVELS)),
+                                           _mm512_set1_epi8(64));
     const __m512i first_pair = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0), two = _mm512_set1_epi32(2);
-    const size_t row_bytes = (size_t)cols / 2, row_scales = (size_t)cols / Q4_GROUP;
+    const size_t row_bytes = (size_t)cols / 2, n_groups = (size_t)cols / Q4_GROUP;
     for (int b0 = 0; b0 < n_blocks; b0 += 8) {
         const int nb = n_blocks - b0 < 8 ? n_blocks - b0 : 8;
         const __mmask16 present = (__mmask16)((1u << (2 * nb)) - 1);  // never reads past the row's scales
         __m512 d[Q8_R_VNNI];
-        for (int r = 0; r < R; r++)
-            d[r] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(present, wd + (size_t)r * row_scales + 2 * (size_t)b0));
+        for (int r = 0; r < R; r++) {
+            d[r] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(present, wd + (size_t)r * n_groups + 2 * (size_t)b0));
+            for (int t = 0; t < T; t++)
+                acc[r][t] = _mm512_fnmadd_ps(d[r], _mm512_maskz_loadu_ps(present, xo + (size_t)t * n_groups + 2 * (size_t)b0),
+                                             acc[r][t]);
+        }
         __m512i pair = first_pair;
         for (int b = b0; b < b0 + nb; b++, pair = _mm512_add_epi32(pair, two)) {
-            __m512i wv[Q8_R_VNNI], neg_corr[Q8_R_VNNI];
+            __m512i wv[Q8_R_VNNI];
             __m512 ws[Q8_R_VNNI];
             for (int r = 0; r < R; r++) {
                 const uint8_t *codes = w + (size_t)r * row_bytes + (size_t)b * (Q4_BLOCK / 2);
@@ -1855,15 +1866,13 @@ static ALWAYS_INLINE void q4_tile_vnni(float *out, int out_stride, const uint8_t
                 _mm_prefetch((const char *)(codes + Q8_PREFETCH_BYTES), _MM_HINT_T0);
                 const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(bytes), _mm256_srli_epi16(bytes, 4), 1);
                 wv[r] = _mm512_shuffle_epi8(levels, _mm512_and_si512(both, nibble));
-                neg_corr[r] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, offset, wv[r]));
                 ws[r] = _mm512_permutexvar_ps(pair, d[r]);
             }
             for (int t = 0; t < T; t++) {
-                const __m512i xu = _mm512_xor_si512(
-                    _mm512_loadu_si512((const void *)(x + (size_t)t * cols + (size_t)b * Q4_BLOCK)), offset);
+                const __m512i xv = _mm512_loadu_si512((const void *)(x + (size_t)t * cols + (size_t)b * Q4_BLOCK));
                 const __m512 xs = _mm512_set1_ps(xd[(size_t)t * n_blocks + b]);
                 for (int r = 0; r < R; r++) {
-                    __m512i dot = _mm512_dpbusd_epi32(neg_corr[r], xu, wv[r]);
+                    __m512i dot = _mm512_dpbusd_epi32(zero, wv[r], xv);
                     acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(ws[r], xs), acc[r][t]);
                 }
             }
@@ -1874,9 +1883,9 @@ static ALWAYS_INLINE void q4_tile_vnni(float *out, int out_stride, const uint8_t
 }
 
 static void q4_tile_vnni_any(float *out, int out_stride, const void *w, const void *wd, const int8_t *x,
-                             const float *xd, int cols, int n_blocks, int R, int T, const float *bias) {
+                             const float *xd, const float *xo, int cols, int n_blocks, int R, int T, const float *bias) {
 #define Q4_CASE(RR, TT) \
-    case (RR) * 8 + (TT): q4_tile_vnni(out, out_stride, w, wd, x, xd, cols, n_blocks, RR, TT, bias); break;
+    case (RR) * 8 + (TT): q4_tile_vnni(out, out_stride, w, wd, x, xd, xo, cols, n_blocks, RR, TT, bias); break;
     switch (R * 8 + T) {
         Q4_CASE(4, 1) Q4_CASE(4, 2) Q4_CASE(4, 3) Q4_CASE(4, 4)
         Q4_CASE(1, 1) Q4_CASE(1, 2) Q4_CASE(1, 3) Q4_CASE(1, 4)
@@ -1923,7 +1932,7 @@ static ALWAYS_INLINE void q8_tile_avx2(float *out, int out_stride, const int8_t 
 }
 
 static void q8_tile_avx2_any(float *out, int out_stride, const void *w, const void *wd, const int8_t *x,
-                             const float *xd, int cols, int n_groups, int R, int T, const float *bias) {
+                             const float *xd, const float *xo, int cols, int n_groups, int R, int T, const float *bias) {
     _Static_assert(Q8_R_AVX2 == 2 && Q8_T_AVX2 == 2, "q8_tile_avx2_any lists the tiles of 2 rows x 2 tokens");
 #define Q8_CASE(RR, TT) \
     case (RR) * 8 + (TT): q8_tile_avx2(out, out_stride, w, wd, x, xd, cols, n_groups, RR, TT, bias); break;
@@ -1934,47 +1943,51 @@ static void q8_tile_avx2_any(float *out, int out_stride, const void *w, const vo
 #undef Q8_CASE
 }
 
-/* q4 on AVX2: the tile of q8_tile_avx2 with each block's weights decoded from its codes
- * (q4_decode_avx2); the block's two groups of 32 each have their own scale. The float16
- * scales of 4 blocks (8 groups) of a row become floats with one vcvtph2ps (F16C); each
- * group's is then broadcast by one permute. */
+/* q4 on AVX2: each block's codes decoded to unsigned bytes level + 64 (q4_decode_avx2 with
+ * the table shifted), which vpmaddubsw multiplies by the signed activations: a pair of
+ * products is at most 2 * 125 * 127 < 32767, no saturation, and no sign juggling as for q8.
+ * The 64 * (sum of the group's q_x) this adds is taken off once per 4 blocks, scaled
+ * (q4_activation_offsets). The float16 scales of 4 blocks (8 groups) of a row become floats
+ * with one vcvtph2ps; a permute spreads a block's pair over the lanes its sums land in. */
 static ALWAYS_INLINE void q4_tile_avx2(float *out, int out_stride, const uint8_t *w, const uint16_t *wd,
-                                       const int8_t *x, const float *xd, int cols, int n_blocks, int R, int T,
-                                       const float *bias) {
+                                       const int8_t *x, const float *xd, const float *xo, int cols, int n_blocks,
+                                       int R, int T, const float *bias) {
     __m256 acc[Q8_R_AVX2][Q8_T_AVX2];
     for (int r = 0; r < R; r++)
         for (int t = 0; t < T; t++) acc[r][t] = _mm256_setzero_ps();
-    const __m256i ones = _mm256_set1_epi16(1), levels = q4_levels_avx2();
-    const size_t row_bytes = (size_t)cols / 2, row_scales = (size_t)cols / Q4_GROUP;
+    const __m256i ones = _mm256_set1_epi16(1), levels = _mm256_add_epi8(q4_levels_avx2(), _mm256_set1_epi8(64));
+    // hadd below leaves group 2j's partial sums in lanes 0, 1, 4, 5 and group 2j+1's in 2, 3, 6, 7
+    const __m256i first_pair = _mm256_setr_epi32(0, 0, 1, 1, 0, 0, 1, 1), two = _mm256_set1_epi32(2);
+    const size_t row_bytes = (size_t)cols / 2, n_groups = (size_t)cols / Q4_GROUP;
     for (int b0 = 0; b0 < n_blocks; b0 += 4) {
         const int nb = n_blocks - b0 < 4 ? n_blocks - b0 : 4;
+        const __m256i present = _mm256_cmpgt_epi32(_mm256_set1_epi32(2 * nb), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
         __m256 d[Q8_R_AVX2];
         for (int r = 0; r < R; r++) {
-            const uint16_t *src = wd + (size_t)r * row_scales + 2 * (size_t)b0;
+            const uint16_t *src = wd + (size_t)r * n_groups + 2 * (size_t)b0;
             uint16_t tail[8] = {0};
             if (nb < 4) memcpy(tail, src, 2 * (size_t)nb * sizeof(uint16_t));  // never read past the row
             d[r] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(nb < 4 ? tail : src)));
+            for (int t = 0; t < T; t++)
+                acc[r][t] = _mm256_fnmadd_ps(d[r], _mm256_maskload_ps(xo + (size_t)t * n_groups + 2 * (size_t)b0, present),
+                                             acc[r][t]);
         }
-        for (int b = b0; b < b0 + nb; b++) {
+        __m256i pair = first_pair;
+        for (int b = b0; b < b0 + nb; b++, pair = _mm256_add_epi32(pair, two)) {
             __m256i w0[Q8_R_AVX2], w1[Q8_R_AVX2];
-            __m256 ws0[Q8_R_AVX2], ws1[Q8_R_AVX2];
-            const __m256i first = _mm256_set1_epi32(2 * (b - b0)), second = _mm256_set1_epi32(2 * (b - b0) + 1);
+            __m256 ws[Q8_R_AVX2];
             for (int r = 0; r < R; r++) {
                 q4_decode_avx2(w + (size_t)r * row_bytes + (size_t)b * (Q4_BLOCK / 2), levels, &w0[r], &w1[r]);
-                ws0[r] = _mm256_permutevar8x32_ps(d[r], first);
-                ws1[r] = _mm256_permutevar8x32_ps(d[r], second);
+                ws[r] = _mm256_permutevar8x32_ps(d[r], pair);
             }
             for (int t = 0; t < T; t++) {
                 const __m256i x0 = _mm256_loadu_si256((const __m256i *)(x + (size_t)t * cols + (size_t)b * Q4_BLOCK));
                 const __m256i x1 = _mm256_loadu_si256((const __m256i *)(x + (size_t)t * cols + (size_t)b * Q4_BLOCK + 32));
                 const __m256 xs = _mm256_set1_ps(xd[(size_t)t * n_blocks + b]);
                 for (int r = 0; r < R; r++) {
-                    __m256i p0 = _mm256_maddubs_epi16(_mm256_abs_epi8(w0[r]), _mm256_sign_epi8(x0, w0[r]));
-                    __m256i p1 = _mm256_maddubs_epi16(_mm256_abs_epi8(w1[r]), _mm256_sign_epi8(x1, w1[r]));
-                    acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p0, ones)),
-                                                _mm256_mul_ps(ws0[r], xs), acc[r][t]);
-                    acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p1, ones)),
-                                                _mm256_mul_ps(ws1[r], xs), acc[r][t]);
+                    const __m256i sums = _mm256_hadd_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(w0[r], x0), ones),
+                                                           _mm256_madd_epi16(_mm256_maddubs_epi16(w1[r], x1), ones));
+                    acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(ws[r], xs), acc[r][t]);
                 }
             }
         }
@@ -1984,9 +1997,9 @@ static ALWAYS_INLINE void q4_tile_avx2(float *out, int out_stride, const uint8_t
 }
 
 static void q4_tile_avx2_any(float *out, int out_stride, const void *w, const void *wd, const int8_t *x,
-                             const float *xd, int cols, int n_blocks, int R, int T, const float *bias) {
+                             const float *xd, const float *xo, int cols, int n_blocks, int R, int T, const float *bias) {
 #define Q4_CASE(RR, TT) \
-    case (RR) * 8 + (TT): q4_tile_avx2(out, out_stride, w, wd, x, xd, cols, n_blocks, RR, TT, bias); break;
+    case (RR) * 8 + (TT): q4_tile_avx2(out, out_stride, w, wd, x, xd, xo, cols, n_blocks, RR, TT, bias); break;
     switch (R * 8 + T) {
         Q4_CASE(2, 1) Q4_CASE(2, 2) Q4_CASE(1, 1) Q4_CASE(1, 2)
         default: die("q4_tile_avx2: bad tile %dx%d", R, T);
@@ -2000,7 +2013,7 @@ static void q4_tile_avx2_any(float *out, int out_stride, const void *w, const vo
 /* A tile kernel: R rows from w / wd (q8: int8 weights and float scales; q4: codes and
  * float16 scales) times T tokens of int8 activations. */
 typedef void (*Int8Tile)(float *out, int out_stride, const void *w, const void *wd, const int8_t *x, const float *xd,
-                         int cols, int n_groups, int R, int T, const float *bias);
+                         const float *xo, int cols, int n_groups, int R, int T, const float *bias);
 
 /* The loop nest shared by the VNNI, AVX2 and NEON int8 kernels (tile: RT rows x TT tokens). Each
  * thread takes a contiguous range of rows and reads each weight row once (the tile loops
@@ -2025,8 +2038,9 @@ static void matmul_int8_tiled(float *out, const QuantizedRows *in, const Matrix 
                                                       : (const void *)(W->q + (size_t)r * cols);
                 const void *wd = W->type == WEIGHTS_Q4 ? (const void *)(W->scale16 + (size_t)r * (cols / Q4_GROUP))
                                                        : (const void *)(W->scale + (size_t)r * n_groups);
+                const float *xo = W->type == WEIGHTS_Q4 ? in->q4_offset + (size_t)t * (cols / Q4_GROUP) : NULL;
                 tile(out + (size_t)t * rows + r, rows, w, wd, in->q + (size_t)t * cols, in->scale + (size_t)t * n_groups,
-                     cols, n_groups, R, T, bias + r);
+                     xo, cols, n_groups, R, T, bias + r);
             }
             r += R;
         }
@@ -2046,8 +2060,24 @@ static void matmul_q8_simd(float *out, const QuantizedRows *in, const Matrix *W,
 #endif
 }
 
+/* The x86 q4 kernels multiply unsigned bytes level + 64 by the activations, which adds
+ * 64 * (the sum of each group's q_x) to every group's sum. These are those amounts, scaled
+ * by the activations' scale (the weights' scale comes in the kernel): computed once per
+ * token, shared by every row. */
+static void q4_activation_offsets(const QuantizedRows *in, int n_tokens, int cols) {
+    const int n_groups = cols / Q4_GROUP;
+    for (int t = 0; t < n_tokens; t++)
+        for (int g = 0; g < n_groups; g++) {
+            const int8_t *xg = in->q + (size_t)t * cols + (size_t)g * Q4_GROUP;
+            int32_t sum = 0;
+            for (int i = 0; i < Q4_GROUP; i++) sum += xg[i];
+            in->q4_offset[(size_t)t * n_groups + g] = 64.0f * in->scale[(size_t)t * (cols / Q4_BLOCK) + g / 2] * (float)sum;
+        }
+}
+
 /* matmul_q4_simd: the same for 4-bit weights. */
 static void matmul_q4_simd(float *out, const QuantizedRows *in, const Matrix *W, const float *bias, int n_tokens) {
+    q4_activation_offsets(in, n_tokens, W->cols);
 #if PHI2_AVX512_VNNI
     matmul_int8_tiled(out, in, W, bias, n_tokens, q4_tile_vnni_any, Q8_R_VNNI, Q8_T_VNNI);
 #else
@@ -2429,7 +2459,7 @@ static ALWAYS_INLINE void q8_tile_sdot(float *out, int out_stride, const int8_t 
 /* The tile shapes matmul_int8_tiled asks for (Q8_R_NEON or 1 rows, 1 .. Q8_T_NEON tokens). */
 #define Q8_TILE_ANY(NAME, TILE)                                                                                  \
     static void NAME(float *out, int out_stride, const void *w, const void *wd, const int8_t *x,                \
-                     const float *xd, int cols, int n_groups, int R, int T, const float *bias) {                 \
+                     const float *xd, const float *xo, int cols, int n_groups, int R, int T, const float *bias) { \
         _Static_assert(Q8_R_NEON == 4 && Q8_T_NEON == 2, #NAME " lists the tiles of 4 rows x 2 tokens");          \
         switch (R * 8 + T) {                                                                                     \
         case 4 * 8 + 1: TILE(out, out_stride, w, wd, x, xd, cols, n_groups, 4, 1, bias); break;                  \
@@ -2503,7 +2533,7 @@ static ALWAYS_INLINE void q4_tile_sdot(float *out, int out_stride, const uint8_t
 
 #define Q4_TILE_ANY(NAME, TILE)                                                                                  \
     static void NAME(float *out, int out_stride, const void *w, const void *wd, const int8_t *x,                \
-                     const float *xd, int cols, int n_blocks, int R, int T, const float *bias) {                 \
+                     const float *xd, const float *xo, int cols, int n_blocks, int R, int T, const float *bias) { \
         switch (R * 8 + T) {                                                                                     \
         case 4 * 8 + 1: TILE(out, out_stride, w, wd, x, xd, cols, n_blocks, 4, 1, bias); break;                  \
         case 4 * 8 + 2: TILE(out, out_stride, w, wd, x, xd, cols, n_blocks, 4, 2, bias); break;                  \
@@ -2603,7 +2633,7 @@ static ALWAYS_INLINE void q8_tile_smmla(float *out, int out_stride, const int8_t
 /* The tile shapes matmul_int8_tiled asks for (4 or 1 rows, 1 .. 4 tokens): even ones with
  * SMMLA, an odd last token through SDOT, single rows through SDOT. */
 static void q8_tile_i8mm_any(float *out, int out_stride, const void *w, const void *wd, const int8_t *x,
-                             const float *xd, int cols, int n_groups, int R, int T, const float *bias) {
+                             const float *xd, const float *xo, int cols, int n_groups, int R, int T, const float *bias) {
     _Static_assert(Q8_R_I8MM == 4 && Q8_T_I8MM == 4, "q8_tile_i8mm_any lists the tiles of 4 rows x 4 tokens");
     if (R == 4 && T >= 2) {
         if (T >= 4) q8_tile_smmla(out, out_stride, w, wd, x, xd, cols, n_groups, 4, 4, bias);
@@ -2618,7 +2648,7 @@ static void q8_tile_i8mm_any(float *out, int out_stride, const void *w, const vo
     for (int t = 0; t < T; t += 2) {  // one row (or 4 rows, 1 token): SDOT
         const int n = T - t < 2 ? T - t : 2;
         q8_tile_sdot_any(out + (size_t)t * out_stride, out_stride, w, wd, x + (size_t)t * cols,
-                         xd + (size_t)t * n_groups, cols, n_groups, R, n, bias);
+                         xd + (size_t)t * n_groups, xo, cols, n_groups, R, n, bias);
     }
 }
 

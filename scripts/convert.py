@@ -50,15 +50,16 @@ Q4_GROUP = 32               # q4: weights per float16 scale
 Q4_BLOCK = 64               # q4: weights per 32 bytes of codes (two groups; docs/FORMAT.md)
 WEIGHT_F32, WEIGHT_Q8, WEIGHT_Q4 = 0, 1, 2
 # The 16 levels of a q4 weight, in units of its group's scale: Lloyd's algorithm on the
-# weights of a random-init checkpoint divided by their group's max |w|, times 127, rounded.
-Q4_LEVELS = np.array([-122, -94, -73, -56, -41, -28, -16, -5, 5, 16, 28, 41, 56, 73, 94, 122], dtype=np.float32)
+# weights of a random-init checkpoint divided by their group's max |w|, times 63, rounded
+# (a level plus 64 is then an unsigned byte below 128, which the x86 kernels multiply with).
+Q4_LEVELS = np.array([-61, -47, -36, -28, -20, -14, -8, -3, 3, 8, 14, 20, 28, 36, 47, 61], dtype=np.float32)
 Q4_MIDPOINTS = (Q4_LEVELS[1:] + Q4_LEVELS[:-1]) / 2
 # The levels are integers, so every midpoint between two is a multiple of 1/2: the nearest
 # level to x (ties: the lower one) depends only on ceil(2x), and this table maps
 # ceil(2x) + Q4_HALF_STEPS (clipped to the table) to it.
 Q4_HALF_STEPS = 2 * 128
 Q4_NEAREST = np.searchsorted(Q4_MIDPOINTS, np.arange(-Q4_HALF_STEPS, Q4_HALF_STEPS + 1) / 2).astype(np.uint8)
-Q4_MAX_ABS_WEIGHT = 65504.0 * 100  # so that the max |w| / 122 scales fit in float16
+Q4_MAX_ABS_WEIGHT = 65504.0 * 60   # so that the max |w| / 61 scales fit in float16
 CHUNK_BYTES = 64 << 20      # float32 bytes per row chunk while streaming a matrix
 MAX_TOKEN_BYTES = 1024      # the longest token the engine accepts
 MAX_ADDED_TOKENS = 1024     # the most added tokens the engine accepts (Phi-2 has 39)
@@ -599,7 +600,7 @@ def quantize_q4(w):
     weights fill 32 bytes, byte i holding weight i in its low nibble and weight 32 + i in its
     high nibble. Each weight gets the level nearest to w / scale (ties: the lower level).
     Each group's scale is, of four candidates, the one with the least squared error
-    sum (level * scale - w)^2 (the first on ties), all in float16: m / 122 and 0.9 m / 122
+    sum (level * scale - w)^2 (the first on ties), all in float16: m / 61 and 0.9 m / 61
     (m = max |w| of the group), each also improved once by least squares for the levels it
     chose: sum(w * level) / sum(level^2) (a candidate beyond float16's range never wins)."""
     rows, cols = w.shape

@@ -107,15 +107,15 @@ def make_codebook_quantizer(levels):
 
 
 def fit_codebook(matrices, iters=30):
-    """16 int8 levels (in [-127, 127]) fitted by Lloyd's algorithm to the weights divided by
-    their group's max |w|, then rounded to integers (the kernels decode them to int8)."""
+    """16 integer levels (in [-63, 63], as convert.py's Q4_LEVELS) fitted by Lloyd's algorithm
+    to the weights divided by their group's max |w|, then rounded."""
     x = np.concatenate([(g / np.maximum(np.abs(g).max(axis=-1, keepdims=True), 1e-30)).ravel()
                         for g in map(groups, matrices)])
     levels = np.quantile(x, (np.arange(16) + 0.5) / 16)
     for _ in range(iters):
         idx = nearest_level(x, levels)
         levels = np.array([x[idx == k].mean() if np.any(idx == k) else levels[k] for k in range(16)])
-    levels = np.rint(levels * 127).astype(int)
+    levels = np.rint(levels * 63).astype(int)
     return sorted(set(levels.tolist()))
 
 

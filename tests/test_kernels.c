@@ -110,8 +110,8 @@ static void test_quantize_one(const char *name, QuantFn fn, int n_tokens, int co
         x[2 * group] = 127.0f;
         for (int i = 1; i < group && i < 20; i++) x[2 * group + i] = (float)(i - 10) + 0.5f;
     }
-    QuantizedRows ref = {guarded_alloc(n), guarded_alloc(n_scales * sizeof(float))};
-    QuantizedRows got = {guarded_alloc(n), guarded_alloc(n_scales * sizeof(float))};
+    QuantizedRows ref = {guarded_alloc(n), guarded_alloc(n_scales * sizeof(float)), NULL};
+    QuantizedRows got = {guarded_alloc(n), guarded_alloc(n_scales * sizeof(float)), NULL};
     memset(got.q, 0x55, n);
     quantize_rows_q8_scalar(&ref, x, n_tokens, cols);
     fn(&got, x, n_tokens, cols);
@@ -238,7 +238,8 @@ static void test_q8_one(const char *name, Q8Fn fn, int rows, int cols, int n_tok
     fill_q8_weights(wq, wd, rows, cols, group);
     fill_activations(x, (size_t)n_tokens * cols, 1);
     for (int i = 0; i < rows; i++) bias[i] = frand();
-    QuantizedRows xq = {guarded_alloc((size_t)n_tokens * cols), guarded_alloc((size_t)n_tokens * n_groups * sizeof(float))};
+    QuantizedRows xq = {guarded_alloc((size_t)n_tokens * cols), guarded_alloc((size_t)n_tokens * n_groups * sizeof(float)),
+                        NULL};
     quantize_rows_q8_scalar(&xq, x, n_tokens, cols);
     Matrix W = {.rows = rows, .cols = cols, .type = WEIGHTS_Q8, .q = wq, .scale = wd};
     for (size_t i = 0; i < (size_t)n_tokens * rows; i++) out[i] = NAN;
@@ -351,7 +352,9 @@ static double g_q4_worst;
 
 /* One q4 product against the definition: sum_c Q4_LEVELS[code] d_w[c/32] * q_x[c] d_x[c/64],
  * from the codes read back in the documented layout, in double; the scalar kernel and the
- * fast ones must all be within a few ulps of sum |term| of it. */
+ * fast ones must all be within a few ulps of sum |term| of it, where a term's magnitude
+ * counts |level| + 128: the x86 kernels multiply level + 64 and subtract 64 * sum q_x
+ * (q4_activation_offsets), so their float sums carry that much more. */
 static void test_q4_one(const char *name, Q8Fn fn, int rows, int cols, int n_tokens) {
     const int n_groups = cols / Q4_GROUP, n_blocks = cols / Q4_BLOCK;
     uint8_t *codes = guarded_alloc((size_t)rows * cols / 2);
@@ -372,7 +375,8 @@ static void test_q4_one(const char *name, Q8Fn fn, int rows, int cols, int n_tok
             }
     fill_activations(x, (size_t)n_tokens * cols, 1);
     for (int i = 0; i < rows; i++) bias[i] = frand();
-    QuantizedRows xq = {guarded_alloc((size_t)n_tokens * cols), guarded_alloc((size_t)n_tokens * n_blocks * sizeof(float))};
+    QuantizedRows xq = {guarded_alloc((size_t)n_tokens * cols), guarded_alloc((size_t)n_tokens * n_blocks * sizeof(float)),
+                        guarded_alloc((size_t)n_tokens * n_groups * sizeof(float))};
     quantize_rows_q8_scalar(&xq, x, n_tokens, cols);
     Matrix W = {.rows = rows, .cols = cols, .type = WEIGHTS_Q4, .codes = codes, .scale16 = wd};
     for (size_t i = 0; i < (size_t)n_tokens * rows; i++) out[i] = NAN;
@@ -383,10 +387,10 @@ static void test_q4_one(const char *name, Q8Fn fn, int rows, int cols, int n_tok
         for (int r = 0; r < rows; r++) {
             double want = bias[r], mag = fabs(bias[r]);
             for (int c = 0; c < cols; c++) {
-                const double term = (double)level[(size_t)r * cols + c] * f16_to_f32(wd[(size_t)r * n_groups + c / 32]) *
-                                    xq.q[(size_t)t * cols + c] * xq.scale[(size_t)t * n_blocks + c / 64];
-                want += term;
-                mag += fabs(term);
+                const double scales = (double)f16_to_f32(wd[(size_t)r * n_groups + c / 32]) *
+                                      xq.q[(size_t)t * cols + c] * xq.scale[(size_t)t * n_blocks + c / 64];
+                want += level[(size_t)r * cols + c] * scales;
+                mag += (abs(level[(size_t)r * cols + c]) + 128) * fabs(scales);
             }
             const double err = fabs(want - out[(size_t)t * rows + r]) / (mag + 1e-30);
             if (!(err <= 1e-6) && bad++ < 3)
@@ -422,7 +426,7 @@ static void test_q4(void) {
                     if ((size_t)rowss[a] * colss[b] * tokens[c] > 4000000) continue;
                     test_q4_one(kernels[k].name, kernels[k].fn, rowss[a], colss[b], tokens[c]);
                 }
-        printf("%s %s: worst error %.2g of sum |level d_w q_x d_x| against the definition\n",
+        printf("%s %s: worst error %.2g of sum (|level| + 128) |d_w q_x d_x| against the definition\n",
                g_failed == before ? "ok  " : "FAIL", kernels[k].name, g_q4_worst);
     }
 }
@@ -478,7 +482,8 @@ static void test_dispatch(void) {
         fill_q8_weights(wq, wd, rows, cols, 64);
         fill_activations(x, (size_t)n * cols, 1);
         for (int i = 0; i < rows; i++) bias[i] = frand();
-        QuantizedRows xq = {guarded_alloc((size_t)n * cols), guarded_alloc((size_t)n * n_groups * sizeof(float))};
+        QuantizedRows xq = {guarded_alloc((size_t)n * cols), guarded_alloc((size_t)n * n_groups * sizeof(float)),
+                            guarded_alloc((size_t)n * (cols / 32) * sizeof(float))};
         Matrix W = {.rows = rows, .cols = cols, .type = WEIGHTS_Q8, .q = wq, .scale = wd};
         KernelScratch kern = {.xq = xq};
         quantize_rows_q8_scalar(&xq, x, n, cols);
@@ -734,7 +739,8 @@ static void bench(int argc, char **argv) {
         float *x = xmalloc_aligned((size_t)64 * cols * sizeof(float));
         float *bias = xmalloc_aligned((size_t)rows * sizeof(float));
         float *out = xmalloc_aligned((size_t)64 * rows * sizeof(float));
-        QuantizedRows xq = {xmalloc_aligned((size_t)64 * cols), xmalloc_aligned((size_t)64 * cols / 64 * sizeof(float))};
+        QuantizedRows xq = {xmalloc_aligned((size_t)64 * cols), xmalloc_aligned((size_t)64 * cols / 64 * sizeof(float)),
+                            xmalloc_aligned((size_t)64 * cols / 32 * sizeof(float))};
         for (size_t i = 0; i < (size_t)rows * cols; i++) w[i] = frand();
         fill_q8_weights(wq, wd, rows, cols, 64);
         for (size_t i = 0; i < (size_t)rows * cols / 2; i++) codes[i] = (uint8_t)random_u32(&g_rng);
@@ -775,7 +781,7 @@ static void bench(int argc, char **argv) {
                        cols, tokens[ti], t * 1e3, bytes / t * 1e-9, gmac);
             }
         free_aligned(w); free_aligned(wq); free_aligned(wd); free_aligned(codes); free_aligned(wd16); free_aligned(x);
-        free_aligned(bias); free_aligned(out); free_aligned(xq.q); free_aligned(xq.scale);
+        free_aligned(bias); free_aligned(out); free_aligned(xq.q); free_aligned(xq.scale); free_aligned(xq.q4_offset);
     }
 }
 

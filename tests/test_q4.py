@@ -25,7 +25,7 @@ from test_q8 import LONG, VOCAB, quality
 sys.path.insert(0, SCRIPTS)
 import reference  # noqa: E402
 
-LEVELS = np.array([-122, -94, -73, -56, -41, -28, -16, -5, 5, 16, 28, 41, 56, 73, 94, 122], dtype=np.float64)
+LEVELS = np.array([-61, -47, -36, -28, -20, -14, -8, -3, 3, 8, 14, 20, 28, 36, 47, 61], dtype=np.float64)
 MAX_KL_VS_FILE = 0.01      # engine vs the float64 reference on the file's own weights
 MAX_KL_VS_F32 = 0.35       # q4 file vs float32 file (format quality, sharp synthetic logits)
 MIN_TOP1_VS_F32 = 0.5
@@ -160,7 +160,7 @@ def test_q4_quality_against_f32():
 def test_converter_rounding_rule():
     """Every code is the level nearest to w / scale (a different computation from convert.py:
     distances to all 16 levels), and no group's squared error exceeds that of the plain
-    max|w| / 122 scale, which is one of the converter's candidates."""
+    max|w| / 61 scale, which is one of the converter's candidates."""
     ckpt = checkpoint(dtype="F32")
     path = converted(ckpt, "q4")
     data = open(path, "rb").read()
@@ -182,11 +182,11 @@ def test_converter_rounding_rule():
         assert gap.max() <= 1e-3, f"{name}: a code is not the nearest level ({gap.max()})"
         err = ((deq - w) ** 2).reshape(rows, -1, 32).sum(axis=-1)
         amax = np.abs(w).reshape(rows, -1, 32).max(axis=-1)
-        plain = (amax / 122).astype(np.float16).astype(np.float64)[..., None]
+        plain = (amax / 61).astype(np.float16).astype(np.float64)[..., None]
         xg = (w.reshape(rows, -1, 32) / np.where(plain > 0, plain, 1))
         plain_deq = LEVELS[np.abs(xg[..., None] - LEVELS).argmin(axis=-1)] * plain
         plain_err = ((plain_deq - w.reshape(rows, -1, 32)) ** 2).sum(axis=-1)
-        assert np.all(err <= plain_err * (1 + 1e-5) + 1e-30), f"{name}: a scale worse than max|w|/122"
+        assert np.all(err <= plain_err * (1 + 1e-5) + 1e-30), f"{name}: a scale worse than max|w|/61"
         assert err.sum() < 0.95 * plain_err.sum(), f"{name}: the scale search gains nothing"
 
 
