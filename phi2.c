@@ -1943,6 +1943,8 @@ static void q8_tile_avx2_any(float *out, int out_stride, const void *w, const vo
 #undef Q8_CASE
 }
 
+enum { Q4_R_AVX2 = 1, Q4_T_AVX2 = 4 };  // 1 row x 4 tokens: a row's decoded block serves 4 tokens
+
 /* q4 on AVX2: each block's codes decoded to unsigned bytes level + 64 (q4_decode_avx2 with
  * the table shifted), which vpmaddubsw multiplies by the signed activations: a pair of
  * products is at most 2 * 125 * 127 < 32767, no saturation, and no sign juggling as for q8.
@@ -1952,7 +1954,7 @@ static void q8_tile_avx2_any(float *out, int out_stride, const void *w, const vo
 static ALWAYS_INLINE void q4_tile_avx2(float *out, int out_stride, const uint8_t *w, const uint16_t *wd,
                                        const int8_t *x, const float *xd, const float *xo, int cols, int n_blocks,
                                        int R, int T, const float *bias) {
-    __m256 acc[Q8_R_AVX2][Q8_T_AVX2];
+    __m256 acc[Q4_R_AVX2][Q4_T_AVX2];
     for (int r = 0; r < R; r++)
         for (int t = 0; t < T; t++) acc[r][t] = _mm256_setzero_ps();
     const __m256i ones = _mm256_set1_epi16(1), levels = _mm256_add_epi8(q4_levels_avx2(), _mm256_set1_epi8(64));
@@ -1962,7 +1964,7 @@ static ALWAYS_INLINE void q4_tile_avx2(float *out, int out_stride, const uint8_t
     for (int b0 = 0; b0 < n_blocks; b0 += 4) {
         const int nb = n_blocks - b0 < 4 ? n_blocks - b0 : 4;
         const __m256i present = _mm256_cmpgt_epi32(_mm256_set1_epi32(2 * nb), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-        __m256 d[Q8_R_AVX2];
+        __m256 d[Q4_R_AVX2];
         for (int r = 0; r < R; r++) {
             const uint16_t *src = wd + (size_t)r * n_groups + 2 * (size_t)b0;
             uint16_t tail[8] = {0};
@@ -1974,8 +1976,8 @@ static ALWAYS_INLINE void q4_tile_avx2(float *out, int out_stride, const uint8_t
         }
         __m256i pair = first_pair;
         for (int b = b0; b < b0 + nb; b++, pair = _mm256_add_epi32(pair, two)) {
-            __m256i w0[Q8_R_AVX2], w1[Q8_R_AVX2];
-            __m256 ws[Q8_R_AVX2];
+            __m256i w0[Q4_R_AVX2], w1[Q4_R_AVX2];
+            __m256 ws[Q4_R_AVX2];
             for (int r = 0; r < R; r++) {
                 q4_decode_avx2(w + (size_t)r * row_bytes + (size_t)b * (Q4_BLOCK / 2), levels, &w0[r], &w1[r]);
                 ws[r] = _mm256_permutevar8x32_ps(d[r], pair);
@@ -2001,7 +2003,7 @@ static void q4_tile_avx2_any(float *out, int out_stride, const void *w, const vo
 #define Q4_CASE(RR, TT) \
     case (RR) * 8 + (TT): q4_tile_avx2(out, out_stride, w, wd, x, xd, xo, cols, n_blocks, RR, TT, bias); break;
     switch (R * 8 + T) {
-        Q4_CASE(2, 1) Q4_CASE(2, 2) Q4_CASE(1, 1) Q4_CASE(1, 2)
+        Q4_CASE(1, 1) Q4_CASE(1, 2) Q4_CASE(1, 3) Q4_CASE(1, 4)
         default: die("q4_tile_avx2: bad tile %dx%d", R, T);
     }
 #undef Q4_CASE
@@ -2081,7 +2083,7 @@ static void matmul_q4_simd(float *out, const QuantizedRows *in, const Matrix *W,
 #if PHI2_AVX512_VNNI
     matmul_int8_tiled(out, in, W, bias, n_tokens, q4_tile_vnni_any, Q8_R_VNNI, Q8_T_VNNI);
 #else
-    matmul_int8_tiled(out, in, W, bias, n_tokens, q4_tile_avx2_any, Q8_R_AVX2, Q8_T_AVX2);
+    matmul_int8_tiled(out, in, W, bias, n_tokens, q4_tile_avx2_any, Q4_R_AVX2, Q4_T_AVX2);
 #endif
 }
 #endif
