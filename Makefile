@@ -70,12 +70,20 @@ AVX2_KERNEL_TEST := $(if $(AVX2_HOST),build/test_kernels-avx2)
 build/test_kernels-avx2: tests/test_kernels.c $(SRC) $(HDR)
 	@mkdir -p build
 	$(CC) $(WARN) -O3 -march=haswell $(OPENMP) -o $@ tests/test_kernels.c tokenizer.c -lm
+# ... and on a host with AVX-VNNI, those of an Intel laptop build (-march=alderlake: AVX2 +
+# 256-bit VNNI, no AVX-512).
+AVX_VNNI_HOST := $(shell grep -qw avx_vnni /proc/cpuinfo 2>/dev/null && echo yes)
+AVX_VNNI_KERNEL_TEST := $(if $(AVX_VNNI_HOST),build/test_kernels-avxvnni)
+build/test_kernels-avxvnni: tests/test_kernels.c $(SRC) $(HDR)
+	@mkdir -p build
+	$(CC) $(WARN) -O3 -march=alderlake $(OPENMP) -o $@ tests/test_kernels.c tokenizer.c -lm
 
 TEST_BINS := build/tokenizer_tool
 
-test: phi2 $(TEST_BINS) build/test_kernels $(AVX2_KERNEL_TEST)
+test: phi2 $(TEST_BINS) build/test_kernels $(AVX2_KERNEL_TEST) $(AVX_VNNI_KERNEL_TEST)
 	rm -rf build/testdata
 	$(if $(AVX2_KERNEL_TEST),KERNEL_TEST_BIN=$(AVX2_KERNEL_TEST) $(PYTHON) tests/run.py test_kernels)
+	$(if $(AVX_VNNI_KERNEL_TEST),KERNEL_TEST_BIN=$(AVX_VNNI_KERNEL_TEST) $(PYTHON) tests/run.py test_kernels)
 	PHI2_BIN=./phi2 KERNEL_TEST_BIN=build/test_kernels $(PYTHON) tests/run.py
 
 test-sanitize: phi2-asan $(TEST_BINS) build/test_kernels-asan

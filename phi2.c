@@ -1898,16 +1898,28 @@ static void q4_tile_vnni_any(float *out, int out_stride, const void *w, const vo
 /* AVX2: maddubs multiplies unsigned by signed bytes into saturating int16 pairs. The sign
  * moves from the weight onto the activation (|w| as unsigned, sign(w) * x as signed), so
  * each pair is at most 2 * 128 * 127 < 32767: no saturation, even for a weight of -128
- * (activations are in [-127, 127]). madd with ones widens to exact int32 lanes.
+ * (activations are in [-127, 127]). madd with ones widens to exact int32 lanes; with
+ * AVX-VNNI (dot_u8s8_avx2) one vpdpbusd does both steps.
  * Register tile: 2 rows x 2 tokens (16 ymm registers). */
 enum { Q8_R_AVX2 = 2, Q8_T_AVX2 = 2 };
+
+/* acc plus the sums of 4 adjacent products u[i] * s[i] (u unsigned, s signed bytes) per
+ * int32 lane: one vpdpbusd with AVX-VNNI (Intel laptops since 12th gen, AMD Zen 5), else
+ * vpmaddubsw + vpmaddwd, exact when no pair of products exceeds 32767 in magnitude (the
+ * callers' operands are chosen so). */
+static ALWAYS_INLINE __m256i dot_u8s8_avx2(__m256i acc, __m256i u, __m256i s) {
+#if defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(acc, u, s);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
 
 static ALWAYS_INLINE void q8_tile_avx2(float *out, int out_stride, const int8_t *w, const float *wd, const int8_t *x,
                                        const float *xd, int cols, int n_groups, int R, int T, const float *bias) {
     __m256 acc[Q8_R_AVX2][Q8_T_AVX2];
     for (int r = 0; r < R; r++)
         for (int t = 0; t < T; t++) acc[r][t] = _mm256_setzero_ps();
-    const __m256i ones = _mm256_set1_epi16(1);
     for (int g = 0; g < n_groups; g++) {
         __m256i w0[Q8_R_AVX2], w1[Q8_R_AVX2];
         for (int r = 0; r < R; r++) {
@@ -1919,9 +1931,8 @@ static ALWAYS_INLINE void q8_tile_avx2(float *out, int out_stride, const int8_t 
             const __m256i x1 = _mm256_loadu_si256((const __m256i *)(x + (size_t)t * cols + (size_t)g * 64 + 32));
             const float xs = xd[(size_t)t * n_groups + g];
             for (int r = 0; r < R; r++) {
-                __m256i p0 = _mm256_maddubs_epi16(_mm256_abs_epi8(w0[r]), _mm256_sign_epi8(x0, w0[r]));
-                __m256i p1 = _mm256_maddubs_epi16(_mm256_abs_epi8(w1[r]), _mm256_sign_epi8(x1, w1[r]));
-                __m256i d = _mm256_add_epi32(_mm256_madd_epi16(p0, ones), _mm256_madd_epi16(p1, ones));
+                __m256i d = dot_u8s8_avx2(_mm256_setzero_si256(), _mm256_abs_epi8(w0[r]), _mm256_sign_epi8(x0, w0[r]));
+                d = dot_u8s8_avx2(d, _mm256_abs_epi8(w1[r]), _mm256_sign_epi8(x1, w1[r]));
                 const __m256 s = _mm256_set1_ps(wd[(size_t)r * n_groups + g] * xs);
                 acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), s, acc[r][t]);
             }
@@ -1957,7 +1968,7 @@ static ALWAYS_INLINE void q4_tile_avx2(float *out, int out_stride, const uint8_t
     __m256 acc[Q4_R_AVX2][Q4_T_AVX2];
     for (int r = 0; r < R; r++)
         for (int t = 0; t < T; t++) acc[r][t] = _mm256_setzero_ps();
-    const __m256i ones = _mm256_set1_epi16(1), levels = _mm256_add_epi8(q4_levels_avx2(), _mm256_set1_epi8(64));
+    const __m256i levels = _mm256_add_epi8(q4_levels_avx2(), _mm256_set1_epi8(64));
     // hadd below leaves group 2j's partial sums in lanes 0, 1, 4, 5 and group 2j+1's in 2, 3, 6, 7
     const __m256i first_pair = _mm256_setr_epi32(0, 0, 1, 1, 0, 0, 1, 1), two = _mm256_set1_epi32(2);
     const size_t row_bytes = (size_t)cols / 2, n_groups = (size_t)cols / Q4_GROUP;
@@ -1987,8 +1998,8 @@ static ALWAYS_INLINE void q4_tile_avx2(float *out, int out_stride, const uint8_t
                 const __m256i x1 = _mm256_loadu_si256((const __m256i *)(x + (size_t)t * cols + (size_t)b * Q4_BLOCK + 32));
                 const __m256 xs = _mm256_set1_ps(xd[(size_t)t * n_blocks + b]);
                 for (int r = 0; r < R; r++) {
-                    const __m256i sums = _mm256_hadd_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(w0[r], x0), ones),
-                                                           _mm256_madd_epi16(_mm256_maddubs_epi16(w1[r], x1), ones));
+                    const __m256i sums = _mm256_hadd_epi32(dot_u8s8_avx2(_mm256_setzero_si256(), w0[r], x0),
+                                                           dot_u8s8_avx2(_mm256_setzero_si256(), w1[r], x1));
                     acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(ws[r], xs), acc[r][t]);
                 }
             }
@@ -2819,6 +2830,8 @@ static void kernel_description(char *out, size_t size, KernelScratch *k, int wei
     const char *int8 = amx_available(k) ? "vnni+amx" : "vnni";
 #elif PHI2_AVX512_VNNI
     const char *int8 = "vnni";
+#elif PHI2_AVX2 && defined(__AVXVNNI__)
+    const char *int8 = "avx-vnni";
 #elif PHI2_AVX2
     const char *int8 = "avx2";
 #elif PHI2_NEON_I8MM
