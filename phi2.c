@@ -5,13 +5,13 @@
  * read the whole model:
  *   1. utilities          errors, checked allocation, number parsing
  *   2. the model file     header validation, the weights in place (docs/FORMAT.md)
- *   3. kernels            LayerNorm, matrix products (f32 and int8), GELU, rotary, softmax,
+ *   3. kernels            LayerNorm, matrix products (f32, int8, 4-bit), GELU, rotary, softmax,
  *                         in plain scalar C: these are the definitions
  *   4. the forward pass   a batch of positions through all layers, with a KV cache
  *   5. sampling           greedy, temperature, top-k, top-p
  *   6. the command line   prompt in, streamed text out
  * Appendices, for speed and portability only:
- *   A. x86 kernels        AVX-512, AVX2, VNNI and AMX versions of the section 3 kernels,
+ *   A. x86 kernels        AVX-512, AVX2, VNNI (512- and 256-bit) and AMX versions of the section 3 kernels,
  *                         each tested against its scalar twin (tests/test_kernels.c)
  *   A2. Arm kernels       NEON, dotprod (SDOT) and i8mm (SMMLA) versions, tested the same
  *                         way (under qemu-aarch64 in CI); then the dispatch functions
@@ -727,7 +727,7 @@ static void softmax(float *x, int n) {
 
 /* Scratch space of the matrix kernels, owned by RunState and freed with it. */
 typedef struct {
-    QuantizedRows xq;          // [max_batch, max(hidden, ffn)] the activations quantized (q8 files)
+    QuantizedRows xq;          // [max_batch, max(hidden, ffn)] the activations quantized (q8 and q4 files)
     unsigned char *amx_pack;   // AMX only: a batch repacked into tiles, grown as needed
     size_t amx_pack_size;
     int amx_state;             // AMX only: 0 = not asked yet, 1 = granted by the OS, -1 = refused
@@ -787,7 +787,7 @@ typedef struct {
     float *mlp_out;         // [max_batch, hidden]
     float *scores;          // [n_threads, ctx] attention weights, one row per thread
     float *logits;          // [max_batch, vocab]
-    KernelScratch kern;     // the matrix kernels' scratch: int8 activations (q8 files), AMX tiles
+    KernelScratch kern;     // the matrix kernels' scratch: int8 activations (q8, q4 files), AMX tiles
     float *key_cache;       // [n_layers, n_heads, ctx, head_dim] keys, after rotary
     float *value_cache;     // [n_layers, n_heads, ctx, head_dim]
     float *rope_cos;        // [ctx, rot_dim/2]
@@ -1492,9 +1492,10 @@ int main(int argc, char **argv) {
 /* Everything here is a faster way to compute a section 3 kernel; nothing here changes what
  * the model computes. Which versions exist is decided at compile time from the target
  * (make: -march=native):
- *   PHI2_AVX512  AVX-512F/BW: f32 matmul, quantization, gelu, dot; with VNNI also int8 matmul
+ *   PHI2_AVX512  AVX-512F/BW: f32 matmul, quantization, gelu, dot; with VNNI (and VL) also
+ *                int8 and 4-bit matmul
  *   PHI2_AVX2    AVX2 + FMA + F16C (laptops): f32 matmul, quantization, int8 and 4-bit matmul
- *                (maddubs), gelu, dot
+ *                (maddubs, or 256-bit VNNI where the target has AVX-VNNI), gelu, dot
  *   PHI2_AMX     AMX-INT8 (Sapphire Rapids and later, Linux): int8 matmul for batches, used
  *                only if the OS grants the tile state at run time (amx_available)
  * -DPHI2_SCALAR_ONLY (make portable) leaves only the scalar kernels. The dispatch functions
