@@ -2,7 +2,8 @@
  * Kernel tests: every fast kernel compiled into this build against its scalar twin.
  *
  *   build/test_kernels            run the checks; last line "test_kernels: N checks, N failed"
- *   build/test_kernels --bench    time the kernels on Phi-2's full-size shapes
+ *   build/test_kernels --bench    time the kernels on Phi-2's full-size shapes, and decode
+ *                                 attention with an f32 and an f16 KV cache (BENCH_DEPTH)
  *
  * Quantization must be bit-identical to the scalar version. The int8 products have exact
  * int32 group sums, so they may differ from the scalar kernel only by float summation order
@@ -788,13 +789,55 @@ static void bench_run(void *p) {
     else if (!strcmp(a->kernel, "quantize")) quantize_rows_q8(a->xq, a->x, a->n, a->W.cols);
 }
 
+/* attention() of one decode step deep in the context, on Phi-2's shapes (32 heads of 80),
+ * all 32 layers, with the KV cache in f32 or f16 (kv_type): what one generated token costs
+ * in attention at that depth, and the cache bytes it reads per second. */
+typedef struct {
+    RunState s;
+    Config c;
+    int depth;
+} AttnBench;
+
+static void bench_attn_run(void *p) {
+    AttnBench *a = p;
+    for (int l = 0; l < a->c.n_layers; l++) attention(&a->s, &a->c, l, a->depth, 1);
+}
+
+static void bench_attention(int kv_type) {
+    const char *env = getenv("BENCH_DEPTH");
+    AttnBench a = {.c = {.vocab_size = 16, .hidden_dim = 2560, .ffn_dim = 64, .n_layers = 32, .n_heads = 32,
+                         .head_dim = 80, .rot_dim = 32, .rope_theta = 10000.0f, .norm_eps = 1e-5f},
+                   .depth = env ? atoi(env) : 1900};
+    if (a.depth < 1 || a.depth > 1 << 16) die("BENCH_DEPTH must be in [1, 65536]");
+    init_state(&a.s, &a.c, a.depth + 1, 1, kv_type);
+    for (int i = 0; i < 3 * a.c.hidden_dim; i++) a.s.qkv[i] = frand();
+    float *row = xmalloc((size_t)a.c.head_dim * sizeof(float));
+    for (int l = 0; l < a.c.n_layers; l++)
+        for (int h = 0; h < a.c.n_heads; h++)
+            for (int p = 0; p <= a.depth; p++) {
+                for (int i = 0; i < a.c.head_dim; i++) row[i] = frand();
+                kv_store(&a.s, a.s.key_cache, kv_offset(&a.s, &a.c, l, h, p), row, a.c.head_dim);
+                kv_store(&a.s, a.s.value_cache, kv_offset(&a.s, &a.c, l, h, p), row, a.c.head_dim);
+            }
+    const double t = time_median(bench_attn_run, &a, 5);
+    printf("attn_%s   depth %d, 32 layers x 32 heads: %8.3f ms per token  %6.1f GB/s of KV cache\n",
+           kv_type_name(kv_type), a.depth, t * 1e3, (double)a.s.kv_bytes / t * 1e-9);
+    free(row);
+    free_state(&a.s);
+}
+
 static void bench(int argc, char **argv) {
-    // --bench [KERNEL ...]: default all kernels of this build on qkv, fc1, fc2 shapes.
-    static const char *all[] = {"f32_avx512", "f32_avx2", "f32_neon", "q8_simd", "q8_amx", "quantize"};
+    // --bench [KERNEL ...]: default all kernels of this build on qkv, fc1, fc2 shapes, and
+    // decode attention with an f32 and an f16 cache (attn_f32, attn_f16; BENCH_DEPTH=1900).
+    static const char *all[] = {"attn_f32", "attn_f16", "f32_avx512", "f32_avx2", "f32_neon", "q8_simd", "q8_amx",
+                                "quantize"};
     static const int shapes[][2] = {{7680, 2560}, {10240, 2560}, {2560, 10240}};
     static const int tokens[] = {1, 64};
     const char **kernels = argc > 0 ? (const char **)argv : all;
     const int n_kernels = argc > 0 ? argc : (int)(sizeof(all) / sizeof(*all));
+    for (int k = 0; k < n_kernels; k++)
+        if (!strcmp(kernels[k], "attn_f32") || !strcmp(kernels[k], "attn_f16"))
+            bench_attention(!strcmp(kernels[k], "attn_f16") ? KV_F16 : KV_F32);
     for (size_t s = 0; s < sizeof(shapes) / sizeof(*shapes); s++) {
         const int rows = shapes[s][0], cols = shapes[s][1];
         float *w = xmalloc_aligned((size_t)rows * cols * sizeof(float));
@@ -811,6 +854,7 @@ static void bench(int argc, char **argv) {
         quantize_rows_q8(&xq, x, 64, cols);
         for (int k = 0; k < n_kernels; k++)
             for (size_t ti = 0; ti < sizeof(tokens) / sizeof(*tokens); ti++) {
+                if (!strncmp(kernels[k], "attn_", 5)) continue;  // (above)
                 const int is_q8 = kernels[k][0] == 'q';
                 BenchArgs a = {kernels[k], {.rows = rows, .cols = cols}, x, bias, out, &xq, tokens[ti]};
                 if (is_q8) a.W.q = wq, a.W.scale = wd;
