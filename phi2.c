@@ -519,10 +519,11 @@ static void free_model(Model *m) {
 /* ------------------------------------------------------------------------------------- */
 /* Shapes: activations are row-major [n_tokens, features]; a batch of n_tokens positions
  * goes through each kernel together so every weight is read once per batch, not once per
- * token. The plain loops here are the definitions. Five of them (f32 matmul, quantization,
- * int8 matmul, gelu_new, dot) also have fast versions for the CPU the program is built for
- * (Appendix A), reached through one dispatch function each, declared at the end of this
- * section; tests/test_kernels.c checks every fast version against its scalar twin. */
+ * token. The plain loops here are the definitions. Eight of them (f32 matmul, quantization,
+ * int8 matmul, gelu_new, dot, and for the f16 KV cache: conversion, dot, axpy) also have
+ * fast versions for the CPU the program is built for (Appendices A and A2), reached through
+ * one dispatch function each, declared at the end of this section; tests/test_kernels.c
+ * checks every fast version against its scalar twin. */
 
 /* LayerNorm over the last dim: (x - mean) / sqrt(var + eps) * weight + bias (biased var).
  * Mean and variance accumulate in double: Phi-2's activations reach the hundreds. */
@@ -612,6 +613,54 @@ MAYBE_UNUSED static void matmul_q8_scalar(float *out, const QuantizedRows *in, c
     }
 }
 
+/* --- float16: q4 scales and the half-size KV cache (--kv-type f16) --------------------
+ * IEEE binary16, stored as uint16_t: 1 sign bit, 5 exponent bits (bias 15), 10 mantissa
+ * bits. Normal numbers are 2^(e-15) x 1.m (2^-14 .. 65504), subnormals 2^-24 x m, exponent
+ * 31 is infinity (m = 0) or NaN. A float32 has 8 exponent bits (bias 127) and 23 mantissa
+ * bits, so every f16 is exactly a float and going back only drops 13 mantissa bits. */
+
+static float f32_from_f16(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;
+    uint32_t bits;
+    if (exponent == 0x1f) {
+        bits = sign | 0x7f800000 | mantissa << 13;  // infinity, or NaN with its payload
+    } else if (exponent != 0) {
+        bits = sign | (exponent + 127 - 15) << 23 | mantissa << 13;  // normal: rebias the exponent
+    } else {
+        const float v = (float)mantissa * 0x1p-24f;  // zero or subnormal: m x 2^-24, exact in float
+        return sign ? -v : v;
+    }
+    float f;
+    memcpy(&f, &bits, sizeof(f));
+    return f;
+}
+
+/* The nearest f16, ties to the even mantissa (the IEEE default, and what F16C and Arm's
+ * FCVT do): beyond 65520 (halfway from 65504 to 65536) infinity; below 2^-14 a subnormal
+ * multiple of 2^-24, down to 0 at 2^-25 (a tie, to even); NaN stays a (quiet) NaN. */
+static uint16_t f16_from_f32(float f) {
+    uint32_t x;
+    memcpy(&x, &f, sizeof(x));
+    const uint16_t sign = (uint16_t)(x >> 16 & 0x8000);
+    const uint32_t a = x & 0x7fffffff;                        // |f|
+    if (a > 0x7f800000) return sign | 0x7e00 | (uint16_t)(a >> 13 & 0x3ff);  // NaN: quiet, top payload bits
+    if (a >= 0x477ff000) return sign | 0x7c00;                // >= 65520: infinity
+    if (a >= 0x38800000) {                                    // >= 2^-14: a normal f16
+        // Rebias the exponent (127 -> 15), then round the 13 dropped bits: add just under
+        // half, plus the kept lowest bit (so an exact half rounds up only from an odd one).
+        // A carry out of the mantissa correctly bumps the exponent.
+        const uint32_t r = a - ((uint32_t)(127 - 15) << 23);
+        return sign | (uint16_t)((r + 0xfff + (r >> 13 & 1)) >> 13);
+    }
+    if (a <= 0x33000000) return sign;                         // <= 2^-25: rounds to (signed) zero
+    // Subnormal: |f| = m x 2^(e - 150) with the implicit bit in m, which is m >> (126 - e)
+    // units of 2^-24; round what the shift drops, ties to even. Rounding up to 0x400 gives
+    // the smallest normal, which is also the right encoding.
+    const uint32_t e = a >> 23, m = (a & 0x7fffff) | 0x800000, shift = 126 - e;  // shift 14 .. 24
+    const uint32_t q = m >> shift, rest = m & ((1u << shift) - 1), half = 1u << (shift - 1);
+    return sign | (uint16_t)(q + (rest > half || (rest == half && (q & 1))));
+}
+
 /* --- 4-bit (q4) matrix product ------------------------------------------------------- */
 /* A q4 weight is Q4_LEVELS[code] times its group's float16 scale (groups of 32 along the
  * row). In each block of 64 weights of a row, byte i of the block's 32 bytes holds the code
@@ -621,26 +670,6 @@ MAYBE_UNUSED static void matmul_q8_scalar(float *out, const QuantizedRows *in, c
  * again an exact int32 sum of int8 products:
  *   sum over blocks b: d_x[b] * (d_w[2b] * isum(group 2b) + d_w[2b+1] * isum(group 2b+1)). */
 _Static_assert(Q4_BLOCK == Q8_GROUP && Q4_BLOCK == 2 * Q4_GROUP, "a q4 block is one activation group, two weight groups");
-
-/* IEEE binary16 to float, exactly. Shifted left by 13, the 5-bit exponent and 10-bit
- * mantissa land in a float's fields; multiplying by 2^112 then corrects the exponent bias
- * (15 instead of 127), which also turns half subnormals (float subnormals after the shift)
- * into the right normal floats. Infinities and NaN (exponent 31) take the float's all-ones
- * exponent instead. The sign bit moves from bit 15 to bit 31. */
-static float f16_to_f32(uint16_t h) {
-    uint32_t bits = (uint32_t)(h & 0x7fff) << 13;
-    float v;
-    if ((h & 0x7c00) == 0x7c00) {
-        bits |= 0x7f800000u;
-    } else {
-        memcpy(&v, &bits, 4);
-        v *= 0x1p112f;
-        memcpy(&bits, &v, 4);
-    }
-    bits |= (uint32_t)(h & 0x8000) << 16;
-    memcpy(&v, &bits, 4);
-    return v;
-}
 
 /* The code (0..15) of weight c of a q4 row. */
 static int q4_code(const uint8_t *row_codes, int c) {
@@ -663,7 +692,7 @@ MAYBE_UNUSED static void matmul_q4_scalar(float *out, const QuantizedRows *in, c
                 int32_t isum = 0;
                 for (int c = g * Q4_GROUP; c < (g + 1) * Q4_GROUP; c++)
                     isum += (int32_t)Q4_LEVELS[q4_code(codes, c)] * (int32_t)xq[c];
-                sum += (float)isum * f16_to_f32(wd[g]) * xd[g / 2];
+                sum += (float)isum * f32_from_f16(wd[g]) * xd[g / 2];
             }
             out[(size_t)t * rows + r] = sum + bias[r];
         }
@@ -682,7 +711,7 @@ static void matrix_row(float *out, const Matrix *W, int row) {
     } else {
         const uint8_t *codes = W->codes + (size_t)row * (cols / 2);
         const uint16_t *d = W->scale16 + (size_t)row * (cols / Q4_GROUP);
-        for (size_t c = 0; c < cols; c++) out[c] = f16_to_f32(d[c / Q4_GROUP]) * (float)Q4_LEVELS[q4_code(codes, (int)c)];
+        for (size_t c = 0; c < cols; c++) out[c] = f32_from_f16(d[c / Q4_GROUP]) * (float)Q4_LEVELS[q4_code(codes, (int)c)];
     }
 }
 
@@ -700,6 +729,25 @@ MAYBE_UNUSED static float dot_f32_scalar(const float *a, const float *b, int n) 
     float sum = 0.0f;
     for (int i = 0; i < n; i++) sum += a[i] * b[i];
     return sum;
+}
+
+/* --- float16 rows: the half-size KV cache (--kv-type f16) --------------------------- */
+
+/* A row of floats to f16 (a head's key or value on its way into the cache). */
+MAYBE_UNUSED static void f32_to_f16_row_scalar(uint16_t *out, const float *x, int n) {
+    for (int i = 0; i < n; i++) out[i] = f16_from_f32(x[i]);
+}
+
+/* Attention score against an f16 key: sum a[i] * b[i], b widened to float. */
+MAYBE_UNUSED static float dot_f32_f16_scalar(const float *a, const uint16_t *b, int n) {
+    float sum = 0.0f;
+    for (int i = 0; i < n; i++) sum += a[i] * f32_from_f16(b[i]);
+    return sum;
+}
+
+/* One term of attention's weighted sum of f16 values: out[i] += w * v[i]. */
+MAYBE_UNUSED static void axpy_f16_scalar(float *out, float w, const uint16_t *v, int n) {
+    for (int i = 0; i < n; i++) out[i] += w * f32_from_f16(v[i]);
 }
 
 /* NeoX-style rotary embedding on the first rot_dim dims of one head: dims i and
@@ -744,6 +792,9 @@ static void matmul_q8(float *out, const QuantizedRows *in, const Matrix *W, cons
 static void matmul_q4(float *out, const QuantizedRows *in, const Matrix *W, const float *bias, int n_tokens);
 static void gelu_new_span(float *x, size_t n);
 static float dot_f32(const float *a, const float *b, int n);
+static void f32_to_f16_row(uint16_t *out, const float *x, int n);  // bit-identical to the scalar twin
+static float dot_f32_f16(const float *a, const uint16_t *b, int n);
+static void axpy_f16(float *out, float w, const uint16_t *v, int n);
 /* The kernels this build has, and for int8 the ones it will use here (AMX needs the OS's
  * permission), e.g. "x86-64 avx512, int8 vnni+amx" or "scalar": printed by -v and in the
  * timings line, so figures from different machines say what ran. */
@@ -772,6 +823,17 @@ static void gelu_new(float *x, size_t n) {
 /* 4. The forward pass                                                                    */
 /* ------------------------------------------------------------------------------------- */
 
+/* The KV cache's element type (--kv-type): float32, exact, or IEEE float16, half the memory
+ * and half the bytes attention reads per token (at a long context nearly as many as the
+ * weights). f16 keeps 11 significant bits: the logits move by far less than int8 weights
+ * move them (tests/test_kv.py), so it is the default for quantized files, and f32 for
+ * float32 files, which stay exact. */
+enum { KV_F32 = 0, KV_F16 = 1 };
+
+static int default_kv_type(const Config *c) { return c->weight_type == WEIGHTS_F32 ? KV_F32 : KV_F16; }
+
+static const char *kv_type_name(int kv_type) { return kv_type == KV_F16 ? "f16" : "f32"; }
+
 /* Everything that changes while the model runs. Positions are processed in batches of up
  * to max_batch (all of a prompt's tokens at once, one at a time while generating). */
 typedef struct {
@@ -788,8 +850,10 @@ typedef struct {
     float *scores;          // [n_threads, ctx] attention weights, one row per thread
     float *logits;          // [max_batch, vocab]
     KernelScratch kern;     // the matrix kernels' scratch: int8 activations (q8, q4 files), AMX tiles
-    float *key_cache;       // [n_layers, n_heads, ctx, head_dim] keys, after rotary
-    float *value_cache;     // [n_layers, n_heads, ctx, head_dim]
+    int kv_type;            // KV_F32 or KV_F16: the element type of the two caches
+    size_t kv_bytes;        // bytes of the two caches together
+    void *key_cache;        // [n_layers, n_heads, ctx, head_dim] keys, after rotary: float or f16 (uint16_t)
+    void *value_cache;      // [n_layers, n_heads, ctx, head_dim] values: float or f16 (uint16_t)
     float *rope_cos;        // [ctx, rot_dim/2]
     float *rope_sin;        // [ctx, rot_dim/2]
     FILE *trace;            // --trace: forward() writes its intermediates here (NULL: off)
@@ -804,7 +868,7 @@ static int max_threads(void) {
 #endif
 }
 
-static void init_state(RunState *s, const Config *c, int ctx, int max_batch) {
+static void init_state(RunState *s, const Config *c, int ctx, int max_batch, int kv_type) {
     const size_t H = (size_t)c->hidden_dim, F = (size_t)c->ffn_dim, B = (size_t)max_batch;
     memset(s, 0, sizeof(*s));
     s->max_batch = max_batch;
@@ -823,9 +887,12 @@ static void init_state(RunState *s, const Config *c, int ctx, int max_batch) {
     s->kern.xq.q = xmalloc_aligned(mul_size(B, widest));
     s->kern.xq.scale = xmalloc_aligned(mul_size(B * (widest / Q8_GROUP + 1), sizeof(float)));
     s->kern.xq.q4_offset = xmalloc_aligned(mul_size(B * (widest / Q4_GROUP + 1), sizeof(float)));
-    size_t cache = mul_size(mul_size((size_t)c->n_layers, (size_t)ctx), H);
-    s->key_cache = xmalloc_aligned(mul_size(cache, sizeof(float)));
-    s->value_cache = xmalloc_aligned(mul_size(cache, sizeof(float)));
+    s->kv_type = kv_type;
+    const size_t elem_size = kv_type == KV_F16 ? sizeof(uint16_t) : sizeof(float);
+    const size_t cache_bytes = mul_size(mul_size(mul_size((size_t)c->n_layers, (size_t)ctx), H), elem_size);
+    s->kv_bytes = mul_size(2, cache_bytes);
+    s->key_cache = xmalloc_aligned(cache_bytes);
+    s->value_cache = xmalloc_aligned(cache_bytes);
 
     // Rotary angles depend only on the position: compute them once, in double precision.
     const int half = c->rot_dim / 2;
@@ -856,6 +923,12 @@ static size_t kv_offset(const RunState *s, const Config *c, int layer, int head,
     return (((size_t)layer * c->n_heads + (size_t)head) * (size_t)s->ctx + (size_t)pos) * (size_t)c->head_dim;
 }
 
+/* Put n floats (one head's key or value) into a cache at element offset slot, as its type. */
+static void kv_store(const RunState *s, void *cache, size_t slot, const float *x, int n) {
+    if (s->kv_type == KV_F16) f32_to_f16_row((uint16_t *)cache + slot, x, n);
+    else memcpy((float *)cache + slot, x, (size_t)n * sizeof(float));
+}
+
 /* Causal self-attention for a batch of positions pos0 .. pos0+n_tokens-1 of one layer.
  * The batch's keys and values are already in the cache, so token t attends to cache
  * positions 0 .. pos0+t. Each (token, head) pair is independent: spread them over threads. */
@@ -871,16 +944,25 @@ static void attention(RunState *s, const Config *c, int layer, int pos0, int n_t
         float *score = s->scores;
 #endif
         const float *q = s->qkv + (size_t)t * 3 * H + (size_t)head * hd;
-        const float *keys = s->key_cache + kv_offset(s, c, layer, head, 0);
-        const float *values = s->value_cache + kv_offset(s, c, layer, head, 0);
-        for (int p = 0; p < n_pos; p++) score[p] = dot_f32(q, keys + (size_t)p * hd, hd) * scale;
-        softmax(score, n_pos);
+        const size_t head0 = kv_offset(s, c, layer, head, 0);
         float *out = s->att + (size_t)t * H + (size_t)head * hd;
         memset(out, 0, (size_t)hd * sizeof(float));
-        for (int p = 0; p < n_pos; p++) {
-            const float *v = values + (size_t)p * hd;
-            const float w = score[p];
-            for (int i = 0; i < hd; i++) out[i] += w * v[i];
+        if (s->kv_type == KV_F32) {
+            const float *keys = (const float *)s->key_cache + head0;
+            const float *values = (const float *)s->value_cache + head0;
+            for (int p = 0; p < n_pos; p++) score[p] = dot_f32(q, keys + (size_t)p * hd, hd) * scale;
+            softmax(score, n_pos);
+            for (int p = 0; p < n_pos; p++) {
+                const float *v = values + (size_t)p * hd;
+                const float w = score[p];
+                for (int i = 0; i < hd; i++) out[i] += w * v[i];
+            }
+        } else {  // the same with f16 keys and values, widened to float as they are read
+            const uint16_t *keys = (const uint16_t *)s->key_cache + head0;
+            const uint16_t *values = (const uint16_t *)s->value_cache + head0;
+            for (int p = 0; p < n_pos; p++) score[p] = dot_f32_f16(q, keys + (size_t)p * hd, hd) * scale;
+            softmax(score, n_pos);
+            for (int p = 0; p < n_pos; p++) axpy_f16(out, score[p], values + (size_t)p * hd, hd);
         }
     }
 }
@@ -933,8 +1015,8 @@ static void forward(const Model *m, RunState *s, const int *tokens, int n_tokens
                 rotary(q + (size_t)head * hd, c->rot_dim, s->rope_cos + (size_t)pos * half, s->rope_sin + (size_t)pos * half);
                 rotary(k + (size_t)head * hd, c->rot_dim, s->rope_cos + (size_t)pos * half, s->rope_sin + (size_t)pos * half);
                 size_t slot = kv_offset(s, c, l, head, pos);
-                memcpy(s->key_cache + slot, k + (size_t)head * hd, (size_t)hd * sizeof(float));
-                memcpy(s->value_cache + slot, v + (size_t)head * hd, (size_t)hd * sizeof(float));
+                kv_store(s, s->key_cache, slot, k + (size_t)head * hd, hd);
+                kv_store(s, s->value_cache, slot, v + (size_t)head * hd, hd);
             }
         }
         trace(s, "q", l, s->qkv, 3 * (size_t)H, H, pos0, n_tokens);  // q and k after rotary
@@ -1125,6 +1207,8 @@ static void usage(FILE *f) {
             "                         it: slower start, faster generation\n"
             "  -b, --batch N          prompt positions processed together (default 64; 1 = one\n"
             "                         at a time through the KV cache, as during generation)\n"
+            "      --kv-type T        KV cache numbers: f32 or f16 (half the memory and reads);\n"
+            "                         default f32 for float32 model files, f16 for quantized ones\n"
             "      --stop TEXT        stop when the generated text contains TEXT (not printed);\n"
             "                         e.g. --stop 'Instruct:' for the QA format\n"
             "      --ignore-eos       keep generating past <|endoftext|> (for benchmarks)\n"
@@ -1162,11 +1246,12 @@ typedef struct {
     int ctx;                    // 0: the model's max_seq_len
     int batch;                  // prompt positions per forward pass
     int n_threads;              // 0: all cores
+    int kv_type;                // KV_F32, KV_F16, or -1: the model's default (default_kv_type)
     int tokenize, print_ids, no_display_prompt, ignore_eos, no_mmap, help, version;
 } Options;
 
 static Options parse_args(int argc, char **argv) {
-    Options o = {.n_predict = 256, .temperature = 0.8f, .top_p = 0.95f, .top_k = 40, .batch = 64};
+    Options o = {.n_predict = 256, .temperature = 0.8f, .top_p = 0.95f, .top_k = 40, .batch = 64, .kv_type = -1};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
@@ -1205,6 +1290,11 @@ static Options parse_args(int argc, char **argv) {
         else if (!strcmp(a, "-c") || !strcmp(a, "--ctx-size")) o.ctx = (int)parse_long(a, v, 1, INT_MAX);
         else if (!strcmp(a, "-b") || !strcmp(a, "--batch")) o.batch = (int)parse_long(a, v, 1, 4096);
         else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) o.n_threads = (int)parse_long(a, v, 1, 1024);
+        else if (!strcmp(a, "--kv-type")) {
+            if (!strcmp(v, "f32")) o.kv_type = KV_F32;
+            else if (!strcmp(v, "f16")) o.kv_type = KV_F16;
+            else die("--kv-type must be f32 or f16, got '%s'", v);
+        }
         else die("unknown option '%s'; see -h", a);
     }
     if (!o.model_path) die("no model file given; usage: phi2 MODEL.bin [-p PROMPT] (see -h)");
@@ -1412,9 +1502,10 @@ static int generate(const Model *m, RunState *s, const Options *opt, const int *
     char kernels[96];
     kernel_description(kernels, sizeof(kernels), &s->kern, c->weight_type);
     fprintf(stderr, "phi2: load %.2f s | prompt %d tokens, %.2f tok/s | generated %d tokens, %.2f tok/s "
-            "(%.1f GB/s of weights) | %d threads | %s\n",
+            "(%.1f GB/s of weights) | %d threads | KV cache %s, %.1f MB | %s\n",
             t_load, n_prompt_done, t_prompt > 0 ? n_prompt_done / t_prompt : 0.0, n_gen, gen_tps,
-            gen_tps * (double)m->weight_bytes * 1e-9, max_threads(), kernels);
+            gen_tps * (double)m->weight_bytes * 1e-9, max_threads(), kv_type_name(s->kv_type),
+            (double)s->kv_bytes * 1e-6, kernels);
     free(generated);
     free(cand);
     return g_interrupted ? 130 : 0;
@@ -1469,7 +1560,7 @@ int main(int argc, char **argv) {
         long long needed = opt.dump_logits || opt.trace ? n_prompt : (opt.n_predict < 0 ? ctx : n_prompt + opt.n_predict);
         int cache_len = needed < ctx ? (int)needed : ctx;
         RunState state;
-        init_state(&state, c, cache_len, opt.batch);
+        init_state(&state, c, cache_len, opt.batch, opt.kv_type >= 0 ? opt.kv_type : default_kv_type(c));
         t_load = now_seconds() - t_load;
 
         if (opt.dump_logits) dump_prompt(&model, &state, prompt, n_prompt, opt.dump_logits, 0);
@@ -1498,6 +1589,8 @@ int main(int argc, char **argv) {
  *                (maddubs, or 256-bit VNNI where the target has AVX-VNNI), gelu, dot
  *   PHI2_AMX     AMX-INT8 (Sapphire Rapids and later, Linux): int8 matmul for batches, used
  *                only if the OS grants the tile state at run time (amx_available)
+ *   PHI2_F16C    F16C with AVX2 + FMA (every AVX2 CPU so far, and -march=x86-64-v3): the f16
+ *                KV cache's conversion, dot and axpy, 8 values at a time (AVX-512 CPUs too)
  * -DPHI2_SCALAR_ONLY (make portable) leaves only the scalar kernels. The dispatch functions
  * declared in section 3 come after Appendix A2 (the Arm kernels). */
 #if !defined(PHI2_SCALAR_ONLY) && defined(__AVX512F__) && defined(__AVX512BW__)
@@ -1511,6 +1604,9 @@ int main(int argc, char **argv) {
 #endif
 #if !defined(PHI2_SCALAR_ONLY) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define PHI2_AVX2 1
+#if defined(__F16C__)
+#define PHI2_F16C 1
+#endif
 #endif
 /* The Arm kernels of Appendix A2 (defined here so the loop nests below serve them too). */
 #if !defined(PHI2_SCALAR_ONLY) && defined(__aarch64__) && defined(__ARM_NEON)
@@ -2326,6 +2422,42 @@ MAYBE_UNUSED static float dot_f32_avx2(const float *a, const float *b, int n) {
 }
 #endif
 
+/* The f16 KV cache with F16C: vcvtps2ph rounds 8 floats to f16 (immediate 0: to nearest,
+ * ties to even, whatever MXCSR says), bit for bit what f16_from_f32 does, NaN included;
+ * vcvtph2ps widens 8 exactly. Tails (head_dim 80 has none) go through the scalar twins. */
+#if PHI2_F16C
+static ALWAYS_INLINE __m256 load8_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+
+MAYBE_UNUSED static void f32_to_f16_row_f16c(uint16_t *out, const float *x, int n) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(out + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+    f32_to_f16_row_scalar(out + i, x + i, n - i);
+}
+
+/* Two accumulators: a head's 80 values are 10 FMAs, which one chain would serialize. */
+MAYBE_UNUSED static float dot_f32_f16_f16c(const float *a, const uint16_t *b, int n) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8_f16(b + i), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), load8_f16(b + i + 8), acc1);
+    }
+    if (i + 8 <= n) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8_f16(b + i), acc0);
+        i += 8;
+    }
+    return hsum256(_mm256_add_ps(acc0, acc1)) + dot_f32_f16_scalar(a + i, b + i, n - i);
+}
+
+MAYBE_UNUSED static void axpy_f16_f16c(float *out, float w, const uint16_t *v, int n) {
+    const __m256 wv = _mm256_set1_ps(w);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_fmadd_ps(wv, load8_f16(v + i), _mm256_loadu_ps(out + i)));
+    axpy_f16_scalar(out + i, w, v + i, n - i);
+}
+#endif
+
 /* ------------------------------------------------------------------------------------- */
 /* Appendix A2. Arm kernels: NEON, dotprod, i8mm                                          */
 /* ------------------------------------------------------------------------------------- */
@@ -2511,8 +2643,8 @@ static ALWAYS_INLINE void q4_decode_neon(const uint8_t *codes, int8x16_t levels,
         float d0[Q8_R_NEON], d1[Q8_R_NEON];                                                                      \
         for (int r = 0; r < R; r++) {                                                                            \
             q4_decode_neon(w + (size_t)r * row_bytes + (size_t)b * (Q4_BLOCK / 2), levels, wv[r]);               \
-            d0[r] = f16_to_f32(wd[(size_t)r * row_scales + 2 * (size_t)b]);                                      \
-            d1[r] = f16_to_f32(wd[(size_t)r * row_scales + 2 * (size_t)b + 1]);                                  \
+            d0[r] = f32_from_f16(wd[(size_t)r * row_scales + 2 * (size_t)b]);                                      \
+            d1[r] = f32_from_f16(wd[(size_t)r * row_scales + 2 * (size_t)b + 1]);                                  \
         }                                                                                                        \
         for (int t = 0; t < T; t++) {                                                                            \
             const int8_t *xb = x + (size_t)t * cols + (size_t)b * Q4_BLOCK;                                      \
@@ -2729,6 +2861,37 @@ MAYBE_UNUSED static float dot_f32_neon(const float *a, const float *b, int n) {
     }
     return vaddvq_f32(vaddq_f32(acc0, acc1)) + dot_f32_scalar(a + i, b + i, n - i);
 }
+
+/* The f16 KV cache: FCVTN/FCVTL (vcvt_f16_f32, vcvt_f32_f16) convert 4 values, part of
+ * Armv8-A; with the default FPCR (round to nearest even, IEEE half, no flush to zero) they
+ * round exactly as f16_from_f32 does. */
+static ALWAYS_INLINE float32x4_t load4_f16(const uint16_t *p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
+
+MAYBE_UNUSED static void f32_to_f16_row_neon(uint16_t *out, const float *x, int n) {
+    int i = 0;
+    for (; i + 4 <= n; i += 4) vst1_u16(out + i, vreinterpret_u16_f16(vcvt_f16_f32(vld1q_f32(x + i))));
+    f32_to_f16_row_scalar(out + i, x + i, n - i);
+}
+
+MAYBE_UNUSED static float dot_f32_f16_neon(const float *a, const uint16_t *b, int n) {
+    float32x4_t acc0 = vdupq_n_f32(0.0f), acc1 = vdupq_n_f32(0.0f);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        acc0 = vfmaq_f32(acc0, vld1q_f32(a + i), load4_f16(b + i));
+        acc1 = vfmaq_f32(acc1, vld1q_f32(a + i + 4), load4_f16(b + i + 4));
+    }
+    if (i + 4 <= n) {
+        acc0 = vfmaq_f32(acc0, vld1q_f32(a + i), load4_f16(b + i));
+        i += 4;
+    }
+    return vaddvq_f32(vaddq_f32(acc0, acc1)) + dot_f32_f16_scalar(a + i, b + i, n - i);
+}
+
+MAYBE_UNUSED static void axpy_f16_neon(float *out, float w, const uint16_t *v, int n) {
+    int i = 0;
+    for (; i + 4 <= n; i += 4) vst1q_f32(out + i, vfmaq_n_f32(vld1q_f32(out + i), load4_f16(v + i), w));
+    axpy_f16_scalar(out + i, w, v + i, n - i);
+}
 #endif /* PHI2_NEON */
 
 /* --- The dispatch functions declared in section 3 -------------------------------------- */
@@ -2802,6 +2965,36 @@ static float dot_f32(const float *a, const float *b, int n) {
     return dot_f32_neon(a, b, n);
 #else
     return dot_f32_scalar(a, b, n);
+#endif
+}
+
+static void f32_to_f16_row(uint16_t *out, const float *x, int n) {
+#if PHI2_F16C
+    f32_to_f16_row_f16c(out, x, n);
+#elif PHI2_NEON
+    f32_to_f16_row_neon(out, x, n);
+#else
+    f32_to_f16_row_scalar(out, x, n);
+#endif
+}
+
+static float dot_f32_f16(const float *a, const uint16_t *b, int n) {
+#if PHI2_F16C
+    return dot_f32_f16_f16c(a, b, n);
+#elif PHI2_NEON
+    return dot_f32_f16_neon(a, b, n);
+#else
+    return dot_f32_f16_scalar(a, b, n);
+#endif
+}
+
+static void axpy_f16(float *out, float w, const uint16_t *v, int n) {
+#if PHI2_F16C
+    axpy_f16_f16c(out, w, v, n);
+#elif PHI2_NEON
+    axpy_f16_neon(out, w, v, n);
+#else
+    axpy_f16_scalar(out, w, v, n);
 #endif
 }
 

@@ -4,6 +4,7 @@
 #
 #   scripts/bench.sh MODEL.bin [THREADS]        (default THREADS: all cores)
 #   REPS=5 PROMPT=128 GEN=64 FLAGS=--no-mmap scripts/bench.sh MODEL.bin 2
+#   DEPTH=1900 GEN=32 FLAGS='--kv-type f16' scripts/bench.sh MODEL.bin 2
 #
 # Builds ./phi2 (make phi2) and build/membw (scripts/membw.c), measures read bandwidth
 # over a 300 MB buffer, then runs phi2 REPS times (default 3) with a PROMPT-token prompt
@@ -11,6 +12,11 @@
 # every run generates all of them) and prints the medians: prompt tok/s, generation tok/s,
 # bytes of weights streamed per generated token, the effective bandwidth that gives, its
 # share of the probe's, and the peak resident memory (the model's mapped pages count).
+# DEPTH=N: generation deep into the context, after an N-token prompt (PROMPT=N); decode then
+# also reads the KV cache, 2 x n_layers x hidden x depth numbers per token (4 bytes each with
+# --kv-type f32, 2 with f16, as the timings line says), so bytes per token = weights + that
+# KV cache at the mean depth of the generated tokens (N + GEN/2), and the bandwidth share
+# counts both.
 set -euo pipefail
 
 if [ $# -lt 1 ] || [ $# -gt 2 ]; then
@@ -20,7 +26,8 @@ fi
 MODEL=$1
 THREADS=${2:-$(getconf _NPROCESSORS_ONLN 2>/dev/null || nproc)}
 REPS=${REPS:-3}
-PROMPT=${PROMPT:-128}
+DEPTH=${DEPTH:-}
+PROMPT=${DEPTH:-${PROMPT:-128}}
 GEN=${GEN:-64}
 FLAGS=${FLAGS:-}   # extra phi2 flags, e.g. --no-mmap
 [ -f "$MODEL" ] || { echo "bench: no such model file: $MODEL" >&2; exit 1; }
@@ -49,10 +56,14 @@ CPU=$( (grep -m1 'model name' /proc/cpuinfo 2>/dev/null | sed 's/.*: //') || tru
 # Model shape from the header (docs/FORMAT.md): hidden at 20, layers at 28 (u32 LE).
 read -r HIDDEN < <(od -An -tu4 -j20 -N4 "$MODEL")
 read -r LAYERS < <(od -An -tu4 -j28 -N4 "$MODEL")
+read -r MAX_SEQ < <(od -An -tu4 -j44 -N4 "$MODEL")
 MODEL_BYTES=$(file_size "$MODEL")
-KV_BYTES=$(( 2 * LAYERS * (PROMPT + GEN) * HIDDEN * 4 ))
+if [ $((PROMPT + GEN)) -gt "$MAX_SEQ" ]; then
+    echo "bench: prompt $PROMPT + $GEN generated tokens exceed the context of $MAX_SEQ" >&2
+    exit 1
+fi
 
-echo "bench: $MODEL ($((MODEL_BYTES / 1000000)) MB), $THREADS threads, prompt $PROMPT tokens, $GEN generated, $REPS runs${FLAGS:+, flags $FLAGS}"
+echo "bench: $MODEL ($((MODEL_BYTES / 1000000)) MB), $THREADS threads, prompt $PROMPT tokens${DEPTH:+ (DEPTH)}, $GEN generated, $REPS runs${FLAGS:+, flags $FLAGS}"
 echo "cpu: $CPU ($(getconf _NPROCESSORS_ONLN 2>/dev/null || nproc) logical cores); $(./phi2 -v)"
 PROBE=$(OMP_NUM_THREADS=$THREADS build/membw 300 9)
 echo "$PROBE"
@@ -77,12 +88,14 @@ for r in $(seq 1 "$REPS"); do
     line=$(grep '^phi2: load' "$TMP/err") || { cat "$TMP/err" >&2; exit 1; }
     rss=$(awk '/^bench-rss-kb/ {print $2}' "$TMP/err")
     # phi2: load X s | prompt N tokens, X tok/s | generated N tokens, X tok/s (X GB/s of weights) | N threads
+    #       | KV cache f16, X MB | KERNELS
     echo "$line" | awk -v rss="$rss" '{
         for (i = 1; i <= NF; i++) {
             if ($i == "prompt") pp = $(i + 3);
             if ($i == "generated") { ng = $(i + 1); tg = $(i + 3); gbs = substr($(i + 5), 2) }
+            if ($i == "KV" && $(i + 1) == "cache") { kvt = substr($(i + 2), 1, 3); kvmb = $(i + 3) }
         }
-        printf "%s %s %s %s %s\n", pp, tg, gbs, rss, ng
+        printf "%s %s %s %s %s %s %s\n", pp, tg, gbs, rss, ng, kvt, kvmb
     }' >>"$TMP/runs"
     echo "  run $r: $line | peak RSS $((rss / 1024)) MB"
 done
@@ -92,13 +105,27 @@ PP=$(awk '{print $1}' "$TMP/runs" | median)
 TG=$(awk '{print $2}' "$TMP/runs" | median)
 GBS=$(awk '{print $3}' "$TMP/runs" | median)
 RSS=$(awk '{print $4}' "$TMP/runs" | median)
+KV_TYPE=$(awk 'NR == 1 {print $6}' "$TMP/runs")
+KV_BYTES=$(awk 'NR == 1 {printf "%.0f", $7 * 1e6}' "$TMP/runs")
 awk -v pp="$PP" -v tg="$TG" -v gbs="$GBS" -v probe="$PROBE_GBS" -v rss="$RSS" -v model="$MODEL_BYTES" \
-    -v kv="$KV_BYTES" -v reps="$REPS" 'BEGIN {
+    -v kv="$KV_BYTES" -v kvt="$KV_TYPE" -v reps="$REPS" -v depth="$DEPTH" -v gen="$GEN" -v layers="$LAYERS" \
+    -v hidden="$HIDDEN" 'BEGIN {
     printf "median of %d runs:\n", reps
     printf "  prompt      %8.2f tok/s\n", pp
-    printf "  generation  %8.2f tok/s\n", tg
-    printf "  weights     %8.1f MB per generated token\n", (tg > 0 ? gbs * 1000 / tg : 0)
-    printf "  bandwidth   %8.1f GB/s effective = %.0f%% of the %.1f GB/s read probe\n", gbs, 100 * gbs / probe, probe
-    printf "  peak RSS    %8.0f MB = model %.0f MB + KV cache %.0f MB + %.0f MB\n", rss / 1024, model / 1048576,
-        kv / 1048576, (rss * 1024 - model - kv) / 1048576
+    printf "  generation  %8.2f tok/s%s\n", tg, (depth != "" ? " after a " depth "-token prompt" : "")
+    wmb = tg > 0 ? gbs * 1000 / tg : 0
+    printf "  weights     %8.1f MB per generated token\n", wmb
+    if (depth == "") {
+        printf "  bandwidth   %8.1f GB/s effective = %.0f%% of the %.1f GB/s read probe\n", gbs, 100 * gbs / probe, probe
+    } else {
+        d = depth + gen / 2; elem = (kvt == "f16" ? 2 : 4)
+        kvmb = 2 * layers * hidden * d * elem / 1e6
+        printf "  KV cache    %8.1f MB per generated token (%s, 2 x %d layers x %d x mean depth %d x %d bytes)\n",
+            kvmb, kvt, layers, hidden, d, elem
+        printf "  read        %8.1f MB per generated token = weights + KV cache\n", wmb + kvmb
+        bw = (wmb + kvmb) * tg / 1000
+        printf "  bandwidth   %8.1f GB/s effective = %.0f%% of the %.1f GB/s read probe\n", bw, 100 * bw / probe, probe
+    }
+    printf "  peak RSS    %8.0f MB = model %.0f MB + KV cache %.0f MB (%s) + %.0f MB\n", rss / 1024, model / 1048576,
+        kv / 1048576, kvt, (rss * 1024 - model - kv) / 1048576
 }'

@@ -51,7 +51,7 @@ def expect_error(*args, contains=None):
 def test_help_lists_every_flag():
     out = phi2("-h").out
     for flag in ("--prompt", "--file", "--ids", "--n-predict", "--temp", "--top-k", "--top-p", "--seed",
-                 "--ctx-size", "--threads", "--batch", "--no-mmap", "--ignore-eos", "--tokenize", "--print-ids", "--dump-logits", "--stop", "--help"):
+                 "--ctx-size", "--threads", "--batch", "--kv-type", "--no-mmap", "--ignore-eos", "--tokenize", "--print-ids", "--dump-logits", "--stop", "--help"):
         assert flag in out, flag
 
 

@@ -2,7 +2,8 @@
  * Kernel tests: every fast kernel compiled into this build against its scalar twin.
  *
  *   build/test_kernels            run the checks; last line "test_kernels: N checks, N failed"
- *   build/test_kernels --bench    time the kernels on Phi-2's full-size shapes
+ *   build/test_kernels --bench    time the kernels on Phi-2's full-size shapes, and decode
+ *                                 attention with an f32 and an f16 KV cache (BENCH_DEPTH)
  *
  * Quantization must be bit-identical to the scalar version. The int8 products have exact
  * int32 group sums, so they may differ from the scalar kernel only by float summation order
@@ -16,6 +17,7 @@
 #pragma GCC diagnostic ignored "-Wunused-function"  // the engine's parts this test does not use
 #include "../phi2.c"
 
+#include <float.h>
 #include <sys/mman.h>
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <cpuid.h>
@@ -332,22 +334,6 @@ static void test_q8(void) {
 
 /* ---- q4 matmul ------------------------------------------------------------------------------- */
 
-/* f16_to_f32 against an independent definition, for all 65536 halves: (-1)^s 2^(e-15) (1 + m/1024),
- * subnormals 2^-14 m/1024, exponent 31 infinity (m = 0) or NaN. */
-static void test_f16_to_f32(void) {
-    int bad = 0;
-    for (uint32_t h = 0; h < 65536; h++) {
-        const int s = h >> 15, e = (h >> 10) & 31, m = h & 1023;
-        double want = e == 0 ? ldexp(m / 1024.0, -14) : e == 31 ? (m ? NAN : INFINITY) : ldexp(1.0 + m / 1024.0, e - 15);
-        if (s) want = -want;
-        const float got = f16_to_f32((uint16_t)h);
-        const int ok = isnan(want) ? isnan(got) : (double)got == want && !signbit(got) == !signbit(want);
-        if (!ok && bad++ < 3) check(0, "f16_to_f32(0x%04x) = %.9g, want %.9g", (unsigned)h, got, want);
-    }
-    if (!bad) check(1, "");
-    printf("%s f16_to_f32: all 65536 halves\n", bad ? "FAIL" : "ok  ");
-}
-
 static double g_q4_worst;
 
 /* One q4 product against the definition: sum_c Q4_LEVELS[code] d_w[c/32] * q_x[c] d_x[c/64],
@@ -387,7 +373,7 @@ static void test_q4_one(const char *name, Q8Fn fn, int rows, int cols, int n_tok
         for (int r = 0; r < rows; r++) {
             double want = bias[r], mag = fabs(bias[r]);
             for (int c = 0; c < cols; c++) {
-                const double scales = (double)f16_to_f32(wd[(size_t)r * n_groups + c / 32]) *
+                const double scales = (double)f32_from_f16(wd[(size_t)r * n_groups + c / 32]) *
                                       xq.q[(size_t)t * cols + c] * xq.scale[(size_t)t * n_blocks + c / 64];
                 want += level[(size_t)r * cols + c] * scales;
                 mag += (abs(level[(size_t)r * cols + c]) + 128) * fabs(scales);
@@ -416,7 +402,6 @@ static void test_q4(void) {
         {"matmul_q4_simd", matmul_q4_simd},
 #endif
     };
-    test_f16_to_f32();
     for (size_t k = 0; k < sizeof(kernels) / sizeof(*kernels); k++) {
         int before = g_failed;
         g_q4_worst = 0.0;
@@ -604,6 +589,191 @@ static void test_gelu_dot(void) {
     }
 }
 
+/* ---- float16: the f16 KV cache ---------------------------------------------------------- */
+
+/* What an f16 bit pattern means, written independently of f32_from_f16: a finite value as a
+ * double from the formula of the standard (ldexp), else inf or NaN. */
+static double f16_value(uint16_t h) {
+    const int sign = h >> 15, e = (h >> 10) & 0x1f, m = h & 0x3ff;
+    double v;
+    if (e == 0x1f) v = m ? NAN : INFINITY;
+    else if (e == 0) v = ldexp((double)m, -24);
+    else v = ldexp((double)(1024 + m), e - 25);
+    return sign ? -v : v;
+}
+
+/* The f16 nearest to x by search instead of bit manipulation: the finite non-negative f16
+ * patterns 0 .. 0x7bff are increasing in value, so find the two that bracket |x| and take
+ * the nearer, on a tie the even pattern. As IEEE rounds as if the exponent went on, 0x7c00
+ * stands for 65536 there, and rounding to it gives infinity. */
+static uint16_t f16_nearest_by_search(float x) {
+    const uint16_t sign = signbit(x) ? 0x8000 : 0;
+    if (isnan(x)) return sign | 0x7e00;  // some NaN: the caller checks only NaN-ness and sign
+    const double a = fabs((double)x);
+    if (a >= 65536.0) return sign | 0x7c00;
+    int lo = 0, hi = 0x7c00;  // value(lo) <= a < value(hi), with value(0x7c00) = 65536
+    while (hi - lo > 1) {
+        const int mid = (lo + hi) / 2;
+        if (f16_value((uint16_t)mid) <= a) lo = mid;
+        else hi = mid;
+    }
+    const double below = a - f16_value((uint16_t)lo), above = (hi == 0x7c00 ? 65536.0 : f16_value((uint16_t)hi)) - a;
+    const int pick = below < above ? lo : above < below ? hi : (lo % 2 == 0 ? lo : hi);
+    return sign | (uint16_t)pick;
+}
+
+/* The conversion inputs: every f16 value, every midpoint between neighbours and the floats
+ * next to it, the edges (2^-25, 65504, 65520, infinities, NaNs, float subnormals) and random
+ * floats, both near the f16 range and over all of float's. Returns how many (<= cap). */
+static int f16_test_inputs(float *x, int cap) {
+    int n = 0;
+    for (uint32_t h = 0; h < 0x10000 && n < cap; h++) x[n++] = (float)f16_value((uint16_t)h);
+    for (uint32_t h = 0; h < 0x7bff && n + 6 <= cap; h++) {  // midpoints: exact in float (12 bits)
+        const float mid = (float)((f16_value((uint16_t)h) + f16_value((uint16_t)(h + 1))) / 2);
+        const float up = nextafterf(mid, INFINITY), down = nextafterf(mid, 0.0f);
+        x[n++] = mid, x[n++] = up, x[n++] = down, x[n++] = -mid, x[n++] = -up, x[n++] = -down;
+    }
+    const float edges[] = {0.0f, -0.0f, 0x1p-25f, nextafterf(0x1p-25f, 1.0f), nextafterf(0x1p-25f, 0.0f), 0x1p-24f,
+                           0x1.8p-24f, 0x1.8p-25f, 0x1p-14f, nextafterf(0x1p-14f, 0.0f), 0x1.ffcp-15f, 65504.0f,
+                           65519.99f, 65520.0f, 65535.0f, 65536.0f, 1e10f, FLT_MAX, INFINITY, -INFINITY, NAN, -NAN,
+                           FLT_MIN, 1e-40f, -1e-45f, 1.0f, -1.0f, 0.1f, 1.0009765625f, 1.00048828125f,
+                           1.00146484375f, 2049.0f, 2051.0f, 4097.0f};
+    for (size_t i = 0; i < sizeof(edges) / sizeof(*edges) && n < cap; i++) x[n++] = edges[i];
+    const uint32_t nan_bits[] = {0x7f800001u, 0xff800001u, 0x7fc00000u, 0x7fbfffffu, 0x7fffe000u, 0xffc01234u};
+    for (size_t i = 0; i < sizeof(nan_bits) / sizeof(*nan_bits) && n < cap; i++) memcpy(&x[n++], &nan_bits[i], 4);
+    while (n < cap) {  // random bit patterns, half of them with exponents near f16's range
+        uint32_t u = random_u32(&g_rng);
+        if (n % 2) u = (u & 0x807fffffu) | (uint32_t)(95 + random_u32(&g_rng) % 50) << 23;
+        memcpy(&x[n++], &u, 4);
+    }
+    return n;
+}
+
+typedef void (*F16RowFn)(uint16_t *, const float *, int);
+typedef float (*F16DotFn)(const float *, const uint16_t *, int);
+typedef void (*F16AxpyFn)(float *, float, const uint16_t *, int);
+
+static void test_f16(void) {
+    // f16 -> f32: all 65536 patterns against the formula.
+    int before = g_failed, bad = 0;
+    for (uint32_t h = 0; h < 0x10000; h++) {
+        const float got = f32_from_f16((uint16_t)h);
+        const double want = f16_value((uint16_t)h);
+        const int ok = isnan(want) ? isnan(got) && !!signbit(got) == !!(h & 0x8000)
+                                   : (double)got == want && !!signbit(got) == !!signbit(want);
+        if (!ok && bad++ < 3) check(0, "f32_from_f16(0x%04x) = %.9g, want %.9g", h, got, want);
+    }
+    check(bad == 0, "f32_from_f16: %d of 65536 wrong", bad);
+
+    // f32 -> f16: the bit-twiddling scalar version against the search, on every input.
+    enum { N_INPUTS = 600000 };
+    float *x = xmalloc(N_INPUTS * sizeof(float));
+    const int n = f16_test_inputs(x, N_INPUTS);
+    bad = 0;
+    for (int i = 0; i < n; i++) {
+        const uint16_t got = f16_from_f32(x[i]), want = f16_nearest_by_search(x[i]);
+        const int ok = isnan(x[i]) ? (got & 0x7c00) == 0x7c00 && (got & 0x3ff) && (got & 0x8000) == (want & 0x8000)
+                                   : got == want;
+        if (!ok && bad++ < 3) check(0, "f16_from_f32(%a) = 0x%04x, want 0x%04x", x[i], got, want);
+    }
+    check(bad == 0, "f16_from_f32: %d of %d inputs wrong", bad, n);
+    // every f16 survives the round trip (NaNs as NaNs)
+    bad = 0;
+    for (uint32_t h = 0; h < 0x10000; h++) {
+        const uint16_t back = f16_from_f32(f32_from_f16((uint16_t)h));
+        if (((h & 0x7c00) == 0x7c00 && (h & 0x3ff)) ? !((back & 0x7c00) == 0x7c00 && (back & 0x3ff)) : back != h)
+            bad++;
+    }
+    check(bad == 0, "f16 -> f32 -> f16: %d of 65536 patterns changed", bad);
+    printf("%s f16 conversion: f32_from_f16 on all 65536 patterns, f16_from_f32 on %d inputs (ties, subnormals, "
+           "overflow, NaN) against a search\n", g_failed == before ? "ok  " : "FAIL", n);
+
+    // The row conversions: bit-identical to f16_from_f32, NaN payloads included, any length.
+    static const struct {
+        const char *name;
+        F16RowFn fn;
+    } rows[] = {
+        {"f32_to_f16_row", f32_to_f16_row},
+#if PHI2_F16C
+        {"f32_to_f16_row_f16c", f32_to_f16_row_f16c},
+#endif
+#if PHI2_NEON
+        {"f32_to_f16_row_neon", f32_to_f16_row_neon},
+#endif
+    };
+    static const int lengths[] = {1, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 33, 80, 257, 4096};
+    for (size_t k = 0; k < sizeof(rows) / sizeof(*rows); k++) {
+        before = g_failed, bad = 0;
+        for (int start = 0, r = 0; start < n; r++) {  // all inputs, in rows of every length
+            const int len = lengths[r % (sizeof(lengths) / sizeof(*lengths))];
+            const int m = n - start < len ? n - start : len;
+            float *in = guarded_alloc((size_t)m * sizeof(float));
+            uint16_t *out = guarded_alloc((size_t)m * sizeof(uint16_t));
+            memcpy(in, x + start, (size_t)m * sizeof(float));
+            rows[k].fn(out, in, m);
+            for (int i = 0; i < m; i++)
+                if (out[i] != f16_from_f32(in[i]) && bad++ < 3)
+                    check(0, "%s: %a -> 0x%04x, scalar 0x%04x", rows[k].name, in[i], out[i], f16_from_f32(in[i]));
+            guarded_free_all();
+            start += m;
+        }
+        check(bad == 0, "%s: %d values differ from f16_from_f32", rows[k].name, bad);
+        printf("%s %s: bit-identical to f16_from_f32\n", g_failed == before ? "ok  " : "FAIL", rows[k].name);
+    }
+    free(x);
+
+    // Attention with f16 keys and values: dot and axpy against a double-precision sum.
+    static const struct {
+        const char *name;
+        F16DotFn dot;
+        F16AxpyFn axpy;
+    } kernels[] = {
+        {"dot_f32_f16_scalar / axpy_f16_scalar", dot_f32_f16_scalar, axpy_f16_scalar},
+        {"dot_f32_f16 / axpy_f16", dot_f32_f16, axpy_f16},
+#if PHI2_F16C
+        {"dot_f32_f16_f16c / axpy_f16_f16c", dot_f32_f16_f16c, axpy_f16_f16c},
+#endif
+#if PHI2_NEON
+        {"dot_f32_f16_neon / axpy_f16_neon", dot_f32_f16_neon, axpy_f16_neon},
+#endif
+    };
+    for (size_t k = 0; k < sizeof(kernels) / sizeof(*kernels); k++) {
+        before = g_failed;
+        for (size_t li = 0; li < sizeof(lengths) / sizeof(*lengths); li++)
+            for (int rep = 0; rep < 4; rep++) {
+                const int len = lengths[li];
+                float *a = guarded_alloc((size_t)len * sizeof(float)), *out = guarded_alloc((size_t)len * sizeof(float));
+                uint16_t *b = guarded_alloc((size_t)len * sizeof(uint16_t));
+                for (int i = 0; i < len; i++) {
+                    a[i] = frand() * 10.0f, out[i] = frand() * 3.0f;
+                    b[i] = f16_from_f32(frand() * (i % 7 == 0 ? 1e-5f : 8.0f));  // subnormals too
+                }
+                double exact = 0.0, mag = 0.0;
+                for (int i = 0; i < len; i++) {
+                    exact += (double)a[i] * f16_value(b[i]);
+                    mag += fabs((double)a[i] * f16_value(b[i]));
+                }
+                const float got = kernels[k].dot(a, b, len);
+                check(fabs(got - exact) <= 1e-6 * mag + 1e-30, "%s n=%d: dot %.9g, exact %.9g", kernels[k].name, len,
+                      got, exact);
+                const float w = frand();
+                double *want = xmalloc((size_t)len * sizeof(double));
+                for (int i = 0; i < len; i++) want[i] = out[i] + (double)w * f16_value(b[i]);
+                double *tol = xmalloc((size_t)len * sizeof(double));
+                for (int i = 0; i < len; i++) tol[i] = 2e-7 * (fabs(out[i]) + fabs((double)w * f16_value(b[i])));
+                kernels[k].axpy(out, w, b, len);
+                int wrong = 0;
+                for (int i = 0; i < len; i++) wrong += !(fabs(out[i] - want[i]) <= tol[i]);
+                check(wrong == 0, "%s n=%d: %d of the axpy outputs off", kernels[k].name, len, wrong);
+                free(want);
+                free(tol);
+                guarded_free_all();
+            }
+        printf("%s %s: against double-precision sums, %zu lengths\n", g_failed == before ? "ok  " : "FAIL",
+               kernels[k].name, sizeof(lengths) / sizeof(*lengths));
+    }
+}
+
 /* ---- top-k selection (the sampler's heap) ------------------------------------------- */
 
 /* 1 if cand[0..k) holds exactly the k first candidates of the full sort `sorted` (same
@@ -721,14 +891,56 @@ static void bench_run(void *p) {
     else if (!strcmp(a->kernel, "quantize")) quantize_rows_q8(a->xq, a->x, a->n, a->W.cols);
 }
 
+/* attention() of one decode step deep in the context, on Phi-2's shapes (32 heads of 80),
+ * all 32 layers, with the KV cache in f32 or f16 (kv_type): what one generated token costs
+ * in attention at that depth, and the cache bytes it reads per second. */
+typedef struct {
+    RunState s;
+    Config c;
+    int depth;
+} AttnBench;
+
+static void bench_attn_run(void *p) {
+    AttnBench *a = p;
+    for (int l = 0; l < a->c.n_layers; l++) attention(&a->s, &a->c, l, a->depth, 1);
+}
+
+static void bench_attention(int kv_type) {
+    const char *env = getenv("BENCH_DEPTH");
+    AttnBench a = {.c = {.vocab_size = 16, .hidden_dim = 2560, .ffn_dim = 64, .n_layers = 32, .n_heads = 32,
+                         .head_dim = 80, .rot_dim = 32, .rope_theta = 10000.0f, .norm_eps = 1e-5f},
+                   .depth = env ? atoi(env) : 1900};
+    if (a.depth < 1 || a.depth > 1 << 16) die("BENCH_DEPTH must be in [1, 65536]");
+    init_state(&a.s, &a.c, a.depth + 1, 1, kv_type);
+    for (int i = 0; i < 3 * a.c.hidden_dim; i++) a.s.qkv[i] = frand();
+    float *row = xmalloc((size_t)a.c.head_dim * sizeof(float));
+    for (int l = 0; l < a.c.n_layers; l++)
+        for (int h = 0; h < a.c.n_heads; h++)
+            for (int p = 0; p <= a.depth; p++) {
+                for (int i = 0; i < a.c.head_dim; i++) row[i] = frand();
+                kv_store(&a.s, a.s.key_cache, kv_offset(&a.s, &a.c, l, h, p), row, a.c.head_dim);
+                kv_store(&a.s, a.s.value_cache, kv_offset(&a.s, &a.c, l, h, p), row, a.c.head_dim);
+            }
+    const double t = time_median(bench_attn_run, &a, 5);
+    printf("attn_%s   depth %d, 32 layers x 32 heads: %8.3f ms per token  %6.1f GB/s of KV cache\n",
+           kv_type_name(kv_type), a.depth, t * 1e3, (double)a.s.kv_bytes / t * 1e-9);
+    free(row);
+    free_state(&a.s);
+}
+
 static void bench(int argc, char **argv) {
-    // --bench [KERNEL ...]: default all kernels of this build on qkv, fc1, fc2 shapes.
+    // --bench [KERNEL ...]: default all kernels of this build on qkv, fc1, fc2 shapes, and
+    // decode attention with an f32 and an f16 cache (attn_f32, attn_f16; BENCH_DEPTH=1900).
     // (The first shape's weights fit in L2 as q4 or q8: the kernels' speed without DRAM.)
-    static const char *all[] = {"f32_avx512", "f32_avx2", "f32_neon", "q8_simd", "q8_amx", "q4_simd", "quantize"};
+    static const char *all[] = {"attn_f32", "attn_f16", "f32_avx512", "f32_avx2", "f32_neon", "q8_simd", "q8_amx",
+                                "q4_simd", "quantize"};
     static const int shapes[][2] = {{256, 2560}, {7680, 2560}, {10240, 2560}, {2560, 10240}};
     static const int tokens[] = {1, 64};
     const char **kernels = argc > 0 ? (const char **)argv : all;
     const int n_kernels = argc > 0 ? argc : (int)(sizeof(all) / sizeof(*all));
+    for (int k = 0; k < n_kernels; k++)
+        if (!strcmp(kernels[k], "attn_f32") || !strcmp(kernels[k], "attn_f16"))
+            bench_attention(!strcmp(kernels[k], "attn_f16") ? KV_F16 : KV_F32);
     for (size_t s = 0; s < sizeof(shapes) / sizeof(*shapes); s++) {
         const int rows = shapes[s][0], cols = shapes[s][1];
         float *w = xmalloc_aligned((size_t)rows * cols * sizeof(float));
@@ -750,6 +962,7 @@ static void bench(int argc, char **argv) {
         quantize_rows_q8(&xq, x, 64, cols);
         for (int k = 0; k < n_kernels; k++)
             for (size_t ti = 0; ti < sizeof(tokens) / sizeof(*tokens); ti++) {
+                if (!strncmp(kernels[k], "attn_", 5)) continue;  // (above)
                 const int is_q8 = !strncmp(kernels[k], "q8", 2), is_q4 = !strncmp(kernels[k], "q4", 2);
                 BenchArgs a = {kernels[k], {.rows = rows, .cols = cols}, x, bias, out, &xq, tokens[ti]};
                 if (is_q8) a.W.type = WEIGHTS_Q8, a.W.q = wq, a.W.scale = wd;
@@ -790,7 +1003,7 @@ int main(int argc, char **argv) {
         bench(argc - 2, argv + 2);
         return 0;
     }
-    printf("test_kernels: built with%s%s%s%s%s%s%s%s%s, %d threads\n",
+    printf("test_kernels: built with%s%s%s%s%s%s%s%s%s%s, %d threads\n",
 #if PHI2_AVX512
            " avx512",
 #else
@@ -813,6 +1026,11 @@ int main(int argc, char **argv) {
 #endif
 #if PHI2_AVX2 && defined(__AVXVNNI__)
            " avx-vnni",
+#else
+           "",
+#endif
+#if PHI2_F16C
+           " f16c",
 #else
            "",
 #endif
@@ -844,6 +1062,7 @@ int main(int argc, char **argv) {
     check_amx_coverage();
     test_dispatch();
     test_gelu_dot();
+    test_f16();
     test_top_k();
 #ifdef _OPENMP
     // Uneven thread splits: 3 threads over row tiles that do not divide evenly.

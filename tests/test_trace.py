@@ -115,14 +115,17 @@ def test_bad_traces_are_errors():
     assert p.returncode == 2 and "cannot read" in p.err, (p.returncode, p.err)
 
 
-def build_broken_engine(name, old, new, count=1):
+def build_broken_engine(name, old, new, count=1, more=()):
     """./phi2 built from a copy of phi2.c with `old` replaced by `new` (it must occur `count`
-    times), with the Makefile's own command for ./phi2."""
+    times), and each further (old, new, count) of `more` likewise, with the Makefile's own
+    command for ./phi2."""
     src = open(os.path.join(REPO, "phi2.c")).read()
-    assert src.count(old) == count, f"planting '{name}': expected {count} of {old!r} in phi2.c, found {src.count(old)}"
+    for o, n, k in ((old, new, count), *more):
+        assert src.count(o) == k, f"planting '{name}': expected {k} of {o!r} in phi2.c, found {src.count(o)}"
+        src = src.replace(o, n)
     os.makedirs(WORK, exist_ok=True)
     c_file, binary = os.path.join(WORK, f"phi2_{name}.c"), os.path.join(WORK, f"phi2_{name}")
-    open(c_file, "w").write(src.replace(old, new))
+    open(c_file, "w").write(src)
 
     p = subprocess.run(["make", "-s", "-n", "-B", "--no-print-directory", "-C", REPO, "phi2"],
                        capture_output=True, text=True, timeout=60)
