@@ -1856,20 +1856,6 @@ MAYBE_UNUSED static void quantize_rows_q8_avx2(QuantizedRows *out, const float *
  * scalar kernel; only the float accumulation of the scaled groups runs in another order
  * (per lane, summed at the end), except in the AMX kernel, which matches it exactly. */
 
-#if PHI2_AVX2
-/* q4: the 32 bytes of codes of one block (64 weights) as two vectors of bytes: weights 0..31
- * from the low nibbles, 32..63 from the high nibbles, each code looked up by vpshufb in
- * levels (a 16-byte table, in both 128-bit halves: Q4_LEVELS, or Q4_LEVELS + 64). */
-static ALWAYS_INLINE void q4_decode_avx2(const uint8_t *codes, __m256i levels, __m256i *w_lo, __m256i *w_hi) {
-    const __m256i bytes = _mm256_loadu_si256((const __m256i *)codes), nibble = _mm256_set1_epi8(15);
-    *w_lo = _mm256_shuffle_epi8(levels, _mm256_and_si256(bytes, nibble));
-    *w_hi = _mm256_shuffle_epi8(levels, _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble));
-}
-
-static ALWAYS_INLINE __m256i q4_levels_avx2(void) {
-    return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)Q4_LEVELS));
-}
-#endif
 
 #if PHI2_AVX512_VNNI
 /* AVX512-VNNI: vpdpbusd multiplies unsigned by signed bytes. Activations are made unsigned
@@ -2010,6 +1996,19 @@ static ALWAYS_INLINE __m256i dot_u8s8_avx2(__m256i acc, __m256i u, __m256i s) {
 #else
     return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
 #endif
+}
+
+/* q4: the 32 bytes of codes of one block (64 weights) as two vectors of bytes: weights 0..31
+ * from the low nibbles, 32..63 from the high nibbles, each code looked up by vpshufb in
+ * levels (a 16-byte table, in both 128-bit halves: Q4_LEVELS, or Q4_LEVELS + 64). */
+static ALWAYS_INLINE void q4_decode_avx2(const uint8_t *codes, __m256i levels, __m256i *w_lo, __m256i *w_hi) {
+    const __m256i bytes = _mm256_loadu_si256((const __m256i *)codes), nibble = _mm256_set1_epi8(15);
+    *w_lo = _mm256_shuffle_epi8(levels, _mm256_and_si256(bytes, nibble));
+    *w_hi = _mm256_shuffle_epi8(levels, _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble));
+}
+
+static ALWAYS_INLINE __m256i q4_levels_avx2(void) {
+    return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)Q4_LEVELS));
 }
 
 static ALWAYS_INLINE void q8_tile_avx2(float *out, int out_stride, const int8_t *w, const float *wd, const int8_t *x,
