@@ -167,7 +167,9 @@ static double parse_double(const char *flag, const char *s, double lo, double hi
 /* Read a whole file of at most max_len bytes into memory (prompt files are used byte for
  * byte, no stripping). A longer file (or an endless one: -f /dev/zero) is an error. */
 static unsigned char *read_file(const char *path, size_t max_len, size_t *len) {
-    FILE *f = fopen_path(path, "rb");
+    const int from_stdin = strcmp(path, "-") == 0;  // -f -: the prompt from standard input
+    if (from_stdin) path = "standard input";
+    FILE *f = from_stdin ? stdin : fopen_path(path, "rb");
     if (!f) die("cannot open '%s': %s", path, strerror(errno));
     size_t cap = 1 << 16, n = 0;
     unsigned char *buf = xmalloc(cap);
@@ -184,7 +186,7 @@ static unsigned char *read_file(const char *path, size_t max_len, size_t *len) {
         if (n > max_len) die("'%s' is longer than %zu bytes, more than the context can hold", path, max_len);
     }
     if (ferror(f)) die("cannot read '%s': %s", path, strerror(errno));
-    fclose(f);
+    if (!from_stdin) fclose(f);
     *len = n;
     return buf;
 }
@@ -1000,6 +1002,7 @@ typedef struct {
     int top_k;          // keep the k most likely tokens (0: all)
     float top_p;        // then the smallest set whose probability reaches p (1: all)
     uint64_t rng;       // xorshift64* state
+    float min_p;        // then drop tokens less likely than min_p times the most likely (0: off)
 } Sampler;
 
 typedef struct {
@@ -1054,6 +1057,52 @@ static void select_top_k(Candidate *cand, int n, int k) {
         }
 }
 
+/* min-p: of the candidates cand[0..n) (best first), how many have a probability of at least
+ * min_p times the best one's (always at least the best one). The probabilities are the
+ * tempered ones sample() works with, so min-p sees the temperature, as top-k and top-p do. */
+static int min_p_count(const Candidate *cand, int n, float min_p) {
+    if (min_p <= 0.0f || n == 0) return n;
+    const float threshold = min_p * cand[0].prob;
+    int kept = 1;
+    while (kept < n && cand[kept].prob >= threshold) kept++;
+    return kept;
+}
+
+/* Repetition penalties, applied to the logits before sampling (greedy included), over the
+ * last last_n tokens of prompt + generated text (-1: all of them; 0: none), as llama.cpp does.
+ * Each distinct token of that window with count c (ids past n_valid are ignored):
+ *   repeat (CTRL, llama.cpp): logit > 0 is divided by it, otherwise multiplied (1: off);
+ *   presence, frequency (OpenAI): logit -= presence + c * frequency (0: off). */
+typedef struct {
+    float repeat;
+    int last_n;
+    float presence;
+    float frequency;
+} Penalties;
+
+static int penalties_active(const Penalties *pen) {
+    return pen->last_n != 0 && (pen->repeat != 1.0f || pen->presence != 0.0f || pen->frequency != 0.0f);
+}
+
+/* counts: n_valid zeros of scratch, left as zeros. */
+static void apply_penalties(const Penalties *pen, float *logits, int n_valid, const int *history, int n_history,
+                            int *counts) {
+    if (!penalties_active(pen)) return;
+    const int n_window = pen->last_n < 0 || pen->last_n > n_history ? n_history : pen->last_n;
+    const int *window = history + (n_history - n_window);
+    for (int i = 0; i < n_window; i++)
+        if (window[i] >= 0 && window[i] < n_valid) counts[window[i]]++;
+    for (int i = 0; i < n_window; i++) {
+        const int id = window[i];
+        if (id < 0 || id >= n_valid || counts[id] == 0) continue;  // outside, or done already
+        float *logit = &logits[id];
+        if (*logit > 0.0f) *logit /= pen->repeat;
+        else *logit *= pen->repeat;
+        *logit -= pen->presence + (float)counts[id] * pen->frequency;
+        counts[id] = 0;
+    }
+}
+
 /* Pick the next token from the logits of the first n_valid ids (ids past the tokenizer's
  * vocabulary are padding rows and never sampled). cand is scratch of n_valid entries. */
 static int sample(Sampler *sm, const float *logits, int n_valid, Candidate *cand) {
@@ -1070,6 +1119,12 @@ static int sample(Sampler *sm, const float *logits, int n_valid, Candidate *cand
     while (n_kept < n) {
         kept += cand[n_kept++].prob;
         if (kept >= sm->top_p * total) break;
+    }
+    int n_min_p = min_p_count(cand, n_kept, sm->min_p);
+    if (n_min_p < n_kept) {  // the kept mass again, summed in the same order
+        n_kept = n_min_p;
+        kept = 0.0f;
+        for (int i = 0; i < n_kept; i++) kept += cand[i].prob;
     }
     float r = random_f32(&sm->rng) * kept, acc = 0.0f;
     for (int i = 0; i < n_kept; i++) {
@@ -1109,7 +1164,7 @@ static void usage(FILE *f) {
             "\n"
             "prompt (one of):\n"
             "  -p, --prompt TEXT      prompt text\n"
-            "  -f, --file FILE        read the prompt from FILE, byte for byte\n"
+            "  -f, --file FILE        read the prompt from FILE, byte for byte (-: standard input)\n"
             "      --ids 1,2,3        the prompt as token ids\n"
             "  (no prompt: generation starts from <|endoftext|>)\n"
             "\n"
@@ -1126,9 +1181,18 @@ static void usage(FILE *f) {
             "  -b, --batch N          prompt positions processed together (default 64; 1 = one\n"
             "                         at a time through the KV cache, as during generation)\n"
             "      --stop TEXT        stop when the generated text contains TEXT (not printed);\n"
-            "                         e.g. --stop 'Instruct:' for the QA format\n"
+            "                         e.g. --stop 'Instruct:' for the QA format; repeatable\n"
+            "                         (up to 16): the first one to appear ends the text\n"
             "      --ignore-eos       keep generating past <|endoftext|> (for benchmarks)\n"
             "      --no-display-prompt  do not echo the prompt before the completion\n"
+            "      --min-p P          drop tokens below P x the best one's probability (default 0:\n"
+            "                         off, so the defaults sample as before; llama.cpp's is 0.05)\n"
+            "      --repeat-penalty F recent tokens' logits: > 0 divided by F, < 0 times F (default\n"
+            "                         1 = off)\n"
+            "      --repeat-last-n N  penalties look at the last N tokens (default 64; -1 all; 0 off)\n"
+            "      --presence-penalty F, --frequency-penalty F  subtract F (x count) from recent\n"
+            "                         tokens' logits (defaults 0)\n"
+            "  Order: penalties -> temperature -> top-k -> top-p -> min-p -> draw (or argmax).\n"
             "\n"
             "testing and inspection:\n"
             "      --tokenize         print the prompt's token ids (comma-separated) and exit\n"
@@ -1146,6 +1210,8 @@ static void usage(FILE *f) {
             "Exit status: 0 done (also when stdout's reader went away), 1 error, 130 Ctrl-C.\n");
 }
 
+#define MAX_STOP_STRINGS 16
+
 typedef struct {
     const char *model_path;
     const char *prompt;         // -p
@@ -1153,7 +1219,8 @@ typedef struct {
     const char *ids;            // --ids
     const char *dump_logits;    // --dump-logits
     const char *trace;          // --trace
-    const char *stop;           // --stop
+    const char *stops[MAX_STOP_STRINGS];  // --stop, repeatable
+    int n_stops;
     long long n_predict;
     float temperature, top_p;
     int top_k;
@@ -1163,10 +1230,13 @@ typedef struct {
     int batch;                  // prompt positions per forward pass
     int n_threads;              // 0: all cores
     int tokenize, print_ids, no_display_prompt, ignore_eos, no_mmap, help, version;
+    float min_p;                // --min-p (0: off)
+    Penalties penalties;        // --repeat-penalty, --repeat-last-n, --presence-penalty, --frequency-penalty
 } Options;
 
 static Options parse_args(int argc, char **argv) {
-    Options o = {.n_predict = 256, .temperature = 0.8f, .top_p = 0.95f, .top_k = 40, .batch = 64};
+    Options o = {.n_predict = 256, .temperature = 0.8f, .top_p = 0.95f, .top_k = 40, .batch = 64,
+                 .penalties = {.repeat = 1.0f, .last_n = 64}};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
@@ -1196,7 +1266,10 @@ static Options parse_args(int argc, char **argv) {
         else if (!strcmp(a, "--ids")) o.ids = v;
         else if (!strcmp(a, "--dump-logits")) o.dump_logits = v;
         else if (!strcmp(a, "--trace")) o.trace = v;
-        else if (!strcmp(a, "--stop")) o.stop = v;
+        else if (!strcmp(a, "--stop")) {
+            if (o.n_stops == MAX_STOP_STRINGS) die("at most %d --stop strings", MAX_STOP_STRINGS);
+            o.stops[o.n_stops++] = v;
+        }
         else if (!strcmp(a, "-n") || !strcmp(a, "--n-predict")) o.n_predict = parse_long(a, v, -1, INT_MAX);
         else if (!strcmp(a, "--temp")) o.temperature = (float)parse_double(a, v, 0.0, 100.0);
         else if (!strcmp(a, "--top-k")) o.top_k = (int)parse_long(a, v, 0, INT_MAX);
@@ -1205,13 +1278,19 @@ static Options parse_args(int argc, char **argv) {
         else if (!strcmp(a, "-c") || !strcmp(a, "--ctx-size")) o.ctx = (int)parse_long(a, v, 1, INT_MAX);
         else if (!strcmp(a, "-b") || !strcmp(a, "--batch")) o.batch = (int)parse_long(a, v, 1, 4096);
         else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) o.n_threads = (int)parse_long(a, v, 1, 1024);
+        else if (!strcmp(a, "--min-p")) o.min_p = (float)parse_double(a, v, 0.0, 1.0);
+        else if (!strcmp(a, "--repeat-penalty")) o.penalties.repeat = (float)parse_double(a, v, 0.01, 100.0);
+        else if (!strcmp(a, "--repeat-last-n")) o.penalties.last_n = (int)parse_long(a, v, -1, INT_MAX);
+        else if (!strcmp(a, "--presence-penalty")) o.penalties.presence = (float)parse_double(a, v, -100.0, 100.0);
+        else if (!strcmp(a, "--frequency-penalty")) o.penalties.frequency = (float)parse_double(a, v, -100.0, 100.0);
         else die("unknown option '%s'; see -h", a);
     }
     if (!o.model_path) die("no model file given; usage: phi2 MODEL.bin [-p PROMPT] (see -h)");
     if ((o.prompt != NULL) + (o.prompt_file != NULL) + (o.ids != NULL) > 1)
         die("give the prompt only once: -p, -f or --ids");
     if (o.top_p <= 0.0f) die("--top-p must be greater than 0");
-    if (o.stop && o.stop[0] == '\0') die("--stop needs a non-empty string");
+    for (int i = 0; i < o.n_stops; i++)
+        if (o.stops[i][0] == '\0') die("--stop needs a non-empty string");
     if (o.dump_logits && o.trace) die("give only one of --dump-logits and --trace");
     return o;
 }
@@ -1293,12 +1372,12 @@ static int *read_prompt(const Options *opt, const Model *m, int *n_out, unsigned
     return ids;
 }
 
-/* Generated text on its way to stdout (whole UTF-8 characters only, see Utf8Stream). With a
- * stop string (--stop), bytes that might be its beginning are held back until the next
- * tokens show whether they are; when it appears, only the text before it is printed. */
+/* Generated text on its way to stdout (whole UTF-8 characters only, see Utf8Stream). With
+ * stop strings (--stop), bytes that might be the beginning of one are held back until the next
+ * tokens show whether they are; when one appears, only the text before it is printed. */
 typedef struct {
-    const char *stop;       // NULL: no stop string
-    size_t stop_len;
+    const char *const *stops;  // the stop strings (--stop, repeatable): the first to appear ends it
+    int n_stops;
     int print;              // 0: only watch for the stop string (--print-ids)
     unsigned char *held;    // generated bytes not printed yet
     size_t n_held, cap;
@@ -1323,16 +1402,21 @@ static int text_out_push(TextOut *o, const unsigned char *bytes, size_t n) {
     }
     memcpy(o->held + o->n_held, bytes, n);
     o->n_held += n;
-    size_t keep = 0;  // held bytes that might still become the stop string
-    if (o->stop) {
-        for (size_t i = 0; i + o->stop_len <= o->n_held; i++)
-            if (memcmp(o->held + i, o->stop, o->stop_len) == 0) {
+    for (size_t i = 0; i < o->n_held && o->n_stops > 0; i++)  // the earliest complete stop string
+        for (int s = 0; s < o->n_stops; s++) {
+            const size_t stop_len = strlen(o->stops[s]);
+            if (i + stop_len <= o->n_held && memcmp(o->held + i, o->stops[s], stop_len) == 0) {
                 text_out_emit(o, i);
                 o->n_held = 0;
                 return 1;
             }
-        keep = o->n_held < o->stop_len - 1 ? o->n_held : o->stop_len - 1;
-        while (keep > 0 && memcmp(o->held + o->n_held - keep, o->stop, keep) != 0) keep--;
+        }
+    size_t keep = 0;  // held bytes that might still become a stop string
+    for (int s = 0; s < o->n_stops; s++) {
+        const size_t stop_len = strlen(o->stops[s]);
+        size_t k = o->n_held < stop_len - 1 ? o->n_held : stop_len - 1;
+        while (k > keep && memcmp(o->held + o->n_held - k, o->stops[s], k) != 0) k--;
+        if (k > keep) keep = k;
     }
     text_out_emit(o, o->n_held - keep);
     return 0;
@@ -1356,10 +1440,15 @@ static int generate(const Model *m, RunState *s, const Options *opt, const int *
     const Config *c = &m->config;
     const int n_vocab_real = m->tokenizer.n_tokens < c->vocab_size ? m->tokenizer.n_tokens : c->vocab_size;
     Sampler sampler = {.temperature = opt->temperature, .top_k = opt->top_k, .top_p = opt->top_p,
-                       .rng = opt->seed_given ? opt->seed : (uint64_t)time(NULL)};
+                       .rng = opt->seed_given ? opt->seed : (uint64_t)time(NULL), .min_p = opt->min_p};
     sampler.rng = sampler.rng * 0x9E3779B97F4A7C15ULL + 1;  // never zero: xorshift would stick
     Candidate *cand = xmalloc(mul_size((size_t)n_vocab_real, sizeof(Candidate)));
-    TextOut out = {.stop = opt->stop, .stop_len = opt->stop ? strlen(opt->stop) : 0, .print = !opt->print_ids};
+    // What the repetition penalties look back on: the prompt, then each generated token.
+    int *history = xmalloc(mul_size((size_t)n_prompt + (size_t)ctx + 1, sizeof(int)));
+    memcpy(history, prompt, mul_size((size_t)n_prompt, sizeof(int)));
+    int n_history = n_prompt;
+    int *penalty_counts = xcalloc((size_t)n_vocab_real, sizeof(int));
+    TextOut out = {.stops = opt->stops, .n_stops = opt->n_stops, .print = !opt->print_ids};
     if (out.print && !opt->no_display_prompt && text) utf8_stream_write(&out.utf8, text, text_len, stdout);
     int reader_alive = flush_stdout();
     const char *stop_reason = NULL;
@@ -1381,13 +1470,15 @@ static int generate(const Model *m, RunState *s, const Options *opt, const int *
         if (!reader_alive) { stop_reason = "the output was closed"; break; }
         if (n_gen >= n_limit) { stop_reason = "generated the -n limit of tokens"; break; }
         if (pos >= ctx) { stop_reason = "the context is full"; break; }
+        apply_penalties(&opt->penalties, s->logits, n_vocab_real, history, n_history, penalty_counts);
         if (opt->ignore_eos) s->logits[c->eos_id] = -INFINITY;
         int next = sample(&sampler, s->logits, n_vocab_real, cand);
         if (next == c->eos_id) { stop_reason = "end of text"; break; }
         generated[n_gen++] = next;
+        history[n_history++] = next;
         size_t len = 0;
         const unsigned char *bytes = tokenizer_token_bytes(&m->tokenizer, next, &len);
-        if (text_out_push(&out, bytes, len)) stop_reason = "found the stop string";
+        if (text_out_push(&out, bytes, len)) stop_reason = "found a stop string";
         if (out.print) reader_alive = flush_stdout();
         if (!stop_reason && n_gen < n_limit && pos + 1 < ctx) {
             forward(m, s, &next, 1, pos, 0);
@@ -1416,6 +1507,8 @@ static int generate(const Model *m, RunState *s, const Options *opt, const int *
             t_load, n_prompt_done, t_prompt > 0 ? n_prompt_done / t_prompt : 0.0, n_gen, gen_tps,
             gen_tps * (double)m->weight_bytes * 1e-9, max_threads(), kernels);
     free(generated);
+    free(history);
+    free(penalty_counts);
     free(cand);
     return g_interrupted ? 130 : 0;
 }
@@ -2977,6 +3070,7 @@ static void setup_process(int *argc, char ***argv) {
         *argv = args;
     }
     _setmode(_fileno(stdout), _O_BINARY);
+    _setmode(_fileno(stdin), _O_BINARY);   // -f -: the prompt from stdin, byte for byte
     if (GetFileType(GetStdHandle(STD_OUTPUT_HANDLE)) == FILE_TYPE_CHAR && !g_console_cp_set) {
         g_console_cp = GetConsoleOutputCP();
         g_console_cp_set = 1;
