@@ -1134,6 +1134,37 @@ static int sample(Sampler *sm, const float *logits, int n_valid, Candidate *cand
     return cand[n_kept - 1].id;  // rounding left r just past the total
 }
 
+/* --- Scoring (--perplexity) ----------------------------------------------------------- */
+
+/* out[i] = log softmax(logits)[i] over all n ids, in double precision (the normalizer is the
+ * model's whole output row, padding ids included, as a PyTorch cross-entropy would take it). */
+static void log_softmax(double *out, const float *logits, int n) {
+    double max = logits[argmax(logits, n)], sum = 0.0;
+    for (int i = 0; i < n; i++) sum += exp((double)logits[i] - max);
+    const double log_total = max + log(sum);
+    for (int i = 0; i < n; i++) out[i] = (double)logits[i] - log_total;
+}
+
+/* A running mean and the standard error of that mean (sample variance / n). */
+typedef struct {
+    double sum, sum_sq;
+    long long n;
+} MeanEstimate;
+
+static void mean_add(MeanEstimate *e, double x) {
+    e->sum += x;
+    e->sum_sq += x * x;
+    e->n++;
+}
+
+static double mean_of(const MeanEstimate *e) { return e->n ? e->sum / (double)e->n : 0.0; }
+
+static double stderr_of(const MeanEstimate *e) {
+    if (e->n < 2) return 0.0;
+    const double mean = mean_of(e), var = (e->sum_sq / (double)e->n - mean * mean) * (double)e->n / (double)(e->n - 1);
+    return var > 0.0 ? sqrt(var / (double)e->n) : 0.0;
+}
+
 /* ------------------------------------------------------------------------------------- */
 /* 6. The command line                                                                    */
 /* ------------------------------------------------------------------------------------- */
@@ -1194,6 +1225,14 @@ static void usage(FILE *f) {
             "                         tokens' logits (defaults 0)\n"
             "  Order: penalties -> temperature -> top-k -> top-p -> min-p -> draw (or argmax).\n"
             "\n"
+            "perplexity:\n"
+            "      --perplexity FILE  score FILE in windows of -c tokens, each on its second half (so\n"
+            "                         every scored token has half a window of context); prints\n"
+            "                         'perplexity: PPL +/- SE' (SE = ppl x stderr of the mean NLL)\n"
+            "      --save-logprobs FILE  write each scored token's log-probability row (see README)\n"
+            "      --kl-base FILE     compare with another run's --save-logprobs file: mean KL,\n"
+            "                         top-1 agreement, perplexity ratio\n"
+            "\n"
             "testing and inspection:\n"
             "      --tokenize         print the prompt's token ids (comma-separated) and exit\n"
             "      --print-ids        print generated token ids (comma-separated) instead of text\n"
@@ -1232,6 +1271,9 @@ typedef struct {
     int tokenize, print_ids, no_display_prompt, ignore_eos, no_mmap, help, version;
     float min_p;                // --min-p (0: off)
     Penalties penalties;        // --repeat-penalty, --repeat-last-n, --presence-penalty, --frequency-penalty
+    const char *perplexity;     // --perplexity FILE
+    const char *save_logprobs;  // --save-logprobs FILE
+    const char *kl_base;        // --kl-base FILE
 } Options;
 
 static Options parse_args(int argc, char **argv) {
@@ -1283,6 +1325,9 @@ static Options parse_args(int argc, char **argv) {
         else if (!strcmp(a, "--repeat-last-n")) o.penalties.last_n = (int)parse_long(a, v, -1, INT_MAX);
         else if (!strcmp(a, "--presence-penalty")) o.penalties.presence = (float)parse_double(a, v, -100.0, 100.0);
         else if (!strcmp(a, "--frequency-penalty")) o.penalties.frequency = (float)parse_double(a, v, -100.0, 100.0);
+        else if (!strcmp(a, "--perplexity")) o.perplexity = v;
+        else if (!strcmp(a, "--save-logprobs")) o.save_logprobs = v;
+        else if (!strcmp(a, "--kl-base")) o.kl_base = v;
         else die("unknown option '%s'; see -h", a);
     }
     if (!o.model_path) die("no model file given; usage: phi2 MODEL.bin [-p PROMPT] (see -h)");
@@ -1291,6 +1336,9 @@ static Options parse_args(int argc, char **argv) {
     if (o.top_p <= 0.0f) die("--top-p must be greater than 0");
     for (int i = 0; i < o.n_stops; i++)
         if (o.stops[i][0] == '\0') die("--stop needs a non-empty string");
+    if (o.perplexity && (o.prompt || o.prompt_file || o.ids || o.dump_logits || o.trace || o.tokenize))
+        die("--perplexity reads its own text: give no prompt, --dump-logits, --trace or --tokenize with it");
+    if ((o.save_logprobs || o.kl_base) && !o.perplexity) die("--save-logprobs and --kl-base need --perplexity");
     if (o.dump_logits && o.trace) die("give only one of --dump-logits and --trace");
     return o;
 }
@@ -1343,6 +1391,145 @@ static void dump_prompt(const Model *m, RunState *s, const int *tokens, int n_to
     if (fclose(f) != 0) die("cannot write '%s': %s", g_partial_file, strerror(errno));
     if (replace_file(g_partial_file, path) != 0) die("cannot rename '%s' to '%s': %s", g_partial_file, path, strerror(errno));
     g_partial_file[0] = '\0';
+}
+
+/* --save-logprobs / --kl-base files: a header of 24 bytes,
+ *   8 bytes "PHI2LPR1", u32 vocab_size, u32 ctx (-c), u32 number of rows, u32 0,
+ * then one row per scored token, in text order: u32 the token's id, then vocab_size f32 log-
+ * probabilities (the model's log-softmax at the position before it). All little-endian. */
+static const char LOGPROBS_MAGIC[8] = {'P', 'H', 'I', '2', 'L', 'P', 'R', '1'};
+
+static void write_or_die(const void *p, size_t size, size_t n, FILE *f, const char *path) {
+    if (fwrite(p, size, n, f) != n) die("cannot write '%s': %s", path, strerror(errno));
+}
+
+static void read_or_die(void *p, size_t size, size_t n, FILE *f, const char *path) {
+    if (fread(p, size, n, f) != n) {
+        if (ferror(f)) die("cannot read '%s': %s", path, strerror(errno));
+        die("'%s' ends early: it is not a complete --save-logprobs file", path);
+    }
+}
+
+/* Open a --kl-base file and check that it was written over the same windows (vocabulary,
+ * -c and number of scored tokens; the tokens themselves are compared row by row). */
+static FILE *open_kl_base(const char *path, int vocab_size, int ctx, uint32_t n_rows) {
+    FILE *f = fopen_path(path, "rb");
+    if (!f) die("cannot open --kl-base file '%s': %s", path, strerror(errno));
+    unsigned char header[24];
+    read_or_die(header, 1, sizeof(header), f, path);
+    if (memcmp(header, LOGPROBS_MAGIC, 8) != 0) die("'%s' is not a --save-logprobs file", path);
+    const uint32_t base_vocab = read_u32(header + 8), base_ctx = read_u32(header + 12), base_rows = read_u32(header + 16);
+    if (base_vocab != (uint32_t)vocab_size)
+        die("'%s' has a vocabulary of %u, this model %d: a different model family", path, base_vocab, vocab_size);
+    if (base_ctx != (uint32_t)ctx) die("'%s' was written with -c %u, this run has -c %d", path, base_ctx, ctx);
+    if (base_rows != n_rows)
+        die("'%s' scored %u tokens, this run %u: a different text", path, base_rows, n_rows);
+    return f;
+}
+
+/* --perplexity: the text cut into windows of ctx tokens (a last partial window is left out);
+ * each window is run from position 0 in batches, and the tokens of its second half (from
+ * position ctx/2 + 1 on) are scored by the logits of the position before them. */
+static void perplexity(const Model *m, const Options *opt, int ctx) {
+    const int V = m->config.vocab_size;
+    size_t text_len = 0;
+    unsigned char *text = read_file(opt->perplexity, (size_t)1 << 30, &text_len);
+    if (text_len == 0) die("'%s' is empty: --perplexity needs a text", opt->perplexity);
+    int *ids = NULL;
+    size_t n_ids = 0;
+    if (tokenizer_encode(&m->tokenizer, text, text_len, &ids, &n_ids) != 0) die("out of memory tokenizing '%s'", opt->perplexity);
+    free(text);
+    const int first_scored = ctx / 2 + 1;  // the positions of the scored tokens: first_scored .. ctx-1
+    if (ctx - first_scored < 1) die("--perplexity needs a context (-c) of at least 3 tokens");
+    const size_t n_windows = n_ids / (size_t)ctx;
+    if (n_windows == 0)
+        die("'%s' is %zu tokens, shorter than one window of -c %d tokens", opt->perplexity, n_ids, ctx);
+    const size_t n_rows = mul_size(n_windows, (size_t)(ctx - first_scored));
+    if (n_rows > UINT32_MAX) die("'%s' is too long for --perplexity", opt->perplexity);
+
+    FILE *base = opt->kl_base ? open_kl_base(opt->kl_base, V, ctx, (uint32_t)n_rows) : NULL;
+    FILE *save = NULL;
+    if (opt->save_logprobs) {
+        begin_partial_file(opt->save_logprobs);
+        save = create_partial_file(g_partial_file);
+        if (!save) die("cannot create '%s': %s", g_partial_file, strerror(errno));
+        unsigned char header[24] = {0};
+        const uint32_t fields[3] = {(uint32_t)V, (uint32_t)ctx, (uint32_t)n_rows};
+        memcpy(header, LOGPROBS_MAGIC, 8);
+        memcpy(header + 8, fields, sizeof(fields));
+        write_or_die(header, 1, sizeof(header), save, g_partial_file);
+    }
+
+    RunState s;
+    init_state(&s, &m->config, ctx, opt->batch);
+    double *logprobs = xmalloc(mul_size((size_t)V, sizeof(double)));
+    float *row_f32 = xmalloc(mul_size((size_t)V, sizeof(float)));
+    MeanEstimate nll = {0}, base_nll = {0}, kl = {0};
+    long long top1_same = 0;
+    const double t0 = now_seconds();
+    for (size_t w = 0; w < n_windows; w++) {
+        const int *tokens = ids + w * (size_t)ctx;
+        for (int done = 0; done < ctx;) {
+            const int n = ctx - done < s.max_batch ? ctx - done : s.max_batch;
+            const int scores_any = done + n > first_scored - 1;  // holds a position whose logits score a token
+            forward(m, &s, tokens + done, n, done, scores_any);
+            for (int t = 0; scores_any && t < n; t++) {
+                const int pos = done + t;  // its logits predict the token at pos + 1
+                if (pos + 1 < first_scored || pos + 1 >= ctx) continue;
+                const float *row = s.logits + (size_t)t * V;
+                check_logits_finite(row, V, pos);
+                log_softmax(logprobs, row, V);
+                const uint32_t target = (uint32_t)tokens[pos + 1];
+                mean_add(&nll, -logprobs[target]);
+                if (save) {
+                    for (int i = 0; i < V; i++) row_f32[i] = (float)logprobs[i];
+                    write_or_die(&target, sizeof(target), 1, save, g_partial_file);
+                    write_or_die(row_f32, sizeof(float), (size_t)V, save, g_partial_file);
+                }
+                if (base) {
+                    uint32_t base_target = 0;
+                    read_or_die(&base_target, sizeof(base_target), 1, base, opt->kl_base);
+                    read_or_die(row_f32, sizeof(float), (size_t)V, base, opt->kl_base);
+                    if (base_target != target)
+                        die("'%s' scored token %u where this run has %u (window %zu): a different text",
+                            opt->kl_base, base_target, target, w + 1);
+                    double divergence = 0.0;  // KL(base || this) = sum p_base (log p_base - log p_this)
+                    int best_base = 0, best_this = 0;
+                    for (int i = 0; i < V; i++) {
+                        if (row_f32[i] > -INFINITY) divergence += exp((double)row_f32[i]) * ((double)row_f32[i] - logprobs[i]);
+                        if (row_f32[i] > row_f32[best_base]) best_base = i;
+                        if (logprobs[i] > logprobs[best_this]) best_this = i;
+                    }
+                    mean_add(&kl, divergence);
+                    mean_add(&base_nll, -(double)row_f32[target]);
+                    top1_same += best_base == best_this;
+                }
+            }
+            done += n;
+        }
+        fprintf(stderr, "phi2: perplexity: window %zu/%zu: %.4f so far (%.1f s)\n", w + 1, n_windows,
+                exp(mean_of(&nll)), now_seconds() - t0);
+    }
+    const double ppl = exp(mean_of(&nll));
+    printf("perplexity: %.6f +/- %.6f (%lld tokens scored: the second halves of %zu windows of %d)\n", ppl,
+           ppl * stderr_of(&nll), nll.n, n_windows, ctx);
+    if (base) {
+        if (fgetc(base) != EOF) die("'%s' is longer than its header says", opt->kl_base);
+        fclose(base);
+        printf("kl-divergence: %.6g +/- %.6g | top-1 agreement: %.4f%% | perplexity ratio (this / base): %.6f\n",
+               mean_of(&kl), stderr_of(&kl), 100.0 * (double)top1_same / (double)kl.n,
+               exp(mean_of(&nll) - mean_of(&base_nll)));
+    }
+    if (save) {
+        if (fclose(save) != 0) die("cannot write '%s': %s", g_partial_file, strerror(errno));
+        if (replace_file(g_partial_file, opt->save_logprobs) != 0)
+            die("cannot rename '%s' to '%s': %s", g_partial_file, opt->save_logprobs, strerror(errno));
+        g_partial_file[0] = '\0';
+    }
+    free(logprobs);
+    free(row_f32);
+    free(ids);
+    free_state(&s);
 }
 
 /* The prompt as token ids: --ids as given, text (-p / -f) through the tokenizer.
@@ -1541,6 +1728,14 @@ int main(int argc, char **argv) {
     load_model(&model, opt.model_path, !opt.no_mmap);
     const Config *c = &model.config;
 
+    if (opt.perplexity) {
+        int ctx = opt.ctx ? opt.ctx : c->max_seq_len;
+        if (ctx > c->max_seq_len) die("--ctx-size %d exceeds the model's maximum of %d", ctx, c->max_seq_len);
+        perplexity(&model, &opt, ctx);
+        free_model(&model);
+        flush_stdout();
+        return 0;
+    }
     int n_prompt = 0;
     unsigned char *text = NULL;
     size_t text_len = 0;

@@ -52,7 +52,8 @@ def test_help_lists_every_flag():
     out = phi2("-h").out
     for flag in ("--prompt", "--file", "--ids", "--n-predict", "--temp", "--top-k", "--top-p", "--seed",
                  "--ctx-size", "--threads", "--batch", "--no-mmap", "--ignore-eos", "--tokenize", "--print-ids", "--dump-logits", "--stop", "--help",
-                 "--min-p", "--repeat-penalty", "--repeat-last-n", "--presence-penalty", "--frequency-penalty"):
+                 "--min-p", "--repeat-penalty", "--repeat-last-n", "--presence-penalty", "--frequency-penalty",
+                 "--perplexity", "--save-logprobs", "--kl-base"):
         assert flag in out, flag
 
 
