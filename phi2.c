@@ -1434,18 +1434,24 @@ static void perplexity(const Model *m, const Options *opt, int ctx) {
     const int V = m->config.vocab_size;
     size_t text_len = 0;
     unsigned char *text = read_file(opt->perplexity, (size_t)1 << 30, &text_len);
-    if (text_len == 0) die("'%s' is empty: --perplexity needs a text", opt->perplexity);
+    if (text_len == 0) {
+        free(text);  // (the error paths free what they hold: the sanitizer build checks for leaks)
+        die("'%s' is empty: --perplexity needs a text", opt->perplexity);
+    }
     int *ids = NULL;
     size_t n_ids = 0;
     if (tokenizer_encode(&m->tokenizer, text, text_len, &ids, &n_ids) != 0) die("out of memory tokenizing '%s'", opt->perplexity);
     free(text);
     const int first_scored = ctx / 2 + 1;  // the positions of the scored tokens: first_scored .. ctx-1
-    if (ctx - first_scored < 1) die("--perplexity needs a context (-c) of at least 3 tokens");
     const size_t n_windows = n_ids / (size_t)ctx;
-    if (n_windows == 0)
-        die("'%s' is %zu tokens, shorter than one window of -c %d tokens", opt->perplexity, n_ids, ctx);
-    const size_t n_rows = mul_size(n_windows, (size_t)(ctx - first_scored));
-    if (n_rows > UINT32_MAX) die("'%s' is too long for --perplexity", opt->perplexity);
+    const size_t n_rows = n_windows * (size_t)(ctx - first_scored);  // <= n_ids: no overflow
+    if (ctx - first_scored < 1 || n_windows == 0 || n_rows > UINT32_MAX) {
+        free(ids);
+        if (ctx - first_scored < 1) die("--perplexity needs a context (-c) of at least 3 tokens");
+        if (n_windows == 0)
+            die("'%s' is %zu tokens, shorter than one window of -c %d tokens", opt->perplexity, n_ids, ctx);
+        die("'%s' is too long for --perplexity", opt->perplexity);
+    }
 
     FILE *base = opt->kl_base ? open_kl_base(opt->kl_base, V, ctx, (uint32_t)n_rows) : NULL;
     FILE *save = NULL;
