@@ -167,7 +167,9 @@ static double parse_double(const char *flag, const char *s, double lo, double hi
 /* Read a whole file of at most max_len bytes into memory (prompt files are used byte for
  * byte, no stripping). A longer file (or an endless one: -f /dev/zero) is an error. */
 static unsigned char *read_file(const char *path, size_t max_len, size_t *len) {
-    FILE *f = fopen_path(path, "rb");
+    const int from_stdin = strcmp(path, "-") == 0;  // -f -: the prompt from standard input
+    if (from_stdin) path = "standard input";
+    FILE *f = from_stdin ? stdin : fopen_path(path, "rb");
     if (!f) die("cannot open '%s': %s", path, strerror(errno));
     size_t cap = 1 << 16, n = 0;
     unsigned char *buf = xmalloc(cap);
@@ -184,7 +186,7 @@ static unsigned char *read_file(const char *path, size_t max_len, size_t *len) {
         if (n > max_len) die("'%s' is longer than %zu bytes, more than the context can hold", path, max_len);
     }
     if (ferror(f)) die("cannot read '%s': %s", path, strerror(errno));
-    fclose(f);
+    if (!from_stdin) fclose(f);
     *len = n;
     return buf;
 }
@@ -1082,6 +1084,7 @@ typedef struct {
     int top_k;          // keep the k most likely tokens (0: all)
     float top_p;        // then the smallest set whose probability reaches p (1: all)
     uint64_t rng;       // xorshift64* state
+    float min_p;        // then drop tokens less likely than min_p times the most likely (0: off)
 } Sampler;
 
 typedef struct {
@@ -1136,6 +1139,52 @@ static void select_top_k(Candidate *cand, int n, int k) {
         }
 }
 
+/* min-p: of the candidates cand[0..n) (best first), how many have a probability of at least
+ * min_p times the best one's (always at least the best one). The probabilities are the
+ * tempered ones sample() works with, so min-p sees the temperature, as top-k and top-p do. */
+static int min_p_count(const Candidate *cand, int n, float min_p) {
+    if (min_p <= 0.0f || n == 0) return n;
+    const float threshold = min_p * cand[0].prob;
+    int kept = 1;
+    while (kept < n && cand[kept].prob >= threshold) kept++;
+    return kept;
+}
+
+/* Repetition penalties, applied to the logits before sampling (greedy included), over the
+ * last last_n tokens of prompt + generated text (-1: all of them; 0: none), as llama.cpp does.
+ * Each distinct token of that window with count c (ids past n_valid are ignored):
+ *   repeat (CTRL, llama.cpp): logit > 0 is divided by it, otherwise multiplied (1: off);
+ *   presence, frequency (OpenAI): logit -= presence + c * frequency (0: off). */
+typedef struct {
+    float repeat;
+    int last_n;
+    float presence;
+    float frequency;
+} Penalties;
+
+static int penalties_active(const Penalties *pen) {
+    return pen->last_n != 0 && (pen->repeat != 1.0f || pen->presence != 0.0f || pen->frequency != 0.0f);
+}
+
+/* counts: n_valid zeros of scratch, left as zeros. */
+static void apply_penalties(const Penalties *pen, float *logits, int n_valid, const int *history, int n_history,
+                            int *counts) {
+    if (!penalties_active(pen)) return;
+    const int n_window = pen->last_n < 0 || pen->last_n > n_history ? n_history : pen->last_n;
+    const int *window = history + (n_history - n_window);
+    for (int i = 0; i < n_window; i++)
+        if (window[i] >= 0 && window[i] < n_valid) counts[window[i]]++;
+    for (int i = 0; i < n_window; i++) {
+        const int id = window[i];
+        if (id < 0 || id >= n_valid || counts[id] == 0) continue;  // outside, or done already
+        float *logit = &logits[id];
+        if (*logit > 0.0f) *logit /= pen->repeat;
+        else *logit *= pen->repeat;
+        *logit -= pen->presence + (float)counts[id] * pen->frequency;
+        counts[id] = 0;
+    }
+}
+
 /* Pick the next token from the logits of the first n_valid ids (ids past the tokenizer's
  * vocabulary are padding rows and never sampled). cand is scratch of n_valid entries. */
 static int sample(Sampler *sm, const float *logits, int n_valid, Candidate *cand) {
@@ -1153,12 +1202,49 @@ static int sample(Sampler *sm, const float *logits, int n_valid, Candidate *cand
         kept += cand[n_kept++].prob;
         if (kept >= sm->top_p * total) break;
     }
+    int n_min_p = min_p_count(cand, n_kept, sm->min_p);
+    if (n_min_p < n_kept) {  // the kept mass again, summed in the same order
+        n_kept = n_min_p;
+        kept = 0.0f;
+        for (int i = 0; i < n_kept; i++) kept += cand[i].prob;
+    }
     float r = random_f32(&sm->rng) * kept, acc = 0.0f;
     for (int i = 0; i < n_kept; i++) {
         acc += cand[i].prob;
         if (r < acc) return cand[i].id;
     }
     return cand[n_kept - 1].id;  // rounding left r just past the total
+}
+
+/* --- Scoring (--perplexity) ----------------------------------------------------------- */
+
+/* out[i] = log softmax(logits)[i] over all n ids, in double precision (the normalizer is the
+ * model's whole output row, padding ids included, as a PyTorch cross-entropy would take it). */
+static void log_softmax(double *out, const float *logits, int n) {
+    double max = logits[argmax(logits, n)], sum = 0.0;
+    for (int i = 0; i < n; i++) sum += exp((double)logits[i] - max);
+    const double log_total = max + log(sum);
+    for (int i = 0; i < n; i++) out[i] = (double)logits[i] - log_total;
+}
+
+/* A running mean and the standard error of that mean (sample variance / n). */
+typedef struct {
+    double sum, sum_sq;
+    long long n;
+} MeanEstimate;
+
+static void mean_add(MeanEstimate *e, double x) {
+    e->sum += x;
+    e->sum_sq += x * x;
+    e->n++;
+}
+
+static double mean_of(const MeanEstimate *e) { return e->n ? e->sum / (double)e->n : 0.0; }
+
+static double stderr_of(const MeanEstimate *e) {
+    if (e->n < 2) return 0.0;
+    const double mean = mean_of(e), var = (e->sum_sq / (double)e->n - mean * mean) * (double)e->n / (double)(e->n - 1);
+    return var > 0.0 ? sqrt(var / (double)e->n) : 0.0;
 }
 
 /* ------------------------------------------------------------------------------------- */
@@ -1191,7 +1277,7 @@ static void usage(FILE *f) {
             "\n"
             "prompt (one of):\n"
             "  -p, --prompt TEXT      prompt text\n"
-            "  -f, --file FILE        read the prompt from FILE, byte for byte\n"
+            "  -f, --file FILE        read the prompt from FILE, byte for byte (-: standard input)\n"
             "      --ids 1,2,3        the prompt as token ids\n"
             "  (no prompt: generation starts from <|endoftext|>)\n"
             "\n"
@@ -1210,9 +1296,26 @@ static void usage(FILE *f) {
             "      --kv-type T        KV cache numbers: f32 or f16 (half the memory and reads);\n"
             "                         default f32 for float32 model files, f16 for quantized ones\n"
             "      --stop TEXT        stop when the generated text contains TEXT (not printed);\n"
-            "                         e.g. --stop 'Instruct:' for the QA format\n"
+            "                         e.g. --stop 'Instruct:' for the QA format; repeatable\n"
+            "                         (up to 16): the first one to appear ends the text\n"
             "      --ignore-eos       keep generating past <|endoftext|> (for benchmarks)\n"
             "      --no-display-prompt  do not echo the prompt before the completion\n"
+            "      --min-p P          drop tokens below P x the best one's probability (default 0:\n"
+            "                         off, so the defaults sample as before; llama.cpp's is 0.05)\n"
+            "      --repeat-penalty F recent tokens' logits: > 0 divided by F, < 0 times F (default\n"
+            "                         1 = off)\n"
+            "      --repeat-last-n N  penalties look at the last N tokens (default 64; -1 all; 0 off)\n"
+            "      --presence-penalty F, --frequency-penalty F  subtract F (x count) from recent\n"
+            "                         tokens' logits (defaults 0)\n"
+            "  Order: penalties -> temperature -> top-k -> top-p -> min-p -> draw (or argmax).\n"
+            "\n"
+            "perplexity:\n"
+            "      --perplexity FILE  score FILE in windows of -c tokens, each on its second half (so\n"
+            "                         every scored token has half a window of context); prints\n"
+            "                         'perplexity: PPL +/- SE' (SE = ppl x stderr of the mean NLL)\n"
+            "      --save-logprobs FILE  write each scored token's log-probability row (see README)\n"
+            "      --kl-base FILE     compare with another run's --save-logprobs file: mean KL,\n"
+            "                         top-1 agreement, perplexity ratio\n"
             "\n"
             "testing and inspection:\n"
             "      --tokenize         print the prompt's token ids (comma-separated) and exit\n"
@@ -1230,6 +1333,8 @@ static void usage(FILE *f) {
             "Exit status: 0 done (also when stdout's reader went away), 1 error, 130 Ctrl-C.\n");
 }
 
+#define MAX_STOP_STRINGS 16
+
 typedef struct {
     const char *model_path;
     const char *prompt;         // -p
@@ -1237,7 +1342,8 @@ typedef struct {
     const char *ids;            // --ids
     const char *dump_logits;    // --dump-logits
     const char *trace;          // --trace
-    const char *stop;           // --stop
+    const char *stops[MAX_STOP_STRINGS];  // --stop, repeatable
+    int n_stops;
     long long n_predict;
     float temperature, top_p;
     int top_k;
@@ -1248,10 +1354,16 @@ typedef struct {
     int n_threads;              // 0: all cores
     int kv_type;                // KV_F32, KV_F16, or -1: the model's default (default_kv_type)
     int tokenize, print_ids, no_display_prompt, ignore_eos, no_mmap, help, version;
+    float min_p;                // --min-p (0: off)
+    Penalties penalties;        // --repeat-penalty, --repeat-last-n, --presence-penalty, --frequency-penalty
+    const char *perplexity;     // --perplexity FILE
+    const char *save_logprobs;  // --save-logprobs FILE
+    const char *kl_base;        // --kl-base FILE
 } Options;
 
 static Options parse_args(int argc, char **argv) {
-    Options o = {.n_predict = 256, .temperature = 0.8f, .top_p = 0.95f, .top_k = 40, .batch = 64, .kv_type = -1};
+    Options o = {.n_predict = 256, .temperature = 0.8f, .top_p = 0.95f, .top_k = 40, .batch = 64, .kv_type = -1,
+                 .penalties = {.repeat = 1.0f, .last_n = 64}};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
@@ -1281,7 +1393,10 @@ static Options parse_args(int argc, char **argv) {
         else if (!strcmp(a, "--ids")) o.ids = v;
         else if (!strcmp(a, "--dump-logits")) o.dump_logits = v;
         else if (!strcmp(a, "--trace")) o.trace = v;
-        else if (!strcmp(a, "--stop")) o.stop = v;
+        else if (!strcmp(a, "--stop")) {
+            if (o.n_stops == MAX_STOP_STRINGS) die("at most %d --stop strings", MAX_STOP_STRINGS);
+            o.stops[o.n_stops++] = v;
+        }
         else if (!strcmp(a, "-n") || !strcmp(a, "--n-predict")) o.n_predict = parse_long(a, v, -1, INT_MAX);
         else if (!strcmp(a, "--temp")) o.temperature = (float)parse_double(a, v, 0.0, 100.0);
         else if (!strcmp(a, "--top-k")) o.top_k = (int)parse_long(a, v, 0, INT_MAX);
@@ -1295,13 +1410,25 @@ static Options parse_args(int argc, char **argv) {
             else if (!strcmp(v, "f16")) o.kv_type = KV_F16;
             else die("--kv-type must be f32 or f16, got '%s'", v);
         }
+        else if (!strcmp(a, "--min-p")) o.min_p = (float)parse_double(a, v, 0.0, 1.0);
+        else if (!strcmp(a, "--repeat-penalty")) o.penalties.repeat = (float)parse_double(a, v, 0.01, 100.0);
+        else if (!strcmp(a, "--repeat-last-n")) o.penalties.last_n = (int)parse_long(a, v, -1, INT_MAX);
+        else if (!strcmp(a, "--presence-penalty")) o.penalties.presence = (float)parse_double(a, v, -100.0, 100.0);
+        else if (!strcmp(a, "--frequency-penalty")) o.penalties.frequency = (float)parse_double(a, v, -100.0, 100.0);
+        else if (!strcmp(a, "--perplexity")) o.perplexity = v;
+        else if (!strcmp(a, "--save-logprobs")) o.save_logprobs = v;
+        else if (!strcmp(a, "--kl-base")) o.kl_base = v;
         else die("unknown option '%s'; see -h", a);
     }
     if (!o.model_path) die("no model file given; usage: phi2 MODEL.bin [-p PROMPT] (see -h)");
     if ((o.prompt != NULL) + (o.prompt_file != NULL) + (o.ids != NULL) > 1)
         die("give the prompt only once: -p, -f or --ids");
     if (o.top_p <= 0.0f) die("--top-p must be greater than 0");
-    if (o.stop && o.stop[0] == '\0') die("--stop needs a non-empty string");
+    for (int i = 0; i < o.n_stops; i++)
+        if (o.stops[i][0] == '\0') die("--stop needs a non-empty string");
+    if (o.perplexity && (o.prompt || o.prompt_file || o.ids || o.dump_logits || o.trace || o.tokenize))
+        die("--perplexity reads its own text: give no prompt, --dump-logits, --trace or --tokenize with it");
+    if ((o.save_logprobs || o.kl_base) && !o.perplexity) die("--save-logprobs and --kl-base need --perplexity");
     if (o.dump_logits && o.trace) die("give only one of --dump-logits and --trace");
     return o;
 }
@@ -1356,6 +1483,151 @@ static void dump_prompt(const Model *m, RunState *s, const int *tokens, int n_to
     g_partial_file[0] = '\0';
 }
 
+/* --save-logprobs / --kl-base files: a header of 24 bytes,
+ *   8 bytes "PHI2LPR1", u32 vocab_size, u32 ctx (-c), u32 number of rows, u32 0,
+ * then one row per scored token, in text order: u32 the token's id, then vocab_size f32 log-
+ * probabilities (the model's log-softmax at the position before it). All little-endian. */
+static const char LOGPROBS_MAGIC[8] = {'P', 'H', 'I', '2', 'L', 'P', 'R', '1'};
+
+static void write_or_die(const void *p, size_t size, size_t n, FILE *f, const char *path) {
+    if (fwrite(p, size, n, f) != n) die("cannot write '%s': %s", path, strerror(errno));
+}
+
+static void read_or_die(void *p, size_t size, size_t n, FILE *f, const char *path) {
+    if (fread(p, size, n, f) != n) {
+        if (ferror(f)) die("cannot read '%s': %s", path, strerror(errno));
+        die("'%s' ends early: it is not a complete --save-logprobs file", path);
+    }
+}
+
+/* Open a --kl-base file and check that it was written over the same windows (vocabulary,
+ * -c and number of scored tokens; the tokens themselves are compared row by row). */
+static FILE *open_kl_base(const char *path, int vocab_size, int ctx, uint32_t n_rows) {
+    FILE *f = fopen_path(path, "rb");
+    if (!f) die("cannot open --kl-base file '%s': %s", path, strerror(errno));
+    unsigned char header[24];
+    read_or_die(header, 1, sizeof(header), f, path);
+    if (memcmp(header, LOGPROBS_MAGIC, 8) != 0) die("'%s' is not a --save-logprobs file", path);
+    const uint32_t base_vocab = read_u32(header + 8), base_ctx = read_u32(header + 12), base_rows = read_u32(header + 16);
+    if (base_vocab != (uint32_t)vocab_size)
+        die("'%s' has a vocabulary of %u, this model %d: a different model family", path, base_vocab, vocab_size);
+    if (base_ctx != (uint32_t)ctx) die("'%s' was written with -c %u, this run has -c %d", path, base_ctx, ctx);
+    if (base_rows != n_rows)
+        die("'%s' scored %u tokens, this run %u: a different text", path, base_rows, n_rows);
+    return f;
+}
+
+/* --perplexity: the text cut into windows of ctx tokens (a last partial window is left out);
+ * each window is run from position 0 in batches, and the tokens of its second half (from
+ * position ctx/2 + 1 on) are scored by the logits of the position before them. */
+static void perplexity(const Model *m, const Options *opt, int ctx) {
+    const int V = m->config.vocab_size;
+    size_t text_len = 0;
+    unsigned char *text = read_file(opt->perplexity, (size_t)1 << 30, &text_len);
+    if (text_len == 0) {
+        free(text);  // (the error paths free what they hold: the sanitizer build checks for leaks)
+        die("'%s' is empty: --perplexity needs a text", opt->perplexity);
+    }
+    int *ids = NULL;
+    size_t n_ids = 0;
+    if (tokenizer_encode(&m->tokenizer, text, text_len, &ids, &n_ids) != 0) die("out of memory tokenizing '%s'", opt->perplexity);
+    free(text);
+    const int first_scored = ctx / 2 + 1;  // the positions of the scored tokens: first_scored .. ctx-1
+    const size_t n_windows = n_ids / (size_t)ctx;
+    const size_t n_rows = n_windows * (size_t)(ctx - first_scored);  // <= n_ids: no overflow
+    if (ctx - first_scored < 1 || n_windows == 0 || n_rows > UINT32_MAX) {
+        free(ids);
+        if (ctx - first_scored < 1) die("--perplexity needs a context (-c) of at least 3 tokens");
+        if (n_windows == 0)
+            die("'%s' is %zu tokens, shorter than one window of -c %d tokens", opt->perplexity, n_ids, ctx);
+        die("'%s' is too long for --perplexity", opt->perplexity);
+    }
+
+    FILE *base = opt->kl_base ? open_kl_base(opt->kl_base, V, ctx, (uint32_t)n_rows) : NULL;
+    FILE *save = NULL;
+    if (opt->save_logprobs) {
+        begin_partial_file(opt->save_logprobs);
+        save = create_partial_file(g_partial_file);
+        if (!save) die("cannot create '%s': %s", g_partial_file, strerror(errno));
+        unsigned char header[24] = {0};
+        const uint32_t fields[3] = {(uint32_t)V, (uint32_t)ctx, (uint32_t)n_rows};
+        memcpy(header, LOGPROBS_MAGIC, 8);
+        memcpy(header + 8, fields, sizeof(fields));
+        write_or_die(header, 1, sizeof(header), save, g_partial_file);
+    }
+
+    RunState s;
+    init_state(&s, &m->config, ctx, opt->batch, opt->kv_type >= 0 ? opt->kv_type : default_kv_type(&m->config));
+    double *logprobs = xmalloc(mul_size((size_t)V, sizeof(double)));
+    float *row_f32 = xmalloc(mul_size((size_t)V, sizeof(float)));
+    MeanEstimate nll = {0}, base_nll = {0}, kl = {0};
+    long long top1_same = 0;
+    const double t0 = now_seconds();
+    for (size_t w = 0; w < n_windows; w++) {
+        const int *tokens = ids + w * (size_t)ctx;
+        for (int done = 0; done < ctx;) {
+            const int n = ctx - done < s.max_batch ? ctx - done : s.max_batch;
+            const int scores_any = done + n > first_scored - 1;  // holds a position whose logits score a token
+            forward(m, &s, tokens + done, n, done, scores_any);
+            for (int t = 0; scores_any && t < n; t++) {
+                const int pos = done + t;  // its logits predict the token at pos + 1
+                if (pos + 1 < first_scored || pos + 1 >= ctx) continue;
+                const float *row = s.logits + (size_t)t * V;
+                check_logits_finite(row, V, pos);
+                log_softmax(logprobs, row, V);
+                const uint32_t target = (uint32_t)tokens[pos + 1];
+                mean_add(&nll, -logprobs[target]);
+                if (save) {
+                    for (int i = 0; i < V; i++) row_f32[i] = (float)logprobs[i];
+                    write_or_die(&target, sizeof(target), 1, save, g_partial_file);
+                    write_or_die(row_f32, sizeof(float), (size_t)V, save, g_partial_file);
+                }
+                if (base) {
+                    uint32_t base_target = 0;
+                    read_or_die(&base_target, sizeof(base_target), 1, base, opt->kl_base);
+                    read_or_die(row_f32, sizeof(float), (size_t)V, base, opt->kl_base);
+                    if (base_target != target)
+                        die("'%s' scored token %u where this run has %u (window %zu): a different text",
+                            opt->kl_base, base_target, target, w + 1);
+                    double divergence = 0.0;  // KL(base || this) = sum p_base (log p_base - log p_this)
+                    int best_base = 0, best_this = 0;
+                    for (int i = 0; i < V; i++) {
+                        if (row_f32[i] > -INFINITY) divergence += exp((double)row_f32[i]) * ((double)row_f32[i] - logprobs[i]);
+                        if (row_f32[i] > row_f32[best_base]) best_base = i;
+                        if (logprobs[i] > logprobs[best_this]) best_this = i;
+                    }
+                    mean_add(&kl, divergence);
+                    mean_add(&base_nll, -(double)row_f32[target]);
+                    top1_same += best_base == best_this;
+                }
+            }
+            done += n;
+        }
+        fprintf(stderr, "phi2: perplexity: window %zu/%zu: %.4f so far (%.1f s)\n", w + 1, n_windows,
+                exp(mean_of(&nll)), now_seconds() - t0);
+    }
+    const double ppl = exp(mean_of(&nll));
+    printf("perplexity: %.6f +/- %.6f (%lld tokens scored: the second halves of %zu windows of %d)\n", ppl,
+           ppl * stderr_of(&nll), nll.n, n_windows, ctx);
+    if (base) {
+        if (fgetc(base) != EOF) die("'%s' is longer than its header says", opt->kl_base);
+        fclose(base);
+        printf("kl-divergence: %.6g +/- %.6g | top-1 agreement: %.4f%% | perplexity ratio (this / base): %.6f\n",
+               mean_of(&kl), stderr_of(&kl), 100.0 * (double)top1_same / (double)kl.n,
+               exp(mean_of(&nll) - mean_of(&base_nll)));
+    }
+    if (save) {
+        if (fclose(save) != 0) die("cannot write '%s': %s", g_partial_file, strerror(errno));
+        if (replace_file(g_partial_file, opt->save_logprobs) != 0)
+            die("cannot rename '%s' to '%s': %s", g_partial_file, opt->save_logprobs, strerror(errno));
+        g_partial_file[0] = '\0';
+    }
+    free(logprobs);
+    free(row_f32);
+    free(ids);
+    free_state(&s);
+}
+
 /* The prompt as token ids: --ids as given, text (-p / -f) through the tokenizer.
  * *text (may be NULL) keeps the prompt's bytes for echoing. */
 static int *read_prompt(const Options *opt, const Model *m, int *n_out, unsigned char **text, size_t *text_len) {
@@ -1383,12 +1655,12 @@ static int *read_prompt(const Options *opt, const Model *m, int *n_out, unsigned
     return ids;
 }
 
-/* Generated text on its way to stdout (whole UTF-8 characters only, see Utf8Stream). With a
- * stop string (--stop), bytes that might be its beginning are held back until the next
- * tokens show whether they are; when it appears, only the text before it is printed. */
+/* Generated text on its way to stdout (whole UTF-8 characters only, see Utf8Stream). With
+ * stop strings (--stop), bytes that might be the beginning of one are held back until the next
+ * tokens show whether they are; when one appears, only the text before it is printed. */
 typedef struct {
-    const char *stop;       // NULL: no stop string
-    size_t stop_len;
+    const char *const *stops;  // the stop strings (--stop, repeatable): the first to appear ends it
+    int n_stops;
     int print;              // 0: only watch for the stop string (--print-ids)
     unsigned char *held;    // generated bytes not printed yet
     size_t n_held, cap;
@@ -1413,16 +1685,21 @@ static int text_out_push(TextOut *o, const unsigned char *bytes, size_t n) {
     }
     memcpy(o->held + o->n_held, bytes, n);
     o->n_held += n;
-    size_t keep = 0;  // held bytes that might still become the stop string
-    if (o->stop) {
-        for (size_t i = 0; i + o->stop_len <= o->n_held; i++)
-            if (memcmp(o->held + i, o->stop, o->stop_len) == 0) {
+    for (size_t i = 0; i < o->n_held && o->n_stops > 0; i++)  // the earliest complete stop string
+        for (int s = 0; s < o->n_stops; s++) {
+            const size_t stop_len = strlen(o->stops[s]);
+            if (i + stop_len <= o->n_held && memcmp(o->held + i, o->stops[s], stop_len) == 0) {
                 text_out_emit(o, i);
                 o->n_held = 0;
                 return 1;
             }
-        keep = o->n_held < o->stop_len - 1 ? o->n_held : o->stop_len - 1;
-        while (keep > 0 && memcmp(o->held + o->n_held - keep, o->stop, keep) != 0) keep--;
+        }
+    size_t keep = 0;  // held bytes that might still become a stop string
+    for (int s = 0; s < o->n_stops; s++) {
+        const size_t stop_len = strlen(o->stops[s]);
+        size_t k = o->n_held < stop_len - 1 ? o->n_held : stop_len - 1;
+        while (k > keep && memcmp(o->held + o->n_held - k, o->stops[s], k) != 0) k--;
+        if (k > keep) keep = k;
     }
     text_out_emit(o, o->n_held - keep);
     return 0;
@@ -1446,10 +1723,15 @@ static int generate(const Model *m, RunState *s, const Options *opt, const int *
     const Config *c = &m->config;
     const int n_vocab_real = m->tokenizer.n_tokens < c->vocab_size ? m->tokenizer.n_tokens : c->vocab_size;
     Sampler sampler = {.temperature = opt->temperature, .top_k = opt->top_k, .top_p = opt->top_p,
-                       .rng = opt->seed_given ? opt->seed : (uint64_t)time(NULL)};
+                       .rng = opt->seed_given ? opt->seed : (uint64_t)time(NULL), .min_p = opt->min_p};
     sampler.rng = sampler.rng * 0x9E3779B97F4A7C15ULL + 1;  // never zero: xorshift would stick
     Candidate *cand = xmalloc(mul_size((size_t)n_vocab_real, sizeof(Candidate)));
-    TextOut out = {.stop = opt->stop, .stop_len = opt->stop ? strlen(opt->stop) : 0, .print = !opt->print_ids};
+    // What the repetition penalties look back on: the prompt, then each generated token.
+    int *history = xmalloc(mul_size((size_t)n_prompt + (size_t)ctx + 1, sizeof(int)));
+    memcpy(history, prompt, mul_size((size_t)n_prompt, sizeof(int)));
+    int n_history = n_prompt;
+    int *penalty_counts = xcalloc((size_t)n_vocab_real, sizeof(int));
+    TextOut out = {.stops = opt->stops, .n_stops = opt->n_stops, .print = !opt->print_ids};
     if (out.print && !opt->no_display_prompt && text) utf8_stream_write(&out.utf8, text, text_len, stdout);
     int reader_alive = flush_stdout();
     const char *stop_reason = NULL;
@@ -1471,13 +1753,15 @@ static int generate(const Model *m, RunState *s, const Options *opt, const int *
         if (!reader_alive) { stop_reason = "the output was closed"; break; }
         if (n_gen >= n_limit) { stop_reason = "generated the -n limit of tokens"; break; }
         if (pos >= ctx) { stop_reason = "the context is full"; break; }
+        apply_penalties(&opt->penalties, s->logits, n_vocab_real, history, n_history, penalty_counts);
         if (opt->ignore_eos) s->logits[c->eos_id] = -INFINITY;
         int next = sample(&sampler, s->logits, n_vocab_real, cand);
         if (next == c->eos_id) { stop_reason = "end of text"; break; }
         generated[n_gen++] = next;
+        history[n_history++] = next;
         size_t len = 0;
         const unsigned char *bytes = tokenizer_token_bytes(&m->tokenizer, next, &len);
-        if (text_out_push(&out, bytes, len)) stop_reason = "found the stop string";
+        if (text_out_push(&out, bytes, len)) stop_reason = "found a stop string";
         if (out.print) reader_alive = flush_stdout();
         if (!stop_reason && n_gen < n_limit && pos + 1 < ctx) {
             forward(m, s, &next, 1, pos, 0);
@@ -1507,6 +1791,8 @@ static int generate(const Model *m, RunState *s, const Options *opt, const int *
             gen_tps * (double)m->weight_bytes * 1e-9, max_threads(), kv_type_name(s->kv_type),
             (double)s->kv_bytes * 1e-6, kernels);
     free(generated);
+    free(history);
+    free(penalty_counts);
     free(cand);
     return g_interrupted ? 130 : 0;
 }
@@ -1539,6 +1825,14 @@ int main(int argc, char **argv) {
     load_model(&model, opt.model_path, !opt.no_mmap);
     const Config *c = &model.config;
 
+    if (opt.perplexity) {
+        int ctx = opt.ctx ? opt.ctx : c->max_seq_len;
+        if (ctx > c->max_seq_len) die("--ctx-size %d exceeds the model's maximum of %d", ctx, c->max_seq_len);
+        perplexity(&model, &opt, ctx);
+        free_model(&model);
+        flush_stdout();
+        return 0;
+    }
     int n_prompt = 0;
     unsigned char *text = NULL;
     size_t text_len = 0;
@@ -3183,6 +3477,7 @@ static void setup_process(int *argc, char ***argv) {
         *argv = args;
     }
     _setmode(_fileno(stdout), _O_BINARY);
+    _setmode(_fileno(stdin), _O_BINARY);   // -f -: the prompt from stdin, byte for byte
     if (GetFileType(GetStdHandle(STD_OUTPUT_HANDLE)) == FILE_TYPE_CHAR && !g_console_cp_set) {
         g_console_cp = GetConsoleOutputCP();
         g_console_cp_set = 1;

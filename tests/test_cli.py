@@ -51,7 +51,9 @@ def expect_error(*args, contains=None):
 def test_help_lists_every_flag():
     out = phi2("-h").out
     for flag in ("--prompt", "--file", "--ids", "--n-predict", "--temp", "--top-k", "--top-p", "--seed",
-                 "--ctx-size", "--threads", "--batch", "--kv-type", "--no-mmap", "--ignore-eos", "--tokenize", "--print-ids", "--dump-logits", "--stop", "--help"):
+                 "--ctx-size", "--threads", "--batch", "--kv-type", "--no-mmap", "--ignore-eos", "--tokenize", "--print-ids",
+                 "--dump-logits", "--stop", "--help", "--min-p", "--repeat-penalty", "--repeat-last-n",
+                 "--presence-penalty", "--frequency-penalty", "--perplexity", "--save-logprobs", "--kl-base"):
         assert flag in out, flag
 
 
@@ -77,6 +79,12 @@ def test_bad_flags():
     expect_error(m, "--ids", "-1")
     expect_error(m, "--ids", "")
     expect_error(m, "-f", os.path.join(WORK, "no-such-prompt.txt"), contains="no-such-prompt.txt")
+    expect_error(m, "--min-p", "1.5", contains="--min-p")
+    expect_error(m, "--min-p", "-0.1")
+    expect_error(m, "--repeat-penalty", "0", contains="--repeat-penalty")
+    expect_error(m, "--repeat-last-n", "-2", contains="--repeat-last-n")
+    expect_error(m, "--presence-penalty", "x")
+    expect_error(m, "--frequency-penalty", "inf")
 
 
 def test_bad_model_files():
@@ -241,3 +249,27 @@ def test_stop_string():
              os.fsdecode(stop)).out.strip().split(",")
     assert q == ids[:len(q)] and len(b"".join(pieces[:len(q)])) >= first + len(stop) > len(b"".join(pieces[:len(q) - 1]))
     expect_error(m, "--stop", "", "-p", "hi")
+
+
+def test_several_stop_strings():
+    """--stop is repeatable: the first of the strings to appear in the text ends it."""
+    m = tiny_model()
+    text = phi2(m, "-p", "Hello world", "-n", "24", "--temp", "0", "--ignore-eos", "--no-display-prompt").stdout[:-1]
+    early, late = text[6:9], text[14:18]
+    assert early not in text[:6] and late not in text[:14] and b"\0" not in early + late, text
+    for stops in ((late, early), (early, late), (early, b"never appears", late)):
+        flags = [x for s in stops for x in ("--stop", os.fsdecode(s))]
+        p = phi2(m, "-p", "Hello world", "-n", "24", "--temp", "0", "--ignore-eos", "--no-display-prompt", *flags)
+        assert p.stdout == text[:text.find(early)] + b"\n", (stops, p.stdout, text)
+    flags = [x for i in range(17) for x in ("--stop", f"s{i}")]
+    expect_error(m, "-p", "hi", *flags, contains="at most 16")
+
+
+def test_prompt_from_stdin():
+    """-f - reads the prompt from standard input, byte for byte, as -f FILE would."""
+    m = tiny_model()
+    prompt = "Instruct: caches?\nOutput:\n"
+    want = phi2(m, "-p", prompt, "--tokenize").out
+    assert phi2(m, "-f", "-", "--tokenize", input=prompt.encode()).out == want
+    want = phi2(m, "-p", prompt, "-n", "6", "--temp", "0").stdout
+    assert phi2(m, "-f", "-", "-n", "6", "--temp", "0", input=prompt.encode()).stdout == want

@@ -216,3 +216,176 @@ def test_python_sampler_predicts_every_draw():
             n_checked += 1
     print(f"     {n_checked} of 200 draws predicted exactly ({200 - n_checked} too close to an edge to call)")
     assert n_checked >= 190, f"only {n_checked} draws away from an edge"
+
+
+# --- min-p and the repetition penalties ----------------------------------------------------
+# The engine's order: penalties on the logits (repeat: CTRL / llama.cpp, a logit > 0 divided
+# by the penalty, else multiplied; then presence + count * frequency subtracted, OpenAI-style;
+# each over the distinct ids of the last N tokens of prompt + generated text), then the
+# temperature, top-k, top-p, then min-p: the candidates left whose tempered probability is
+# at least min_p times the best one's.
+
+def penalty_prompt():
+    """A prompt whose last logits have ids of the prompt itself among the likely ones: the 10
+    best ids after PROMPT, the first 4 of them again, then PROMPT (the tiny model's last logits
+    depend mostly on the last tokens, so those ids stay near the top)."""
+    best = [int(i) for i in np.argsort(-last_logits(), kind="stable")[:10]]
+    return best + best[:4] + PROMPT
+
+
+def penalty_logits():
+    """The last row of --dump-logits after penalty_prompt(), real ids only, <|endoftext|> at -inf."""
+    path = persist(os.path.join(WORK, "sampling-penalty-logits.f32"))
+    if not os.path.isfile(path):
+        phi2(converted(checkpoint()), "--ids", ",".join(map(str, penalty_prompt())), "--dump-logits", path)
+    row = read_logits(path, VOCAB)[-1, :N_REAL].copy()
+    row[EOS] = -np.inf
+    return row
+
+
+def penalize(logits, history, repeat=1.0, last_n=64, presence=0.0, frequency=0.0, mistake=None):
+    """The engine's penalties in float32. mistake: 'repeat_sign' (every logit divided by the
+    penalty, also negative ones), 'no_last_n' (the whole history), 'frequency_once' (the
+    frequency penalty without the count)."""
+    x = logits.astype(np.float32).copy()
+    if mistake == "no_last_n" or last_n < 0 or last_n > len(history):
+        last_n = len(history)
+    window = history[len(history) - last_n:] if last_n > 0 else []
+    counts = {}
+    for i in window:
+        if i < len(x):
+            counts[i] = counts.get(i, 0) + 1
+    for i, count in counts.items():
+        v = x[i]
+        v = v / np.float32(repeat) if (v > 0 or mistake == "repeat_sign") else v * np.float32(repeat)
+        if mistake == "frequency_once":
+            count = 1
+        x[i] = v - (np.float32(presence) + np.float32(count) * np.float32(frequency))
+    return x
+
+
+def min_p_cut(x, temp, order, prob, min_p, untempered=False, strict=True):
+    """How many of the candidates `order` (best first) min-p keeps. untempered: a planted
+    mistake, min-p on the probabilities at temperature 1."""
+    p = expf(x - x.max())[order] if untempered else prob[order]
+    threshold = np.float32(min_p) * p[0]
+    n = 1
+    while n < len(p) and p[n] >= threshold:
+        n += 1
+    if strict:  # not on a rounding edge (probabilities within 1e-5 of the threshold)
+        assert not np.any(np.abs(p[1:] - threshold) < np.float32(1e-5) * threshold), "min-p cut too close to call"
+    return n
+
+
+def candidates_min_p(logits, temp, top_k, top_p, min_p, mistake=None, strict=True):
+    """candidates() followed by min-p: (ids, probs, running sums) the engine draws from."""
+    x = logits.astype(np.float32)
+    ids, p, running = candidates(x, temp, top_k, top_p, strict=strict)
+    if min_p > 0:
+        prob = expf((x - x.max()) / np.float32(temp))
+        n = min_p_cut(x, temp, ids, prob, min_p, untempered=mistake == "min_p_untempered", strict=strict)
+        ids, p = ids[:n], p[:n]
+        running = np.cumsum(p, dtype=np.float32)
+    return ids, p, running
+
+
+# (temperature, top-k, top-p, min-p, repeat, last-n, presence, frequency, seeds): 150 runs
+PENALTY_SETTINGS = [
+    (1.0, 5, 1.0, 0.0, 1.3, 64, 0.0, 0.0, 25),     # the repeated best ids pushed out of the top 5
+    (1.0, 5, 1.0, 0.0, 1.3, 40, 0.0, 0.0, 25),     # only the last 40 tokens: 2 of those ids penalized
+    (1.0, 6, 1.0, 0.0, 1.0, 64, 0.3, 0.4, 25),     # presence and frequency (4 ids seen twice)
+    (100.0, 0, 1.0, 0.0, 1.5, -1, 0.0, 0.0, 20),   # nearly uniform: negative logits multiplied too
+    (1.0, 0, 1.0, 0.6, 1.0, 64, 0.0, 0.0, 25),     # min-p alone
+    (3.0, 40, 0.8, 0.5, 1.1, 64, 0.1, 0.0, 30),    # min-p of tempered probabilities: 17 of top-p's 30
+]
+PENALTY_MISTAKES = ("repeat_sign", "no_last_n", "frequency_once", "min_p_untempered")
+
+_penalty_draws = {}
+
+
+def penalty_engine_draws():
+    """{setting: [(seed, first generated id)]} for PENALTY_SETTINGS."""
+    if not _penalty_draws:
+        model = converted(checkpoint())
+        ids = ",".join(map(str, penalty_prompt()))
+        seed = 1000
+        for setting in PENALTY_SETTINGS:
+            temp, top_k, top_p, min_p, repeat, last_n, presence, frequency, n_seeds = setting
+            got = []
+            for _ in range(n_seeds):
+                seed += 1
+                p = phi2(model, "--ids", ids, "-n", 1, "--ignore-eos", "--print-ids", "-t", 1, "-s", seed,
+                         "--temp", temp, "--top-k", top_k, "--top-p", top_p, "--min-p", min_p,
+                         "--repeat-penalty", repeat, "--repeat-last-n", last_n,
+                         "--presence-penalty", presence, "--frequency-penalty", frequency)
+                got.append((seed, int(p.out.strip())))
+            _penalty_draws[setting] = got
+    return _penalty_draws
+
+
+def penalty_problems(setting, got, mistake=None):
+    """What is wrong with the draws `got` under the Python model of `setting` (with a planted
+    mistake or not): ids outside the allowed set, likely ids never drawn, and draws that the
+    seeded RNG puts on another id."""
+    temp, top_k, top_p, min_p, repeat, last_n, presence, frequency, _ = setting
+    x = penalize(penalty_logits(), penalty_prompt(), repeat, last_n, presence, frequency, mistake=mistake)
+    ids, _, running = candidates_min_p(x, temp, top_k, top_p, min_p, mistake=mistake, strict=mistake is None)
+    widths = np.diff(np.concatenate([[np.float32(0)], running]))
+    probs = {int(i): float(w) / float(running[-1]) for i, w in zip(ids, widths) if w > 0}
+    problems = check_draws(probs, [i for _, i in got])
+    wrong = [(seed, drawn, want) for seed, drawn in got
+             for want, near_edge in [predicted_draw(ids, running, seed)] if not near_edge and drawn != want]
+    if wrong:
+        problems.append(f"{len(wrong)} draws not as predicted, e.g. seed {wrong[0][0]}: engine {wrong[0][1]}, "
+                        f"Python {wrong[0][2]}")
+    return problems, len(probs)
+
+
+def test_min_p_and_penalties_match_python_sampler():
+    """Over 150 seeds and six settings of min-p and the penalties, the engine draws only ids
+    the Python sampler allows, every likely one, and exactly the id the Python sampler draws
+    with the same seed. The settings do what their comments say."""
+    for setting, got in penalty_engine_draws().items():
+        problems, n_allowed = penalty_problems(setting, got)
+        print(f"     {setting[:8]}: {n_allowed} allowed ids, {len(set(i for _, i in got))} distinct drawn")
+        assert not problems, f"{setting}: " + "; ".join(problems)
+    x, history = penalty_logits(), penalty_prompt()
+    top5 = set(np.argsort(-x)[:5].tolist())
+    assert top5 & set(history), "no prompt id among the best 5: the penalties would change nothing"
+    assert not top5 & set(np.argsort(-penalize(x, history, 1.3, 64))[:5].tolist()) & set(history[:14]), \
+        "the repeat penalty should push the repeated ids out of the top 5"
+    # at temperature 3 min-p's tempered cut keeps 17 of top-p's 30, an untempered one just 1
+    hot = penalize(x, history, 1.1, 64, 0.1)
+    after_top_p = candidates(hot, 3.0, 40, 0.8)[0]
+    tempered = candidates_min_p(hot, 3.0, 40, 0.8, 0.5)[0]
+    untempered = candidates_min_p(hot, 3.0, 40, 0.8, 0.5, mistake="min_p_untempered", strict=False)[0]
+    assert len(untempered) < len(tempered) < len(after_top_p), (len(untempered), len(tempered), len(after_top_p))
+
+
+def test_check_notices_planted_penalty_and_min_p_mistakes():
+    """The same draws checked against a Python sampler with one planted mistake (negative
+    logits divided by the repeat penalty; the whole history instead of the last N; the
+    frequency penalty without the count; min-p at temperature 1) fail."""
+    for mistake in PENALTY_MISTAKES:
+        caught = [s for s, got in penalty_engine_draws().items() if penalty_problems(s, got, mistake)[0]]
+        print(f"     {mistake}: caught by {len(caught)} of {len(PENALTY_SETTINGS)} settings")
+        assert caught, f"a sampler with the mistake '{mistake}' would pass the check"
+
+
+def test_greedy_takes_the_penalized_argmax():
+    """--temp 0 takes the best id after the penalties (here: not the best id without them)."""
+    model = converted(checkpoint())
+    x, history = penalty_logits(), penalty_prompt()
+    ids = ",".join(map(str, history))
+    for flags in ((1.5, 64, 0.0, 0.0), (1.0, 64, 2.0, 0.0), (1.0, 64, 0.0, 1.5)):
+        repeat, last_n, presence, frequency = flags
+        want = int(np.argmax(penalize(x, history, *flags)))
+        assert want != int(np.argmax(x)), flags
+        got = phi2(model, "--ids", ids, "-n", 1, "--ignore-eos", "--print-ids", "--temp", 0, "--repeat-penalty", repeat,
+                   "--repeat-last-n", last_n, "--presence-penalty", presence, "--frequency-penalty", frequency).out
+        assert int(got.strip()) == want, (flags, got, want)
+    # off: --repeat-last-n 0 (the penalties see nothing), the default repeat penalty of 1
+    plain = int(np.argmax(x))
+    for flags in (("--repeat-penalty", 1.5, "--repeat-last-n", 0), ()):
+        got = phi2(model, "--ids", ids, "-n", 1, "--ignore-eos", "--print-ids", "--temp", 0, *flags).out
+        assert int(got.strip()) == plain, (flags, got)
