@@ -416,7 +416,7 @@ static const unsigned char *read_into_huge_pages(int fd, size_t size, const char
  * much as generating one token, and catches a damaged download before it produces garbage. */
 static void weights_checksums(const unsigned char *p, size_t n_words, uint64_t *sum, uint64_t *weighted) {
     uint64_t s = 0, w = 0;
-#pragma omp parallel for schedule(static) reduction(+ : s, w)
+#pragma omp parallel for schedule(dynamic, 1 << 15) reduction(+ : s, w)  // 256 KB chunks: a busy core takes fewer
     for (size_t i = 0; i < n_words; i++) {
         uint64_t word;
         memcpy(&word, p + 8 * i, 8);  // little-endian, like the rest of the file
@@ -540,11 +540,15 @@ static void layernorm(float *out, const float *x, const float *weight, const flo
     }
 }
 
+/* Threads take the rows of a matrix product in chunks of this many, each as it finishes
+ * the last (a busy or slow core takes fewer; see tiles_per_chunk in Appendix A). */
+enum { SCALAR_ROWS_PER_CHUNK = 16 };
+
 /* --- float32 matrix product: out[t, r] = sum_c W[r, c] * in[t, c] + bias[r] ------------ */
 
 MAYBE_UNUSED static void matmul_f32_scalar(float *out, const float *in, const Matrix *W, const float *bias, int n_tokens) {
     const int rows = W->rows, cols = W->cols;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, SCALAR_ROWS_PER_CHUNK)
     for (int r = 0; r < rows; r++) {
         const float *wr = W->w + (size_t)r * cols;
         for (int t = 0; t < n_tokens; t++) {
@@ -592,7 +596,7 @@ MAYBE_UNUSED static void quantize_rows_q8_scalar(QuantizedRows *out, const float
 MAYBE_UNUSED static void matmul_q8_scalar(float *out, const QuantizedRows *in, const Matrix *W, const float *bias,
                                           int n_tokens) {
     const int rows = W->rows, cols = W->cols, n_groups = cols / Q8_GROUP, group = Q8_GROUP;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, SCALAR_ROWS_PER_CHUNK)
     for (int r = 0; r < rows; r++) {
         const int8_t *wq = W->q + (size_t)r * cols;
         const float *wd = W->scale + (size_t)r * n_groups;
@@ -649,7 +653,7 @@ static int q4_code(const uint8_t *row_codes, int c) {
 MAYBE_UNUSED static void matmul_q4_scalar(float *out, const QuantizedRows *in, const Matrix *W, const float *bias,
                                           int n_tokens) {
     const int rows = W->rows, cols = W->cols, n_groups = cols / Q4_GROUP, n_blocks = cols / Q4_BLOCK;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, SCALAR_ROWS_PER_CHUNK)
     for (int r = 0; r < rows; r++) {
         const uint8_t *codes = W->codes + (size_t)r * (cols / 2);
         const uint16_t *wd = W->scale16 + (size_t)r * n_groups;
@@ -762,7 +766,7 @@ static void matmul(float *out, const float *in, const Matrix *W, const float *bi
 /* gelu_new over n values, split over the threads for a prompt's batch. */
 static void gelu_new(float *x, size_t n) {
     const size_t chunk = 4096;
-#pragma omp parallel for schedule(static) if (n >= 4 * chunk)
+#pragma omp parallel for schedule(dynamic) if (n >= 4 * chunk)
     for (size_t i = 0; i < n; i += chunk) gelu_new_span(x + i, n - i < chunk ? n - i : chunk);
 }
 
@@ -1520,16 +1524,38 @@ int main(int argc, char **argv) {
 #endif
 #endif
 
-/* Inside a parallel region: this thread's share [*lo, *hi) of n items, contiguous, so each
- * thread streams one contiguous part of a weight matrix (static schedule by hand). */
-MAYBE_UNUSED static void thread_share(int n, int *lo, int *hi) {
+/* Work sharing for the tiled kernels: the row tiles of a matrix go in chunks of contiguous
+ * tiles, which threads claim one at a time from a shared counter as they finish the last
+ * (dynamic scheduling). An equal static split makes every thread wait for the slowest: on
+ * a laptop that is an efficiency core, or a core another program is using, and a thread
+ * that gets half a core holds its half of the matrix back for as long again. With chunks,
+ * a slow thread simply ends up taking fewer. A row's result does not depend on which thread
+ * computes it (chunks start at multiples of the tile height, so every row is in the same
+ * tile as with one thread, computed by the same code): output is the same for any thread
+ * count, as tests/test_determinism.py checks.
+ * Chunk size: about CHUNKS_PER_THREAD chunks per thread, so a thread that falls behind
+ * leaves little for the others to wait on, but at least CHUNK_MIN_BYTES of weights, so each
+ * chunk is a long contiguous stream the hardware prefetcher can follow. */
+enum { CHUNKS_PER_THREAD = 8, CHUNK_MIN_BYTES = 64 << 10 };
+
+MAYBE_UNUSED static int tiles_per_chunk(int n_tiles, size_t bytes_per_tile) {
 #ifdef _OPENMP
-    const int nt = omp_get_num_threads(), it = omp_get_thread_num();
+    const int n_threads = omp_get_max_threads();
 #else
-    const int nt = 1, it = 0;
+    const int n_threads = 1;
 #endif
-    *lo = (int)((long long)n * it / nt);
-    *hi = (int)((long long)n * (it + 1) / nt);
+    int tiles = n_tiles / (n_threads * CHUNKS_PER_THREAD);
+    const size_t min_tiles = (CHUNK_MIN_BYTES + bytes_per_tile - 1) / (bytes_per_tile ? bytes_per_tile : 1);
+    if ((size_t)tiles < min_tiles) tiles = min_tiles < (size_t)n_tiles ? (int)min_tiles : n_tiles;
+    return tiles > 0 ? tiles : 1;
+}
+
+/* The next unclaimed chunk (numbers past the last mean: none left). Each call takes one. */
+MAYBE_UNUSED static int claim_chunk(int *next_chunk) {
+    int chunk;
+#pragma omp atomic capture
+    chunk = (*next_chunk)++;
+    return chunk;
 }
 
 /* Fast f32 kernels. The product is a set of dot products along the columns, where both a
@@ -1541,7 +1567,7 @@ MAYBE_UNUSED static void thread_share(int n, int *lo, int *hi) {
  * (n_tokens x KC floats, <= 512 KB) stays in L2 while a thread walks its rows, and a tile's
  * R weight rows (R x KC floats) stay in L1 while every token block reuses them. With one or
  * two tokens (decode) there is no column blocking: a plain streaming matvec over R rows.
- * Threads: each takes one contiguous range of row tiles (it streams its part of W). */
+ * Threads: they claim chunks of contiguous row tiles (each streams its part of W). */
 enum { F32_COL_BLOCK = 2048 };
 
 /* Columns per block: at most F32_COL_BLOCK, equal blocks, a multiple of 16 (but no blocking for
@@ -1656,11 +1682,12 @@ typedef void (*F32Tile)(float *out, int out_stride, const float *w, const float 
 static void matmul_f32_blocked(float *out, const float *in, const Matrix *W, const float *bias, int n_tokens,
                                F32Tile tile, int RT, int TT) {
     const int rows = W->rows, cols = W->cols, kc = f32_col_block(cols, n_tokens);
+    const int n_tiles = (rows + RT - 1) / RT, chunk_tiles = tiles_per_chunk(n_tiles, (size_t)RT * cols * sizeof(float));
+    const int n_chunks = (n_tiles + chunk_tiles - 1) / chunk_tiles;
+    int next_chunk = 0;
 #pragma omp parallel
-    {
-        int lo, hi;
-        thread_share((rows + RT - 1) / RT, &lo, &hi);
-        const int r0 = lo * RT, r1 = hi * RT < rows ? hi * RT : rows;
+    for (int chunk; (chunk = claim_chunk(&next_chunk)) < n_chunks;) {
+        const int r0 = chunk * chunk_tiles * RT, r1 = (chunk + 1) * chunk_tiles * RT < rows ? (chunk + 1) * chunk_tiles * RT : rows;
         for (int c0 = 0; c0 < cols; c0 += kc) {
             const int k = cols - c0 < kc ? cols - c0 : kc;
             const float *last_bias = c0 + k >= cols ? bias : NULL;
@@ -1978,7 +2005,7 @@ typedef void (*Int8Tile)(float *out, int out_stride, const void *w, const void *
                          int cols, int n_groups, int R, int T, const float *bias);
 
 /* The loop nest shared by the VNNI, AVX2 and NEON int8 kernels (tile: RT rows x TT tokens). Each
- * thread takes a contiguous range of rows and reads each weight row once (the tile loops
+ * thread claims chunks of contiguous rows (tiles_per_chunk) and reads each weight row once (the tile loops
  * over all tokens with the rows in cache): a batch's activations are small (n_tokens x cols
  * bytes) and stay in L2. Decode (one token) goes one row at a time, so the matrix streams
  * strictly in address order (measured a few % faster than interleaving RT rows, which only
@@ -1986,11 +2013,13 @@ typedef void (*Int8Tile)(float *out, int out_stride, const void *w, const void *
 static void matmul_int8_tiled(float *out, const QuantizedRows *in, const Matrix *W, const float *bias, int n_tokens,
                             Int8Tile tile, int RT, int TT) {
     const int rows = W->rows, cols = W->cols, n_groups = cols / Q8_GROUP;
+    const size_t row_bytes = W->type == WEIGHTS_Q4 ? (size_t)cols / 2 : (size_t)cols;
+    const int n_tiles = (rows + RT - 1) / RT, chunk_tiles = tiles_per_chunk(n_tiles, (size_t)RT * row_bytes);
+    const int n_chunks = (n_tiles + chunk_tiles - 1) / chunk_tiles;
+    int next_chunk = 0;
 #pragma omp parallel
-    {
-        int lo, hi;
-        thread_share((rows + RT - 1) / RT, &lo, &hi);
-        const int r0 = lo * RT, r1 = hi * RT < rows ? hi * RT : rows;
+    for (int chunk; (chunk = claim_chunk(&next_chunk)) < n_chunks;) {
+        const int r0 = chunk * chunk_tiles * RT, r1 = (chunk + 1) * chunk_tiles * RT < rows ? (chunk + 1) * chunk_tiles * RT : rows;
         const int tile_rows = n_tokens == 1 ? 1 : RT;
         for (int r = r0; r < r1;) {
             const int R = r1 - r >= tile_rows ? tile_rows : 1;
@@ -2155,12 +2184,14 @@ static void matmul_q8_amx(float *out, const QuantizedRows *in, const Matrix *W, 
         }
 
     const int n_rb = rows / 16, rest = rows % 16;
+    const int chunk_blocks = tiles_per_chunk(n_rb, (size_t)16 * cols), n_chunks = (n_rb + chunk_blocks - 1) / chunk_blocks;
+    int next_chunk = 0;
 #pragma omp parallel
     {
-        int lo, hi;
-        thread_share(n_rb, &lo, &hi);
         amx_configure(16);
-        for (int rb = lo; rb < hi; rb++) amx_rows(out, W, bias, packed, xs_packed, n_tokens, rb * 16, 16);
+        for (int chunk; (chunk = claim_chunk(&next_chunk)) < n_chunks;)
+            for (int rb = chunk * chunk_blocks; rb < (chunk + 1) * chunk_blocks && rb < n_rb; rb++)
+                amx_rows(out, W, bias, packed, xs_packed, n_tokens, rb * 16, 16);
         if (rest) {
 #pragma omp single nowait
             {
