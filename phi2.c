@@ -83,6 +83,7 @@ static void free_aligned(void *p);
 static FILE *create_partial_file(const char *path);  // "wb", removable while still open
 static int replace_file(const char *from, const char *to);  // rename over an existing file: 0, or -1 and errno
 static int reader_gone(int err);        // whether a failed write (errno err) met a closed pipe
+static void use_sleeping_thread_wait(char **argv);  // idle OpenMP threads sleep, not spin (may restart the program)
 
 /* A file being written (e.g. --dump-logits) goes to "<path>.tmp" and is renamed when
  * complete; if we die first, the temporary is removed so nothing half-written remains. */
@@ -1421,6 +1422,7 @@ static int generate(const Model *m, RunState *s, const Options *opt, const int *
 }
 
 int main(int argc, char **argv) {
+    use_sleeping_thread_wait(argv);  // before OpenMP starts any thread
     setup_process(&argc, &argv);  // e.g. SIGPIPE ignored: a closed stdout becomes EPIPE, handled in flush_stdout
     Options opt = parse_args(argc, argv);
     if (opt.help) {
@@ -2822,6 +2824,27 @@ static void setup_process(int *argc, char ***argv) {
 
 static FILE *fopen_path(const char *path, const char *mode) { return fopen(path, mode); }
 
+/* Between two parallel loops OpenMP's idle threads spin by default before they sleep
+ * (GCC's libgomp for about 3 ms, LLVM's libomp for 200 ms). A forward pass has 161 parallel
+ * loops per generated token, so they spin all the time, and on a core that another program
+ * is using a spinning thread burns its time slices waiting: the scheduler then lets it run
+ * late, and every parallel loop waits for it. Measured with a busy core (README, Speed):
+ * 2 threads fell to a third of 1 thread's speed; asleep, they are faster than 1 thread.
+ * The runtimes read the policy from the environment: libomp when first used, libgomp when
+ * the program starts, so with libgomp (GCC on Linux) we start the program again with it
+ * set (same process, same arguments). A policy the user set wins (OMP_WAIT_POLICY, or
+ * GOMP_SPINCOUNT / KMP_BLOCKTIME, the runtimes' own spin settings). */
+static void use_sleeping_thread_wait(char **argv) {
+#ifdef _OPENMP
+    if (getenv("OMP_WAIT_POLICY") || getenv("GOMP_SPINCOUNT") || getenv("KMP_BLOCKTIME")) return;
+    if (setenv("OMP_WAIT_POLICY", "passive", 1) != 0) return;
+#if defined(__linux__) && !defined(__clang__)
+    execv("/proc/self/exe", argv);  // returns only if it failed (e.g. no /proc): then threads spin
+#endif
+#endif
+    (void)argv;
+}
+
 static int remove_path(const char *path) { return unlink(path); }
 
 static void catch_termination_signals(void (*handler)(int)) {
@@ -2923,6 +2946,16 @@ static char *utf8_from_wide(const wchar_t *w) {
     if (n <= 0 || !WideCharToMultiByte(CP_UTF8, 0, w, -1, s, n, NULL, NULL)) s[0] = '\0';
     return s;
 }
+
+/* Idle OpenMP threads sleep rather than spin (see the POSIX version). MinGW links libgomp
+ * into phi2.exe, which reads OMP_WAIT_POLICY in a constructor before main: this one runs
+ * first (constructors with a priority run before those without). */
+__attribute__((constructor(101))) static void set_sleeping_thread_wait(void) {
+    if (!getenv("OMP_WAIT_POLICY") && !getenv("GOMP_SPINCOUNT") && !getenv("KMP_BLOCKTIME"))
+        _putenv("OMP_WAIT_POLICY=passive");  // on failure, threads spin: slower on a busy core, still right
+}
+
+static void use_sleeping_thread_wait(char **argv) { (void)argv; }  // done before main, above
 
 static FILE *fopen_path(const char *path, const char *mode) {
     wchar_t wpath[WIN_PATH_MAX], wmode[8];
