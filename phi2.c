@@ -84,6 +84,7 @@ static FILE *create_partial_file(const char *path);  // "wb", removable while st
 static int replace_file(const char *from, const char *to);  // rename over an existing file: 0, or -1 and errno
 static int reader_gone(int err);        // whether a failed write (errno err) met a closed pipe
 static void use_sleeping_thread_wait(char **argv);  // idle OpenMP threads sleep, not spin (may restart the program)
+static int count_fast_cores(const char **which);     // the default thread count; *which: "performance cores", ...
 
 /* A file being written (e.g. --dump-logits) goes to "<path>.tmp" and is renamed when
  * complete; if we die first, the temporary is removed so nothing half-written remains. */
@@ -1121,7 +1122,8 @@ static void usage(FILE *f) {
             "      --top-p P          nucleus sampling threshold (default 0.95; 1 = off)\n"
             "  -s, --seed N           random seed (default: from the clock)\n"
             "  -c, --ctx-size N       context length (default and maximum: the model's, 2048)\n"
-            "  -t, --threads N        threads (default: all available cores)\n"
+            "  -t, --threads N        threads (default: one per performance core, not counting\n"
+            "                         SMT siblings; OMP_NUM_THREADS if set)\n"
             "      --no-mmap          read the model into memory (huge pages) instead of mapping\n"
             "                         it: slower start, faster generation\n"
             "  -b, --batch N          prompt positions processed together (default 64; 1 = one\n"
@@ -1162,7 +1164,8 @@ typedef struct {
     int seed_given;
     int ctx;                    // 0: the model's max_seq_len
     int batch;                  // prompt positions per forward pass
-    int n_threads;              // 0: all cores
+    int n_threads;              // 0: the default (count_fast_cores)
+    const char *threads_why;    // set by main: why this many threads ("-t", "performance cores", ...)
     int tokenize, print_ids, no_display_prompt, ignore_eos, no_mmap, help, version;
 } Options;
 
@@ -1413,9 +1416,9 @@ static int generate(const Model *m, RunState *s, const Options *opt, const int *
     char kernels[96];
     kernel_description(kernels, sizeof(kernels), &s->kern, c->weight_type);
     fprintf(stderr, "phi2: load %.2f s | prompt %d tokens, %.2f tok/s | generated %d tokens, %.2f tok/s "
-            "(%.1f GB/s of weights) | %d threads | %s\n",
+            "(%.1f GB/s of weights) | %d threads (%s) | %s\n",
             t_load, n_prompt_done, t_prompt > 0 ? n_prompt_done / t_prompt : 0.0, n_gen, gen_tps,
-            gen_tps * (double)m->weight_bytes * 1e-9, max_threads(), kernels);
+            gen_tps * (double)m->weight_bytes * 1e-9, max_threads(), opt->threads_why, kernels);
     free(generated);
     free(cand);
     return g_interrupted ? 130 : 0;
@@ -1439,10 +1442,21 @@ int main(int argc, char **argv) {
         return 0;
     }
     int status = 0;
+    // Threads: -t, else OMP_NUM_THREADS, else one per fast core. Decode is bound by memory
+    // bandwidth, which a few cores saturate: a second thread on a core's SMT sibling or an
+    // efficiency core adds little bandwidth and makes a slow thread for the others to wait on.
 #ifdef _OPENMP
-    if (opt.n_threads > 0) omp_set_num_threads(opt.n_threads);
+    if (opt.n_threads > 0) {
+        omp_set_num_threads(opt.n_threads);
+        opt.threads_why = "-t";
+    } else if (getenv("OMP_NUM_THREADS")) {
+        opt.threads_why = "OMP_NUM_THREADS";
+    } else {
+        omp_set_num_threads(count_fast_cores(&opt.threads_why));
+    }
 #else
     if (opt.n_threads > 1) fprintf(stderr, "phi2: built without OpenMP, running on 1 thread\n");
+    opt.threads_why = "built without OpenMP";
 #endif
 
     double t_load = now_seconds();
@@ -2874,6 +2888,152 @@ static int replace_file(const char *from, const char *to) { return rename(from, 
 
 static int reader_gone(int err) { return err == EPIPE; }
 
+/* The default thread count: one thread per performance core, one per physical core (SMT
+ * siblings share a core's caches and memory bandwidth; decode gains little from them), on
+ * the CPUs this process may run on. Linux says which cores are which in /sys:
+ *   - Intel hybrid parts list their performance cores in /sys/devices/cpu_core/cpus;
+ *   - elsewhere (Arm big.LITTLE) the cores' highest clocks tell the kinds apart
+ *     (cpufreq/cpuinfo_max_freq; below 80% of the fastest: an efficiency core, while a few
+ *     percent apart are equal cores that boost differently);
+ *   - topology/thread_siblings_list names the logical CPUs of one physical core.
+ * The CPUs allowed come from /proc/self/status (the affinity mask: taskset, cgroups).
+ * Tests point PHI2_SYSFS_ROOT at a fake /sys tree of another machine (tests/test_threads.py),
+ * whose CPUs are then those of its devices/system/cpu/online (this machine's mask does not
+ * apply to it). Whatever cannot be read counts as "no information": all allowed CPUs. */
+#if defined(__linux__)
+enum { MAX_CPUS = 4096 };
+
+/* Parse a kernel CPU list ("0-3,8,10-11\n") into set[] (CPUs >= MAX_CPUS are ignored);
+ * returns how many CPUs it names, or -1 if it is not one. */
+static int parse_cpu_list(const char *text, unsigned char *set) {
+    int count = 0;
+    memset(set, 0, MAX_CPUS);
+    for (const char *p = text; *p && *p != '\n';) {
+        char *end;
+        long lo = strtol(p, &end, 10), hi = lo;
+        if (end == p || lo < 0) return -1;
+        if (*end == '-') {
+            p = end + 1;
+            hi = strtol(p, &end, 10);
+            if (end == p || hi < lo) return -1;
+        }
+        for (long c = lo; c <= hi && c < MAX_CPUS; c++) count += !set[c], set[c] = 1;
+        p = *end == ',' ? end + 1 : end;
+        if (*end != ',' && *end != '\n' && *end != '\0') return -1;
+    }
+    return count;
+}
+
+/* The first line of root + path (at most size - 1 bytes), or 0 if it cannot be read. */
+static int read_line(const char *root, const char *path, char *line, int size) {
+    char full[PATH_MAX];
+    if (snprintf(full, sizeof(full), "%s%s", root, path) >= (int)sizeof(full)) return 0;
+    FILE *f = fopen(full, "r");
+    if (!f) return 0;
+    const int ok = fgets(line, size, f) != NULL;
+    fclose(f);
+    return ok;
+}
+
+static int read_cpu_list(const char *root, const char *path, unsigned char *set) {
+    static char line[65536];  // a list of thousands of CPUs can be long; only main's thread calls this
+    return read_line(root, path, line, sizeof(line)) ? parse_cpu_list(line, set) : -1;
+}
+
+static long long cpu_max_freq(const char *root, int cpu) {
+    char path[128], line[64];
+    snprintf(path, sizeof(path), "/sys/devices/system/cpu/cpu%d/cpufreq/cpuinfo_max_freq", cpu);
+    return read_line(root, path, line, sizeof(line)) ? atoll(line) : 0;
+}
+
+static int count_fast_cores(const char **which) {
+    const char *root = getenv("PHI2_SYSFS_ROOT");
+    unsigned char *cpus = xcalloc(3, MAX_CPUS), *listed = cpus + MAX_CPUS, *siblings = cpus + 2 * MAX_CPUS;
+    int n = -1;
+    if (root) {
+        n = read_cpu_list(root, "/sys/devices/system/cpu/online", cpus);
+    } else {
+        root = "";
+        FILE *f = fopen("/proc/self/status", "r");
+        char line[4096];
+        while (f && fgets(line, sizeof(line), f))
+            if (!strncmp(line, "Cpus_allowed_list:", 18)) n = parse_cpu_list(line + 18 + strspn(line + 18, " \t"), cpus);
+        if (f) fclose(f);
+    }
+    if (n <= 0) {  // no /proc: every online CPU
+        long online = sysconf(_SC_NPROCESSORS_ONLN);
+        free(cpus);
+        *which = "all cores";
+        return online > 0 && online < INT_MAX ? (int)online : 1;
+    }
+    *which = "all cores";
+    int n_fast = 0;
+    if (read_cpu_list(root, "/sys/devices/cpu_core/cpus", listed) > 0) {  // Intel hybrid
+        for (int c = 0; c < MAX_CPUS; c++) n_fast += cpus[c] && listed[c];
+        if (n_fast > 0 && n_fast < n) {
+            for (int c = 0; c < MAX_CPUS; c++) cpus[c] &= listed[c];
+            *which = "performance cores";
+        }
+    } else {
+        long long top = 0;
+        for (int c = 0; c < MAX_CPUS; c++)
+            if (cpus[c]) {
+                long long f = cpu_max_freq(root, c);
+                if (f > top) top = f;
+            }
+        for (int c = 0; c < MAX_CPUS; c++) listed[c] = cpus[c] && (top == 0 || cpu_max_freq(root, c) * 5 >= top * 4);
+        for (int c = 0; c < MAX_CPUS; c++) n_fast += listed[c];
+        if (n_fast > 0 && n_fast < n) {
+            memcpy(cpus, listed, MAX_CPUS);
+            *which = "performance cores";
+        }
+    }
+    // One CPU per physical core: the lowest-numbered of its allowed siblings.
+    int n_cores = 0, smt = 0;
+    for (int c = 0; c < MAX_CPUS; c++) {
+        if (!cpus[c]) continue;
+        n_cores++;
+        char path[128];
+        snprintf(path, sizeof(path), "/sys/devices/system/cpu/cpu%d/topology/thread_siblings_list", c);
+        if (read_cpu_list(root, path, siblings) <= 0) continue;
+        for (int s = c + 1; s < MAX_CPUS; s++)
+            if (siblings[s] && cpus[s]) cpus[s] = 0, smt = 1;
+    }
+    if (smt && !strcmp(*which, "all cores")) *which = "physical cores";
+    free(cpus);
+    return n_cores;
+}
+#elif defined(__APPLE__)
+#include <sys/sysctl.h>
+/* macOS: hw.perflevel0 is the fastest kind of core (Apple M: the performance cores;
+ * Intel Macs have one level); hw.physicalcpu leaves out Hyper-Threading siblings. */
+static int count_fast_cores(const char **which) {
+    int n = 0;
+    size_t len = sizeof(n);
+    int levels = 0;
+    size_t levels_len = sizeof(levels);
+    if (sysctlbyname("hw.nperflevels", &levels, &levels_len, NULL, 0) == 0 && levels > 1 &&
+        sysctlbyname("hw.perflevel0.physicalcpu", &n, &len, NULL, 0) == 0 && n > 0) {
+        *which = "performance cores";
+        return n;
+    }
+    len = sizeof(n);
+    if (sysctlbyname("hw.physicalcpu", &n, &len, NULL, 0) == 0 && n > 0) {
+        *which = "physical cores";
+        return n;
+    }
+    long online = sysconf(_SC_NPROCESSORS_ONLN);
+    *which = "all cores";
+    return online > 0 && online < INT_MAX ? (int)online : 1;
+}
+#else
+static int count_fast_cores(const char **which) {
+    long online = sysconf(_SC_NPROCESSORS_ONLN);
+    *which = "all cores";
+    return online > 0 && online < INT_MAX ? (int)online : 1;
+}
+#endif
+
 static int open_model_file(const char *path, uint64_t *size) {
     int fd = open(path, O_RDONLY);
     if (fd < 0) die("cannot open model '%s': %s", path, strerror(errno));
@@ -2956,6 +3116,51 @@ __attribute__((constructor(101))) static void set_sleeping_thread_wait(void) {
 }
 
 static void use_sleeping_thread_wait(char **argv) { (void)argv; }  // done before main, above
+
+/* The default thread count (see the POSIX version): Windows describes each physical core
+ * once (RelationProcessorCore, whatever its SMT siblings) with an efficiency class, higher
+ * for faster cores (all 0 on CPUs of one kind): count the cores of the highest class that
+ * this process may run on (its affinity mask; processor group 0, where it starts). */
+static int count_fast_cores(const char **which) {
+    DWORD size = 0;
+    DWORD_PTR process_mask = 0, system_mask = 0;
+    *which = "all cores";
+    if (GetLogicalProcessorInformationEx(RelationProcessorCore, NULL, &size) || GetLastError() != ERROR_INSUFFICIENT_BUFFER ||
+        !GetProcessAffinityMask(GetCurrentProcess(), &process_mask, &system_mask)) {
+        DWORD n = GetActiveProcessorCount(ALL_PROCESSOR_GROUPS);
+        return n > 0 ? (int)n : 1;
+    }
+    unsigned char *info = xmalloc(size);
+    if (!GetLogicalProcessorInformationEx(RelationProcessorCore, (SYSTEM_LOGICAL_PROCESSOR_INFORMATION_EX *)info, &size)) {
+        free(info);
+        DWORD n = GetActiveProcessorCount(ALL_PROCESSOR_GROUPS);
+        return n > 0 ? (int)n : 1;
+    }
+    int top_class = -1, n_top = 0, n_cores = 0, smt = 0, n_logical = 0;
+    for (int pass = 0; pass < 2; pass++) {  // first the highest class, then the cores of that class
+        for (DWORD off = 0; off < size;) {
+            const SYSTEM_LOGICAL_PROCESSOR_INFORMATION_EX *e = (const SYSTEM_LOGICAL_PROCESSOR_INFORMATION_EX *)(info + off);
+            off += e->Size ? e->Size : size;  // (a zero size would never end)
+            if (e->Relationship != RelationProcessorCore || e->Processor.GroupMask[0].Group != 0) continue;
+            const KAFFINITY allowed = e->Processor.GroupMask[0].Mask & process_mask;
+            if (!allowed) continue;
+            const int cls = ((const BYTE *)&e->Processor)[1];  // EfficiencyClass, after Flags (older MinGW headers: Reserved[0])
+            if (pass == 0) {
+                if (cls > top_class) top_class = cls;
+                n_cores++;
+                smt |= (allowed & (allowed - 1)) != 0;  // two logical processors of this core
+                for (KAFFINITY m = allowed; m; m &= m - 1) n_logical++;
+            } else {
+                n_top += cls == top_class;
+            }
+        }
+    }
+    free(info);
+    if (n_top <= 0) return n_logical > 0 ? n_logical : 1;
+    if (n_top < n_cores) *which = "performance cores";
+    else if (smt) *which = "physical cores";
+    return n_top;
+}
 
 static FILE *fopen_path(const char *path, const char *mode) {
     wchar_t wpath[WIN_PATH_MAX], wmode[8];
