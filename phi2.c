@@ -405,12 +405,34 @@ static Config parse_header(const unsigned char *h, size_t file_size, const char 
     return c;
 }
 
-/* Getting the file's bytes into memory is platform code (Appendix B): a read-only memory
- * map of the file (the default), or a copy in huge pages (--no-mmap). */
+/* Getting the file's bytes into memory is platform code (Appendix B): a copy in huge pages
+ * (the default where it fits in memory, or --no-mmap), or a read-only memory map of the
+ * file (--mmap, and the fallback). */
 static int open_model_file(const char *path, uint64_t *size);  // a descriptor, or dies: missing, not a regular file
 static const unsigned char *map_file(int fd, size_t size, const char *path);  // released with unmap_file
 static void unmap_file(const unsigned char *map, size_t size);
 static const unsigned char *read_into_huge_pages(int fd, size_t size, const char *path);  // free_aligned
+static unsigned long long memory_available(void);  // bytes the system can give us now (0: unknown)
+
+/* While read_into_huge_pages reads a large model (seconds): how far it is, on one line of
+ * stderr, where stderr is a terminal (is_terminal); erased when done == size. */
+static void show_read_progress(size_t done, size_t size, int is_terminal) {
+    if (!is_terminal || size < ((size_t)256 << 20)) return;
+    if (done < size) fprintf(stderr, "\rphi2: reading the model into memory: %3d%%", (int)(100.0 * (double)done / (double)size));
+    else fprintf(stderr, "\r%60s\r", "");
+    fflush(stderr);
+}
+
+/* Whether to copy the weights into memory rather than map them, by default. Decode streams
+ * every weight once per token; from huge pages it runs faster than from the mapped file
+ * (README, Speed: +17%, and within a few % of the memory's read bandwidth) at the cost of
+ * a second or two of reading at start. Only if the copy fits comfortably: with a quarter
+ * of the model and 1 GB to spare, for the KV cache, buffers and everything else running;
+ * otherwise the map, which the OS can page in and out as it needs. */
+static int copy_fits_in_memory(size_t file_size) {
+    const unsigned long long available = memory_available(), margin = (unsigned long long)file_size / 4 + (1ull << 30);
+    return available > margin && (unsigned long long)file_size <= available - margin;
+}
 
 /* The weights section's two checksums (docs/FORMAT.md): the plain sum of its little-endian
  * u64 words, which changes with any flipped bit, and the sum of (i+1) * word_i, which also
@@ -493,7 +515,8 @@ static void parse_model(Model *m, const unsigned char *data, size_t size, const 
     m->weight_bytes = w_size - (size_t)((const unsigned char *)m->layers[0].ln_weight - cur.base);
 }
 
-/* Open the file, map it (or read it, --no-mmap), then validate it completely. */
+/* Open the file, read it into memory or map it (use_mmap: 1 map, 0 read, -1 read if it
+ * fits, else map), then validate it completely. */
 static void load_model(Model *m, const char *path, int use_mmap) {
     memset(m, 0, sizeof(*m));
     uint64_t file_size = 0;
@@ -501,6 +524,7 @@ static void load_model(Model *m, const char *path, int use_mmap) {
     if (file_size < HEADER_SIZE) die("'%s' is too small (%llu bytes) to be a phi2.c model file", path, (unsigned long long)file_size);
     if (file_size > SIZE_MAX) die("'%s' is too large to map on this system", path);
     size_t size = (size_t)file_size;
+    if (use_mmap < 0) use_mmap = !copy_fits_in_memory(size);
     m->map = use_mmap ? map_file(fd, size, path) : read_into_huge_pages(fd, size, path);
     m->mapped = use_mmap;
     m->map_size = size;
@@ -1124,8 +1148,12 @@ static void usage(FILE *f) {
             "  -c, --ctx-size N       context length (default and maximum: the model's, 2048)\n"
             "  -t, --threads N        threads (default: one per performance core, not counting\n"
             "                         SMT siblings; OMP_NUM_THREADS if set)\n"
-            "      --no-mmap          read the model into memory (huge pages) instead of mapping\n"
-            "                         it: slower start, faster generation\n"
+            "      --no-mmap          read the model into memory (huge pages): a second or two\n"
+            "                         to start, faster generation (default when it fits in\n"
+            "                         free memory with room to spare)\n"
+            "      --mmap             map the model file instead: instant start, pages shared\n"
+            "                         with other runs through the OS file cache (default when\n"
+            "                         the model does not fit)\n"
             "  -b, --batch N          prompt positions processed together (default 64; 1 = one\n"
             "                         at a time through the KV cache, as during generation)\n"
             "      --stop TEXT        stop when the generated text contains TEXT (not printed);\n"
@@ -1166,11 +1194,12 @@ typedef struct {
     int batch;                  // prompt positions per forward pass
     int n_threads;              // 0: the default (count_fast_cores)
     const char *threads_why;    // set by main: why this many threads ("-t", "performance cores", ...)
-    int tokenize, print_ids, no_display_prompt, ignore_eos, no_mmap, help, version;
+    int use_mmap;               // 1: --mmap, 0: --no-mmap, -1: read into memory if it fits, else map
+    int tokenize, print_ids, no_display_prompt, ignore_eos, help, version;
 } Options;
 
 static Options parse_args(int argc, char **argv) {
-    Options o = {.n_predict = 256, .temperature = 0.8f, .top_p = 0.95f, .top_k = 40, .batch = 64};
+    Options o = {.use_mmap = -1, .n_predict = 256, .temperature = 0.8f, .top_p = 0.95f, .top_k = 40, .batch = 64};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
@@ -1186,7 +1215,8 @@ static Options parse_args(int argc, char **argv) {
         if (!strcmp(a, "--print-ids")) { o.print_ids = 1; continue; }
         if (!strcmp(a, "--no-display-prompt")) { o.no_display_prompt = 1; continue; }
         if (!strcmp(a, "--ignore-eos")) { o.ignore_eos = 1; continue; }
-        if (!strcmp(a, "--no-mmap")) { o.no_mmap = 1; continue; }
+        if (!strcmp(a, "--no-mmap")) { o.use_mmap = 0; continue; }
+        if (!strcmp(a, "--mmap")) { o.use_mmap = 1; continue; }
         if (a[0] != '-' || a[1] == '\0') {
             if (o.model_path) die("unexpected argument '%s' (the model path is '%s'); see -h", a, o.model_path);
             o.model_path = a;
@@ -1415,9 +1445,9 @@ static int generate(const Model *m, RunState *s, const Options *opt, const int *
     double gen_tps = t_gen > 0 ? n_decoded / t_gen : 0.0;
     char kernels[96];
     kernel_description(kernels, sizeof(kernels), &s->kern, c->weight_type);
-    fprintf(stderr, "phi2: load %.2f s | prompt %d tokens, %.2f tok/s | generated %d tokens, %.2f tok/s "
+    fprintf(stderr, "phi2: load %.2f s (%s) | prompt %d tokens, %.2f tok/s | generated %d tokens, %.2f tok/s "
             "(%.1f GB/s of weights) | %d threads (%s) | %s\n",
-            t_load, n_prompt_done, t_prompt > 0 ? n_prompt_done / t_prompt : 0.0, n_gen, gen_tps,
+            t_load, m->mapped ? "mapped" : "in memory", n_prompt_done, t_prompt > 0 ? n_prompt_done / t_prompt : 0.0, n_gen, gen_tps,
             gen_tps * (double)m->weight_bytes * 1e-9, max_threads(), opt->threads_why, kernels);
     free(generated);
     free(cand);
@@ -1461,7 +1491,7 @@ int main(int argc, char **argv) {
 
     double t_load = now_seconds();
     Model model;
-    load_model(&model, opt.model_path, !opt.no_mmap);
+    load_model(&model, opt.model_path, opt.use_mmap);
     const Config *c = &model.config;
 
     int n_prompt = 0;
@@ -3070,13 +3100,39 @@ static const unsigned char *read_into_huge_pages(int fd, size_t size, const char
 #ifdef MADV_HUGEPAGE
     madvise(buf, capacity, MADV_HUGEPAGE);  // only a hint: without huge pages it still works
 #endif
+    const int is_terminal = isatty(STDERR_FILENO);
     for (size_t done = 0; done < size;) {
-        ssize_t got = read(fd, (unsigned char *)buf + done, size - done > ((size_t)1 << 30) ? (size_t)1 << 30 : size - done);
+        ssize_t got = read(fd, (unsigned char *)buf + done, size - done > ((size_t)64 << 20) ? (size_t)64 << 20 : size - done);
         if (got < 0 && errno == EINTR) continue;
         if (got <= 0) die("cannot read '%s': %s", path, got < 0 ? strerror(errno) : "file shrank while reading");
         done += (size_t)got;
+        show_read_progress(done, size, is_terminal);
     }
     return buf;
+}
+
+/* Linux: MemAvailable in /proc/meminfo (free memory plus the file cache the kernel can drop,
+ * which includes a cached copy of the model file itself). macOS has no such figure (it
+ * compresses memory and keeps files cached): half of the installed memory. Tests give a
+ * fake /proc/meminfo under PHI2_SYSFS_ROOT (tests/test_threads.py). */
+static unsigned long long memory_available(void) {
+#if defined(__linux__)
+    const char *root = getenv("PHI2_SYSFS_ROOT");
+    char path[PATH_MAX], line[256];
+    if (snprintf(path, sizeof(path), "%s/proc/meminfo", root ? root : "") >= (int)sizeof(path)) return 0;
+    FILE *f = fopen(path, "r");
+    unsigned long long kb = 0;
+    while (f && fgets(line, sizeof(line), f))
+        if (sscanf(line, "MemAvailable: %llu kB", &kb) == 1) break;
+    if (f) fclose(f);
+    return kb * 1024;
+#elif defined(__APPLE__)
+    uint64_t installed = 0;
+    size_t len = sizeof(installed);
+    return sysctlbyname("hw.memsize", &installed, &len, NULL, 0) == 0 ? installed / 2 : 0;
+#else
+    return 0;  // unknown: map the file
+#endif
 }
 
 #else  /* _WIN32 */
@@ -3294,12 +3350,20 @@ static void unmap_file(const unsigned char *map, size_t size) {
 static const unsigned char *read_into_huge_pages(int fd, size_t size, const char *path) {
     unsigned char *buf = _aligned_malloc(size ? size : 64, 4096);
     if (!buf) die("out of memory reading '%s' (%zu bytes)", path, size);
+    const int is_terminal = _isatty(_fileno(stderr));
     for (size_t done = 0; done < size;) {
-        int got = _read(fd, buf + done, (unsigned)(size - done > ((size_t)1 << 30) ? (size_t)1 << 30 : size - done));
+        int got = _read(fd, buf + done, (unsigned)(size - done > ((size_t)64 << 20) ? (size_t)64 << 20 : size - done));
         if (got <= 0) die("cannot read '%s': %s", path, got < 0 ? strerror(errno) : "file shrank while reading");
         done += (size_t)got;
+        show_read_progress(done, size, is_terminal);
     }
     return buf;
+}
+
+/* Physical memory not in use now (GlobalMemoryStatusEx's ullAvailPhys). */
+static unsigned long long memory_available(void) {
+    MEMORYSTATUSEX status = {.dwLength = sizeof(status)};
+    return GlobalMemoryStatusEx(&status) ? status.ullAvailPhys : 0;
 }
 
 #endif /* _WIN32 */

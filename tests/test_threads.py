@@ -143,3 +143,38 @@ def test_idle_threads_sleep_unless_the_user_says_otherwise():
     assert got[1] == "0", got
     active = spin_settings({"OMP_WAIT_POLICY": "active"})
     assert active[1] != "0", active
+
+
+def load_mode(*flags, available_kb=None):
+    """'in memory' or 'mapped', from the timings line ("phi2: load 0.01 s (mapped) | ...");
+    available_kb: MemAvailable of a fake /proc/meminfo."""
+    env = {}
+    if available_kb is not None:
+        root = fake_sysfs(f"meminfo-{available_kb}", 2, files={"proc/meminfo": f"MemTotal: 99999999 kB\nMemFree: 1 kB\n"
+                                                                                f"MemAvailable: {available_kb} kB"})
+        env["PHI2_SYSFS_ROOT"] = root
+    e = dict(os.environ, **env)
+    if available_kb is None:
+        e.pop("PHI2_SYSFS_ROOT", None)
+    p = subprocess.run([PHI2, converted(checkpoint()), "--ids", "1,2", "-n", "1", *flags], capture_output=True, env=e,
+                       timeout=120)
+    err = p.stderr.decode("utf-8", "replace")
+    assert p.returncode == 0, err[-1000:]
+    m = re.search(r"^phi2: load [0-9.]+ s \(([a-z ]+)\)", err, re.M)
+    assert m, err[-500:]
+    return m.group(1)
+
+
+def test_model_is_read_into_memory_when_it_fits():
+    """By default the weights are read into memory (huge pages: faster decode) when they fit
+    with room to spare, else mapped; --mmap and --no-mmap decide regardless."""
+    if not linux():
+        return
+    assert load_mode() == "in memory"  # a few MB, on a machine with at least a GB free
+    assert load_mode("--mmap") == "mapped"
+    size_kb = os.path.getsize(converted(checkpoint())) // 1024
+    assert load_mode(available_kb=size_kb + (4 << 20)) == "in memory"  # 4 GB to spare
+    assert load_mode(available_kb=size_kb + 1024) == "mapped"  # fits, but not comfortably
+    assert load_mode(available_kb=0) == "mapped"
+    assert load_mode("--no-mmap", available_kb=1024) == "in memory"
+    assert load_mode("--no-mmap", "--mmap", available_kb=size_kb + (4 << 20)) == "mapped"  # the last one wins
