@@ -426,7 +426,8 @@ static void show_read_progress(size_t done, size_t size, int is_terminal) {
 /* Whether to copy the weights into memory rather than map them, by default. Decode streams
  * every weight once per token; from huge pages it runs faster than from the mapped file
  * (README, Speed: +17%, and within a few % of the memory's read bandwidth) at the cost of
- * a second or two of reading at start. Only if the copy fits comfortably: with a quarter
+ * reading it at start: half a second from the OS file cache, several when the kernel must
+ * first free and compact memory for the huge pages. Only if the copy fits comfortably: with a quarter
  * of the model and 1 GB to spare, for the KV cache, buffers and everything else running;
  * otherwise the map, which the OS can page in and out as it needs. */
 static int copy_fits_in_memory(size_t file_size) {
@@ -1148,8 +1149,8 @@ static void usage(FILE *f) {
             "  -c, --ctx-size N       context length (default and maximum: the model's, 2048)\n"
             "  -t, --threads N        threads (default: one per performance core, not counting\n"
             "                         SMT siblings; OMP_NUM_THREADS if set)\n"
-            "      --no-mmap          read the model into memory (huge pages): a second or two\n"
-            "                         to start, faster generation (default when it fits in\n"
+            "      --no-mmap          read the model into memory (huge pages): slower to\n"
+            "                         start, faster generation (default when it fits in\n"
             "                         free memory with room to spare)\n"
             "      --mmap             map the model file instead: instant start, pages shared\n"
             "                         with other runs through the OS file cache (default when\n"
@@ -2966,8 +2967,11 @@ static int read_line(const char *root, const char *path, char *line, int size) {
 }
 
 static int read_cpu_list(const char *root, const char *path, unsigned char *set) {
-    static char line[65536];  // a list of thousands of CPUs can be long; only main's thread calls this
-    return read_line(root, path, line, sizeof(line)) ? parse_cpu_list(line, set) : -1;
+    enum { LINE_MAX_BYTES = 1 << 16 };  // a list of thousands of CPUs can be long
+    char *line = xmalloc(LINE_MAX_BYTES);
+    const int n = read_line(root, path, line, LINE_MAX_BYTES) ? parse_cpu_list(line, set) : -1;
+    free(line);
+    return n;
 }
 
 static long long cpu_max_freq(const char *root, int cpu) {
@@ -3011,7 +3015,10 @@ static int count_fast_cores(const char **which) {
                 long long f = cpu_max_freq(root, c);
                 if (f > top) top = f;
             }
-        for (int c = 0; c < MAX_CPUS; c++) listed[c] = cpus[c] && (top == 0 || cpu_max_freq(root, c) * 5 >= top * 4);
+        for (int c = 0; c < MAX_CPUS; c++) {  // a CPU without a clock to read counts as fast
+            const long long f = cpus[c] ? cpu_max_freq(root, c) : 0;
+            listed[c] = cpus[c] && (f == 0 || f * 5 >= top * 4);
+        }
         for (int c = 0; c < MAX_CPUS; c++) n_fast += listed[c];
         if (n_fast > 0 && n_fast < n) {
             memcpy(cpus, listed, MAX_CPUS);
