@@ -2874,7 +2874,7 @@ static FILE *fopen_path(const char *path, const char *mode) { return fopen(path,
  * loops per generated token, so they spin all the time, and on a core that another program
  * is using a spinning thread burns its time slices waiting: the scheduler then lets it run
  * late, and every parallel loop waits for it. Measured with a busy core (README, Speed):
- * 2 threads fell to a third of 1 thread's speed; asleep, they are faster than 1 thread.
+ * 2 threads spinning ran at a seventh of 1 thread's speed; sleeping, at 2.5 to 3 times it.
  * The runtimes read the policy from the environment: libomp when first used, libgomp when
  * the program starts, so with libgomp (GCC on Linux) we start the program again with it
  * set (same process, same arguments). A policy the user set wins (OMP_WAIT_POLICY, or
