@@ -83,6 +83,8 @@ static void free_aligned(void *p);
 static FILE *create_partial_file(const char *path);  // "wb", removable while still open
 static int replace_file(const char *from, const char *to);  // rename over an existing file: 0, or -1 and errno
 static int reader_gone(int err);        // whether a failed write (errno err) met a closed pipe
+static void use_sleeping_thread_wait(char **argv);  // idle OpenMP threads sleep, not spin (may restart the program)
+static int count_fast_cores(const char **which);     // the default thread count; *which: "performance cores", ...
 
 /* A file being written (e.g. --dump-logits) goes to "<path>.tmp" and is renamed when
  * complete; if we die first, the temporary is removed so nothing half-written remains. */
@@ -406,12 +408,35 @@ static Config parse_header(const unsigned char *h, size_t file_size, const char 
     return c;
 }
 
-/* Getting the file's bytes into memory is platform code (Appendix B): a read-only memory
- * map of the file (the default), or a copy in huge pages (--no-mmap). */
+/* Getting the file's bytes into memory is platform code (Appendix B): a copy in huge pages
+ * (the default where it fits in memory, or --no-mmap), or a read-only memory map of the
+ * file (--mmap, and the fallback). */
 static int open_model_file(const char *path, uint64_t *size);  // a descriptor, or dies: missing, not a regular file
 static const unsigned char *map_file(int fd, size_t size, const char *path);  // released with unmap_file
 static void unmap_file(const unsigned char *map, size_t size);
 static const unsigned char *read_into_huge_pages(int fd, size_t size, const char *path);  // free_aligned
+static unsigned long long memory_available(void);  // bytes the system can give us now (0: unknown)
+
+/* While read_into_huge_pages reads a large model (seconds): how far it is, on one line of
+ * stderr, where stderr is a terminal (is_terminal); erased when done == size. */
+static void show_read_progress(size_t done, size_t size, int is_terminal) {
+    if (!is_terminal || size < ((size_t)256 << 20)) return;
+    if (done < size) fprintf(stderr, "\rphi2: reading the model into memory: %3d%%", (int)(100.0 * (double)done / (double)size));
+    else fprintf(stderr, "\r%60s\r", "");
+    fflush(stderr);
+}
+
+/* Whether to copy the weights into memory rather than map them, by default. Decode streams
+ * every weight once per token; from huge pages it runs faster than from the mapped file
+ * (README, Speed: +17%, and within a few % of the memory's read bandwidth) at the cost of
+ * reading it at start: half a second from the OS file cache, several when the kernel must
+ * first free and compact memory for the huge pages. Only if the copy fits comfortably: with a quarter
+ * of the model and 1 GB to spare, for the KV cache, buffers and everything else running;
+ * otherwise the map, which the OS can page in and out as it needs. */
+static int copy_fits_in_memory(size_t file_size) {
+    const unsigned long long available = memory_available(), margin = (unsigned long long)file_size / 4 + (1ull << 30);
+    return available > margin && (unsigned long long)file_size <= available - margin;
+}
 
 /* The weights section's two checksums (docs/FORMAT.md): the plain sum of its little-endian
  * u64 words, which changes with any flipped bit, and the sum of (i+1) * word_i, which also
@@ -419,7 +444,7 @@ static const unsigned char *read_into_huge_pages(int fd, size_t size, const char
  * much as generating one token, and catches a damaged download before it produces garbage. */
 static void weights_checksums(const unsigned char *p, size_t n_words, uint64_t *sum, uint64_t *weighted) {
     uint64_t s = 0, w = 0;
-#pragma omp parallel for schedule(static) reduction(+ : s, w)
+#pragma omp parallel for schedule(dynamic, 1 << 15) reduction(+ : s, w)  // 256 KB chunks: a busy core takes fewer
     for (size_t i = 0; i < n_words; i++) {
         uint64_t word;
         memcpy(&word, p + 8 * i, 8);  // little-endian, like the rest of the file
@@ -494,7 +519,8 @@ static void parse_model(Model *m, const unsigned char *data, size_t size, const 
     m->weight_bytes = w_size - (size_t)((const unsigned char *)m->layers[0].ln_weight - cur.base);
 }
 
-/* Open the file, map it (or read it, --no-mmap), then validate it completely. */
+/* Open the file, read it into memory or map it (use_mmap: 1 map, 0 read, -1 read if it
+ * fits, else map), then validate it completely. */
 static void load_model(Model *m, const char *path, int use_mmap) {
     memset(m, 0, sizeof(*m));
     uint64_t file_size = 0;
@@ -502,6 +528,7 @@ static void load_model(Model *m, const char *path, int use_mmap) {
     if (file_size < HEADER_SIZE) die("'%s' is too small (%llu bytes) to be a phi2.c model file", path, (unsigned long long)file_size);
     if (file_size > SIZE_MAX) die("'%s' is too large to map on this system", path);
     size_t size = (size_t)file_size;
+    if (use_mmap < 0) use_mmap = !copy_fits_in_memory(size);
     m->map = use_mmap ? map_file(fd, size, path) : read_into_huge_pages(fd, size, path);
     m->mapped = use_mmap;
     m->map_size = size;
@@ -544,11 +571,15 @@ static void layernorm(float *out, const float *x, const float *weight, const flo
     }
 }
 
+/* Threads take the rows of a matrix product in chunks of this many, each as it finishes
+ * the last (a busy or slow core takes fewer; see tiles_per_chunk in Appendix A). */
+enum { SCALAR_ROWS_PER_CHUNK = 16 };
+
 /* --- float32 matrix product: out[t, r] = sum_c W[r, c] * in[t, c] + bias[r] ------------ */
 
 MAYBE_UNUSED static void matmul_f32_scalar(float *out, const float *in, const Matrix *W, const float *bias, int n_tokens) {
     const int rows = W->rows, cols = W->cols;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, SCALAR_ROWS_PER_CHUNK)
     for (int r = 0; r < rows; r++) {
         const float *wr = W->w + (size_t)r * cols;
         for (int t = 0; t < n_tokens; t++) {
@@ -597,7 +628,7 @@ MAYBE_UNUSED static void quantize_rows_q8_scalar(QuantizedRows *out, const float
 MAYBE_UNUSED static void matmul_q8_scalar(float *out, const QuantizedRows *in, const Matrix *W, const float *bias,
                                           int n_tokens) {
     const int rows = W->rows, cols = W->cols, n_groups = cols / Q8_GROUP, group = Q8_GROUP;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, SCALAR_ROWS_PER_CHUNK)
     for (int r = 0; r < rows; r++) {
         const int8_t *wq = W->q + (size_t)r * cols;
         const float *wd = W->scale + (size_t)r * n_groups;
@@ -682,7 +713,7 @@ static int q4_code(const uint8_t *row_codes, int c) {
 MAYBE_UNUSED static void matmul_q4_scalar(float *out, const QuantizedRows *in, const Matrix *W, const float *bias,
                                           int n_tokens) {
     const int rows = W->rows, cols = W->cols, n_groups = cols / Q4_GROUP, n_blocks = cols / Q4_BLOCK;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, SCALAR_ROWS_PER_CHUNK)
     for (int r = 0; r < rows; r++) {
         const uint8_t *codes = W->codes + (size_t)r * (cols / 2);
         const uint16_t *wd = W->scale16 + (size_t)r * n_groups;
@@ -817,7 +848,7 @@ static void matmul(float *out, const float *in, const Matrix *W, const float *bi
 /* gelu_new over n values, split over the threads for a prompt's batch. */
 static void gelu_new(float *x, size_t n) {
     const size_t chunk = 4096;
-#pragma omp parallel for schedule(static) if (n >= 4 * chunk)
+#pragma omp parallel for schedule(dynamic) if (n >= 4 * chunk)
     for (size_t i = 0; i < n; i += chunk) gelu_new_span(x + i, n - i < chunk ? n - i : chunk);
 }
 
@@ -1270,7 +1301,7 @@ static int flush_stdout(void) {
 }
 
 static void usage(FILE *f) {
-    fprintf(f,
+    const int written = fprintf(f,
             "usage: phi2 MODEL.bin [options]\n"
             "\n"
             "Complete a prompt with Phi-2. MODEL.bin comes from scripts/convert.py.\n"
@@ -1288,9 +1319,14 @@ static void usage(FILE *f) {
             "      --top-p P          nucleus sampling threshold (default 0.95; 1 = off)\n"
             "  -s, --seed N           random seed (default: from the clock)\n"
             "  -c, --ctx-size N       context length (default and maximum: the model's, 2048)\n"
-            "  -t, --threads N        threads (default: all available cores)\n"
-            "      --no-mmap          read the model into memory (huge pages) instead of mapping\n"
-            "                         it: slower start, faster generation\n"
+            "  -t, --threads N        threads (default: one per performance core, not counting\n"
+            "                         SMT siblings; OMP_NUM_THREADS if set)\n"
+            "      --no-mmap          read the model into memory (huge pages): slower to\n"
+            "                         start, faster generation (default when it fits in\n"
+            "                         free memory with room to spare)\n"
+            "      --mmap             map the model file instead: instant start, pages shared\n"
+            "                         with other runs through the OS file cache (default when\n"
+            "                         the model does not fit)\n"
             "  -b, --batch N          prompt positions processed together (default 64; 1 = one\n"
             "                         at a time through the KV cache, as during generation)\n"
             "      --kv-type T        KV cache numbers: f32 or f16 (half the memory and reads);\n"
@@ -1331,6 +1367,15 @@ static void usage(FILE *f) {
             "\n"
             "Text streams to stdout; timings and the reason generation stopped go to stderr.\n"
             "Exit status: 0 done (also when stdout's reader went away), 1 error, 130 Ctrl-C.\n");
+    // The help is longer than stdio's buffer, so a write error can happen here rather than
+    // in the final flush: report it now, while errno still says why (as flush_stdout would).
+    if (written < 0 && f == stdout) {
+        if (reader_gone(errno)) {
+            clearerr(stdout);
+            return;
+        }
+        die("cannot write to standard output: %s", strerror(errno));
+    }
 }
 
 #define MAX_STOP_STRINGS 16
@@ -1351,9 +1396,11 @@ typedef struct {
     int seed_given;
     int ctx;                    // 0: the model's max_seq_len
     int batch;                  // prompt positions per forward pass
-    int n_threads;              // 0: all cores
+    int n_threads;              // 0: the default (count_fast_cores)
+    const char *threads_why;    // set by main: why this many threads ("-t", "performance cores", ...)
+    int use_mmap;               // 1: --mmap, 0: --no-mmap, -1: read into memory if it fits, else map
     int kv_type;                // KV_F32, KV_F16, or -1: the model's default (default_kv_type)
-    int tokenize, print_ids, no_display_prompt, ignore_eos, no_mmap, help, version;
+    int tokenize, print_ids, no_display_prompt, ignore_eos, help, version;
     float min_p;                // --min-p (0: off)
     Penalties penalties;        // --repeat-penalty, --repeat-last-n, --presence-penalty, --frequency-penalty
     const char *perplexity;     // --perplexity FILE
@@ -1362,8 +1409,8 @@ typedef struct {
 } Options;
 
 static Options parse_args(int argc, char **argv) {
-    Options o = {.n_predict = 256, .temperature = 0.8f, .top_p = 0.95f, .top_k = 40, .batch = 64, .kv_type = -1,
-                 .penalties = {.repeat = 1.0f, .last_n = 64}};
+    Options o = {.use_mmap = -1, .n_predict = 256, .temperature = 0.8f, .top_p = 0.95f, .top_k = 40, .batch = 64,
+                 .kv_type = -1, .penalties = {.repeat = 1.0f, .last_n = 64}};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
@@ -1379,7 +1426,8 @@ static Options parse_args(int argc, char **argv) {
         if (!strcmp(a, "--print-ids")) { o.print_ids = 1; continue; }
         if (!strcmp(a, "--no-display-prompt")) { o.no_display_prompt = 1; continue; }
         if (!strcmp(a, "--ignore-eos")) { o.ignore_eos = 1; continue; }
-        if (!strcmp(a, "--no-mmap")) { o.no_mmap = 1; continue; }
+        if (!strcmp(a, "--no-mmap")) { o.use_mmap = 0; continue; }
+        if (!strcmp(a, "--mmap")) { o.use_mmap = 1; continue; }
         if (a[0] != '-' || a[1] == '\0') {
             if (o.model_path) die("unexpected argument '%s' (the model path is '%s'); see -h", a, o.model_path);
             o.model_path = a;
@@ -1785,11 +1833,11 @@ static int generate(const Model *m, RunState *s, const Options *opt, const int *
     double gen_tps = t_gen > 0 ? n_decoded / t_gen : 0.0;
     char kernels[96];
     kernel_description(kernels, sizeof(kernels), &s->kern, c->weight_type);
-    fprintf(stderr, "phi2: load %.2f s | prompt %d tokens, %.2f tok/s | generated %d tokens, %.2f tok/s "
-            "(%.1f GB/s of weights) | %d threads | KV cache %s, %.1f MB | %s\n",
-            t_load, n_prompt_done, t_prompt > 0 ? n_prompt_done / t_prompt : 0.0, n_gen, gen_tps,
-            gen_tps * (double)m->weight_bytes * 1e-9, max_threads(), kv_type_name(s->kv_type),
-            (double)s->kv_bytes * 1e-6, kernels);
+    fprintf(stderr, "phi2: load %.2f s (%s) | prompt %d tokens, %.2f tok/s | generated %d tokens, %.2f tok/s "
+            "(%.1f GB/s of weights) | %d threads (%s) | KV cache %s, %.1f MB | %s\n",
+            t_load, m->mapped ? "mapped" : "in memory", n_prompt_done, t_prompt > 0 ? n_prompt_done / t_prompt : 0.0,
+            n_gen, gen_tps, gen_tps * (double)m->weight_bytes * 1e-9, max_threads(), opt->threads_why,
+            kv_type_name(s->kv_type), (double)s->kv_bytes * 1e-6, kernels);
     free(generated);
     free(history);
     free(penalty_counts);
@@ -1798,6 +1846,7 @@ static int generate(const Model *m, RunState *s, const Options *opt, const int *
 }
 
 int main(int argc, char **argv) {
+    use_sleeping_thread_wait(argv);  // before OpenMP starts any thread
     setup_process(&argc, &argv);  // e.g. SIGPIPE ignored: a closed stdout becomes EPIPE, handled in flush_stdout
     Options opt = parse_args(argc, argv);
     if (opt.help) {
@@ -1814,15 +1863,26 @@ int main(int argc, char **argv) {
         return 0;
     }
     int status = 0;
+    // Threads: -t, else OMP_NUM_THREADS, else one per fast core. Decode is bound by memory
+    // bandwidth, which a few cores saturate: a second thread on a core's SMT sibling or an
+    // efficiency core adds little bandwidth and makes a slow thread for the others to wait on.
 #ifdef _OPENMP
-    if (opt.n_threads > 0) omp_set_num_threads(opt.n_threads);
+    if (opt.n_threads > 0) {
+        omp_set_num_threads(opt.n_threads);
+        opt.threads_why = "-t";
+    } else if (getenv("OMP_NUM_THREADS")) {
+        opt.threads_why = "OMP_NUM_THREADS";
+    } else {
+        omp_set_num_threads(count_fast_cores(&opt.threads_why));
+    }
 #else
     if (opt.n_threads > 1) fprintf(stderr, "phi2: built without OpenMP, running on 1 thread\n");
+    opt.threads_why = "built without OpenMP";
 #endif
 
     double t_load = now_seconds();
     Model model;
-    load_model(&model, opt.model_path, !opt.no_mmap);
+    load_model(&model, opt.model_path, opt.use_mmap);
     const Config *c = &model.config;
 
     if (opt.perplexity) {
@@ -1916,16 +1976,38 @@ int main(int argc, char **argv) {
 #endif
 #endif
 
-/* Inside a parallel region: this thread's share [*lo, *hi) of n items, contiguous, so each
- * thread streams one contiguous part of a weight matrix (static schedule by hand). */
-MAYBE_UNUSED static void thread_share(int n, int *lo, int *hi) {
+/* Work sharing for the tiled kernels: the row tiles of a matrix go in chunks of contiguous
+ * tiles, which threads claim one at a time from a shared counter as they finish the last
+ * (dynamic scheduling). An equal static split makes every thread wait for the slowest: on
+ * a laptop that is an efficiency core, or a core another program is using, and a thread
+ * that gets half a core holds its half of the matrix back for as long again. With chunks,
+ * a slow thread simply ends up taking fewer. A row's result does not depend on which thread
+ * computes it (chunks start at multiples of the tile height, so every row is in the same
+ * tile as with one thread, computed by the same code): output is the same for any thread
+ * count, as tests/test_determinism.py checks.
+ * Chunk size: about CHUNKS_PER_THREAD chunks per thread, so a thread that falls behind
+ * leaves little for the others to wait on, but at least CHUNK_MIN_BYTES of weights, so each
+ * chunk is a long contiguous stream the hardware prefetcher can follow. */
+enum { CHUNKS_PER_THREAD = 8, CHUNK_MIN_BYTES = 64 << 10 };
+
+MAYBE_UNUSED static int tiles_per_chunk(int n_tiles, size_t bytes_per_tile) {
 #ifdef _OPENMP
-    const int nt = omp_get_num_threads(), it = omp_get_thread_num();
+    const int n_threads = omp_get_max_threads();
 #else
-    const int nt = 1, it = 0;
+    const int n_threads = 1;
 #endif
-    *lo = (int)((long long)n * it / nt);
-    *hi = (int)((long long)n * (it + 1) / nt);
+    int tiles = n_tiles / (n_threads * CHUNKS_PER_THREAD);
+    const size_t min_tiles = (CHUNK_MIN_BYTES + bytes_per_tile - 1) / (bytes_per_tile ? bytes_per_tile : 1);
+    if ((size_t)tiles < min_tiles) tiles = min_tiles < (size_t)n_tiles ? (int)min_tiles : n_tiles;
+    return tiles > 0 ? tiles : 1;
+}
+
+/* The next unclaimed chunk (numbers past the last mean: none left). Each call takes one. */
+MAYBE_UNUSED static int claim_chunk(int *next_chunk) {
+    int chunk;
+#pragma omp atomic capture
+    chunk = (*next_chunk)++;
+    return chunk;
 }
 
 /* Fast f32 kernels. The product is a set of dot products along the columns, where both a
@@ -1937,7 +2019,7 @@ MAYBE_UNUSED static void thread_share(int n, int *lo, int *hi) {
  * (n_tokens x KC floats, <= 512 KB) stays in L2 while a thread walks its rows, and a tile's
  * R weight rows (R x KC floats) stay in L1 while every token block reuses them. With one or
  * two tokens (decode) there is no column blocking: a plain streaming matvec over R rows.
- * Threads: each takes one contiguous range of row tiles (it streams its part of W). */
+ * Threads: they claim chunks of contiguous row tiles (each streams its part of W). */
 enum { F32_COL_BLOCK = 2048 };
 
 /* Columns per block: at most F32_COL_BLOCK, equal blocks, a multiple of 16 (but no blocking for
@@ -2052,11 +2134,12 @@ typedef void (*F32Tile)(float *out, int out_stride, const float *w, const float 
 static void matmul_f32_blocked(float *out, const float *in, const Matrix *W, const float *bias, int n_tokens,
                                F32Tile tile, int RT, int TT) {
     const int rows = W->rows, cols = W->cols, kc = f32_col_block(cols, n_tokens);
+    const int n_tiles = (rows + RT - 1) / RT, chunk_tiles = tiles_per_chunk(n_tiles, (size_t)RT * cols * sizeof(float));
+    const int n_chunks = (n_tiles + chunk_tiles - 1) / chunk_tiles;
+    int next_chunk = 0;
 #pragma omp parallel
-    {
-        int lo, hi;
-        thread_share((rows + RT - 1) / RT, &lo, &hi);
-        const int r0 = lo * RT, r1 = hi * RT < rows ? hi * RT : rows;
+    for (int chunk; (chunk = claim_chunk(&next_chunk)) < n_chunks;) {
+        const int r0 = chunk * chunk_tiles * RT, r1 = (chunk + 1) * chunk_tiles * RT < rows ? (chunk + 1) * chunk_tiles * RT : rows;
         for (int c0 = 0; c0 < cols; c0 += kc) {
             const int k = cols - c0 < kc ? cols - c0 : kc;
             const float *last_bias = c0 + k >= cols ? bias : NULL;
@@ -2419,7 +2502,7 @@ typedef void (*Int8Tile)(float *out, int out_stride, const void *w, const void *
                          const float *xo, int cols, int n_groups, int R, int T, const float *bias);
 
 /* The loop nest shared by the VNNI, AVX2 and NEON int8 kernels (tile: RT rows x TT tokens). Each
- * thread takes a contiguous range of rows and reads each weight row once (the tile loops
+ * thread claims chunks of contiguous rows (tiles_per_chunk) and reads each weight row once (the tile loops
  * over all tokens with the rows in cache): a batch's activations are small (n_tokens x cols
  * bytes) and stay in L2. Decode (one token) goes one row at a time, so the matrix streams
  * strictly in address order (measured a few % faster than interleaving RT rows, which only
@@ -2427,11 +2510,13 @@ typedef void (*Int8Tile)(float *out, int out_stride, const void *w, const void *
 static void matmul_int8_tiled(float *out, const QuantizedRows *in, const Matrix *W, const float *bias, int n_tokens,
                             Int8Tile tile, int RT, int TT) {
     const int rows = W->rows, cols = W->cols, n_groups = cols / Q8_GROUP;
+    const size_t row_bytes = W->type == WEIGHTS_Q4 ? (size_t)cols / 2 : (size_t)cols;
+    const int n_tiles = (rows + RT - 1) / RT, chunk_tiles = tiles_per_chunk(n_tiles, (size_t)RT * row_bytes);
+    const int n_chunks = (n_tiles + chunk_tiles - 1) / chunk_tiles;
+    int next_chunk = 0;
 #pragma omp parallel
-    {
-        int lo, hi;
-        thread_share((rows + RT - 1) / RT, &lo, &hi);
-        const int r0 = lo * RT, r1 = hi * RT < rows ? hi * RT : rows;
+    for (int chunk; (chunk = claim_chunk(&next_chunk)) < n_chunks;) {
+        const int r0 = chunk * chunk_tiles * RT, r1 = (chunk + 1) * chunk_tiles * RT < rows ? (chunk + 1) * chunk_tiles * RT : rows;
         const int tile_rows = n_tokens == 1 ? 1 : RT;
         for (int r = r0; r < r1;) {
             const int R = r1 - r >= tile_rows ? tile_rows : 1;
@@ -2613,12 +2698,14 @@ static void matmul_q8_amx(float *out, const QuantizedRows *in, const Matrix *W, 
         }
 
     const int n_rb = rows / 16, rest = rows % 16;
+    const int chunk_blocks = tiles_per_chunk(n_rb, (size_t)16 * cols), n_chunks = (n_rb + chunk_blocks - 1) / chunk_blocks;
+    int next_chunk = 0;
 #pragma omp parallel
     {
-        int lo, hi;
-        thread_share(n_rb, &lo, &hi);
         amx_configure(16);
-        for (int rb = lo; rb < hi; rb++) amx_rows(out, W, bias, packed, xs_packed, n_tokens, rb * 16, 16);
+        for (int chunk; (chunk = claim_chunk(&next_chunk)) < n_chunks;)
+            for (int rb = chunk * chunk_blocks; rb < (chunk + 1) * chunk_blocks && rb < n_rb; rb++)
+                amx_rows(out, W, bias, packed, xs_packed, n_tokens, rb * 16, 16);
         if (rest) {
 #pragma omp single nowait
             {
@@ -3348,6 +3435,27 @@ static void setup_process(int *argc, char ***argv) {
 
 static FILE *fopen_path(const char *path, const char *mode) { return fopen(path, mode); }
 
+/* Between two parallel loops OpenMP's idle threads spin by default before they sleep
+ * (GCC's libgomp for about 3 ms, LLVM's libomp for 200 ms). A forward pass has 161 parallel
+ * loops per generated token, so they spin all the time, and on a core that another program
+ * is using a spinning thread burns its time slices waiting: the scheduler then lets it run
+ * late, and every parallel loop waits for it. Measured with a busy core (README, Speed):
+ * 2 threads spinning ran at a seventh of 1 thread's speed; sleeping, at 2.5 to 3 times it.
+ * The runtimes read the policy from the environment: libomp when first used, libgomp when
+ * the program starts, so with libgomp (GCC on Linux) we start the program again with it
+ * set (same process, same arguments). A policy the user set wins (OMP_WAIT_POLICY, or
+ * GOMP_SPINCOUNT / KMP_BLOCKTIME, the runtimes' own spin settings). */
+static void use_sleeping_thread_wait(char **argv) {
+#ifdef _OPENMP
+    if (getenv("OMP_WAIT_POLICY") || getenv("GOMP_SPINCOUNT") || getenv("KMP_BLOCKTIME")) return;
+    if (setenv("OMP_WAIT_POLICY", "passive", 1) != 0) return;
+#if defined(__linux__) && !defined(__clang__)
+    execv("/proc/self/exe", argv);  // returns only if it failed (e.g. no /proc): then threads spin
+#endif
+#endif
+    (void)argv;
+}
+
 static int remove_path(const char *path) { return unlink(path); }
 
 static void catch_termination_signals(void (*handler)(int)) {
@@ -3376,6 +3484,158 @@ static FILE *create_partial_file(const char *path) { return fopen(path, "wb"); }
 static int replace_file(const char *from, const char *to) { return rename(from, to); }
 
 static int reader_gone(int err) { return err == EPIPE; }
+
+/* The default thread count: one thread per performance core, one per physical core (SMT
+ * siblings share a core's caches and memory bandwidth; decode gains little from them), on
+ * the CPUs this process may run on. Linux says which cores are which in /sys:
+ *   - Intel hybrid parts list their performance cores in /sys/devices/cpu_core/cpus;
+ *   - elsewhere (Arm big.LITTLE) the cores' highest clocks tell the kinds apart
+ *     (cpufreq/cpuinfo_max_freq; below 80% of the fastest: an efficiency core, while a few
+ *     percent apart are equal cores that boost differently);
+ *   - topology/thread_siblings_list names the logical CPUs of one physical core.
+ * The CPUs allowed come from /proc/self/status (the affinity mask: taskset, cgroups).
+ * Tests point PHI2_SYSFS_ROOT at a fake /sys tree of another machine (tests/test_threads.py),
+ * whose CPUs are then those of its devices/system/cpu/online (this machine's mask does not
+ * apply to it). Whatever cannot be read counts as "no information": all allowed CPUs. */
+#if defined(__linux__)
+enum { MAX_CPUS = 4096 };
+
+/* Parse a kernel CPU list ("0-3,8,10-11\n") into set[] (CPUs >= MAX_CPUS are ignored);
+ * returns how many CPUs it names, or -1 if it is not one. */
+static int parse_cpu_list(const char *text, unsigned char *set) {
+    int count = 0;
+    memset(set, 0, MAX_CPUS);
+    for (const char *p = text; *p && *p != '\n';) {
+        char *end;
+        long lo = strtol(p, &end, 10), hi = lo;
+        if (end == p || lo < 0) return -1;
+        if (*end == '-') {
+            p = end + 1;
+            hi = strtol(p, &end, 10);
+            if (end == p || hi < lo) return -1;
+        }
+        for (long c = lo; c <= hi && c < MAX_CPUS; c++) count += !set[c], set[c] = 1;
+        p = *end == ',' ? end + 1 : end;
+        if (*end != ',' && *end != '\n' && *end != '\0') return -1;
+    }
+    return count;
+}
+
+/* The first line of root + path (at most size - 1 bytes), or 0 if it cannot be read. */
+static int read_line(const char *root, const char *path, char *line, int size) {
+    char full[PATH_MAX];
+    if (snprintf(full, sizeof(full), "%s%s", root, path) >= (int)sizeof(full)) return 0;
+    FILE *f = fopen(full, "r");
+    if (!f) return 0;
+    const int ok = fgets(line, size, f) != NULL;
+    fclose(f);
+    return ok;
+}
+
+static int read_cpu_list(const char *root, const char *path, unsigned char *set) {
+    enum { LINE_MAX_BYTES = 1 << 16 };  // a list of thousands of CPUs can be long
+    char *line = xmalloc(LINE_MAX_BYTES);
+    const int n = read_line(root, path, line, LINE_MAX_BYTES) ? parse_cpu_list(line, set) : -1;
+    free(line);
+    return n;
+}
+
+static long long cpu_max_freq(const char *root, int cpu) {
+    char path[128], line[64];
+    snprintf(path, sizeof(path), "/sys/devices/system/cpu/cpu%d/cpufreq/cpuinfo_max_freq", cpu);
+    return read_line(root, path, line, sizeof(line)) ? atoll(line) : 0;
+}
+
+static int count_fast_cores(const char **which) {
+    const char *root = getenv("PHI2_SYSFS_ROOT");
+    unsigned char *cpus = xcalloc(3, MAX_CPUS), *listed = cpus + MAX_CPUS, *siblings = cpus + 2 * MAX_CPUS;
+    int n = -1;
+    if (root) {
+        n = read_cpu_list(root, "/sys/devices/system/cpu/online", cpus);
+    } else {
+        root = "";
+        FILE *f = fopen("/proc/self/status", "r");
+        char line[4096];
+        while (f && fgets(line, sizeof(line), f))
+            if (!strncmp(line, "Cpus_allowed_list:", 18)) n = parse_cpu_list(line + 18 + strspn(line + 18, " \t"), cpus);
+        if (f) fclose(f);
+    }
+    if (n <= 0) {  // no /proc: every online CPU
+        long online = sysconf(_SC_NPROCESSORS_ONLN);
+        free(cpus);
+        *which = "all cores";
+        return online > 0 && online < INT_MAX ? (int)online : 1;
+    }
+    *which = "all cores";
+    int n_fast = 0;
+    if (read_cpu_list(root, "/sys/devices/cpu_core/cpus", listed) > 0) {  // Intel hybrid
+        for (int c = 0; c < MAX_CPUS; c++) n_fast += cpus[c] && listed[c];
+        if (n_fast > 0 && n_fast < n) {
+            for (int c = 0; c < MAX_CPUS; c++) cpus[c] &= listed[c];
+            *which = "performance cores";
+        }
+    } else {
+        long long top = 0;
+        for (int c = 0; c < MAX_CPUS; c++)
+            if (cpus[c]) {
+                long long f = cpu_max_freq(root, c);
+                if (f > top) top = f;
+            }
+        for (int c = 0; c < MAX_CPUS; c++) {  // a CPU without a clock to read counts as fast
+            const long long f = cpus[c] ? cpu_max_freq(root, c) : 0;
+            listed[c] = cpus[c] && (f == 0 || f * 5 >= top * 4);
+        }
+        for (int c = 0; c < MAX_CPUS; c++) n_fast += listed[c];
+        if (n_fast > 0 && n_fast < n) {
+            memcpy(cpus, listed, MAX_CPUS);
+            *which = "performance cores";
+        }
+    }
+    // One CPU per physical core: the lowest-numbered of its allowed siblings.
+    int n_cores = 0, smt = 0;
+    for (int c = 0; c < MAX_CPUS; c++) {
+        if (!cpus[c]) continue;
+        n_cores++;
+        char path[128];
+        snprintf(path, sizeof(path), "/sys/devices/system/cpu/cpu%d/topology/thread_siblings_list", c);
+        if (read_cpu_list(root, path, siblings) <= 0) continue;
+        for (int s = c + 1; s < MAX_CPUS; s++)
+            if (siblings[s] && cpus[s]) cpus[s] = 0, smt = 1;
+    }
+    if (smt && !strcmp(*which, "all cores")) *which = "physical cores";
+    free(cpus);
+    return n_cores;
+}
+#elif defined(__APPLE__)
+#include <sys/sysctl.h>
+/* macOS: hw.perflevel0 is the fastest kind of core (Apple M: the performance cores;
+ * Intel Macs have one level); hw.physicalcpu leaves out Hyper-Threading siblings. */
+static int count_fast_cores(const char **which) {
+    int n = 0;
+    size_t len = sizeof(n);
+    int levels = 0;
+    size_t levels_len = sizeof(levels);
+    if (sysctlbyname("hw.nperflevels", &levels, &levels_len, NULL, 0) == 0 && levels > 1 &&
+        sysctlbyname("hw.perflevel0.physicalcpu", &n, &len, NULL, 0) == 0 && n > 0) {
+        *which = "performance cores";
+        return n;
+    }
+    len = sizeof(n);
+    if (sysctlbyname("hw.physicalcpu", &n, &len, NULL, 0) == 0 && n > 0) {
+        *which = "physical cores";
+        return n;
+    }
+    long online = sysconf(_SC_NPROCESSORS_ONLN);
+    *which = "all cores";
+    return online > 0 && online < INT_MAX ? (int)online : 1;
+}
+#else
+static int count_fast_cores(const char **which) {
+    long online = sysconf(_SC_NPROCESSORS_ONLN);
+    *which = "all cores";
+    return online > 0 && online < INT_MAX ? (int)online : 1;
+}
+#endif
 
 static int open_model_file(const char *path, uint64_t *size) {
     int fd = open(path, O_RDONLY);
@@ -3413,13 +3673,39 @@ static const unsigned char *read_into_huge_pages(int fd, size_t size, const char
 #ifdef MADV_HUGEPAGE
     madvise(buf, capacity, MADV_HUGEPAGE);  // only a hint: without huge pages it still works
 #endif
+    const int is_terminal = isatty(STDERR_FILENO);
     for (size_t done = 0; done < size;) {
-        ssize_t got = read(fd, (unsigned char *)buf + done, size - done > ((size_t)1 << 30) ? (size_t)1 << 30 : size - done);
+        ssize_t got = read(fd, (unsigned char *)buf + done, size - done > ((size_t)64 << 20) ? (size_t)64 << 20 : size - done);
         if (got < 0 && errno == EINTR) continue;
         if (got <= 0) die("cannot read '%s': %s", path, got < 0 ? strerror(errno) : "file shrank while reading");
         done += (size_t)got;
+        show_read_progress(done, size, is_terminal);
     }
     return buf;
+}
+
+/* Linux: MemAvailable in /proc/meminfo (free memory plus the file cache the kernel can drop,
+ * which includes a cached copy of the model file itself). macOS has no such figure (it
+ * compresses memory and keeps files cached): half of the installed memory. Tests give a
+ * fake /proc/meminfo under PHI2_SYSFS_ROOT (tests/test_threads.py). */
+static unsigned long long memory_available(void) {
+#if defined(__linux__)
+    const char *root = getenv("PHI2_SYSFS_ROOT");
+    char path[PATH_MAX], line[256];
+    if (snprintf(path, sizeof(path), "%s/proc/meminfo", root ? root : "") >= (int)sizeof(path)) return 0;
+    FILE *f = fopen(path, "r");
+    unsigned long long kb = 0;
+    while (f && fgets(line, sizeof(line), f))
+        if (sscanf(line, "MemAvailable: %llu kB", &kb) == 1) break;
+    if (f) fclose(f);
+    return kb * 1024;
+#elif defined(__APPLE__)
+    uint64_t installed = 0;
+    size_t len = sizeof(installed);
+    return sysctlbyname("hw.memsize", &installed, &len, NULL, 0) == 0 ? installed / 2 : 0;
+#else
+    return 0;  // unknown: map the file
+#endif
 }
 
 #else  /* _WIN32 */
@@ -3448,6 +3734,61 @@ static char *utf8_from_wide(const wchar_t *w) {
     char *s = xmalloc(n > 0 ? (size_t)n : 1);
     if (n <= 0 || !WideCharToMultiByte(CP_UTF8, 0, w, -1, s, n, NULL, NULL)) s[0] = '\0';
     return s;
+}
+
+/* Idle OpenMP threads sleep rather than spin (see the POSIX version). MinGW links libgomp
+ * into phi2.exe, which reads OMP_WAIT_POLICY in a constructor before main: this one runs
+ * first (constructors with a priority run before those without). */
+__attribute__((constructor(101))) static void set_sleeping_thread_wait(void) {
+    if (!getenv("OMP_WAIT_POLICY") && !getenv("GOMP_SPINCOUNT") && !getenv("KMP_BLOCKTIME"))
+        _putenv("OMP_WAIT_POLICY=passive");  // on failure, threads spin: slower on a busy core, still right
+}
+
+static void use_sleeping_thread_wait(char **argv) { (void)argv; }  // done before main, above
+
+/* The default thread count (see the POSIX version): Windows describes each physical core
+ * once (RelationProcessorCore, whatever its SMT siblings) with an efficiency class, higher
+ * for faster cores (all 0 on CPUs of one kind): count the cores of the highest class that
+ * this process may run on (its affinity mask; processor group 0, where it starts). */
+static int count_fast_cores(const char **which) {
+    DWORD size = 0;
+    DWORD_PTR process_mask = 0, system_mask = 0;
+    *which = "all cores";
+    if (GetLogicalProcessorInformationEx(RelationProcessorCore, NULL, &size) || GetLastError() != ERROR_INSUFFICIENT_BUFFER ||
+        !GetProcessAffinityMask(GetCurrentProcess(), &process_mask, &system_mask)) {
+        DWORD n = GetActiveProcessorCount(ALL_PROCESSOR_GROUPS);
+        return n > 0 ? (int)n : 1;
+    }
+    unsigned char *info = xmalloc(size);
+    if (!GetLogicalProcessorInformationEx(RelationProcessorCore, (SYSTEM_LOGICAL_PROCESSOR_INFORMATION_EX *)info, &size)) {
+        free(info);
+        DWORD n = GetActiveProcessorCount(ALL_PROCESSOR_GROUPS);
+        return n > 0 ? (int)n : 1;
+    }
+    int top_class = -1, n_top = 0, n_cores = 0, smt = 0, n_logical = 0;
+    for (int pass = 0; pass < 2; pass++) {  // first the highest class, then the cores of that class
+        for (DWORD off = 0; off < size;) {
+            const SYSTEM_LOGICAL_PROCESSOR_INFORMATION_EX *e = (const SYSTEM_LOGICAL_PROCESSOR_INFORMATION_EX *)(info + off);
+            off += e->Size ? e->Size : size;  // (a zero size would never end)
+            if (e->Relationship != RelationProcessorCore || e->Processor.GroupMask[0].Group != 0) continue;
+            const KAFFINITY allowed = e->Processor.GroupMask[0].Mask & process_mask;
+            if (!allowed) continue;
+            const int cls = ((const BYTE *)&e->Processor)[1];  // EfficiencyClass, after Flags (older MinGW headers: Reserved[0])
+            if (pass == 0) {
+                if (cls > top_class) top_class = cls;
+                n_cores++;
+                smt |= (allowed & (allowed - 1)) != 0;  // two logical processors of this core
+                for (KAFFINITY m = allowed; m; m &= m - 1) n_logical++;
+            } else {
+                n_top += cls == top_class;
+            }
+        }
+    }
+    free(info);
+    if (n_top <= 0) return n_logical > 0 ? n_logical : 1;
+    if (n_top < n_cores) *which = "performance cores";
+    else if (smt) *which = "physical cores";
+    return n_top;
 }
 
 static FILE *fopen_path(const char *path, const char *mode) {
@@ -3583,12 +3924,20 @@ static void unmap_file(const unsigned char *map, size_t size) {
 static const unsigned char *read_into_huge_pages(int fd, size_t size, const char *path) {
     unsigned char *buf = _aligned_malloc(size ? size : 64, 4096);
     if (!buf) die("out of memory reading '%s' (%zu bytes)", path, size);
+    const int is_terminal = _isatty(_fileno(stderr));
     for (size_t done = 0; done < size;) {
-        int got = _read(fd, buf + done, (unsigned)(size - done > ((size_t)1 << 30) ? (size_t)1 << 30 : size - done));
+        int got = _read(fd, buf + done, (unsigned)(size - done > ((size_t)64 << 20) ? (size_t)64 << 20 : size - done));
         if (got <= 0) die("cannot read '%s': %s", path, got < 0 ? strerror(errno) : "file shrank while reading");
         done += (size_t)got;
+        show_read_progress(done, size, is_terminal);
     }
     return buf;
+}
+
+/* Physical memory not in use now (GlobalMemoryStatusEx's ullAvailPhys). */
+static unsigned long long memory_available(void) {
+    MEMORYSTATUSEX status = {.dwLength = sizeof(status)};
+    return GlobalMemoryStatusEx(&status) ? status.ullAvailPhys : 0;
 }
 
 #endif /* _WIN32 */

@@ -129,3 +129,34 @@ awk -v pp="$PP" -v tg="$TG" -v gbs="$GBS" -v probe="$PROBE_GBS" -v rss="$RSS" -v
     printf "  peak RSS    %8.0f MB = model %.0f MB + KV cache %.0f MB (%s) + %.0f MB\n", rss / 1024, model / 1048576,
         kv / 1048576, kvt, (rss * 1024 - model - kv) / 1048576
 }'
+
+# Busy-core mode, BUSY=1 scripts/bench.sh MODEL.bin 2: how generation holds up when another program keeps one core
+# busy (a laptop compiling or playing a video). A shell loop pinned to core BUSY_CPU
+# (default: the last one) spins while phi2 generates REPS times with THREADS threads and
+# REPS times with -t 1, interleaved, under that same load; then both medians and their
+# ratio. (Threads that claim rows in chunks and sleep while idle keep THREADS ahead of 1.)
+if [ "${BUSY:-0}" = 1 ]; then
+    command -v taskset >/dev/null || { echo "bench: BUSY=1 needs taskset (Linux, util-linux)" >&2; exit 1; }
+    BUSY_CPU=${BUSY_CPU:-$(( $(getconf _NPROCESSORS_ONLN) - 1 ))}
+    taskset -c "$BUSY_CPU" sh -c 'while :; do :; done' &
+    SPINNER=$!
+    trap 'kill "$SPINNER" 2>/dev/null; rm -rf "$TMP"' EXIT
+    echo "busy: core $BUSY_CPU kept busy by a spinning process (pid $SPINNER)"
+    for r in $(seq 1 "$REPS"); do
+        for t in "$THREADS" 1; do
+            ./phi2 "$MODEL" --ids "$IDS" -n "$GEN" --temp 0 --ignore-eos -t "$t" --print-ids $FLAGS \
+                >/dev/null 2>"$TMP/err"
+            line=$(grep '^phi2: load' "$TMP/err") || { cat "$TMP/err" >&2; exit 1; }
+            echo "$line" | awk '{ for (i = 1; i <= NF; i++) if ($i == "generated") print $(i + 3) }' >>"$TMP/busy-t$t"
+            echo "  busy run $r, -t $t: $line"
+        done
+    done
+    kill "$SPINNER"
+    wait "$SPINNER" 2>/dev/null || true
+    TG_N=$(median <"$TMP/busy-t$THREADS")
+    TG_1=$(median <"$TMP/busy-t1")
+    awk -v n="$THREADS" -v tn="$TG_N" -v t1="$TG_1" -v reps="$REPS" 'BEGIN {
+        printf "busy core, median of %d runs:\n", reps
+        printf "  generation  %8.2f tok/s with %s threads, %.2f tok/s with 1: %.2fx\n", tn, n, t1, (t1 > 0 ? tn / t1 : 0)
+    }'
+fi

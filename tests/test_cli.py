@@ -51,8 +51,8 @@ def expect_error(*args, contains=None):
 def test_help_lists_every_flag():
     out = phi2("-h").out
     for flag in ("--prompt", "--file", "--ids", "--n-predict", "--temp", "--top-k", "--top-p", "--seed",
-                 "--ctx-size", "--threads", "--batch", "--kv-type", "--no-mmap", "--ignore-eos", "--tokenize", "--print-ids",
-                 "--dump-logits", "--stop", "--help", "--min-p", "--repeat-penalty", "--repeat-last-n",
+                 "--ctx-size", "--threads", "--batch", "--kv-type", "--no-mmap", "--mmap", "--ignore-eos", "--tokenize",
+                 "--print-ids", "--dump-logits", "--stop", "--help", "--min-p", "--repeat-penalty", "--repeat-last-n",
                  "--presence-penalty", "--frequency-penalty", "--perplexity", "--save-logprobs", "--kl-base"):
         assert flag in out, flag
 
@@ -97,6 +97,7 @@ def test_bad_model_files():
             f.write(data[:n])
         expect_error(path, "-p", "hi")
         expect_error(path, "-p", "hi", "--no-mmap")
+        expect_error(path, "-p", "hi", "--mmap")
     expect_error(patched_copy("magic.bin", lambda d: d.__setitem__(slice(0, 8), b"GGUFxxxx")), "-p", "hi",
                  contains="magic")
     for v in (1, 3):  # version 1 (no weights checksums) and an unknown future version

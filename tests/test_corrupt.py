@@ -1,8 +1,8 @@
 """A corrupt-file matrix: damaged or crafted copies of the tiny model (f32 and q8).
 
-Every case runs `phi2 FILE -p hi -n 2` (and a subset also with --no-mmap) and must end with
-exit status 1, exactly one non-empty stderr line starting "phi2: error: ", nothing on
-stdout, no sanitizer report, within RUN_TIMEOUT seconds. The only exceptions are the
+Every case runs `phi2 FILE -p hi -n 2` (the default reads these small files into memory; a
+subset also runs with --mmap) and must end with exit status 1, exactly one non-empty stderr
+line starting "phi2: error: ", nothing on stdout, no sanitizer report, within RUN_TIMEOUT seconds. The only exceptions are the
 BENIGN header mutations listed below: with the header checksum recomputed they describe a
 different but valid model, and must run (exit 0, finite logits).
 
@@ -38,7 +38,7 @@ from test_cli import fnv1a64
 
 RUN_TIMEOUT = 20          # seconds per engine run (a timeout is a failure: a hang)
 WORKERS = 2               # engine runs in parallel
-NO_MMAP_EVERY = 4         # header-field and flip cases: every 4th also runs with --no-mmap
+NO_MMAP_EVERY = 4         # header-field and flip cases: every 4th also runs with --mmap
 HEADER_SIZE = 256
 ALIGN = 64
 U64 = (1 << 64) - 1
@@ -166,7 +166,7 @@ class Case:
         self.benign = benign            # reason the file is valid (must run), or None (must fail)
         self.contains = contains        # the error line must contain one of these strings
         self.avoid = avoid              # ... and must not contain this one
-        self.no_mmap = no_mmap          # also run with --no-mmap
+        self.no_mmap = no_mmap          # also run with --mmap (the default, for these small files, reads them)
 
     def runs(self):
         return 2 if self.no_mmap else 1
@@ -261,12 +261,12 @@ def run_case(case, copies, stats):
                     f.seek(len(data))
                     f.write(case.append)
         problems = []
-        for extra in ([], ["--no-mmap"]) if case.no_mmap else ([],):
+        for extra in ([], ["--mmap"]) if case.no_mmap else ([],):
             p, secs = run_engine(target, extra)
             with _lock:
                 stats["runs"] += 1
                 stats["max_s"] = max(stats["max_s"], secs)
-            label = case.desc + (" [--no-mmap]" if extra else "")
+            label = case.desc + (" [--mmap]" if extra else "")
             if p is None:
                 problems.append(f"{label}: no answer within {RUN_TIMEOUT} s (hang)")
                 continue

@@ -82,8 +82,9 @@ def test_threads_do_not_change_results():
 
 
 def test_no_mmap_gives_identical_logits():
-    """--no-mmap (weights read into memory) computes exactly what the mapped file does."""
+    """--no-mmap (weights read into memory) computes exactly what the mapped file (--mmap)
+    does."""
     model = converted(checkpoint())
-    mapped = read_logits(engine_logits(model, SHORT), VOCAB)
+    mapped = read_logits(engine_logits(model, SHORT, "--mmap"), VOCAB)
     copied = read_logits(engine_logits(model, SHORT, "--no-mmap"), VOCAB)
     assert np.array_equal(mapped, copied)

@@ -1,0 +1,180 @@
+"""Threads: the default count (one per performance core, one per physical core, within the
+affinity mask), what overrides it, and the OpenMP wait policy.
+
+The detection reads Linux's /sys; PHI2_SYSFS_ROOT points it at a fake tree instead, so each
+test lays out the /sys of another machine (hybrid Intel, SMT, Arm big.LITTLE, no
+information) and reads the thread count and its reason from the timings line,
+"| 4 threads (performance cores) |".
+"""
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+from common import PHI2, WORK, checkpoint, converted
+
+
+def linux():
+    if sys.platform.startswith("linux"):
+        return True
+    print("     (not Linux: the /sys layouts do not apply)")
+    return False
+
+
+def run_threads(*flags, sysfs=None, env=None, prefix=()):
+    """Generate one token with the tiny model; return (threads, reason) from the timings line."""
+    e = dict(os.environ)
+    for name in ("OMP_NUM_THREADS", "PHI2_SYSFS_ROOT"):
+        e.pop(name, None)
+    if sysfs is not None:
+        e["PHI2_SYSFS_ROOT"] = sysfs
+    e.update(env or {})
+    cmd = [*prefix, PHI2, converted(checkpoint()), "--ids", "1,2", "-n", "1", *map(str, flags)]
+    p = subprocess.run(cmd, capture_output=True, env=e, timeout=120)
+    err = p.stderr.decode("utf-8", "replace")
+    assert p.returncode == 0, err[-1000:]
+    m = re.search(r"\| (\d+) threads \(([^)]*)\) \|", err)
+    assert m, err[-500:]
+    return int(m.group(1)), m.group(2)
+
+
+def fake_sysfs(name, cpus, siblings=None, max_freq=None, files=None):
+    """A /sys tree under WORK: cpus online, siblings[cpu] its thread_siblings_list, max_freq[cpu]
+    in kHz, files: other paths (relative to the root) and their contents."""
+    root = os.path.join(WORK, "sysfs-" + name)
+    shutil.rmtree(root, ignore_errors=True)
+
+    def write(path, text):
+        full = os.path.join(root, path.lstrip("/"))
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        with open(full, "w") as f:
+            f.write(text + "\n")
+
+    cpu_dir = "sys/devices/system/cpu"
+    write(f"{cpu_dir}/online", f"0-{cpus - 1}")
+    for c, s in (siblings or {}).items():
+        write(f"{cpu_dir}/cpu{c}/topology/thread_siblings_list", s)
+    for c, f in (max_freq or {}).items():
+        write(f"{cpu_dir}/cpu{c}/cpufreq/cpuinfo_max_freq", str(f))
+    for path, text in (files or {}).items():
+        write(path, text)
+    return root
+
+
+def test_hybrid_intel_counts_physical_performance_cores():
+    """A 16-thread hybrid part: 4 performance cores with SMT (CPUs 0-7, siblings 0-1, 2-3, ...)
+    listed in /sys/devices/cpu_core/cpus, 8 efficiency cores (8-15): 4 threads."""
+    if not linux():
+        return
+    siblings = {c: f"{c & ~1}-{c | 1}" for c in range(8)}
+    siblings.update({c: str(c) for c in range(8, 16)})
+    root = fake_sysfs("hybrid", 16, siblings, files={"sys/devices/cpu_core/cpus": "0-7",
+                                                      "sys/devices/cpu_atom/cpus": "8-15"})
+    assert run_threads(sysfs=root) == (4, "performance cores")
+
+
+def test_smt_machine_counts_physical_cores():
+    """8 logical CPUs on 4 cores (siblings 0,4  1,5  2,6  3,7, as Linux numbers them): 4."""
+    if not linux():
+        return
+    root = fake_sysfs("smt", 8, {c: f"{c % 4},{c % 4 + 4}" for c in range(8)})
+    assert run_threads(sysfs=root) == (4, "physical cores")
+
+
+def test_big_little_counts_the_fast_cores():
+    """Arm big.LITTLE: 4 cores at 2.0 GHz and 4 at 3.0 GHz (by cpuinfo_max_freq), no SMT: 4.
+    Cores whose top clocks differ by a few percent (boost bins) are all fast ones."""
+    if not linux():
+        return
+    freq = {c: 2000000 if c < 4 else 3000000 for c in range(8)}
+    root = fake_sysfs("biglittle", 8, {c: str(c) for c in range(8)}, freq)
+    assert run_threads(sysfs=root) == (4, "performance cores")
+    freq = {c: 5700000 if c < 3 else 5450000 for c in range(6)}
+    root = fake_sysfs("boost", 6, {c: str(c) for c in range(6)}, freq)
+    assert run_threads(sysfs=root) == (6, "all cores")
+
+
+def test_machine_without_topology_uses_every_cpu():
+    """No topology or clock information: every online CPU (here 6). On this machine, with
+    the real /sys, the affinity mask limits the count (taskset -c 0: 1 thread)."""
+    if not linux():
+        return
+    assert run_threads(sysfs=fake_sysfs("plain", 6)) == (6, "all cores")
+    if shutil.which("taskset"):
+        n, why = run_threads(prefix=("taskset", "-c", "0"))
+        assert n == 1, (n, why)
+    n, _ = run_threads()
+    assert 1 <= n <= len(os.sched_getaffinity(0)), n
+
+
+def test_threads_flag_and_omp_num_threads_win():
+    """-t, then OMP_NUM_THREADS, decide over the detection."""
+    root = fake_sysfs("smt-override", 8, {c: f"{c % 4},{c % 4 + 4}" for c in range(8)}) if linux() else None
+    assert run_threads("-t", 3, sysfs=root) == (3, "-t")
+    assert run_threads(sysfs=root, env={"OMP_NUM_THREADS": "3"}) == (3, "OMP_NUM_THREADS")
+    assert run_threads("-t", 2, sysfs=root, env={"OMP_NUM_THREADS": "3"}) == (2, "-t")
+
+
+def spin_settings(env):
+    """The OpenMP runtime's spin settings, as it prints them at start (OMP_DISPLAY_ENV)."""
+    e = dict(os.environ, OMP_DISPLAY_ENV="verbose", **env)
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME"):
+        if name not in env:
+            e.pop(name, None)
+    p = subprocess.run([PHI2, converted(checkpoint()), "--ids", "1,2", "-n", "1"], capture_output=True, env=e,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr[-1000:]
+    text = p.stderr.decode("utf-8", "replace")
+    # libgomp (GCC) prints GOMP_SPINCOUNT, libomp (LLVM) KMP_BLOCKTIME; the last one printed
+    # is the one that ran (a libgomp build prints once before it restarts itself).
+    found = re.findall(r"(GOMP_SPINCOUNT|KMP_BLOCKTIME)\s*=\s*'(\d+)", text)
+    return found[-1] if found else None
+
+
+def test_idle_threads_sleep_unless_the_user_says_otherwise():
+    """Without OMP_WAIT_POLICY, idle threads do not spin (spin count / block time 0): a
+    spinning thread on a core another program uses holds up every parallel loop. A policy
+    the user sets is kept."""
+    got = spin_settings({})
+    if got is None:
+        print("     (this OpenMP runtime does not print its settings, or no OpenMP)")
+        return
+    assert got[1] == "0", got
+    active = spin_settings({"OMP_WAIT_POLICY": "active"})
+    assert active[1] != "0", active
+
+
+def load_mode(*flags, available_kb=None):
+    """'in memory' or 'mapped', from the timings line ("phi2: load 0.01 s (mapped) | ...");
+    available_kb: MemAvailable of a fake /proc/meminfo."""
+    env = {}
+    if available_kb is not None:
+        root = fake_sysfs(f"meminfo-{available_kb}", 2, files={"proc/meminfo": f"MemTotal: 99999999 kB\nMemFree: 1 kB\n"
+                                                                                f"MemAvailable: {available_kb} kB"})
+        env["PHI2_SYSFS_ROOT"] = root
+    e = dict(os.environ, **env)
+    if available_kb is None:
+        e.pop("PHI2_SYSFS_ROOT", None)
+    p = subprocess.run([PHI2, converted(checkpoint()), "--ids", "1,2", "-n", "1", *flags], capture_output=True, env=e,
+                       timeout=120)
+    err = p.stderr.decode("utf-8", "replace")
+    assert p.returncode == 0, err[-1000:]
+    m = re.search(r"^phi2: load [0-9.]+ s \(([a-z ]+)\)", err, re.M)
+    assert m, err[-500:]
+    return m.group(1)
+
+
+def test_model_is_read_into_memory_when_it_fits():
+    """By default the weights are read into memory (huge pages: faster decode) when they fit
+    with room to spare, else mapped; --mmap and --no-mmap decide regardless."""
+    if not linux():
+        return
+    assert load_mode() == "in memory"  # a few MB, on a machine with at least a GB free
+    assert load_mode("--mmap") == "mapped"
+    size_kb = os.path.getsize(converted(checkpoint())) // 1024
+    assert load_mode(available_kb=size_kb + (4 << 20)) == "in memory"  # 4 GB to spare
+    assert load_mode(available_kb=size_kb + 1024) == "mapped"  # fits, but not comfortably
+    assert load_mode(available_kb=0) == "mapped"
+    assert load_mode("--no-mmap", available_kb=1024) == "in memory"
+    assert load_mode("--no-mmap", "--mmap", available_kb=size_kb + (4 << 20)) == "mapped"  # the last one wins
