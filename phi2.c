@@ -2308,13 +2308,19 @@ static ALWAYS_INLINE void q4_tile_vnni(float *out, int out_stride, const uint8_t
     const size_t row_bytes = (size_t)cols / 2, n_groups = (size_t)cols / Q4_GROUP;
     for (int b0 = 0; b0 < n_blocks; b0 += 8) {
         const int nb = n_blocks - b0 < 8 ? n_blocks - b0 : 8;
-        const __mmask16 present = (__mmask16)((1u << (2 * nb)) - 1);  // never reads past the row's scales
+        // Masked loads only for a row's last few blocks: they never read past the row's scales,
+        // but cost more than plain loads (decode with them everywhere: -15% on Zen 5).
+        const __mmask16 present = (__mmask16)((1u << (2 * nb)) - 1);
         __m512 d[Q8_R_VNNI];
         for (int r = 0; r < R; r++) {
-            d[r] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(present, wd + (size_t)r * n_groups + 2 * (size_t)b0));
-            for (int t = 0; t < T; t++)
-                acc[r][t] = _mm512_fnmadd_ps(d[r], _mm512_maskz_loadu_ps(present, xo + (size_t)t * n_groups + 2 * (size_t)b0),
+            const uint16_t *scales = wd + (size_t)r * n_groups + 2 * (size_t)b0;
+            d[r] = _mm512_cvtph_ps(nb == 8 ? _mm256_loadu_si256((const __m256i *)scales)
+                                           : _mm256_maskz_loadu_epi16(present, scales));
+            for (int t = 0; t < T; t++) {
+                const float *offsets = xo + (size_t)t * n_groups + 2 * (size_t)b0;
+                acc[r][t] = _mm512_fnmadd_ps(d[r], nb == 8 ? _mm512_loadu_ps(offsets) : _mm512_maskz_loadu_ps(present, offsets),
                                              acc[r][t]);
+            }
         }
         __m512i pair = first_pair;
         for (int b = b0; b < b0 + nb; b++, pair = _mm512_add_epi32(pair, two)) {
@@ -2447,16 +2453,18 @@ static ALWAYS_INLINE void q4_tile_avx2(float *out, int out_stride, const uint8_t
     const size_t row_bytes = (size_t)cols / 2, n_groups = (size_t)cols / Q4_GROUP;
     for (int b0 = 0; b0 < n_blocks; b0 += 4) {
         const int nb = n_blocks - b0 < 4 ? n_blocks - b0 : 4;
-        const __m256i present = _mm256_cmpgt_epi32(_mm256_set1_epi32(2 * nb), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
         __m256 d[Q4_R_AVX2];
         for (int r = 0; r < R; r++) {
             const uint16_t *src = wd + (size_t)r * n_groups + 2 * (size_t)b0;
             uint16_t tail[8] = {0};
             if (nb < 4) memcpy(tail, src, 2 * (size_t)nb * sizeof(uint16_t));  // never read past the row
             d[r] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(nb < 4 ? tail : src)));
-            for (int t = 0; t < T; t++)
-                acc[r][t] = _mm256_fnmadd_ps(d[r], _mm256_maskload_ps(xo + (size_t)t * n_groups + 2 * (size_t)b0, present),
-                                             acc[r][t]);
+            for (int t = 0; t < T; t++) {
+                const float *offsets = xo + (size_t)t * n_groups + 2 * (size_t)b0;
+                float offsets_tail[8] = {0};
+                if (nb < 4) memcpy(offsets_tail, offsets, 2 * (size_t)nb * sizeof(float));
+                acc[r][t] = _mm256_fnmadd_ps(d[r], _mm256_loadu_ps(nb < 4 ? offsets_tail : offsets), acc[r][t]);
+            }
         }
         __m256i pair = first_pair;
         for (int b = b0; b < b0 + nb; b++, pair = _mm256_add_epi32(pair, two)) {
