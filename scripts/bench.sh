@@ -17,6 +17,13 @@
 # --kv-type f32, 2 with f16, as the timings line says), so bytes per token = weights + that
 # KV cache at the mean depth of the generated tokens (N + GEN/2), and the bandwidth share
 # counts both.
+# Prompt speed is also shown as a share of the machine's arithmetic: build/peak
+# (scripts/peak.c) measures multiply-adds per second for float32 FMA and int8 dot products
+# with the instruction sets of this build, and a prompt token needs the layers' matrices'
+# multiply-adds (layers x (4 hidden^2 + 2 hidden ffn): 2.52 G for Phi-2; attention and the
+# lm_head, which a prompt skips but for its last token, are left out): f32 files against
+# the best f32 FMA figure, q8 and q4 files against the best int8 one (AMX, which the probe
+# does not measure, can exceed it).
 set -euo pipefail
 
 if [ $# -lt 1 ] || [ $# -gt 2 ]; then
@@ -57,6 +64,8 @@ CPU=$( (grep -m1 'model name' /proc/cpuinfo 2>/dev/null | sed 's/.*: //') || tru
 read -r HIDDEN < <(od -An -tu4 -j20 -N4 "$MODEL")
 read -r LAYERS < <(od -An -tu4 -j28 -N4 "$MODEL")
 read -r MAX_SEQ < <(od -An -tu4 -j44 -N4 "$MODEL")
+read -r WTYPE < <(od -An -tu4 -j12 -N4 "$MODEL")
+read -r FFN < <(od -An -tu4 -j24 -N4 "$MODEL")
 MODEL_BYTES=$(file_size "$MODEL")
 if [ $((PROMPT + GEN)) -gt "$MAX_SEQ" ]; then
     echo "bench: prompt $PROMPT + $GEN generated tokens exceed the context of $MAX_SEQ" >&2
@@ -68,6 +77,16 @@ echo "cpu: $CPU ($(getconf _NPROCESSORS_ONLN 2>/dev/null || nproc) logical cores
 PROBE=$(OMP_NUM_THREADS=$THREADS build/membw 300 9)
 echo "$PROBE"
 PROBE_GBS=$(echo "$PROBE" | awk '{print $2}')
+if [ ! -x build/peak ] || [ scripts/peak.c -nt build/peak ]; then
+    ${CC:-cc} -std=c11 -O3 -march=native -fopenmp -o build/peak scripts/peak.c 2>/dev/null ||
+        ${CC:-cc} -std=c11 -O3 -o build/peak scripts/peak.c
+fi
+PEAKS=$(OMP_NUM_THREADS=$THREADS build/peak 5)
+echo "$PEAKS" | grep -v checksum
+# The figure prompt speed is compared with: f32 FMA for f32 files, int8 for q8 and q4.
+PEAK_KIND=$([ "$WTYPE" = 0 ] && echo f32 || echo int8)
+PEAK_GMAC=$(echo "$PEAKS" | awk -v k="$PEAK_KIND" '$2 == k { for (i = 3; i <= NF; i++) if ($i == "G") v = $(i - 1);
+    if (v + 0 > best) best = v + 0 } END { print best + 0 }')
 
 # Tokenizer: 100 KB of this repository's own text and code through --tokenize.
 TOKTXT=$(mktemp)
@@ -109,9 +128,11 @@ KV_TYPE=$(awk 'NR == 1 {print $6}' "$TMP/runs")
 KV_BYTES=$(awk 'NR == 1 {printf "%.0f", $7 * 1e6}' "$TMP/runs")
 awk -v pp="$PP" -v tg="$TG" -v gbs="$GBS" -v probe="$PROBE_GBS" -v rss="$RSS" -v model="$MODEL_BYTES" \
     -v kv="$KV_BYTES" -v kvt="$KV_TYPE" -v reps="$REPS" -v depth="$DEPTH" -v gen="$GEN" -v layers="$LAYERS" \
-    -v hidden="$HIDDEN" 'BEGIN {
+    -v hidden="$HIDDEN" -v ffn="$FFN" -v peak="$PEAK_GMAC" -v peakkind="$PEAK_KIND" 'BEGIN {
     printf "median of %d runs:\n", reps
-    printf "  prompt      %8.2f tok/s\n", pp
+    gmac = layers * (4 * hidden * hidden + 2 * hidden * ffn) / 1e9
+    printf "  prompt      %8.2f tok/s = %.1f G MAC/s = %.0f%% of the %.1f G MAC/s %s peak\n", pp, pp * gmac,
+        (peak > 0 ? 100 * pp * gmac / peak : 0), peak, peakkind
     printf "  generation  %8.2f tok/s%s\n", tg, (depth != "" ? " after a " depth "-token prompt" : "")
     wmb = tg > 0 ? gbs * 1000 / tg : 0
     printf "  weights     %8.1f MB per generated token\n", wmb

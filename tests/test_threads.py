@@ -133,16 +133,16 @@ def spin_settings(env):
 
 
 def test_idle_threads_sleep_unless_the_user_says_otherwise():
-    """Without OMP_WAIT_POLICY, idle threads do not spin (spin count / block time 0): a
-    spinning thread on a core another program uses holds up every parallel loop. A policy
-    the user sets is kept."""
+    """Without OMP_WAIT_POLICY, idle threads spin only briefly (libgomp: GOMP_SPINCOUNT 1000;
+    libomp: block time 0): a long-spinning thread on a core another program uses holds up
+    every parallel loop. A policy the user sets is kept."""
     got = spin_settings({})
     if got is None:
         print("     (this OpenMP runtime does not print its settings, or no OpenMP)")
         return
-    assert got[1] == "0", got
+    assert got == ("GOMP_SPINCOUNT", "1000") or got == ("KMP_BLOCKTIME", "0"), got
     active = spin_settings({"OMP_WAIT_POLICY": "active"})
-    assert active[1] != "0", active
+    assert int(active[1]) > 1000, active
 
 
 def load_mode(*flags, available_kb=None):
