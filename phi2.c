@@ -3019,6 +3019,13 @@ static ALWAYS_INLINE void q4_decode_neon(const uint8_t *codes, int8x16_t levels,
     w[3] = vqtbl1q_s8(levels, vshrq_n_u8(b1, 4));
 }
 
+/* f32_from_f16 in one instruction (FCVT): AArch64 converts half to single in hardware. */
+static ALWAYS_INLINE float f32_from_f16_fcvt(uint16_t bits) {
+    __fp16 h;
+    memcpy(&h, &bits, sizeof(h));
+    return (float)h;
+}
+
 /* One q4 tile with DOT16: each block's two groups get their own int32 sums and scales. */
 #define Q4_TILE_NEON_BODY(DOT16)                                                                                  \
     float32x4_t acc[Q8_R_NEON][Q8_T_NEON];                                                                      \
@@ -3031,8 +3038,8 @@ static ALWAYS_INLINE void q4_decode_neon(const uint8_t *codes, int8x16_t levels,
         float d0[Q8_R_NEON], d1[Q8_R_NEON];                                                                      \
         for (int r = 0; r < R; r++) {                                                                            \
             q4_decode_neon(w + (size_t)r * row_bytes + (size_t)b * (Q4_BLOCK / 2), levels, wv[r]);               \
-            d0[r] = f32_from_f16(wd[(size_t)r * row_scales + 2 * (size_t)b]);                                      \
-            d1[r] = f32_from_f16(wd[(size_t)r * row_scales + 2 * (size_t)b + 1]);                                  \
+            d0[r] = f32_from_f16_fcvt(wd[(size_t)r * row_scales + 2 * (size_t)b]);                                \
+            d1[r] = f32_from_f16_fcvt(wd[(size_t)r * row_scales + 2 * (size_t)b + 1]);                            \
         }                                                                                                        \
         for (int t = 0; t < T; t++) {                                                                            \
             const int8_t *xb = x + (size_t)t * cols + (size_t)b * Q4_BLOCK;                                      \
