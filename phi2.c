@@ -84,7 +84,7 @@ static FILE *create_partial_file(const char *path);  // "wb", removable while st
 static int replace_file(const char *from, const char *to);  // rename over an existing file: 0, or -1 and errno
 static int reader_gone(int err);        // whether a failed write (errno err) met a closed pipe
 static void use_sleeping_thread_wait(char **argv);  // idle OpenMP threads sleep, not spin (may restart the program)
-static int count_fast_cores(const char **which);     // the default thread count; *which: "performance cores", ...
+MAYBE_UNUSED static int count_fast_cores(const char **which);  // the default thread count; *which: "performance cores", ...
 
 /* A file being written (e.g. --dump-logits) goes to "<path>.tmp" and is renamed when
  * complete; if we die first, the temporary is removed so nothing half-written remains. */
@@ -3570,7 +3570,7 @@ static long long cpu_max_freq(const char *root, int cpu) {
     return read_line(root, path, line, sizeof(line)) ? atoll(line) : 0;
 }
 
-static int count_fast_cores(const char **which) {
+MAYBE_UNUSED static int count_fast_cores(const char **which) {
     const char *root = getenv("PHI2_SYSFS_ROOT");
     unsigned char *cpus = xcalloc(3, MAX_CPUS), *listed = cpus + MAX_CPUS, *siblings = cpus + 2 * MAX_CPUS;
     int n = -1;
@@ -3634,7 +3634,7 @@ static int count_fast_cores(const char **which) {
 #include <sys/sysctl.h>
 /* macOS: hw.perflevel0 is the fastest kind of core (Apple M: the performance cores;
  * Intel Macs have one level); hw.physicalcpu leaves out Hyper-Threading siblings. */
-static int count_fast_cores(const char **which) {
+MAYBE_UNUSED static int count_fast_cores(const char **which) {
     int n = 0;
     size_t len = sizeof(n);
     int levels = 0;
@@ -3654,7 +3654,7 @@ static int count_fast_cores(const char **which) {
     return online > 0 && online < INT_MAX ? (int)online : 1;
 }
 #else
-static int count_fast_cores(const char **which) {
+MAYBE_UNUSED static int count_fast_cores(const char **which) {
     long online = sysconf(_SC_NPROCESSORS_ONLN);
     *which = "all cores";
     return online > 0 && online < INT_MAX ? (int)online : 1;
@@ -3774,7 +3774,7 @@ static void use_sleeping_thread_wait(char **argv) { (void)argv; }  // done befor
  * once (RelationProcessorCore, whatever its SMT siblings) with an efficiency class, higher
  * for faster cores (all 0 on CPUs of one kind): count the cores of the highest class that
  * this process may run on (its affinity mask; processor group 0, where it starts). */
-static int count_fast_cores(const char **which) {
+MAYBE_UNUSED static int count_fast_cores(const char **which) {
     DWORD size = 0;
     DWORD_PTR process_mask = 0, system_mask = 0;
     *which = "all cores";

@@ -78,9 +78,16 @@ static void check_options(const Options *o, int argc, char **argv) {
     check_arg(o->prompt_file, argc, argv, "prompt file is not an argument");
     check_arg(o->ids, argc, argv, "ids are not an argument");
     check_arg(o->dump_logits, argc, argv, "dump path is not an argument");
-    check_arg(o->stop, argc, argv, "stop string is not an argument");
+    if (o->n_stops < 0 || o->n_stops > MAX_STOP_STRINGS) finding("--stop count out of range");
+    for (int i = 0; i < o->n_stops && i < MAX_STOP_STRINGS; i++) {
+        check_arg(o->stops[i], argc, argv, "stop string is not an argument");
+        if (!o->stops[i][0]) finding("empty stop string");
+    }
     if ((o->prompt != NULL) + (o->prompt_file != NULL) + (o->ids != NULL) > 1) finding("two prompts");
-    if (o->stop && !o->stop[0]) finding("empty stop string");
+    if (!(o->min_p >= 0.0f && o->min_p <= 1.0f)) finding("--min-p out of range");
+    if (!(o->penalties.repeat > 0.0f) || o->penalties.last_n < -1) finding("--repeat-penalty or --repeat-last-n out of range");
+    if (o->kv_type != -1 && o->kv_type != KV_F32 && o->kv_type != KV_F16) finding("--kv-type not a type");
+    if (o->use_mmap < -1 || o->use_mmap > 1) finding("--mmap / --no-mmap not -1, 0 or 1");
     if (o->n_predict < -1 || o->n_predict > INT_MAX) finding("-n out of range");
     if (!(o->temperature >= 0.0f && o->temperature <= 100.0f)) finding("--temp out of range");
     if (!(o->top_p > 0.0f && o->top_p <= 1.0f)) finding("--top-p out of range");
