@@ -732,7 +732,8 @@ MAYBE_UNUSED static void matmul_q4_scalar(float *out, const QuantizedRows *in, c
     }
 }
 
-/* One row of a matrix as floats: used for the embedding lookup. */
+/* One row of a matrix as floats: the embedding lookup. The embedding is float32 or q8 in
+ * every file type (q4 files keep it q8), so those are the two kinds of row. */
 static void matrix_row(float *out, const Matrix *W, int row) {
     const size_t cols = (size_t)W->cols;
     if (W->type == WEIGHTS_F32) {
@@ -741,10 +742,6 @@ static void matrix_row(float *out, const Matrix *W, int row) {
         const int8_t *q = W->q + (size_t)row * cols;
         const float *d = W->scale + (size_t)row * (cols / Q8_GROUP);
         for (size_t c = 0; c < cols; c++) out[c] = d[c / Q8_GROUP] * (float)q[c];
-    } else {
-        const uint8_t *codes = W->codes + (size_t)row * (cols / 2);
-        const uint16_t *d = W->scale16 + (size_t)row * (cols / Q4_GROUP);
-        for (size_t c = 0; c < cols; c++) out[c] = f32_from_f16(d[c / Q4_GROUP]) * (float)Q4_LEVELS[q4_code(codes, (int)c)];
     }
 }
 
