@@ -1975,6 +1975,7 @@ static int read_turn(unsigned char **buf, size_t *cap, size_t *len, size_t max_l
     size_t n = 0;
     int got_any = 0, too_long = 0;
     int prev = 0, prev2 = 0;  // the two bytes before this one on its line (0: none)
+    if (g_interrupted) return TURN_INTERRUPTED;  // Ctrl-C just after an answer counts as at the prompt
     for (;;) {
         const int ch = getc(stdin);
         if (ch == EOF) {
@@ -2032,8 +2033,10 @@ static void drop_oldest_turns(Conversation *conv, int needed, int ctx) {
     for (int t = n_drop; t < conv->n_turns; t++) conv->turn_start[t - n_drop] = conv->turn_start[t] - n_dropped;
     conv->n_turns -= n_drop;
     if (conv->n_cached > conv->n_prefix) conv->n_cached = conv->n_prefix;
-    fprintf(stderr, "phi2: context full: dropped the %d oldest turn%s (%d tokens), re-reading %d\n", n_drop,
-            n_drop == 1 ? "" : "s", n_dropped, conv->n_tokens - conv->n_prefix);
+    char turns[32] = "oldest turn";
+    if (n_drop > 1) snprintf(turns, sizeof(turns), "%d oldest turns", n_drop);
+    fprintf(stderr, "phi2: context full: dropped the %s (%d tokens), re-reading %d\n", turns, n_dropped,
+            conv->n_tokens - conv->n_prefix);
 }
 
 /* Append text's tokens to the conversation (not yet in the KV cache). */
@@ -2085,8 +2088,8 @@ static int interactive(const Model *m, RunState *s, const Options *opt, const in
     int status = 0, reader_alive = 1, turn_number = 0;
     catch_interrupts(on_interactive_interrupt);
 
+    g_interrupted = 0;
     while (!stop_reason) {
-        g_interrupted = 0;
         if (at_terminal) fputs("> ", stdout);
         if (!flush_stdout()) { stop_reason = "the output was closed"; break; }
         const int got = read_turn(&line, &line_cap, &line_len, max_turn_bytes);
@@ -2098,34 +2101,35 @@ static int interactive(const Model *m, RunState *s, const Options *opt, const in
         }
         if (line_len == 0) continue;  // an empty line: nothing to answer
 
-        // The turn's text: a "\n" after what came before (qa, chat), then before + line + after.
-        const char *sep = format->marker && conv.n_tokens > 0 ? "\n" : "";
-        const size_t n_sep = strlen(sep), n_before = strlen(format->before), n_after = strlen(format->after);
-        const size_t text_len = n_sep + n_before + line_len + n_after;
+        // The turn's text: before + line + after; in qa and chat a "\n" goes before it when
+        // it does not begin the conversation (a token of its own: the GPT-2 pre-tokenizer
+        // never joins a newline to the letter after it, so this tokenizes as the whole would).
+        const size_t n_before = strlen(format->before), n_after = strlen(format->after);
+        const size_t text_len = n_before + line_len + n_after;
         if (text_len > text_cap) {
             free(text);
             text_cap = text_len;
             text = xmalloc(text_cap);
         }
-        memcpy(text, sep, n_sep);
-        memcpy(text + n_sep, format->before, n_before);
-        memcpy(text + n_sep + n_before, line, line_len);
-        memcpy(text + n_sep + n_before + line_len, format->after, n_after);
+        memcpy(text, format->before, n_before);
+        memcpy(text + n_before, line, line_len);
+        memcpy(text + n_before + line_len, format->after, n_after);
         int *ids = NULL;
         size_t n_ids = 0;
         if (tokenizer_encode(&m->tokenizer, text, text_len, &ids, &n_ids) != 0) die("out of memory tokenizing a turn");
-        if ((size_t)n_prefix + n_ids >= (size_t)ctx) {  // not even one answer token would fit
+        const int n_sep = format->marker ? 1 : 0;  // "\n" is one token
+        if ((size_t)n_prefix + (size_t)n_sep + n_ids >= (size_t)ctx) {  // not even one answer token would fit
             fprintf(stderr, "phi2: this turn is %zu tokens, too long for the context of %d%s: skipped\n", n_ids, ctx,
                     n_prefix ? " with the prefix" : "");
             free(ids);
             continue;
         }
-        const int n_new = (int)n_ids;
-        drop_oldest_turns(&conv, n_new + answer_room, ctx);
+        drop_oldest_turns(&conv, n_sep + (int)n_ids + answer_room, ctx);
         const int turn_start = conv.n_tokens;
         conv.turn_start[conv.n_turns++] = turn_start;
+        if (n_sep && conv.n_tokens > 0) append_text(&conv, m, (const unsigned char *)"\n", 1);
         memcpy(conv.tokens + conv.n_tokens, ids, n_ids * sizeof(int));
-        conv.n_tokens += n_new;
+        conv.n_tokens += (int)n_ids;
         free(ids);
 
         // Read what the KV cache lacks: the new turn, and before it whatever is not cached yet
@@ -2133,7 +2137,7 @@ static int interactive(const Model *m, RunState *s, const Options *opt, const in
         turn_number++;
         const int from = conv.n_cached;
         if (opt->verbose) {
-            fprintf(stderr, "phi2: turn %d: %d positions from the cache, reading %d: ", turn_number, from,
+            fprintf(stderr, "phi2: turn %d: the cache holds %d, reading %d: ", turn_number, from,
                     conv.n_tokens - from);
             print_ids(stderr, conv.tokens + from, conv.n_tokens - from);
         }
@@ -2143,6 +2147,7 @@ static int interactive(const Model *m, RunState *s, const Options *opt, const in
             conv.n_turns--;
             if (conv.n_cached > conv.n_tokens) conv.n_cached = conv.n_tokens;
             fputs("\n", stdout);
+            g_interrupted = 0;  // back to the prompt
             continue;
         }
 
@@ -2151,6 +2156,7 @@ static int interactive(const Model *m, RunState *s, const Options *opt, const in
         const int answer_start = conv.n_tokens, decoded_before = g.n_decoded;
         const char *why = generate_tokens(&g, conv.tokens, &conv.n_tokens, ctx, n_limit, &out, &reader_alive);
         conv.n_cached = answer_start + (g.n_decoded - decoded_before);
+        if (!strcmp(why, "interrupted")) g_interrupted = 0;  // Ctrl-C ended the answer: back to the prompt
         if (!reader_alive) {
             free(out.held);
             stop_reason = "the output was closed";
