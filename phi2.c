@@ -2044,7 +2044,7 @@ static void append_text(Conversation *conv, const Model *m, const unsigned char 
     int *ids = NULL;
     size_t n = 0;
     if (len > 0 && tokenizer_encode(&m->tokenizer, text, len, &ids, &n) != 0) die("out of memory tokenizing a turn");
-    memcpy(conv->tokens + conv->n_tokens, ids, n * sizeof(int));  // (the caller made sure it fits)
+    if (n > 0) memcpy(conv->tokens + conv->n_tokens, ids, n * sizeof(int));  // (the caller made sure it fits)
     conv->n_tokens += (int)n;
     free(ids);
 }
@@ -2081,7 +2081,7 @@ static int interactive(const Model *m, RunState *s, const Options *opt, const in
     Conversation conv = {.tokens = xmalloc(mul_size(capacity, sizeof(int))),
                          .turn_start = xmalloc(mul_size(capacity, sizeof(int))),
                          .n_tokens = n_prefix, .n_prefix = n_prefix};
-    memcpy(conv.tokens, prefix, mul_size((size_t)n_prefix, sizeof(int)));
+    if (n_prefix > 0) memcpy(conv.tokens, prefix, (size_t)n_prefix * sizeof(int));  // (no prefix: NULL)
     unsigned char *line = NULL, *text = NULL;
     size_t line_cap = 0, line_len = 0, text_cap = 0;
     const char *stop_reason = NULL;
