@@ -9,7 +9,7 @@
  *                         in plain scalar C: these are the definitions
  *   4. the forward pass   a batch of positions through all layers, with a KV cache
  *   5. sampling           greedy, temperature, top-k, top-p
- *   6. the command line   prompt in, streamed text out
+ *   6. the command line   prompt in, streamed text out; a conversation (-i); perplexity
  * Appendices, for speed and portability only:
  *   A. x86 kernels        AVX-512, AVX2, VNNI (512- and 256-bit) and AMX versions of the section 3 kernels,
  *                         each tested against its scalar twin (tests/test_kernels.c)
