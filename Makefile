@@ -194,7 +194,7 @@ build/wine/prefix/system.reg:
 	$(WIN_ENV) $(WINE) wineboot --init </dev/null >/dev/null 2>&1; $(WIN_ENV) wineserver -w
 	test -f $@
 
-# test-windows: the engine, CLI, sampling, trace and Unicode tests against phi2.exe under
+# test-windows: the engine, CLI, sampling, trace, Unicode and interactive tests against phi2.exe under
 # Wine, about 1 minute (Wine maps / to Z:, so the tests' Linux paths work as arguments).
 # Not the kernel tests: tests/test_kernels.c guards its buffers with POSIX mmap pages; the
 # kernels are the same source as Linux's, and test_model checks the exe's logits against
@@ -214,8 +214,13 @@ build/wine/prefix/system.reg:
 #     error" rather than the "No space left" the test looks for.
 #   test_robust.test_endless_prompt_file_is_an_error: expects -f / to open (POSIX) and the
 #     read to fail; Windows refuses to open a folder ("cannot open '/': Permission denied").
+#   test_interactive.test_ctrl_c_stops_an_answer_then_at_the_prompt_ends_the_session: sends
+#     SIGINT (POSIX); a Windows console sends Ctrl-C events instead (a console control handler).
+#   test_interactive.test_terminal_session_in_tmux: tmux is a POSIX terminal.
 WIN_SKIP := test_cli.test_interrupted_dump_leaves_nothing test_robust.test_write_error_on_stdout_is_an_error \
-            test_robust.test_endless_prompt_file_is_an_error
+            test_robust.test_endless_prompt_file_is_an_error \
+            test_interactive.test_ctrl_c_stops_an_answer_then_at_the_prompt_ends_the_session \
+            test_interactive.test_terminal_session_in_tmux
 test-windows: phi2.exe $(TEST_BINS) build/wine/prefix/system.reg
 	rm -rf build/testdata-windows
 	printf '#!/bin/sh\n%s exec $(WINE) "%s" "$$@"\n' '$(WIN_ENV)' "$(CURDIR)/phi2.exe" >build/wine/phi2
@@ -223,7 +228,7 @@ test-windows: phi2.exe $(TEST_BINS) build/wine/prefix/system.reg
 	$(WIN_ENV) wineserver -p 60 </dev/null >/dev/null 2>&1; $(WIN_ENV) $(WINE) wineboot </dev/null >/dev/null 2>&1; \
 	PHI2_BIN=build/wine/phi2 PHI2_TEST_WORK=build/testdata-windows \
 	    $(PYTHON) tests/run.py $(WIN_SKIP:%=--skip %) test_model test_cli test_q8 test_robust test_sampling \
-	    test_determinism test_trace test_unicode_args; \
+	    test_determinism test_trace test_unicode_args test_interactive; \
 	status=$$?; $(WIN_ENV) wineserver -k; exit $$status
 
 clean:

@@ -9,7 +9,7 @@
  *                         in plain scalar C: these are the definitions
  *   4. the forward pass   a batch of positions through all layers, with a KV cache
  *   5. sampling           greedy, temperature, top-k, top-p
- *   6. the command line   prompt in, streamed text out
+ *   6. the command line   prompt in, streamed text out; a conversation (-i); perplexity
  * Appendices, for speed and portability only:
  *   A. x86 kernels        AVX-512, AVX2, VNNI (512- and 256-bit) and AMX versions of the section 3 kernels,
  *                         each tested against its scalar twin (tests/test_kernels.c)
@@ -83,6 +83,9 @@ static void free_aligned(void *p);
 static FILE *create_partial_file(const char *path);  // "wb", removable while still open
 static int replace_file(const char *from, const char *to);  // rename over an existing file: 0, or -1 and errno
 static int reader_gone(int err);        // whether a failed write (errno err) met a closed pipe
+static int is_terminal(FILE *f);        // a terminal (Windows: a console), not a file or pipe
+static void catch_interrupts(void (*handler)(int));  // Ctrl-C calls handler each time and ends a blocking
+                                        // read of stdin (EINTR); SIG_DFL: back to the default
 static void use_sleeping_thread_wait(char **argv);  // idle OpenMP threads sleep, not spin (may restart the program)
 MAYBE_UNUSED static int count_fast_cores(const char **which);  // the default thread count; *which: "performance cores", ...
 
@@ -1081,21 +1084,22 @@ static void check_logits_finite(const float *logits, int n, int position) {
         if (!isfinite(logits[i])) die("logits are not finite at position %d (id %d is %g)", position, i, logits[i]);
 }
 
-/* Run a prompt through the model from position 0, in batches of up to max_batch positions,
- * filling the KV cache. With logits_out, every position's logits are written there
- * (--dump-logits, to out_path); otherwise only the last position's are kept, in s->logits.
- * Stops between batches after Ctrl-C; returns the number of positions processed. */
-static int prefill(const Model *m, RunState *s, const int *tokens, int n_tokens, FILE *logits_out,
+/* Run a prompt through the model at positions pos0, pos0+1, ... (0 for a whole prompt; an
+ * interactive turn continues after the positions already in the cache), in batches of up to
+ * max_batch positions, filling the KV cache. With logits_out, every position's logits are
+ * written there (--dump-logits, to out_path); otherwise only the last position's are kept, in
+ * s->logits. Stops between batches after Ctrl-C; returns the number of positions processed. */
+static int prefill(const Model *m, RunState *s, const int *tokens, int n_tokens, int pos0, FILE *logits_out,
                    const char *out_path) {
     const int V = m->config.vocab_size;
     int done = 0;
     while (done < n_tokens && !g_interrupted) {
         const int n = n_tokens - done < s->max_batch ? n_tokens - done : s->max_batch;
         const int all_logits = logits_out != NULL || s->trace != NULL;
-        forward(m, s, tokens + done, n, done, all_logits);
+        forward(m, s, tokens + done, n, pos0 + done, all_logits);
         const int n_rows = all_logits ? n : 1;
         for (int t = 0; t < n_rows; t++)
-            check_logits_finite(s->logits + (size_t)t * V, V, all_logits ? done + t : done + n - 1);
+            check_logits_finite(s->logits + (size_t)t * V, V, pos0 + (all_logits ? done + t : done + n - 1));
         if (logits_out && fwrite(s->logits, sizeof(float), (size_t)n * V, logits_out) != (size_t)n * V)
             die("cannot write '%s': %s", out_path, strerror(errno));
         done += n;
@@ -1301,7 +1305,7 @@ static void usage(FILE *f) {
     const int written = fprintf(f,
             "usage: phi2 MODEL.bin [options]\n"
             "\n"
-            "Complete a prompt with Phi-2. MODEL.bin comes from scripts/convert.py.\n"
+            "Complete a prompt with Phi-2, or talk with it (-i). MODEL.bin comes from scripts/convert.py.\n"
             "\n"
             "prompt (one of):\n"
             "  -p, --prompt TEXT      prompt text\n"
@@ -1342,6 +1346,17 @@ static void usage(FILE *f) {
             "                         tokens' logits (defaults 0)\n"
             "  Order: penalties -> temperature -> top-k -> top-p -> min-p -> draw (or argmax).\n"
             "\n"
+            "interactive:\n"
+            "  -i, --interactive      a conversation: a turn per line of stdin (a line ending in\n"
+            "                         '\\' goes on), each answer streamed, up to -n tokens; earlier\n"
+            "                         turns stay in the KV cache, the oldest are dropped when\n"
+            "                         the context is full. Ctrl-C stops an answer; at the prompt\n"
+            "                         Ctrl-C (status 130) or end of input (Ctrl-D) ends it\n"
+            "      --format F         qa (default): 'Instruct: TURN\\nOutput:', chat: 'Alice: TURN\\nBob:',\n"
+            "                         raw: the text as typed; the next turn's marker ends an answer\n"
+            "      --system TEXT      a prefix kept for the whole session (or -p TEXT, -f FILE)\n"
+            "      --verbose          per turn on stderr: positions reused, token ids read\n"
+            "\n"
             "perplexity:\n"
             "      --perplexity FILE  score FILE in windows of -c tokens, each on its second half (so\n"
             "                         every scored token has half a window of context); prints\n"
@@ -1377,6 +1392,20 @@ static void usage(FILE *f) {
 
 #define MAX_STOP_STRINGS 16
 
+/* Interactive mode (-i, --format): Phi-2's formats from its model card. A turn is the user's
+ * text between before and after; an answer ends where the model starts the next turn (marker,
+ * an automatic stop string). raw: the text as typed, nothing added, no marker. */
+typedef struct {
+    const char *name, *before, *after, *marker;
+} TurnFormat;
+
+static const TurnFormat TURN_FORMATS[] = {
+    {"qa", "Instruct: ", "\nOutput:", "\nInstruct:"},
+    {"chat", "Alice: ", "\nBob:", "\nAlice:"},
+    {"raw", "", "", NULL},
+};
+#define N_TURN_FORMATS ((int)(sizeof(TURN_FORMATS) / sizeof(TURN_FORMATS[0])))
+
 typedef struct {
     const char *model_path;
     const char *prompt;         // -p
@@ -1403,6 +1432,11 @@ typedef struct {
     const char *perplexity;     // --perplexity FILE
     const char *save_logprobs;  // --save-logprobs FILE
     const char *kl_base;        // --kl-base FILE
+    int interactive;            // -i
+    int format;                 // --format: an index into TURN_FORMATS (default 0, qa)
+    const char *format_name;    // --format as given (NULL: not given)
+    const char *system;         // --system TEXT: the prefix of an interactive session (as -p)
+    int verbose;                // --verbose: -i says per turn what it reads and reuses
 } Options;
 
 static Options parse_args(int argc, char **argv) {
@@ -1425,6 +1459,8 @@ static Options parse_args(int argc, char **argv) {
         if (!strcmp(a, "--ignore-eos")) { o.ignore_eos = 1; continue; }
         if (!strcmp(a, "--no-mmap")) { o.use_mmap = 0; continue; }
         if (!strcmp(a, "--mmap")) { o.use_mmap = 1; continue; }
+        if (!strcmp(a, "-i") || !strcmp(a, "--interactive")) { o.interactive = 1; continue; }
+        if (!strcmp(a, "--verbose")) { o.verbose = 1; continue; }
         if (a[0] != '-' || a[1] == '\0') {
             if (o.model_path) die("unexpected argument '%s' (the model path is '%s'); see -h", a, o.model_path);
             o.model_path = a;
@@ -1463,11 +1499,25 @@ static Options parse_args(int argc, char **argv) {
         else if (!strcmp(a, "--perplexity")) o.perplexity = v;
         else if (!strcmp(a, "--save-logprobs")) o.save_logprobs = v;
         else if (!strcmp(a, "--kl-base")) o.kl_base = v;
+        else if (!strcmp(a, "--system")) o.system = v;
+        else if (!strcmp(a, "--format")) {
+            o.format_name = v;
+            for (o.format = 0; o.format < N_TURN_FORMATS && strcmp(v, TURN_FORMATS[o.format].name); o.format++) {}
+            if (o.format == N_TURN_FORMATS) die("--format must be qa, chat or raw, got '%s'", v);
+        }
         else die("unknown option '%s'; see -h", a);
     }
     if (!o.model_path) die("no model file given; usage: phi2 MODEL.bin [-p PROMPT] (see -h)");
-    if ((o.prompt != NULL) + (o.prompt_file != NULL) + (o.ids != NULL) > 1)
-        die("give the prompt only once: -p, -f or --ids");
+    if ((o.prompt != NULL) + (o.prompt_file != NULL) + (o.ids != NULL) + (o.system != NULL) > 1)
+        die("give the prompt only once: -p, -f, --ids or --system");
+    if ((o.format_name || o.system || o.verbose) && !o.interactive) die("--format, --system and --verbose need -i");
+    if (o.interactive) {
+        if (o.ids || o.perplexity || o.dump_logits || o.trace || o.tokenize)
+            die("-i is a conversation in text: give no --ids, --perplexity, --dump-logits, --trace or --tokenize with it");
+        if (o.prompt_file && !strcmp(o.prompt_file, "-"))
+            die("-i reads its turns from standard input: the prefix cannot come from there too (-f -)");
+        if (o.system) o.prompt = o.system;  // the prefix, read as -p's text
+    }
     if (o.top_p <= 0.0f) die("--top-p must be greater than 0");
     for (int i = 0; i < o.n_stops; i++)
         if (o.stops[i][0] == '\0') die("--stop needs a non-empty string");
@@ -1518,10 +1568,10 @@ static void dump_prompt(const Model *m, RunState *s, const int *tokens, int n_to
     if (trace) {
         s->trace = f;
         s->trace_path = g_partial_file;
-        prefill(m, s, tokens, n_tokens, NULL, NULL);
+        prefill(m, s, tokens, n_tokens, 0, NULL, NULL);
         s->trace = NULL;
     } else {
-        prefill(m, s, tokens, n_tokens, f, g_partial_file);
+        prefill(m, s, tokens, n_tokens, 0, f, g_partial_file);
     }
     if (fclose(f) != 0) die("cannot write '%s': %s", g_partial_file, strerror(errno));
     if (replace_file(g_partial_file, path) != 0) die("cannot rename '%s' to '%s': %s", g_partial_file, path, strerror(errno));
@@ -1709,11 +1759,14 @@ typedef struct {
     int print;              // 0: only watch for the stop string (--print-ids)
     unsigned char *held;    // generated bytes not printed yet
     size_t n_held, cap;
+    size_t n_passed;        // bytes let through so far (printed unless print is 0): after a stop
+                            // string, where in the generated text it began
     Utf8Stream utf8;
 } TextOut;
 
 static void text_out_emit(TextOut *o, size_t n) {
     if (n == 0) return;  // (held may still be NULL)
+    o->n_passed += n;
     if (o->print) utf8_stream_write(&o->utf8, o->held, n, stdout);
     memmove(o->held, o->held + n, o->n_held - n);
     o->n_held -= n;
@@ -1759,87 +1812,399 @@ static void text_out_finish(TextOut *o) {
     free(o->held);
 }
 
-/* Process the prompt, then sample, print and feed back tokens until end of text, the -n
- * limit, a full context, a stop string, Ctrl-C or a closed output. The sequence (prompt +
- * generated) never exceeds ctx, and the last token (whose logits nobody reads) is not fed.
- * Timings go to stderr. Returns the exit status: 0, or 130 after Ctrl-C. */
-static int generate(const Model *m, RunState *s, const Options *opt, const int *prompt, int n_prompt,
-                    const unsigned char *text, size_t text_len, int ctx, double t_load) {
+/* --- Generation: the pieces a one-shot run and interactive mode (-i) share --------------- */
+
+/* The sampler with its scratch, and the totals of a run for its timings line. A one-shot
+ * run gives one answer; interactive mode one per turn, all from the same Generator. */
+typedef struct {
+    const Model *m;
+    RunState *s;
+    const Options *opt;
+    int n_vocab_real;       // ids that may be sampled: the tokenizer's (past them: padding rows)
+    Sampler sampler;
+    Candidate *cand;        // [n_vocab_real] scratch of sample()
+    int *penalty_counts;    // [n_vocab_real] zeros, scratch of apply_penalties()
+    int n_prefilled;        // prompt positions processed (all turns, re-read ones included)
+    int n_generated;        // tokens sampled
+    int n_decoded;          // of those, the ones fed back through the model
+    double t_prefill, t_generate;  // seconds spent on each
+} Generator;
+
+static void generator_init(Generator *g, const Model *m, RunState *s, const Options *opt) {
     const Config *c = &m->config;
-    const int n_vocab_real = m->tokenizer.n_tokens < c->vocab_size ? m->tokenizer.n_tokens : c->vocab_size;
-    Sampler sampler = {.temperature = opt->temperature, .top_k = opt->top_k, .top_p = opt->top_p,
-                       .rng = opt->seed_given ? opt->seed : (uint64_t)time(NULL), .min_p = opt->min_p};
-    sampler.rng = sampler.rng * 0x9E3779B97F4A7C15ULL + 1;  // never zero: xorshift would stick
-    Candidate *cand = xmalloc(mul_size((size_t)n_vocab_real, sizeof(Candidate)));
-    // What the repetition penalties look back on: the prompt, then each generated token.
-    int *history = xmalloc(mul_size((size_t)n_prompt + (size_t)ctx + 1, sizeof(int)));
-    memcpy(history, prompt, mul_size((size_t)n_prompt, sizeof(int)));
-    int n_history = n_prompt;
-    int *penalty_counts = xcalloc((size_t)n_vocab_real, sizeof(int));
-    TextOut out = {.stops = opt->stops, .n_stops = opt->n_stops, .print = !opt->print_ids};
-    if (out.print && !opt->no_display_prompt && text) utf8_stream_write(&out.utf8, text, text_len, stdout);
-    int reader_alive = flush_stdout();
+    memset(g, 0, sizeof(*g));
+    g->m = m;
+    g->s = s;
+    g->opt = opt;
+    g->n_vocab_real = m->tokenizer.n_tokens < c->vocab_size ? m->tokenizer.n_tokens : c->vocab_size;
+    g->sampler = (Sampler){.temperature = opt->temperature, .top_k = opt->top_k, .top_p = opt->top_p,
+                           .rng = opt->seed_given ? opt->seed : (uint64_t)time(NULL), .min_p = opt->min_p};
+    g->sampler.rng = g->sampler.rng * 0x9E3779B97F4A7C15ULL + 1;  // never zero: xorshift would stick
+    g->cand = xmalloc(mul_size((size_t)g->n_vocab_real, sizeof(Candidate)));
+    g->penalty_counts = xcalloc((size_t)g->n_vocab_real, sizeof(int));
+}
+
+static void generator_free(Generator *g) {
+    free(g->cand);
+    free(g->penalty_counts);
+}
+
+/* tokens[0..n) into the KV cache at positions pos0.. (the last one's logits in s->logits).
+ * Returns how many were processed: fewer after Ctrl-C. */
+static int generator_prefill(Generator *g, const int *tokens, int n, int pos0) {
+    const double t0 = now_seconds();
+    const int done = prefill(g->m, g->s, tokens, n, pos0, NULL, NULL);
+    g->t_prefill += now_seconds() - t0;
+    g->n_prefilled += done;
+    return done;
+}
+
+/* Sample, print (through out) and feed back tokens after tokens[0..*n_tokens), which are all
+ * in the KV cache with the last one's logits in s->logits; each new token is appended to
+ * tokens (room for ctx) and *n_tokens grows. Stops at end of text (not appended), n_limit
+ * tokens, a full context (ctx positions), a stop string, Ctrl-C or a closed output
+ * (*reader_alive becomes 0). The last token (whose logits nobody reads) is not fed back:
+ * tokens[0 .. *n_tokens - 1) or all of them are then in the cache, as g->n_decoded tells.
+ * The repetition penalties look back on all of tokens. Returns why it stopped. */
+static const char *generate_tokens(Generator *g, int *tokens, int *n_tokens, int ctx, long long n_limit,
+                                   TextOut *out, int *reader_alive) {
+    const Model *m = g->m;
+    const Config *c = &m->config;
+    RunState *s = g->s;
     const char *stop_reason = NULL;
-    g_interrupted = 0;
-    signal(SIGINT, on_interrupt);  // Ctrl-C: stop, print what we have and the timings, exit 130
-
-    // The prompt: all positions in batches, logits of the last one only.
-    double t0 = now_seconds();
-    const int n_prompt_done = reader_alive ? prefill(m, s, prompt, n_prompt, NULL, NULL) : 0;
-    double t_prompt = now_seconds() - t0;
-
-    // Generation: one token per forward pass.
-    long long n_limit = opt->n_predict < 0 ? LLONG_MAX : opt->n_predict;
-    int *generated = xmalloc(mul_size((size_t)ctx + 1, sizeof(int)));
-    int n_gen = 0, n_decoded = 0, pos = n_prompt;
-    t0 = now_seconds();
+    int n_gen = 0, pos = *n_tokens;
+    const double t0 = now_seconds();
     while (!stop_reason) {
         if (g_interrupted) { stop_reason = "interrupted"; break; }
-        if (!reader_alive) { stop_reason = "the output was closed"; break; }
+        if (!*reader_alive) { stop_reason = "the output was closed"; break; }
         if (n_gen >= n_limit) { stop_reason = "generated the -n limit of tokens"; break; }
         if (pos >= ctx) { stop_reason = "the context is full"; break; }
-        apply_penalties(&opt->penalties, s->logits, n_vocab_real, history, n_history, penalty_counts);
-        if (opt->ignore_eos) s->logits[c->eos_id] = -INFINITY;
-        int next = sample(&sampler, s->logits, n_vocab_real, cand);
+        apply_penalties(&g->opt->penalties, s->logits, g->n_vocab_real, tokens, pos, g->penalty_counts);
+        if (g->opt->ignore_eos) s->logits[c->eos_id] = -INFINITY;
+        int next = sample(&g->sampler, s->logits, g->n_vocab_real, g->cand);
         if (next == c->eos_id) { stop_reason = "end of text"; break; }
-        generated[n_gen++] = next;
-        history[n_history++] = next;
+        tokens[pos] = next;
+        n_gen++;
         size_t len = 0;
         const unsigned char *bytes = tokenizer_token_bytes(&m->tokenizer, next, &len);
-        if (text_out_push(&out, bytes, len)) stop_reason = "found a stop string";
-        if (out.print) reader_alive = flush_stdout();
+        if (text_out_push(out, bytes, len)) stop_reason = "found a stop string";
+        if (out->print) *reader_alive = flush_stdout();
         if (!stop_reason && n_gen < n_limit && pos + 1 < ctx) {
             forward(m, s, &next, 1, pos, 0);
             check_logits_finite(s->logits, c->vocab_size, pos);
-            n_decoded++;
+            g->n_decoded++;
         }
         pos++;
     }
-    double t_gen = now_seconds() - t0;
+    *n_tokens = pos;
+    g->n_generated += n_gen;
+    g->t_generate += now_seconds() - t0;
+    return stop_reason;
+}
+
+/* Why generation stopped, and the timings line, on stderr. */
+static void print_timings(Generator *g, const char *stop_reason, double t_load) {
+    const Model *m = g->m;
+    fprintf(stderr, "\nphi2: stopped: %s\n", stop_reason);
+    // Decode reads every weight once per token: tok/s x bytes is the memory bandwidth used.
+    double gen_tps = g->t_generate > 0 ? g->n_decoded / g->t_generate : 0.0;
+    char kernels[96];
+    kernel_description(kernels, sizeof(kernels), &g->s->kern, m->config.weight_type);
+    fprintf(stderr, "phi2: load %.2f s (%s) | prompt %d tokens, %.2f tok/s | generated %d tokens, %.2f tok/s "
+            "(%.1f GB/s of weights) | %d threads (%s) | KV cache %s, %.1f MB | %s\n",
+            t_load, m->mapped ? "mapped" : "in memory", g->n_prefilled,
+            g->t_prefill > 0 ? g->n_prefilled / g->t_prefill : 0.0, g->n_generated, gen_tps,
+            gen_tps * (double)m->weight_bytes * 1e-9, max_threads(), g->opt->threads_why,
+            kv_type_name(g->s->kv_type), (double)g->s->kv_bytes * 1e-6, kernels);
+}
+
+/* A one-shot run: process the prompt, then sample, print and feed back tokens until end of
+ * text, the -n limit, a full context, a stop string, Ctrl-C or a closed output. The sequence
+ * (prompt + generated) never exceeds ctx. Timings go to stderr. Returns the exit status: 0,
+ * or 130 after Ctrl-C. */
+static int generate(const Model *m, RunState *s, const Options *opt, const int *prompt, int n_prompt,
+                    const unsigned char *text, size_t text_len, int ctx, double t_load) {
+    Generator g;
+    generator_init(&g, m, s, opt);
+    // The prompt, then each generated token (what the repetition penalties look back on).
+    int *tokens = xmalloc(mul_size((size_t)ctx + 1, sizeof(int)));
+    memcpy(tokens, prompt, mul_size((size_t)n_prompt, sizeof(int)));
+    TextOut out = {.stops = opt->stops, .n_stops = opt->n_stops, .print = !opt->print_ids};
+    if (out.print && !opt->no_display_prompt && text) utf8_stream_write(&out.utf8, text, text_len, stdout);
+    int reader_alive = flush_stdout();
+    g_interrupted = 0;
+    signal(SIGINT, on_interrupt);  // Ctrl-C: stop, print what we have and the timings, exit 130
+
+    // The prompt: all positions in batches, logits of the last one only; then one token per
+    // forward pass.
+    if (reader_alive) generator_prefill(&g, tokens, n_prompt, 0);
+    int n_tokens = n_prompt;
+    const char *stop_reason = generate_tokens(&g, tokens, &n_tokens, ctx, opt->n_predict < 0 ? LLONG_MAX : opt->n_predict,
+                                              &out, &reader_alive);
     if (reader_alive) {
         text_out_finish(&out);
-        if (opt->print_ids) print_ids(stdout, generated, n_gen);
+        if (opt->print_ids) print_ids(stdout, tokens + n_prompt, n_tokens - n_prompt);
         flush_stdout();
     } else {
         free(out.held);  // nobody reads the rest
     }
     signal(SIGINT, SIG_DFL);
-
-    fprintf(stderr, "\nphi2: stopped: %s\n", stop_reason);
-    // Decode reads every weight once per token: tok/s x bytes is the memory bandwidth used.
-    double gen_tps = t_gen > 0 ? n_decoded / t_gen : 0.0;
-    char kernels[96];
-    kernel_description(kernels, sizeof(kernels), &s->kern, c->weight_type);
-    fprintf(stderr, "phi2: load %.2f s (%s) | prompt %d tokens, %.2f tok/s | generated %d tokens, %.2f tok/s "
-            "(%.1f GB/s of weights) | %d threads (%s) | KV cache %s, %.1f MB | %s\n",
-            t_load, m->mapped ? "mapped" : "in memory", n_prompt_done, t_prompt > 0 ? n_prompt_done / t_prompt : 0.0,
-            n_gen, gen_tps, gen_tps * (double)m->weight_bytes * 1e-9, max_threads(), opt->threads_why,
-            kv_type_name(s->kv_type), (double)s->kv_bytes * 1e-6, kernels);
-    free(generated);
-    free(history);
-    free(penalty_counts);
-    free(cand);
+    print_timings(&g, stop_reason, t_load);
+    free(tokens);
+    generator_free(&g);
     return g_interrupted ? 130 : 0;
+}
+
+/* --- Interactive mode (-i) --------------------------------------------------------------- */
+
+/* The conversation as token ids, at the positions where the KV cache holds them: the prefix
+ * (--system, -p or -f; kept for the whole session), then the turns, each the user's wrapped
+ * text followed by the model's answer. */
+typedef struct {
+    int *tokens;       // [capacity]
+    int n_tokens;
+    int n_cached;      // tokens[0..n_cached) are in the KV cache; the rest are read with the next turn
+    int n_prefix;      // tokens[0..n_prefix): the prefix, never dropped
+    int *turn_start;   // [capacity] where each turn still in the conversation begins, oldest first
+    int n_turns;
+} Conversation;
+
+/* Ctrl-C in interactive mode: stop the answer, or at the prompt end the session; every time
+ * (the handler stays), not only the first, as on_interrupt does for a one-shot run. */
+static void on_interactive_interrupt(int sig) {
+    (void)sig;
+    g_interrupted = 1;
+}
+
+enum { TURN_READ, TURN_END_OF_INPUT, TURN_INTERRUPTED, TURN_TOO_LONG };
+
+/* One turn from standard input into *buf (grown as needed; *len bytes, any bytes, NUL
+ * included): a line without its "\n" or "\r\n"; a line ending in '\' goes on with the next
+ * one (the '\' becomes a "\n"). A turn longer than max_len bytes is read to its end and
+ * refused (TURN_TOO_LONG). Ctrl-C (a read that ends with EINTR) gives TURN_INTERRUPTED. */
+static int read_turn(unsigned char **buf, size_t *cap, size_t *len, size_t max_len) {
+    size_t n = 0;
+    int got_any = 0, too_long = 0;
+    int prev = 0, prev2 = 0;  // the two bytes before this one on its line (0: none)
+    if (g_interrupted) return TURN_INTERRUPTED;  // Ctrl-C just after an answer counts as at the prompt
+    for (;;) {
+        const int ch = getc(stdin);
+        if (ch == EOF) {
+            if (g_interrupted) {
+                clearerr(stdin);
+                return TURN_INTERRUPTED;
+            }
+            if (ferror(stdin)) {
+                if (errno != EINTR) die("cannot read standard input: %s", strerror(errno));
+                clearerr(stdin);  // another signal: read on
+                continue;
+            }
+            if (!got_any) return TURN_END_OF_INPUT;
+            break;  // a last line without "\n"
+        }
+        got_any = 1;
+        if (ch == '\n') {
+            const int cr = prev == '\r', continued = (cr ? prev2 : prev) == '\\';
+            if (!too_long) n -= (size_t)cr + (size_t)continued;  // (both were stored)
+            if (!continued) break;
+            prev = prev2 = 0;
+        }
+        if (n == max_len) too_long = 1;
+        if (too_long) {  // read on to the end of the turn, keeping nothing
+            prev2 = prev, prev = ch;
+            continue;
+        }
+        if (n == *cap) {
+            *cap = *cap ? mul_size(*cap, 2) : 256;
+            unsigned char *grown = realloc(*buf, *cap);
+            if (!grown) die("out of memory reading a turn");
+            *buf = grown;
+        }
+        (*buf)[n++] = (unsigned char)ch;  // a continued line's '\n' too
+        if (ch != '\n') prev2 = prev, prev = ch;
+    }
+    *len = n;
+    return too_long ? TURN_TOO_LONG : TURN_READ;
+}
+
+/* Make room for a turn of n_new tokens with room for its answer (needed = both together): if
+ * they do not fit in the context after the conversation, drop the oldest whole turns (never
+ * the prefix) until they do, or until none is left. The turns kept move to earlier
+ * positions, so their keys and values are computed again with the new turn (the prefix's
+ * stay where they are). Says so in one line on stderr. */
+static void drop_oldest_turns(Conversation *conv, int needed, int ctx) {
+    if (conv->n_tokens + needed <= ctx || conv->n_turns == 0) return;
+    int n_drop = 1;  // turns dropped: the fewest that make room
+    while (n_drop < conv->n_turns && conv->n_prefix + (conv->n_tokens - conv->turn_start[n_drop]) + needed > ctx)
+        n_drop++;
+    const int cut = n_drop < conv->n_turns ? conv->turn_start[n_drop] : conv->n_tokens;
+    const int n_dropped = cut - conv->n_prefix;
+    memmove(conv->tokens + conv->n_prefix, conv->tokens + cut, (size_t)(conv->n_tokens - cut) * sizeof(int));
+    conv->n_tokens -= n_dropped;
+    for (int t = n_drop; t < conv->n_turns; t++) conv->turn_start[t - n_drop] = conv->turn_start[t] - n_dropped;
+    conv->n_turns -= n_drop;
+    if (conv->n_cached > conv->n_prefix) conv->n_cached = conv->n_prefix;
+    char turns[32] = "oldest turn";
+    if (n_drop > 1) snprintf(turns, sizeof(turns), "%d oldest turns", n_drop);
+    fprintf(stderr, "phi2: context full: dropped the %s (%d tokens), re-reading %d\n", turns, n_dropped,
+            conv->n_tokens - conv->n_prefix);
+}
+
+/* Append text's tokens to the conversation (not yet in the KV cache). */
+static void append_text(Conversation *conv, const Model *m, const unsigned char *text, size_t len) {
+    int *ids = NULL;
+    size_t n = 0;
+    if (len > 0 && tokenizer_encode(&m->tokenizer, text, len, &ids, &n) != 0) die("out of memory tokenizing a turn");
+    if (n > 0) memcpy(conv->tokens + conv->n_tokens, ids, n * sizeof(int));  // (the caller made sure it fits)
+    conv->n_tokens += (int)n;
+    free(ids);
+}
+
+/* Interactive mode: read a turn (a line of standard input), wrap it in the format, read its
+ * new tokens into the KV cache after the conversation so far, stream the answer, repeat until
+ * the end of input or Ctrl-C at the prompt. In a terminal a prompt marker "> " shows where to
+ * type; with a pipe, stdout gets only the answers, each ending in a newline. The prefix
+ * (prefix[0..n_prefix)) stays for the whole session; when the context would overflow, the
+ * oldest turns are dropped (drop_oldest_turns). Returns the exit status: 0, or 130 after
+ * Ctrl-C at the prompt. */
+static int interactive(const Model *m, RunState *s, const Options *opt, const int *prefix, int n_prefix, int ctx,
+                       double t_load) {
+    const TurnFormat *format = &TURN_FORMATS[opt->format];
+    const int at_terminal = is_terminal(stdin);
+    // An answer stops at --stop's strings and at the marker of the format's next turn.
+    const char *stops[MAX_STOP_STRINGS + 1];
+    int n_stops = 0;
+    for (int i = 0; i < opt->n_stops; i++) stops[n_stops++] = opt->stops[i];
+    if (format->marker) stops[n_stops++] = format->marker;
+    // Room kept for an answer: -n tokens, at most half the context (-n -1: half), so that a
+    // large -n still leaves room for the conversation. An answer may go on past it while the
+    // context lasts; the next turn then makes room again.
+    const int answer_room = opt->n_predict < 0 || opt->n_predict > ctx / 2 ? ctx / 2 : (int)opt->n_predict;
+    const long long n_limit = opt->n_predict < 0 ? LLONG_MAX : opt->n_predict;
+    // A turn of more bytes cannot fit in the context (a token is at most this many bytes).
+    const size_t max_turn_bytes = mul_size((size_t)ctx, TOKENIZER_MAX_TOKEN_BYTES);
+
+    Generator g;
+    generator_init(&g, m, s, opt);
+    // ctx tokens, and the tokens of the part of a cut answer's last token before the stop
+    // string, re-read with the next turn (at most one per byte of that token).
+    const size_t capacity = (size_t)ctx + TOKENIZER_MAX_TOKEN_BYTES + 1;
+    Conversation conv = {.tokens = xmalloc(mul_size(capacity, sizeof(int))),
+                         .turn_start = xmalloc(mul_size(capacity, sizeof(int))),
+                         .n_tokens = n_prefix, .n_prefix = n_prefix};
+    if (n_prefix > 0) memcpy(conv.tokens, prefix, (size_t)n_prefix * sizeof(int));  // (no prefix: NULL)
+    unsigned char *line = NULL, *text = NULL;
+    size_t line_cap = 0, line_len = 0, text_cap = 0;
+    const char *stop_reason = NULL;
+    int status = 0, reader_alive = 1, turn_number = 0;
+    catch_interrupts(on_interactive_interrupt);
+
+    g_interrupted = 0;
+    while (!stop_reason) {
+        if (at_terminal) fputs("> ", stdout);
+        if (!flush_stdout()) { stop_reason = "the output was closed"; break; }
+        const int got = read_turn(&line, &line_cap, &line_len, max_turn_bytes);
+        if (got == TURN_END_OF_INPUT) { stop_reason = "end of input"; break; }
+        if (got == TURN_INTERRUPTED) { stop_reason = "interrupted"; status = 130; break; }
+        if (got == TURN_TOO_LONG) {
+            fprintf(stderr, "phi2: a turn of more than %zu bytes cannot fit in the context: skipped\n", max_turn_bytes);
+            continue;
+        }
+        if (line_len == 0) continue;  // an empty line: nothing to answer
+
+        // The turn's text: before + line + after; in qa and chat a "\n" goes before it when
+        // it does not begin the conversation (a token of its own: the GPT-2 pre-tokenizer
+        // never joins a newline to the letter after it, so this tokenizes as the whole would).
+        const size_t n_before = strlen(format->before), n_after = strlen(format->after);
+        const size_t text_len = n_before + line_len + n_after;
+        if (text_len > text_cap) {
+            free(text);
+            text_cap = text_len;
+            text = xmalloc(text_cap);
+        }
+        memcpy(text, format->before, n_before);
+        memcpy(text + n_before, line, line_len);
+        memcpy(text + n_before + line_len, format->after, n_after);
+        int *ids = NULL;
+        size_t n_ids = 0;
+        if (tokenizer_encode(&m->tokenizer, text, text_len, &ids, &n_ids) != 0) die("out of memory tokenizing a turn");
+        const int n_sep = format->marker ? 1 : 0;  // "\n" is one token
+        if ((size_t)n_prefix + (size_t)n_sep + n_ids >= (size_t)ctx) {  // not even one answer token would fit
+            fprintf(stderr, "phi2: this turn is %zu tokens, too long for the context of %d%s: skipped\n", n_ids, ctx,
+                    n_prefix ? " with the prefix" : "");
+            free(ids);
+            continue;
+        }
+        drop_oldest_turns(&conv, n_sep + (int)n_ids + answer_room, ctx);
+        const int turn_start = conv.n_tokens;
+        conv.turn_start[conv.n_turns++] = turn_start;
+        if (n_sep && conv.n_tokens > 0) append_text(&conv, m, (const unsigned char *)"\n", 1);
+        memcpy(conv.tokens + conv.n_tokens, ids, n_ids * sizeof(int));
+        conv.n_tokens += (int)n_ids;
+        free(ids);
+
+        // Read what the KV cache lacks: the new turn, and before it whatever is not cached yet
+        // (the last answer's last token, the turns kept after dropping some).
+        turn_number++;
+        const int from = conv.n_cached;
+        if (opt->verbose) {
+            fprintf(stderr, "phi2: turn %d: the cache holds %d, reading %d: ", turn_number, from,
+                    conv.n_tokens - from);
+            print_ids(stderr, conv.tokens + from, conv.n_tokens - from);
+        }
+        conv.n_cached = from + generator_prefill(&g, conv.tokens + from, conv.n_tokens - from, from);
+        if (conv.n_cached < conv.n_tokens) {  // Ctrl-C while reading it: forget the turn
+            conv.n_tokens = turn_start;
+            conv.n_turns--;
+            if (conv.n_cached > conv.n_tokens) conv.n_cached = conv.n_tokens;
+            fputs("\n", stdout);
+            g_interrupted = 0;  // back to the prompt
+            continue;
+        }
+
+        // The answer, streamed.
+        TextOut out = {.stops = stops, .n_stops = n_stops, .print = !opt->print_ids};
+        const int answer_start = conv.n_tokens, decoded_before = g.n_decoded;
+        const char *why = generate_tokens(&g, conv.tokens, &conv.n_tokens, ctx, n_limit, &out, &reader_alive);
+        conv.n_cached = answer_start + (g.n_decoded - decoded_before);
+        if (!strcmp(why, "interrupted")) g_interrupted = 0;  // Ctrl-C ended the answer: back to the prompt
+        if (!reader_alive) {
+            free(out.held);
+            stop_reason = "the output was closed";
+            break;
+        }
+        text_out_finish(&out);  // ends the answer with a newline
+        if (opt->print_ids) print_ids(stdout, conv.tokens + answer_start, conv.n_tokens - answer_start);
+        reader_alive = flush_stdout();
+        if (opt->verbose)
+            fprintf(stderr, "phi2: turn %d: answered %d tokens, stopped: %s\n", turn_number,
+                    conv.n_tokens - answer_start, why);
+        if (!strcmp(why, "found a stop string")) {
+            // The conversation keeps the answer up to where the stop string began: the whole
+            // tokens before it, then the start of the token it began in, as tokens of its own.
+            size_t kept_bytes = 0, len = 0;
+            int end = answer_start;
+            while (end < conv.n_tokens) {
+                tokenizer_token_bytes(&m->tokenizer, conv.tokens[end], &len);
+                if (kept_bytes + len > out.n_passed) break;
+                kept_bytes += len;
+                end++;
+            }
+            const unsigned char *cut_token = tokenizer_token_bytes(&m->tokenizer, conv.tokens[end], &len);
+            conv.n_tokens = end;
+            if (conv.n_cached > end) conv.n_cached = end;
+            append_text(&conv, m, cut_token, out.n_passed - kept_bytes);
+        }
+    }
+
+    catch_interrupts(SIG_DFL);
+    print_timings(&g, stop_reason, t_load);
+    free(line);
+    free(text);
+    free(conv.tokens);
+    free(conv.turn_start);
+    generator_free(&g);
+    return status;
 }
 
 int main(int argc, char **argv) {
@@ -1894,7 +2259,16 @@ int main(int argc, char **argv) {
     unsigned char *text = NULL;
     size_t text_len = 0;
     int *prompt = read_prompt(&opt, &model, &n_prompt, &text, &text_len);
-    if (opt.tokenize) {
+    if (opt.interactive) {  // the prompt, if any, is the prefix of the conversation
+        int ctx = opt.ctx ? opt.ctx : c->max_seq_len;
+        if (ctx > c->max_seq_len) die("--ctx-size %d exceeds the model's maximum of %d", ctx, c->max_seq_len);
+        if (n_prompt >= ctx) die("the prefix is %d tokens, leaving no room in the context of %d tokens", n_prompt, ctx);
+        RunState state;
+        init_state(&state, c, ctx, opt.batch, opt.kv_type >= 0 ? opt.kv_type : default_kv_type(c));
+        t_load = now_seconds() - t_load;
+        status = interactive(&model, &state, &opt, prompt, n_prompt, ctx, t_load);
+        free_state(&state);
+    } else if (opt.tokenize) {
         print_ids(stdout, prompt, n_prompt);
     } else {
         if (n_prompt == 0) {  // Phi-2 adds no BOS; with nothing to condition on, start from it
@@ -3604,6 +3978,18 @@ static int replace_file(const char *from, const char *to) { return rename(from, 
 
 static int reader_gone(int err) { return err == EPIPE; }
 
+static int is_terminal(FILE *f) { return isatty(fileno(f)); }
+
+/* sigaction without SA_RESTART: signal() would restart an interrupted read of stdin (glibc,
+ * BSD), so Ctrl-C at the prompt of -i would not return until a line was typed. */
+static void catch_interrupts(void (*handler)(int)) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = handler;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+}
+
 /* The default thread count: one thread per performance core, one per physical core (SMT
  * siblings share a core's caches and memory bandwidth; decode gains little from them), on
  * the CPUs this process may run on. Linux says which cores are which in /sys:
@@ -3998,6 +4384,25 @@ static FILE *create_partial_file(const char *path) {
 static int reader_gone(int err) {
     DWORD e = GetLastError();
     return err == EPIPE || e == ERROR_NO_DATA || e == ERROR_BROKEN_PIPE || e == ERROR_PIPE_NOT_CONNECTED;
+}
+
+static int is_terminal(FILE *f) { return _isatty(_fileno(f)); }
+
+/* The C runtime's signal() puts SIGINT back to the default before it calls a handler, so a
+ * second Ctrl-C would kill: a console control handler instead, called (on a thread of its
+ * own) for every Ctrl-C and Ctrl-Break. A console read that Ctrl-C cuts short returns no
+ * bytes: -i sees the end of input, or the interrupt if the handler has run by then. */
+static void (*g_interrupt_handler)(int);
+static BOOL WINAPI on_console_control(DWORD event) {
+    if (event != CTRL_C_EVENT && event != CTRL_BREAK_EVENT) return FALSE;
+    g_interrupt_handler(SIGINT);
+    return TRUE;
+}
+
+static void catch_interrupts(void (*handler)(int)) {
+    const int catching = handler != SIG_DFL;
+    g_interrupt_handler = handler;
+    SetConsoleCtrlHandler(on_console_control, catching ? TRUE : FALSE);
 }
 
 /* rename() on Windows fails when the target exists; MoveFileEx replaces it. */

@@ -53,7 +53,8 @@ def test_help_lists_every_flag():
     for flag in ("--prompt", "--file", "--ids", "--n-predict", "--temp", "--top-k", "--top-p", "--seed",
                  "--ctx-size", "--threads", "--batch", "--kv-type", "--no-mmap", "--mmap", "--ignore-eos", "--tokenize",
                  "--print-ids", "--dump-logits", "--stop", "--help", "--min-p", "--repeat-penalty", "--repeat-last-n",
-                 "--presence-penalty", "--frequency-penalty", "--perplexity", "--save-logprobs", "--kl-base"):
+                 "--presence-penalty", "--frequency-penalty", "--perplexity", "--save-logprobs", "--kl-base",
+                 "--interactive", "--format", "--system", "--verbose"):
         assert flag in out, flag
 
 

@@ -94,6 +94,13 @@ static void check_options(const Options *o, int argc, char **argv) {
     if (o->top_k < 0) finding("--top-k negative");
     if (o->ctx < 0 || o->batch < 1 || o->batch > 4096 || o->n_threads < 0 || o->n_threads > 1024)
         finding("-c, -b or -t out of range");
+    if (o->format < 0 || o->format >= N_TURN_FORMATS) finding("--format not a format");
+    check_arg(o->system, argc, argv, "--system is not an argument");
+    if ((o->format_name || o->system || o->verbose) && !o->interactive) finding("--format, --system or --verbose without -i");
+    if (o->interactive && (o->ids || o->perplexity || o->dump_logits || o->trace || o->tokenize))
+        finding("-i with --ids, --perplexity, --dump-logits, --trace or --tokenize");
+    if (o->interactive && o->prompt_file && !strcmp(o->prompt_file, "-")) finding("-i with -f -");
+    if (o->system && o->prompt != o->system) finding("--system is not the prefix");
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {

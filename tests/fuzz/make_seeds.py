@@ -175,6 +175,8 @@ ARGS_SEEDS = [
     b"m.bin\0-p\0a\0--ids\0001",
     b"m.bin\0--temp\0nan\0--top-p\0000\0-n\00099999999999999999999",
     b"m.bin\0--ids\0001,,2\0--seed\0-1",
+    b"m.bin\0-i\0--format\0chat\0--system\0You are Bob.\0--verbose\0-n\00064",
+    b"m.bin\0--interactive\0--format\0alpaca\0-f\0-",
 ]
 
 
