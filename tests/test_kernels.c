@@ -650,6 +650,7 @@ static int f16_test_inputs(float *x, int cap) {
 }
 
 typedef void (*F16RowFn)(uint16_t *, const float *, int);
+typedef void (*F32RowFn)(float *, const uint16_t *, int);
 typedef float (*F16DotFn)(const float *, const uint16_t *, int);
 typedef void (*F16AxpyFn)(float *, float, const uint16_t *, int);
 
@@ -722,6 +723,40 @@ static void test_f16(void) {
     }
     free(x);
 
+    // Back to floats: every f16 pattern, in rows of every length, exactly as f32_from_f16.
+    static const struct {
+        const char *name;
+        F32RowFn fn;
+    } widen[] = {
+        {"f16_to_f32_row", f16_to_f32_row},
+#if PHI2_F16C
+        {"f16_to_f32_row_f16c", f16_to_f32_row_f16c},
+#endif
+#if PHI2_NEON
+        {"f16_to_f32_row_neon", f16_to_f32_row_neon},
+#endif
+    };
+    for (size_t k = 0; k < sizeof(widen) / sizeof(*widen); k++) {
+        before = g_failed, bad = 0;
+        for (int start = 0, r = 0; start < 0x10000; r++) {
+            const int len = lengths[r % (sizeof(lengths) / sizeof(*lengths))];
+            const int m = 0x10000 - start < len ? 0x10000 - start : len;
+            uint16_t *in = guarded_alloc((size_t)m * sizeof(uint16_t));
+            float *out = guarded_alloc((size_t)m * sizeof(float));
+            for (int i = 0; i < m; i++) in[i] = (uint16_t)(start + i);
+            widen[k].fn(out, in, m);
+            for (int i = 0; i < m; i++) {
+                const float want = f32_from_f16(in[i]);
+                if (memcmp(&out[i], &want, sizeof(float)) != 0 && !(isnan(out[i]) && isnan(want)) && bad++ < 3)
+                    check(0, "%s: 0x%04x -> %a, scalar %a", widen[k].name, in[i], out[i], want);
+            }
+            guarded_free_all();
+            start += m;
+        }
+        check(bad == 0, "%s: %d of 65536 patterns differ from f32_from_f16", widen[k].name, bad);
+        printf("%s %s: all 65536 patterns as f32_from_f16\n", g_failed == before ? "ok  " : "FAIL", widen[k].name);
+    }
+
     // Attention with f16 keys and values: dot and axpy against a double-precision sum.
     static const struct {
         const char *name;
@@ -771,6 +806,137 @@ static void test_f16(void) {
             }
         printf("%s %s: against double-precision sums, %zu lengths\n", g_failed == before ? "ok  " : "FAIL",
                kernels[k].name, sizeof(lengths) / sizeof(*lengths));
+    }
+}
+
+/* ---- attention over a batch: attention_blocked against attention() ------------------ */
+
+/* A cached key or value row as floats. */
+static void cached_row(float *out, const RunState *s, const void *cache, size_t slot, int n) {
+    if (s->kv_type == KV_F16) f16_to_f32_row_scalar(out, (const uint16_t *)cache + slot, n);
+    else memcpy(out, (const float *)cache + slot, (size_t)n * sizeof(float));
+}
+
+/* attention() in double precision from the same cached numbers: out[n_tokens][hidden]. */
+static void attention_exact(double *out, const RunState *s, const Config *c, int layer, const float *qkv, int pos0,
+                            int n_tokens) {
+    const int H = c->hidden_dim, hd = c->head_dim;
+    double *score = xmalloc((size_t)(pos0 + n_tokens) * sizeof(double));
+    float *row = xmalloc((size_t)hd * sizeof(float));
+    for (int t = 0; t < n_tokens; t++)
+        for (int h = 0; h < c->n_heads; h++) {
+            const float *q = qkv + (size_t)t * 3 * H + (size_t)h * hd;
+            double max = -INFINITY, sum = 0.0;
+            for (int p = 0; p <= pos0 + t; p++) {
+                cached_row(row, s, s->key_cache, kv_offset(s, c, layer, h, p), hd);
+                double dot = 0.0;
+                for (int i = 0; i < hd; i++) dot += (double)q[i] * row[i];
+                score[p] = dot / sqrt((double)hd);
+                if (score[p] > max) max = score[p];
+            }
+            for (int p = 0; p <= pos0 + t; p++) sum += score[p] = exp(score[p] - max);
+            double *o = out + (size_t)t * H + (size_t)h * hd;
+            for (int i = 0; i < hd; i++) o[i] = 0.0;
+            for (int p = 0; p <= pos0 + t; p++) {
+                cached_row(row, s, s->value_cache, kv_offset(s, c, layer, h, p), hd);
+                for (int i = 0; i < hd; i++) o[i] += score[p] / sum * row[i];
+            }
+        }
+    free(score), free(row);
+}
+
+typedef struct {
+    double blocked, attention;  // the largest difference from the float64 attention of each
+    double between;             // and between the two
+} AttentionErrors;
+
+/* One case: n_heads heads of head_dim, positions 0 .. pos0-1 already cached and a batch of
+ * n_tokens after them, in layer 1 of 2. Keys grow with the position, so later key tiles
+ * hold larger scores and the online softmax must rescale what it has summed so far; the
+ * queries are scaled up so the softmax is peaked. attention_blocked must match attention()
+ * to float rounding, and give bit for bit the same rows when the batch comes in pieces. */
+static void test_attention_one(int kv_type, int head_dim, int n_heads, int pos0, int n_tokens, AttentionErrors *worst) {
+    const Config c = {.vocab_size = 16, .hidden_dim = n_heads * head_dim, .ffn_dim = 64, .n_layers = 2,
+                      .n_heads = n_heads, .head_dim = head_dim, .rot_dim = 2, .max_seq_len = pos0 + n_tokens,
+                      .rope_theta = 10000.0f, .norm_eps = 1e-5f};
+    const int H = c.hidden_dim, n_pos = pos0 + n_tokens;
+    const float value_max = 3.0f;  // values in [-3, 3): so is every output, a weighted average of them
+    RunState s;
+    init_state(&s, &c, n_pos, n_tokens, kv_type);
+    float *row = xmalloc((size_t)head_dim * sizeof(float));
+    for (int l = 0; l < c.n_layers; l++)
+        for (int h = 0; h < n_heads; h++)
+            for (int p = 0; p < n_pos; p++) {
+                const float growth = 1.0f + (float)p / 24.0f;
+                for (int i = 0; i < head_dim; i++) row[i] = frand() * growth;
+                kv_store(&s, s.key_cache, kv_offset(&s, &c, l, h, p), row, head_dim);
+                for (int i = 0; i < head_dim; i++) row[i] = frand() * value_max;
+                kv_store(&s, s.value_cache, kv_offset(&s, &c, l, h, p), row, head_dim);
+            }
+    const size_t qkv_floats = (size_t)n_tokens * 3 * H, att_floats = (size_t)n_tokens * H;
+    for (size_t i = 0; i < qkv_floats; i++) s.qkv[i] = frand() * 3.0f;
+    float *qkv = xmalloc(qkv_floats * sizeof(float)), *want = xmalloc(att_floats * sizeof(float));
+    float *got = xmalloc(att_floats * sizeof(float));
+    double *exact = xmalloc(att_floats * sizeof(double));
+    memcpy(qkv, s.qkv, qkv_floats * sizeof(float));
+    attention_exact(exact, &s, &c, 1, qkv, pos0, n_tokens);
+
+    attention(&s, &c, 1, pos0, n_tokens);
+    memcpy(want, s.att, att_floats * sizeof(float));
+    for (size_t i = 0; i < att_floats; i++) s.att[i] = NAN;
+    attention_blocked(&s, &c, 1, pos0, n_tokens);
+    memcpy(got, s.att, att_floats * sizeof(float));
+    // Both differ from the float64 values by float rounding, mostly of the scores' sums
+    // (scores reach +-40 here, and attention_blocked sums a score's 80 products in one
+    // chain): up to 2.7e-5 apart on some builds; 2e-5 of the values' range is twice that,
+    // and a mistake in the softmax or the mask moves outputs by 0.1 to 3.
+    const double tolerance = 2e-5 * value_max;
+    int wrong = 0;
+    double worst_diff = 0.0;
+    for (size_t i = 0; i < att_floats; i++) {
+        const double diff = fabs((double)got[i] - (double)want[i]);
+        wrong += !(diff <= tolerance);
+        if (!(diff <= worst_diff)) worst_diff = diff;  // (NaN too)
+        if (!(diff <= worst->between)) worst->between = diff;
+        if (fabs(got[i] - exact[i]) > worst->blocked) worst->blocked = fabs(got[i] - exact[i]);
+        if (fabs(want[i] - exact[i]) > worst->attention) worst->attention = fabs(want[i] - exact[i]);
+    }
+    check(wrong == 0, "attention_blocked kv %s, head_dim %d, positions %d..%d: %d of %zu outputs differ from "
+          "attention() by more than %.1g (worst %.3g)", kv_type_name(kv_type), head_dim, pos0, n_pos - 1, wrong,
+          att_floats, tolerance, worst_diff);
+
+    // The same batch in pieces of 1, 5, 17, 64, ... positions (each piece's queries at the
+    // front of qkv, as forward() has them): the same bits.
+    static const int pieces[] = {1, 5, 17, 64, 2};
+    int differ = 0;
+    for (int t0 = 0, k = 0; t0 < n_tokens; k++) {
+        const int n = n_tokens - t0 < pieces[k % 5] ? n_tokens - t0 : pieces[k % 5];
+        memcpy(s.qkv, qkv + (size_t)t0 * 3 * H, (size_t)n * 3 * H * sizeof(float));
+        attention_blocked(&s, &c, 1, pos0 + t0, n);
+        differ += memcmp(s.att, got + (size_t)t0 * H, (size_t)n * H * sizeof(float)) != 0;
+        t0 += n;
+    }
+    check(differ == 0, "attention_blocked kv %s, head_dim %d, positions %d..%d: %d pieces of the batch differ from "
+          "the whole batch", kv_type_name(kv_type), head_dim, pos0, n_pos - 1, differ);
+    free(row), free(qkv), free(want), free(got), free(exact);
+    free_state(&s);
+}
+
+static void test_attention(void) {
+    // (first position, batch size): first batches, one ending inside a key tile; batches
+    // after cached positions that start and end mid-tile, span query blocks, end exactly
+    // on a tile; two positions; one.
+    static const int cases[][2] = {{0, 9}, {0, 70}, {61, 9}, {64, 64}, {100, 37}, {190, 131}, {5, 2}, {130, 1}};
+    static const int head_dims[] = {80, 37};
+    for (int kv_type = KV_F32; kv_type <= KV_F16; kv_type++) {
+        const int before = g_failed;
+        AttentionErrors worst = {0.0, 0.0, 0.0};
+        for (size_t h = 0; h < sizeof(head_dims) / sizeof(*head_dims); h++)
+            for (size_t k = 0; k < sizeof(cases) / sizeof(*cases); k++)
+                test_attention_one(kv_type, head_dims[h], 3, cases[k][0], cases[k][1], &worst);
+        printf("%s attention_blocked (kv %s): attention() to float rounding (%.2g apart, at most 6e-05; from "
+               "float64 %.2g, attention() %.2g), the same bits in pieces\n", g_failed == before ? "ok  " : "FAIL",
+               kv_type_name(kv_type), worst.between, worst.blocked, worst.attention);
     }
 }
 
@@ -897,22 +1063,28 @@ static void bench_run(void *p) {
 typedef struct {
     RunState s;
     Config c;
-    int depth;
+    int depth, batch, blocked;
 } AttnBench;
 
 static void bench_attn_run(void *p) {
     AttnBench *a = p;
-    for (int l = 0; l < a->c.n_layers; l++) attention(&a->s, &a->c, l, a->depth, 1);
+    const int pos0 = a->depth + 1 - a->batch;
+    for (int l = 0; l < a->c.n_layers; l++) {
+        if (a->blocked) attention_blocked(&a->s, &a->c, l, pos0, a->batch);
+        else attention(&a->s, &a->c, l, pos0, a->batch);
+    }
 }
 
-static void bench_attention(int kv_type) {
+/* batch 1: a decode step at position depth; batch N: a prompt batch of N positions ending
+ * there, through attention() and attention_blocked(). */
+static void bench_attention(int kv_type, int batch) {
     const char *env = getenv("BENCH_DEPTH");
     AttnBench a = {.c = {.vocab_size = 16, .hidden_dim = 2560, .ffn_dim = 64, .n_layers = 32, .n_heads = 32,
                          .head_dim = 80, .rot_dim = 32, .rope_theta = 10000.0f, .norm_eps = 1e-5f},
-                   .depth = env ? atoi(env) : 1900};
-    if (a.depth < 1 || a.depth > 1 << 16) die("BENCH_DEPTH must be in [1, 65536]");
-    init_state(&a.s, &a.c, a.depth + 1, 1, kv_type);
-    for (int i = 0; i < 3 * a.c.hidden_dim; i++) a.s.qkv[i] = frand();
+                   .depth = env ? atoi(env) : 1900, .batch = batch};
+    if (a.depth < batch || a.depth > 1 << 16) die("BENCH_DEPTH must be in [%d, 65536]", batch);
+    init_state(&a.s, &a.c, a.depth + 1, batch, kv_type);
+    for (int i = 0; i < batch * 3 * a.c.hidden_dim; i++) a.s.qkv[i] = frand();
     float *row = xmalloc((size_t)a.c.head_dim * sizeof(float));
     for (int l = 0; l < a.c.n_layers; l++)
         for (int h = 0; h < a.c.n_heads; h++)
@@ -921,9 +1093,20 @@ static void bench_attention(int kv_type) {
                 kv_store(&a.s, a.s.key_cache, kv_offset(&a.s, &a.c, l, h, p), row, a.c.head_dim);
                 kv_store(&a.s, a.s.value_cache, kv_offset(&a.s, &a.c, l, h, p), row, a.c.head_dim);
             }
-    const double t = time_median(bench_attn_run, &a, 5);
-    printf("attn_%s   depth %d, 32 layers x 32 heads: %8.3f ms per token  %6.1f GB/s of KV cache\n",
-           kv_type_name(kv_type), a.depth, t * 1e3, (double)a.s.kv_bytes / t * 1e-9);
+    if (batch == 1) {
+        const double t = time_median(bench_attn_run, &a, 5);
+        printf("attn_%s   depth %d, 32 layers x 32 heads: %8.3f ms per token  %6.1f GB/s of KV cache\n",
+               kv_type_name(kv_type), a.depth, t * 1e3, (double)a.s.kv_bytes / t * 1e-9);
+    } else {
+        double macs = 0;  // scores and weighted sums: 2 x head_dim per head, layer and visible key
+        for (int t = 0; t < batch; t++) macs += 2.0 * 80 * 32 * 32 * (a.depth + 1 - batch + t + 1);
+        for (a.blocked = 0; a.blocked < 2; a.blocked++) {
+            const double t = time_median(bench_attn_run, &a, 5);
+            printf("attn_batch_%s %-9s %d positions ending at %d, 32 layers: %8.3f ms per position  %6.1f GMAC/s\n",
+                   kv_type_name(kv_type), a.blocked ? "blocked" : "attention", batch, a.depth, t * 1e3 / batch,
+                   macs / t * 1e-9);
+        }
+    }
     free(row);
     free_state(&a.s);
 }
@@ -932,15 +1115,18 @@ static void bench(int argc, char **argv) {
     // --bench [KERNEL ...]: default all kernels of this build on qkv, fc1, fc2 shapes, and
     // decode attention with an f32 and an f16 cache (attn_f32, attn_f16; BENCH_DEPTH=1900).
     // (The first shape's weights fit in L2 as q4 or q8: the kernels' speed without DRAM.)
-    static const char *all[] = {"attn_f32", "attn_f16", "f32_avx512", "f32_avx2", "f32_neon", "q8_simd", "q8_amx",
+    static const char *all[] = {"attn_f32", "attn_f16", "attn_batch_f32", "attn_batch_f16", "f32_avx512", "f32_avx2", "f32_neon", "q8_simd", "q8_amx",
                                 "q4_simd", "quantize"};
     static const int shapes[][2] = {{256, 2560}, {7680, 2560}, {10240, 2560}, {2560, 10240}};
     static const int tokens[] = {1, 64};
     const char **kernels = argc > 0 ? (const char **)argv : all;
     const int n_kernels = argc > 0 ? argc : (int)(sizeof(all) / sizeof(*all));
     for (int k = 0; k < n_kernels; k++)
-        if (!strcmp(kernels[k], "attn_f32") || !strcmp(kernels[k], "attn_f16"))
-            bench_attention(!strcmp(kernels[k], "attn_f16") ? KV_F16 : KV_F32);
+        if (!strncmp(kernels[k], "attn_", 5)) {
+            const char *batch = getenv("BENCH_BATCH");
+            bench_attention(strstr(kernels[k], "f16") ? KV_F16 : KV_F32,
+                            strstr(kernels[k], "batch") ? (batch ? atoi(batch) : 64) : 1);
+        }
     for (size_t s = 0; s < sizeof(shapes) / sizeof(*shapes); s++) {
         const int rows = shapes[s][0], cols = shapes[s][1];
         float *w = xmalloc_aligned((size_t)rows * cols * sizeof(float));
@@ -1063,6 +1249,7 @@ int main(int argc, char **argv) {
     test_dispatch();
     test_gelu_dot();
     test_f16();
+    test_attention();
     test_top_k();
 #ifdef _OPENMP
     // Uneven thread splits: 3 threads over row tiles that do not divide evenly.
