@@ -16,7 +16,8 @@
  *   A2. Arm kernels       NEON, dotprod (SDOT) and i8mm (SMMLA) versions, tested the same
  *                         way (under qemu-aarch64 in CI); then the dispatch functions
  *   A3. batch attention   section 4's attention blocked over queries and keys, with an online
- *                         softmax (flash-attention style), for prompts; tested against it
+ *                         softmax (flash-attention style), for prompts; tested against it;
+ *                         and the vectorized softmax decode uses
  *   B. platform           memory mapping, huge pages, the AMX permission request; the
  *                         Windows versions of these (MinGW-w64, make windows)
  *
@@ -802,7 +803,8 @@ static void rotary(float *head, int rot_dim, const float *cos_row, const float *
     }
 }
 
-static void softmax(float *x, int n) {
+/* x <- exp(x - max x) / sum: the attention weights from the scores. */
+MAYBE_UNUSED static void softmax_scalar(float *x, int n) {
     float max = x[0];
     for (int i = 1; i < n; i++) max = fmaxf(max, x[i]);
     float sum = 0.0f;
@@ -836,6 +838,7 @@ static void f32_to_f16_row(uint16_t *out, const float *x, int n);  // bit-identi
 static void f16_to_f32_row(float *out, const uint16_t *x, int n);  // exact, as the scalar twin
 static float dot_f32_f16(const float *a, const uint16_t *b, int n);
 static void axpy_f16(float *out, float w, const uint16_t *v, int n);
+static void softmax(float *x, int n);  // exp by a polynomial, in one vectorized loop (Appendix A3)
 /* The kernels this build has, and for int8 the ones it will use here (AMX needs the OS's
  * permission), e.g. "x86-64 avx512, int8 vnni+amx" or "scalar": printed by -v and in the
  * timings line, so figures from different machines say what ran. */
@@ -907,11 +910,9 @@ typedef struct {
  * what attention() below computes, to float rounding, at the cost its arithmetic says. */
 static void attention_blocked(RunState *s, const Config *c, int layer, int pos0, int n_tokens);
 static size_t attn_scratch_floats(const Config *c);  // its scratch per thread
-/* ... and for fewer positions (decode: one), a query at a time, vectorized (Appendix A3). */
-static void attention_per_query(RunState *s, const Config *c, int layer, int pos0, int n_tokens);
-/* Below this many positions the blocks are mostly empty vector lanes and a query at a time
- * is faster (measured against attention() at depth 1,900 with AVX-512 and AVX2 builds, f16
- * cache: 5 positions took about as long either way, 2 positions twice as long blocked). */
+/* Below this many positions the blocks are mostly empty vector lanes and attention() is the
+ * faster one (measured at depth 1,900 with AVX-512 and AVX2 builds, f16 cache: 5 positions
+ * take about as long either way, 2 positions twice as long blocked). */
 enum { ATTN_BLOCKED_MIN_BATCH = 6 };
 
 static int max_threads(void) {
@@ -989,11 +990,10 @@ static void kv_store(const RunState *s, void *cache, size_t slot, const float *x
 /* Causal self-attention for a batch of positions pos0 .. pos0+n_tokens-1 of one layer.
  * The batch's keys and values are already in the cache, so token t attends to cache
  * positions 0 .. pos0+t. Each (token, head) pair is independent: spread them over threads.
- * This is the definition (tests/test_kernels.c compares the fast versions with it); the
- * engine runs it vectorized (Appendix A3): a prompt's batches go through attention_blocked,
- * which reads each key and value once per block of queries instead of once per query, and
- * a generated token (one position) through attention_per_query. */
-MAYBE_UNUSED static void attention(RunState *s, const Config *c, int layer, int pos0, int n_tokens) {
+ * This is the definition, and what a generated token (one position) runs; a prompt's
+ * batches go through attention_blocked (Appendix A3), which reads each key and value once
+ * per block of queries instead of once per query. */
+static void attention(RunState *s, const Config *c, int layer, int pos0, int n_tokens) {
     const int H = c->hidden_dim, hd = c->head_dim, n_heads = c->n_heads;
     const float scale = 1.0f / sqrtf((float)hd);
 #pragma omp parallel for schedule(dynamic, 1)
@@ -1084,7 +1084,7 @@ static void forward(const Model *m, RunState *s, const int *tokens, int n_tokens
         trace(s, "k", l, s->qkv + H, 3 * (size_t)H, H, pos0, n_tokens);
         trace(s, "v", l, s->qkv + 2 * H, 3 * (size_t)H, H, pos0, n_tokens);
         if (n_tokens >= ATTN_BLOCKED_MIN_BATCH) attention_blocked(s, c, l, pos0, n_tokens);
-        else attention_per_query(s, c, l, pos0, n_tokens);
+        else attention(s, c, l, pos0, n_tokens);
         trace(s, "attn", l, s->att, H, H, pos0, n_tokens);
         matmul(s->att_proj, s->att, &L->dense, L->dense_bias, n_tokens, &s->kern);
         trace(s, "attn_out", l, s->att_proj, H, H, pos0, n_tokens);
@@ -4032,6 +4032,24 @@ static ALWAYS_INLINE float exp_poly(float x) {
     return y * two_n;
 }
 
+/* softmax_scalar with exp_poly for expf, in loops that compilers vectorize: decode's
+ * attention computes an exponential per cached position per head (2 million per token at
+ * depth 1,900 in Phi-2), and a libm call each was a third of its time (one Zen 5 core, f16
+ * cache, test_kernels --bench attn_f16: 30-34 ms per token before, 22-29 after; this VM's
+ * speed varies from run to run). */
+static void softmax(float *x, int n) {
+    float max = x[0];
+    for (int i = 1; i < n; i++) max = fmaxf(max, x[i]);
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int i = 0; i < n; i++) {
+        x[i] = exp_poly(x[i] - max);
+        sum += x[i];
+    }
+    const float inv_sum = 1.0f / sum;
+    for (int i = 0; i < n; i++) x[i] *= inv_sum;
+}
+
 /* One register tile of C = C diag(c_scale) + A B: rows (a constant, <= ATTN_TILE_ROWS) rows of
  * C, ATTN_TILE_COLS columns; c_scale NULL: C = A B. A's element (m, k) is A[m * a_row + k *
  * a_col], B's rows are b_stride apart. The accumulators stay in registers through the k loop;
@@ -4167,52 +4185,6 @@ static void attention_blocked(RunState *s, const Config *c, int layer, int pos0,
 #endif
         attention_block(s, c, layer, head, pos0, t0, n_tokens - t0 < ATTN_QUERY_BLOCK ? n_tokens - t0 : ATTN_QUERY_BLOCK,
                         scratch);
-    }
-}
-
-/* attention() for a batch of fewer than ATTN_BLOCKED_MIN_BATCH positions, above all decode
- * (one): a query at a time, as attention() does it, with the softmax's exponentials from
- * exp_poly in one loop that compilers vectorize, instead of a call to expf per score, and
- * the division by the sum folded into each value's weight. At depth 1,900 with an f16 cache
- * (one Zen 5 core, test_kernels --bench attn_f16), a token's attention took 31 ms with
- * attention(), a third of it in expf; this takes 22-25. */
-static void attention_per_query(RunState *s, const Config *c, int layer, int pos0, int n_tokens) {
-    const int H = c->hidden_dim, hd = c->head_dim, n_heads = c->n_heads;
-    const float scale = 1.0f / sqrtf((float)hd);
-#pragma omp parallel for schedule(dynamic, 1)
-    for (int th = 0; th < n_tokens * n_heads; th++) {
-        const int t = th / n_heads, head = th % n_heads, n_pos = pos0 + t + 1;
-#ifdef _OPENMP
-        float *score = s->scores + (size_t)omp_get_thread_num() * s->ctx;
-#else
-        float *score = s->scores;
-#endif
-        const float *q = s->qkv + (size_t)t * 3 * H + (size_t)head * hd;
-        const size_t head0 = kv_offset(s, c, layer, head, 0);
-        float *out = s->att + (size_t)t * H + (size_t)head * hd;
-        float max = -INFINITY;
-        for (int p = 0; p < n_pos; p++) {
-            score[p] = s->kv_type == KV_F16 ? dot_f32_f16(q, (const uint16_t *)s->key_cache + head0 + (size_t)p * hd, hd)
-                                            : dot_f32(q, (const float *)s->key_cache + head0 + (size_t)p * hd, hd);
-            score[p] *= scale;
-            max = fmaxf(max, score[p]);
-        }
-        float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-        for (int p = 0; p < n_pos; p++) {
-            score[p] = exp_poly(score[p] - max);
-            sum += score[p];
-        }
-        const float inv_sum = 1.0f / sum;
-        memset(out, 0, (size_t)hd * sizeof(float));
-        for (int p = 0; p < n_pos; p++) {
-            if (s->kv_type == KV_F16) {
-                axpy_f16(out, score[p] * inv_sum, (const uint16_t *)s->value_cache + head0 + (size_t)p * hd, hd);
-            } else {
-                const float *v = (const float *)s->value_cache + head0 + (size_t)p * hd, w = score[p] * inv_sum;
-                for (int i = 0; i < hd; i++) out[i] += w * v[i];
-            }
-        }
     }
 }
 

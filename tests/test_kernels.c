@@ -589,6 +589,41 @@ static void test_gelu_dot(void) {
     }
 }
 
+/* ---- softmax ------------------------------------------------------------------------ */
+
+/* softmax (exp_poly, vectorized) against softmax_scalar (expf): scores spread like
+ * attention's (up to +-60 apart, so some weights underflow to 0), one score far above the
+ * rest, all equal, and lengths around the vector widths. */
+static void test_softmax(void) {
+    static const int sizes[] = {1, 2, 7, 16, 17, 33, 80, 1901};
+    double worst = 0.0;
+    const int before = g_failed;
+    for (size_t k = 0; k < sizeof(sizes) / sizeof(*sizes); k++)
+        for (int pattern = 0; pattern < 3; pattern++) {
+            const int n = sizes[k];
+            float *ref = guarded_alloc((size_t)n * sizeof(float)), *got = guarded_alloc((size_t)n * sizeof(float));
+            for (int i = 0; i < n; i++) ref[i] = pattern == 2 ? 1.5f : frand() * 30.0f;
+            if (pattern == 1) ref[n / 2] = 90.0f;
+            memcpy(got, ref, (size_t)n * sizeof(float));
+            softmax_scalar(ref, n);
+            softmax(got, n);
+            double sum = 0.0;
+            for (int i = 0; i < n; i++) {
+                const double err = fabs((double)got[i] - ref[i]);  // the weights are in [0, 1]
+                sum += got[i];
+                if (!(err <= 1e-6 * (ref[i] + 1e-6))) {
+                    check(0, "softmax n=%d pattern %d: [%d] = %.9g, scalar %.9g", n, pattern, i, got[i], ref[i]);
+                    break;
+                }
+                if (err > worst) worst = err;
+            }
+            check(fabs(sum - 1.0) <= 1e-5, "softmax n=%d pattern %d: the weights sum to %.9g", n, pattern, sum);
+            guarded_free_all();
+        }
+    printf("%s softmax: softmax_scalar to %.2g (each weight within 1e-6 of its own size)\n",
+           g_failed == before ? "ok  " : "FAIL", worst);
+}
+
 /* ---- float16: the f16 KV cache ---------------------------------------------------------- */
 
 /* What an f16 bit pattern means, written independently of f32_from_f16: a finite value as a
@@ -848,7 +883,6 @@ static void attention_exact(double *out, const RunState *s, const Config *c, int
 typedef struct {
     double blocked, attention;  // the largest difference from the float64 attention of each
     double between;             // and between the two
-    double per_query;           // between attention_per_query and attention()
 } AttentionErrors;
 
 /* One case: n_heads heads of head_dim, positions 0 .. pos0-1 already cached and a batch of
@@ -906,21 +940,6 @@ static void test_attention_one(int kv_type, int head_dim, int n_heads, int pos0,
           "attention() by more than %.1g (worst %.3g)", kv_type_name(kv_type), head_dim, pos0, n_pos - 1, wrong,
           att_floats, tolerance, worst_diff);
 
-    // attention_per_query (decode and small batches) to the same tolerance.
-    for (size_t i = 0; i < att_floats; i++) s.att[i] = NAN;
-    attention_per_query(&s, &c, 1, pos0, n_tokens);
-    int wrong_per_query = 0;
-    double worst_per_query = 0.0;
-    for (size_t i = 0; i < att_floats; i++) {
-        const double diff = fabs((double)s.att[i] - (double)want[i]);
-        wrong_per_query += !(diff <= tolerance);
-        if (!(diff <= worst_per_query)) worst_per_query = diff;
-        if (!(diff <= worst->per_query)) worst->per_query = diff;
-    }
-    check(wrong_per_query == 0, "attention_per_query kv %s, head_dim %d, positions %d..%d: %d of %zu outputs differ "
-          "from attention() by more than %.1g (worst %.3g)", kv_type_name(kv_type), head_dim, pos0, n_pos - 1,
-          wrong_per_query, att_floats, tolerance, worst_per_query);
-
     // The same batch in pieces of 1, 5, 17, 64, ... positions (each piece's queries at the
     // front of qkv, as forward() has them): the same bits.
     static const int pieces[] = {1, 5, 17, 64, 2};
@@ -946,15 +965,13 @@ static void test_attention(void) {
     static const int head_dims[] = {80, 37};
     for (int kv_type = KV_F32; kv_type <= KV_F16; kv_type++) {
         const int before = g_failed;
-        AttentionErrors worst = {0.0, 0.0, 0.0, 0.0};
+        AttentionErrors worst = {0.0, 0.0, 0.0};
         for (size_t h = 0; h < sizeof(head_dims) / sizeof(*head_dims); h++)
             for (size_t k = 0; k < sizeof(cases) / sizeof(*cases); k++)
                 test_attention_one(kv_type, head_dims[h], 3, cases[k][0], cases[k][1], &worst);
         printf("%s attention_blocked (kv %s): attention() to float rounding (%.2g apart, at most 6e-05; from "
                "float64 %.2g, attention() %.2g), the same bits in pieces\n", g_failed == before ? "ok  " : "FAIL",
                kv_type_name(kv_type), worst.between, worst.blocked, worst.attention);
-        printf("%s attention_per_query (kv %s): attention() to float rounding (%.2g apart, at most 6e-05)\n",
-               g_failed == before ? "ok  " : "FAIL", kv_type_name(kv_type), worst.per_query);
     }
 }
 
@@ -1088,8 +1105,7 @@ static void bench_attn_run(void *p) {
     AttnBench *a = p;
     const int pos0 = a->depth + 1 - a->batch;
     for (int l = 0; l < a->c.n_layers; l++) {
-        if (a->blocked == 1) attention_blocked(&a->s, &a->c, l, pos0, a->batch);
-        else if (a->blocked == 2) attention_per_query(&a->s, &a->c, l, pos0, a->batch);
+        if (a->blocked) attention_blocked(&a->s, &a->c, l, pos0, a->batch);
         else attention(&a->s, &a->c, l, pos0, a->batch);
     }
 }
@@ -1113,12 +1129,9 @@ static void bench_attention(int kv_type, int batch) {
                 kv_store(&a.s, a.s.value_cache, kv_offset(&a.s, &a.c, l, h, p), row, a.c.head_dim);
             }
     if (batch == 1) {
-        for (a.blocked = 0; a.blocked <= 2; a.blocked += 2) {
-            const double t = time_median(bench_attn_run, &a, 5);
-            printf("attn_%s %-9s depth %d, 32 layers x 32 heads: %8.3f ms per token  %6.1f GB/s of KV cache\n",
-                   kv_type_name(kv_type), a.blocked ? "per_query" : "attention", a.depth, t * 1e3,
-                   (double)a.s.kv_bytes / t * 1e-9);
-        }
+        const double t = time_median(bench_attn_run, &a, 5);
+        printf("attn_%s   depth %d, 32 layers x 32 heads: %8.3f ms per token  %6.1f GB/s of KV cache\n",
+               kv_type_name(kv_type), a.depth, t * 1e3, (double)a.s.kv_bytes / t * 1e-9);
     } else {
         double macs = 0;  // scores and weighted sums: 2 x head_dim per head, layer and visible key
         for (int t = 0; t < batch; t++) macs += 2.0 * 80 * 32 * 32 * (a.depth + 1 - batch + t + 1);
@@ -1270,6 +1283,7 @@ int main(int argc, char **argv) {
     check_amx_coverage();
     test_dispatch();
     test_gelu_dot();
+    test_softmax();
     test_f16();
     test_attention();
     test_top_k();
