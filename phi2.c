@@ -1357,7 +1357,7 @@ static void usage(FILE *f) {
             "      --mmap             map the model file instead: instant start, pages shared\n"
             "                         with other runs through the OS file cache (default when\n"
             "                         the model does not fit)\n"
-            "  -b, --batch N          prompt positions processed together (default 128; 1 = one\n"
+            "  -b, --batch N          prompt positions processed together (default 64; 1 = one\n"
             "                         at a time through the KV cache, as during generation)\n"
             "      --kv-type T        KV cache numbers: f32 or f16 (half the memory and reads);\n"
             "                         default f32 for float32 model files, f16 for quantized ones\n"
@@ -1469,7 +1469,7 @@ typedef struct {
 } Options;
 
 static Options parse_args(int argc, char **argv) {
-    Options o = {.use_mmap = -1, .n_predict = 256, .temperature = 0.8f, .top_p = 0.95f, .top_k = 40, .batch = 128,
+    Options o = {.use_mmap = -1, .n_predict = 256, .temperature = 0.8f, .top_p = 0.95f, .top_k = 40, .batch = 64,
                  .kv_type = -1, .penalties = {.repeat = 1.0f, .last_n = 64}};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];

@@ -16,12 +16,11 @@ from common import checkpoint, converted, phi2
 N_REAL = 50295  # tokens in the tokenizer: no generated id may reach this
 EOS = 50256
 MAX_SEQ_LEN = 2048  # the tiny preset's max_position_embeddings
-# 100 tokens: one partial batch with the default -b 128; with -b 64 one full batch and a
-# partial one; with -b 7 fourteen and a tail.
+# 100 tokens: with -b 64 one full batch and a partial one; with -b 7 fourteen and a tail.
 PROMPT = ",".join(str(i) for i in np.random.default_rng(21).integers(0, N_REAL, size=100))
-# Work splits to compare, against the defaults (-b 128, one thread per fast core, weights read
+# Work splits to compare, against the defaults (-b 64, one thread per fast core, weights read
 # into memory when they fit, as these small models do).
-SPLITS = [("-t", 1), ("-t", 2), ("-t", 3), ("-b", 1), ("-b", 7), ("-b", 64), ("--no-mmap",), ("--mmap",),
+SPLITS = [("-t", 1), ("-t", 2), ("-t", 3), ("-b", 1), ("-b", 7), ("--no-mmap",), ("--mmap",),
           ("-t", 3, "-b", 7, "--no-mmap")]
 
 
