@@ -593,7 +593,10 @@ static void test_gelu_dot(void) {
 
 /* softmax (exp_poly, vectorized) against softmax_scalar (expf): scores spread like
  * attention's (up to +-60 apart, so some weights underflow to 0), one score far above the
- * rest, all equal, and lengths around the vector widths. */
+ * rest, all equal, and lengths around the vector widths. Each weight within 5e-6 of its own
+ * size: exp_poly is within 2 ulp of expf, and the sum of 1,901 terms in another order moves
+ * every weight by up to ~1e-6 (aarch64); a wrong exponential or normalization moves them
+ * by far more. */
 static void test_softmax(void) {
     static const int sizes[] = {1, 2, 7, 16, 17, 33, 80, 1901};
     double worst = 0.0;
@@ -608,20 +611,25 @@ static void test_softmax(void) {
             softmax_scalar(ref, n);
             softmax(got, n);
             double sum = 0.0;
+            int wrong = 0, first_wrong = -1;
             for (int i = 0; i < n; i++) {
-                const double err = fabs((double)got[i] - ref[i]);  // the weights are in [0, 1]
+                const double rel = fabs((double)got[i] - ref[i]) / (ref[i] + 1e-30);  // the weights are in [0, 1]
                 sum += got[i];
-                if (!(err <= 1e-6 * (ref[i] + 1e-6))) {
-                    check(0, "softmax n=%d pattern %d: [%d] = %.9g, scalar %.9g", n, pattern, i, got[i], ref[i]);
-                    break;
+                if (!(rel <= 5e-6) && !(fabs((double)got[i] - ref[i]) <= 1e-12)) {
+                    if (!wrong) first_wrong = i;
+                    wrong++;
+                } else if (ref[i] > 1e-12 && rel > worst) {
+                    worst = rel;
                 }
-                if (err > worst) worst = err;
             }
+            check(wrong == 0, "softmax n=%d pattern %d: %d weights differ from the scalar twin's by more than 5e-6 of "
+                  "themselves, first [%d] = %.9g, scalar %.9g", n, pattern, wrong, first_wrong,
+                  wrong ? got[first_wrong] : 0.0f, wrong ? ref[first_wrong] : 0.0f);
             check(fabs(sum - 1.0) <= 1e-5, "softmax n=%d pattern %d: the weights sum to %.9g", n, pattern, sum);
             guarded_free_all();
         }
-    printf("%s softmax: softmax_scalar to %.2g (each weight within 1e-6 of its own size)\n",
-           g_failed == before ? "ok  " : "FAIL", worst);
+    printf("%s softmax: softmax_scalar to %.2g of each weight (at most 5e-6)\n", g_failed == before ? "ok  " : "FAIL",
+           worst);
 }
 
 /* ---- float16: the f16 KV cache ---------------------------------------------------------- */
