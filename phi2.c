@@ -820,6 +820,8 @@ typedef struct {
     QuantizedRows xq;          // [max_batch, max(hidden, ffn)] the activations quantized (q8 and q4 files)
     unsigned char *amx_pack;   // AMX only: a batch repacked into tiles, grown as needed
     size_t amx_pack_size;
+    unsigned char *panel;      // x86 prompt batches: activations and one row panel per thread, grown as needed
+    size_t panel_size;
     int amx_state;             // AMX only: 0 = not asked yet, 1 = granted by the OS, -1 = refused
 } KernelScratch;
 
@@ -831,7 +833,8 @@ static void matmul_f32(float *out, const float *in, const Matrix *W, const float
 static void quantize_rows_q8(QuantizedRows *out, const float *x, int n_tokens, int cols);
 static void matmul_q8(float *out, const QuantizedRows *in, const Matrix *W, const float *bias, int n_tokens,
                       KernelScratch *k);
-static void matmul_q4(float *out, const QuantizedRows *in, const Matrix *W, const float *bias, int n_tokens);
+static void matmul_q4(float *out, const QuantizedRows *in, const Matrix *W, const float *bias, int n_tokens,
+                      KernelScratch *k);
 static void gelu_new_span(float *x, size_t n);
 static float dot_f32(const float *a, const float *b, int n);
 static void f32_to_f16_row(uint16_t *out, const float *x, int n);  // bit-identical to the scalar twin
@@ -853,7 +856,7 @@ static void matmul(float *out, const float *in, const Matrix *W, const float *bi
     }
     quantize_rows_q8(&k->xq, in, n_tokens, W->cols);
     if (W->type == WEIGHTS_Q8) matmul_q8(out, &k->xq, W, bias, n_tokens, k);
-    else matmul_q4(out, &k->xq, W, bias, n_tokens);
+    else matmul_q4(out, &k->xq, W, bias, n_tokens, k);
 }
 
 /* gelu_new over n values, split over the threads for a prompt's batch. */
@@ -969,7 +972,7 @@ static void free_state(RunState *s) {
     free_aligned(s->ffn); free_aligned(s->mlp_out); free_aligned(s->scores); free_aligned(s->logits);
     free_aligned(s->attn_scratch);
     free_aligned(s->kern.xq.q); free_aligned(s->kern.xq.scale); free_aligned(s->kern.xq.q4_offset);
-    free_aligned(s->kern.amx_pack);
+    free_aligned(s->kern.amx_pack); free_aligned(s->kern.panel);
     free_aligned(s->key_cache); free_aligned(s->value_cache);
     free(s->rope_cos); free(s->rope_sin);
 }
@@ -2356,6 +2359,9 @@ int main(int argc, char **argv) {
 #define PHI2_AMX 1
 #endif
 #endif
+#if PHI2_AVX512_VNNI
+#define PHI2_PANELS 1  // prompt batches through row panels (matmul_int8_panels)
+#endif
 #if !defined(PHI2_SCALAR_ONLY) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define PHI2_AVX2 1
 #if defined(__F16C__)
@@ -3041,6 +3047,229 @@ static void matmul_int8_tiled(float *out, const QuantizedRows *in, const Matrix 
     }
 }
 
+#endif
+
+#if PHI2_AVX512_VNNI
+/* --- Prompt batches: the weights in row panels ------------------------------------------
+ * In the tiles above, every vpdpbusd (64 products) is followed by a conversion, a multiply
+ * and an FMA to scale its group: a batch spends more time scaling than multiplying. A panel
+ * lays PANEL_ROWS rows side by side, 4 weights at a time: weight k of panel row i is at
+ * w[(k / 4) * 4 * PANEL_ROWS + 4 * i + k % 4], so one vector holds 4 consecutive weights of
+ * each of the 16 rows. vpdpbusd of such a vector with 4 activation bytes of one token
+ * (broadcast to every lane) adds 4 products to each row's int32 sum, lane i for row i. A
+ * whole group (16 steps for q8, 8 for q4) accumulates in int32 before one conversion and
+ * one FMA scale it for all 16 rows, and a token's 16 results are one vector store.
+ * A thread builds the panel of the 16 rows it works on, once per matrix product; it reads
+ * the rows once and serves every token of the batch. q8 rows are transposed in 4-byte units
+ * (16 x 16 at a time, in registers), q4 codes become their int8 levels on the way. With the
+ * weights the panel keeps each group's scales as floats and -128 * (the group's sum of
+ * weights): vpdpbusd multiplies unsigned by signed bytes, so the activations go in as
+ * q_x + 128 (q_x ^ 0x80, once per product) and each group's sum starts at that correction.
+ * The group sums are exact, as in the scalar kernel; only the float rounding differs. */
+enum { PANEL_ROWS = 16, PANEL_TOKENS = 12, PANEL_MIN_TOKENS = 8 };
+
+typedef struct {
+    int8_t *w;       // [cols / 4][PANEL_ROWS][4] the rows' weights (q4: their levels), 4 at a time
+    float *scale;    // [n_wgroups][PANEL_ROWS] each weight group's scale (q8: 64 weights, q4: 32)
+    int32_t *corr;   // [n_wgroups][PANEL_ROWS] -128 * each group's sum of weights
+} Panel;
+
+/* Bytes of one thread's panel for rows of cols weights. */
+static size_t panel_bytes(int cols, int wgroup) {
+    return (size_t)PANEL_ROWS * cols + (size_t)(cols / wgroup) * PANEL_ROWS * (sizeof(float) + sizeof(int32_t));
+}
+
+/* v[i] holds 16 int32 of row i; afterwards v[c] holds element c of every row (lane i: row i). */
+static ALWAYS_INLINE void transpose16_epi32(__m512i v[16]) {
+    __m512i t[16], u[16];
+    for (int i = 0; i < 16; i += 2) {  // in each 128-bit lane j: rows i, i+1 of elements 4j .. 4j+3
+        t[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(v[i], v[i + 1]);
+    }
+    for (int q = 0; q < 16; q += 4) {  // u[q + b], lane j: rows q .. q+3 of element 4j + b
+        u[q] = _mm512_unpacklo_epi64(t[q], t[q + 2]);
+        u[q + 1] = _mm512_unpackhi_epi64(t[q], t[q + 2]);
+        u[q + 2] = _mm512_unpacklo_epi64(t[q + 1], t[q + 3]);
+        u[q + 3] = _mm512_unpackhi_epi64(t[q + 1], t[q + 3]);
+    }
+    for (int b = 0; b < 4; b++) {  // gather lane j of u[b], u[4+b], u[8+b], u[12+b]: element 4j + b
+        const __m512i a0 = _mm512_shuffle_i32x4(u[b], u[4 + b], 0x44), a1 = _mm512_shuffle_i32x4(u[b], u[4 + b], 0xEE);
+        const __m512i a2 = _mm512_shuffle_i32x4(u[8 + b], u[12 + b], 0x44), a3 = _mm512_shuffle_i32x4(u[8 + b], u[12 + b], 0xEE);
+        v[b] = _mm512_shuffle_i32x4(a0, a2, 0x88);
+        v[4 + b] = _mm512_shuffle_i32x4(a0, a2, 0xDD);
+        v[8 + b] = _mm512_shuffle_i32x4(a1, a3, 0x88);
+        v[12 + b] = _mm512_shuffle_i32x4(a1, a3, 0xDD);
+    }
+}
+
+/* The panel of rows r0 .. r0 + n_rows - 1 of W (n_rows <= 16; missing rows are zeros). */
+static void panel_build(const Panel *p, const Matrix *W, int r0, int n_rows) {
+    const int cols = W->cols, q4 = W->type == WEIGHTS_Q4, n_wg = cols / (q4 ? Q4_GROUP : Q8_GROUP);
+    const __m512i zero = _mm512_setzero_si512(), ones = _mm512_set1_epi8(1), nibble = _mm512_set1_epi8(15);
+    const __m512i levels = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)Q4_LEVELS));
+    __m512i v[16];
+    for (int b = 0; b < cols / 64; b++) {  // 64 weights of each row: 16 vectors of the panel
+        for (int i = 0; i < 16; i++) {
+            if (i >= n_rows) {
+                v[i] = zero;
+            } else if (q4) {  // as in q4_tile_vnni, but signed levels
+                const __m256i bytes = _mm256_loadu_si256((const __m256i *)(W->codes + (size_t)(r0 + i) * (cols / 2) + (size_t)b * 32));
+                const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(bytes), _mm256_srli_epi16(bytes, 4), 1);
+                v[i] = _mm512_shuffle_epi8(levels, _mm512_and_si512(both, nibble));
+            } else {
+                v[i] = _mm512_loadu_si512((const void *)(W->q + (size_t)(r0 + i) * cols + (size_t)b * 64));
+            }
+        }
+        transpose16_epi32(v);
+        __m512i sum_lo = zero, sum_hi = zero;  // per row: weights 0..31 and 32..63 of the block
+        for (int c = 0; c < 16; c++) {
+            _mm512_store_si512((void *)(p->w + ((size_t)b * 16 + c) * 64), v[c]);
+            if (c < 8) sum_lo = _mm512_dpbusd_epi32(sum_lo, ones, v[c]);
+            else sum_hi = _mm512_dpbusd_epi32(sum_hi, ones, v[c]);
+        }
+        if (q4) {
+            _mm512_store_si512((void *)(p->corr + (size_t)(2 * b) * 16), _mm512_slli_epi32(_mm512_sub_epi32(zero, sum_lo), 7));
+            _mm512_store_si512((void *)(p->corr + (size_t)(2 * b + 1) * 16), _mm512_slli_epi32(_mm512_sub_epi32(zero, sum_hi), 7));
+        } else {
+            _mm512_store_si512((void *)(p->corr + (size_t)b * 16),
+                               _mm512_slli_epi32(_mm512_sub_epi32(zero, _mm512_add_epi32(sum_lo, sum_hi)), 7));
+        }
+    }
+    for (int g0 = 0; g0 < n_wg; g0 += 16) {  // the scales, 16 groups x 16 rows at a time, transposed
+        const int ng = n_wg - g0 < 16 ? n_wg - g0 : 16;
+        const __mmask16 present = (__mmask16)((1u << ng) - 1);
+        for (int i = 0; i < 16; i++) {
+            const size_t at = (size_t)(r0 + i) * n_wg + g0;
+            if (i >= n_rows) v[i] = zero;
+            else if (q4) v[i] = _mm512_castps_si512(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(present, W->scale16 + at)));
+            else v[i] = _mm512_maskz_loadu_epi32(present, W->scale + at);
+        }
+        transpose16_epi32(v);
+        for (int c = 0; c < ng; c++) _mm512_store_si512((void *)(p->scale + (size_t)(g0 + c) * 16), v[c]);
+    }
+}
+
+/* Building a panel reads its rows from memory with nothing to overlap that wait (-20% on
+ * Zen 5): while the tiles of one panel run, they prefetch the next panel's rows into L2, a
+ * few cache lines per group (line q of the next panel is row q / lines_per_row). */
+typedef struct {
+    const char *base;      // the next panel's first row (NULL: none)
+    size_t stride;         // bytes from one row to the next
+    int lines_per_row;     // cache lines of one row
+    int next, end;         // lines prefetched so far, and in all
+    int per_group;         // lines per group of a tile
+} PanelPrefetch;
+
+static ALWAYS_INLINE void panel_prefetch(PanelPrefetch *pf) {
+    for (int i = 0; i < pf->per_group && pf->next < pf->end; i++, pf->next++)
+        _mm_prefetch(pf->base + (size_t)(pf->next / pf->lines_per_row) * pf->stride + (size_t)(pf->next % pf->lines_per_row) * 64,
+                     _MM_HINT_T1);
+}
+
+/* Panel rows x T tokens (T <= PANEL_TOKENS): out[t][i] = sum over groups of the exact group
+ * sum times both scales, + bias[i], for the panel's n_rows rows. xu: the tokens' q_x + 128. */
+static ALWAYS_INLINE void panel_tile_vnni(float *out, int out_stride, const Panel *p, const uint8_t *xu,
+                                          const float *xd, int cols, int wgroup, int T, int n_rows, const float *bias,
+                                          PanelPrefetch *pf) {
+    const int steps = wgroup / 4, n_wg = cols / wgroup, n_xg = cols / Q8_GROUP;
+    __m512 acc[PANEL_TOKENS];
+    for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
+    for (int g = 0; g < n_wg; g++) {
+        __m512i isum[PANEL_TOKENS];
+        const __m512i corr = _mm512_load_si512((const void *)(p->corr + (size_t)g * 16));
+        for (int t = 0; t < T; t++) isum[t] = corr;
+        const int8_t *wg = p->w + (size_t)g * steps * 64;
+        const uint8_t *xg = xu + (size_t)g * wgroup;
+#pragma GCC unroll 16
+        for (int s = 0; s < steps; s++) {
+            const __m512i wv = _mm512_load_si512((const void *)(wg + (size_t)s * 64));
+            for (int t = 0; t < T; t++) {
+                int32_t four;
+                memcpy(&four, xg + (size_t)t * cols + 4 * s, 4);
+                isum[t] = _mm512_dpbusd_epi32(isum[t], _mm512_set1_epi32(four), wv);
+            }
+        }
+        panel_prefetch(pf);
+        const __m512 ws = _mm512_load_ps(p->scale + (size_t)g * 16);
+        const size_t xs_at = (size_t)g * wgroup / Q8_GROUP;
+        for (int t = 0; t < T; t++)
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]), _mm512_mul_ps(ws, _mm512_set1_ps(xd[(size_t)t * n_xg + xs_at])),
+                                     acc[t]);
+    }
+    const __mmask16 present = (__mmask16)(n_rows >= 16 ? 0xFFFFu : (1u << n_rows) - 1);
+    const __m512 b = _mm512_maskz_loadu_ps(present, bias);
+    for (int t = 0; t < T; t++) _mm512_mask_storeu_ps(out + (size_t)t * out_stride, present, _mm512_add_ps(acc[t], b));
+}
+
+/* The specializations (1 .. PANEL_TOKENS tokens, q8 or q4 groups) the compiler unrolls. */
+static void panel_tile_any(float *out, int out_stride, const Panel *p, const uint8_t *xu, const float *xd, int cols,
+                           int wgroup, int T, int n_rows, const float *bias, PanelPrefetch *pf) {
+    _Static_assert(PANEL_TOKENS == 12, "panel_tile_any lists 1 .. 12 tokens");
+#define PANEL_CASE(TT)                                                                                         \
+    case TT:                                                                                                   \
+        if (wgroup == Q8_GROUP) panel_tile_vnni(out, out_stride, p, xu, xd, cols, Q8_GROUP, TT, n_rows, bias, pf); \
+        else panel_tile_vnni(out, out_stride, p, xu, xd, cols, Q4_GROUP, TT, n_rows, bias, pf);                \
+        break;
+    switch (T) {
+        PANEL_CASE(1) PANEL_CASE(2) PANEL_CASE(3) PANEL_CASE(4) PANEL_CASE(5) PANEL_CASE(6)
+        PANEL_CASE(7) PANEL_CASE(8) PANEL_CASE(9) PANEL_CASE(10) PANEL_CASE(11) PANEL_CASE(12)
+        default: die("panel_tile: bad tile of %d tokens", T);
+    }
+#undef PANEL_CASE
+}
+#endif
+
+#if PHI2_PANELS
+/* The whole product for a batch: each thread claims chunks of panels (16 rows; 8 on AVX2),
+ * builds each panel once and runs every token of the batch through it, PANEL_TOKENS at a
+ * time. Scratch (KernelScratch.panel, grown as needed): the activations as q_x + 128, then
+ * one panel per thread. */
+static void matmul_int8_panels(float *out, const QuantizedRows *in, const Matrix *W, const float *bias, int n_tokens,
+                               KernelScratch *k) {
+    const int rows = W->rows, cols = W->cols, q4 = W->type == WEIGHTS_Q4;
+    const int wgroup = q4 ? Q4_GROUP : Q8_GROUP, n_wg = cols / wgroup, n_threads = max_threads();
+    const size_t x_bytes = (mul_size((size_t)n_tokens, (size_t)cols) + 63) / 64 * 64, one_panel = panel_bytes(cols, wgroup);
+    const size_t need = x_bytes + mul_size((size_t)n_threads, one_panel);
+    if (need > k->panel_size) {
+        free_aligned(k->panel);
+        k->panel = xmalloc_aligned(need);
+        k->panel_size = need;
+    }
+    uint8_t *xu = k->panel;
+    for (size_t i = 0; i < (size_t)n_tokens * cols; i++) xu[i] = (uint8_t)in->q[i] ^ 0x80;
+    const size_t row_bytes = q4 ? (size_t)cols / 2 : (size_t)cols;
+    const int n_panels = (rows + PANEL_ROWS - 1) / PANEL_ROWS, chunk_panels = tiles_per_chunk(n_panels, PANEL_ROWS * row_bytes);
+    const int n_chunks = (n_panels + chunk_panels - 1) / chunk_panels;
+    int next_chunk = 0;
+#pragma omp parallel
+    {
+#ifdef _OPENMP
+        const int thread = omp_get_thread_num();
+#else
+        const int thread = 0;
+#endif
+        unsigned char *mine = k->panel + x_bytes + (size_t)thread * one_panel;
+        const Panel p = {(int8_t *)mine, (float *)(mine + (size_t)PANEL_ROWS * cols),
+                         (int32_t *)(mine + (size_t)PANEL_ROWS * cols + (size_t)n_wg * PANEL_ROWS * sizeof(float))};
+        for (int chunk; (chunk = claim_chunk(&next_chunk)) < n_chunks;) {
+            const int p1 = (chunk + 1) * chunk_panels < n_panels ? (chunk + 1) * chunk_panels : n_panels;
+            for (int pi = chunk * chunk_panels; pi < p1; pi++) {
+                const int r0 = pi * PANEL_ROWS, n_rows = rows - r0 < PANEL_ROWS ? rows - r0 : PANEL_ROWS;
+                panel_build(&p, W, r0, n_rows);
+                const int next_rows = pi + 1 < p1 ? (rows - r0 - PANEL_ROWS < PANEL_ROWS ? rows - r0 - PANEL_ROWS : PANEL_ROWS) : 0;
+                const int lines_per_row = (int)((row_bytes + 63) / 64), n_tiles = (n_tokens + PANEL_TOKENS - 1) / PANEL_TOKENS;
+                PanelPrefetch pf = {(const char *)(q4 ? (const void *)W->codes : (const void *)W->q) + (size_t)(r0 + PANEL_ROWS) * row_bytes,
+                                    row_bytes, lines_per_row, 0, next_rows * lines_per_row,
+                                    (next_rows * lines_per_row + n_tiles * n_wg - 1) / (n_tiles * n_wg)};
+                for (int t = 0; t < n_tokens; t += PANEL_TOKENS) {
+                    const int T = n_tokens - t < PANEL_TOKENS ? n_tokens - t : PANEL_TOKENS;
+                    panel_tile_any(out + (size_t)t * rows + r0, rows, &p, xu + (size_t)t * cols,
+                                   in->scale + (size_t)t * (cols / Q8_GROUP), cols, wgroup, T, n_rows, bias + r0, &pf);
+                }
+            }
+        }
+    }
+}
 #endif
 
 #if PHI2_AVX512_VNNI || PHI2_AVX2
@@ -3833,6 +4062,12 @@ static void matmul_q8(float *out, const QuantizedRows *in, const Matrix *W, cons
         return;
     }
 #endif
+#if PHI2_PANELS
+    if (n_tokens >= PANEL_MIN_TOKENS) {
+        matmul_int8_panels(out, in, W, bias, n_tokens, k);
+        return;
+    }
+#endif
     (void)k;
 #if PHI2_Q8_SIMD
     matmul_q8_simd(out, in, W, bias, n_tokens);
@@ -3841,7 +4076,15 @@ static void matmul_q8(float *out, const QuantizedRows *in, const Matrix *W, cons
 #endif
 }
 
-static void matmul_q4(float *out, const QuantizedRows *in, const Matrix *W, const float *bias, int n_tokens) {
+static void matmul_q4(float *out, const QuantizedRows *in, const Matrix *W, const float *bias, int n_tokens,
+                      KernelScratch *k) {
+#if PHI2_PANELS
+    if (n_tokens >= PANEL_MIN_TOKENS) {
+        matmul_int8_panels(out, in, W, bias, n_tokens, k);
+        return;
+    }
+#endif
+    (void)k;
 #if PHI2_Q8_SIMD
     matmul_q4_simd(out, in, W, bias, n_tokens);
 #else

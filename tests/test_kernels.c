@@ -276,6 +276,13 @@ static void test_q8_one(const char *name, Q8Fn fn, int rows, int cols, int n_tok
     guarded_free_all();
 }
 
+#if PHI2_PANELS
+static KernelScratch g_panel_kern;  // matmul_int8_panels' scratch
+static void matmul_q8_panels(float *out, const QuantizedRows *in, const Matrix *W, const float *bias, int n) {
+    matmul_int8_panels(out, in, W, bias, n, &g_panel_kern);
+}
+#endif
+
 #if PHI2_AMX
 static void matmul_q8_amx_checked(float *out, const QuantizedRows *in, const Matrix *W, const float *bias, int n) {
     matmul_q8_amx(out, in, W, bias, n, &g_amx_kern);
@@ -294,6 +301,9 @@ static void test_q8(void) {
         {"matmul_q8_scalar", matmul_q8_scalar, 1},
 #if PHI2_Q8_SIMD
         {"matmul_q8_simd", matmul_q8_simd, 0},
+#endif
+#if PHI2_PANELS
+        {"matmul_q8_panels", matmul_q8_panels, 0},
 #endif
 #if PHI2_NEON  // every Arm int8 kernel of the build, not only the one matmul_q8_simd picks
         {"matmul_q8_neon", matmul_q8_neon, 0},
@@ -389,6 +399,12 @@ static void test_q4_one(const char *name, Q8Fn fn, int rows, int cols, int n_tok
     guarded_free_all();
 }
 
+#if PHI2_PANELS
+static void matmul_int8_panels_q4(float *out, const QuantizedRows *in, const Matrix *W, const float *bias, int n) {
+    matmul_int8_panels(out, in, W, bias, n, &g_panel_kern);
+}
+#endif
+
 static void test_q4(void) {
     static const int rowss[] = {1, 3, 5, 16, 17, 33, 130};
     static const int colss[] = {64, 128, 320, 2560};
@@ -400,6 +416,9 @@ static void test_q4(void) {
         {"matmul_q4_scalar", matmul_q4_scalar},
 #if PHI2_Q8_SIMD
         {"matmul_q4_simd", matmul_q4_simd},
+#endif
+#if PHI2_PANELS
+        {"matmul_q4_panels", matmul_int8_panels_q4},
 #endif
     };
     for (size_t k = 0; k < sizeof(kernels) / sizeof(*kernels); k++) {
@@ -1092,6 +1111,10 @@ static void bench_run(void *p) {
 #if PHI2_Q8_SIMD
     else if (!strcmp(a->kernel, "q8_simd")) matmul_q8_simd(a->out, a->xq, &a->W, a->bias, a->n);
     else if (!strcmp(a->kernel, "q4_simd")) matmul_q4_simd(a->out, a->xq, &a->W, a->bias, a->n);
+#if PHI2_PANELS
+    else if (!strcmp(a->kernel, "q8_panels") || !strcmp(a->kernel, "q4_panels"))
+        matmul_int8_panels(a->out, a->xq, &a->W, a->bias, a->n, &g_panel_kern);
+#endif
 #endif
     else if (!strcmp(a->kernel, "q4_scalar")) matmul_q4_scalar(a->out, a->xq, &a->W, a->bias, a->n);
 #if PHI2_AMX
@@ -1158,8 +1181,8 @@ static void bench(int argc, char **argv) {
     // --bench [KERNEL ...]: default all kernels of this build on qkv, fc1, fc2 shapes, and
     // decode attention with an f32 and an f16 cache (attn_f32, attn_f16; BENCH_DEPTH=1900).
     // (The first shape's weights fit in L2 as q4 or q8: the kernels' speed without DRAM.)
-    static const char *all[] = {"attn_f32", "attn_f16", "attn_batch_f32", "attn_batch_f16", "f32_avx512", "f32_avx2", "f32_neon", "q8_simd", "q8_amx",
-                                "q4_simd", "quantize"};
+    static const char *all[] = {"attn_f32", "attn_f16", "attn_batch_f32", "attn_batch_f16", "f32_avx512", "f32_avx2", "f32_neon", "q8_simd", "q8_panels", "q8_amx",
+                                "q4_simd", "q4_panels", "quantize"};
     static const int shapes[][2] = {{256, 2560}, {7680, 2560}, {10240, 2560}, {2560, 10240}};
     static const int tokens[] = {1, 64};
     const char **kernels = argc > 0 ? (const char **)argv : all;
@@ -1209,6 +1232,9 @@ static void bench(int argc, char **argv) {
 #endif
 #if !PHI2_Q8_SIMD
                 if (!strcmp(kernels[k], "q8_simd") || !strcmp(kernels[k], "q4_simd")) continue;
+#endif
+#if !PHI2_PANELS
+                if (strstr(kernels[k], "_panels")) continue;
 #endif
 #if PHI2_AMX
                 if (!strcmp(kernels[k], "q8_amx") && !amx_available(&g_amx_kern)) continue;
