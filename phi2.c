@@ -3258,11 +3258,12 @@ static void matmul_int8_panels(float *out, const QuantizedRows *in, const Matrix
                 panel_build(&p, W, r0, n_rows);
                 const int next_rows = pi + 1 < p1 ? (rows - r0 - PANEL_ROWS < PANEL_ROWS ? rows - r0 - PANEL_ROWS : PANEL_ROWS) : 0;
                 const int lines_per_row = (int)((row_bytes + 63) / 64), n_tiles = (n_tokens + PANEL_TOKENS - 1) / PANEL_TOKENS;
+                int tiles_left = n_tiles;
                 PanelPrefetch pf = {(const char *)(q4 ? (const void *)W->codes : (const void *)W->q) + (size_t)(r0 + PANEL_ROWS) * row_bytes,
                                     row_bytes, lines_per_row, 0, next_rows * lines_per_row,
                                     (next_rows * lines_per_row + n_tiles * n_wg - 1) / (n_tiles * n_wg)};
-                for (int t = 0; t < n_tokens; t += PANEL_TOKENS) {
-                    const int T = n_tokens - t < PANEL_TOKENS ? n_tokens - t : PANEL_TOKENS;
+                for (int t = 0, T; t < n_tokens; t += T, tiles_left--) {
+                    T = (n_tokens - t + tiles_left - 1) / tiles_left;  // even tiles: 64 = 4 x 11 + 2 x 10, not 5 x 12 + 4
                     panel_tile_any(out + (size_t)t * rows + r0, rows, &p, xu + (size_t)t * cols,
                                    in->scale + (size_t)t * (cols / Q8_GROUP), cols, wgroup, T, n_rows, bias + r0, &pf);
                 }

@@ -5,6 +5,7 @@
 #   scripts/bench.sh MODEL.bin [THREADS]        (default THREADS: all cores)
 #   REPS=5 PROMPT=128 GEN=64 FLAGS=--no-mmap scripts/bench.sh MODEL.bin 2
 #   DEPTH=1900 GEN=32 FLAGS='--kv-type f16' scripts/bench.sh MODEL.bin 2
+#   MARCH=haswell LONG=1900 scripts/bench.sh MODEL.bin 2
 #
 # Builds ./phi2 (make phi2) and build/membw (scripts/membw.c), measures read bandwidth
 # over a 300 MB buffer, then runs phi2 REPS times (default 3) with a PROMPT-token prompt
@@ -24,6 +25,12 @@
 # lm_head, which a prompt skips but for its last token, are left out): f32 files against
 # the best f32 FMA figure, q8 and q4 files against the best int8 one (AMX, which the probe
 # does not measure, can exceed it).
+# LONG=N (default 1024; 0: skip): also a long prompt of N tokens (REPS runs, one generated
+# token each), its tok/s, share of the peak, and ratio to the PROMPT-token prompt's.
+# MARCH=TARGET: benchmark a build for another x86 target instead of this CPU's own, e.g.
+# MARCH=haswell (AVX2 + FMA: a laptop without AVX-512) or MARCH=alderlake (AVX2 + AVX-VNNI);
+# phi2 and the peak probe are both built with -march=TARGET (build/phi2-TARGET,
+# build/peak-TARGET), so the peak is that of the instructions the build can use.
 set -euo pipefail
 
 if [ $# -lt 1 ] || [ $# -gt 2 ]; then
@@ -37,11 +44,26 @@ DEPTH=${DEPTH:-}
 PROMPT=${DEPTH:-${PROMPT:-128}}
 GEN=${GEN:-64}
 FLAGS=${FLAGS:-}   # extra phi2 flags, e.g. --no-mmap
+LONG=${LONG:-1024}
+MARCH=${MARCH:-}
 [ -f "$MODEL" ] || { echo "bench: no such model file: $MODEL" >&2; exit 1; }
+case "$MARCH" in *[!a-z0-9_-]*) echo "bench: MARCH must be a -march name such as haswell" >&2; exit 1 ;; esac
+case "$LONG" in '' | *[!0-9]*) echo "bench: LONG must be a number of tokens (0: no long prompt)" >&2; exit 1 ;; esac
 
 cd "$(dirname "$0")/.."
-make -s phi2 >&2
 mkdir -p build
+if [ -z "$MARCH" ]; then
+    make -s phi2 >&2
+    PHI2=./phi2
+    PEAK_BIN=build/peak
+    PEAK_MARCH=native
+else
+    PHI2=build/phi2-$MARCH
+    PEAK_BIN=build/peak-$MARCH
+    PEAK_MARCH=$MARCH
+    ${CC:-cc} -std=c11 -O3 -march="$MARCH" -fopenmp -o "$PHI2" phi2.c tokenizer.c -lm ||
+        { echo "bench: cannot build phi2 with -march=$MARCH" >&2; exit 1; }
+fi
 if [ ! -x build/membw ] || [ scripts/membw.c -nt build/membw ]; then
     ${CC:-cc} -std=c11 -O3 -march=native -fopenmp -o build/membw scripts/membw.c 2>/dev/null ||
         ${CC:-cc} -std=c11 -O3 -o build/membw scripts/membw.c  # no OpenMP (Apple clang): one thread
@@ -73,15 +95,15 @@ if [ $((PROMPT + GEN)) -gt "$MAX_SEQ" ]; then
 fi
 
 echo "bench: $MODEL ($((MODEL_BYTES / 1000000)) MB), $THREADS threads, prompt $PROMPT tokens${DEPTH:+ (DEPTH)}, $GEN generated, $REPS runs${FLAGS:+, flags $FLAGS}"
-echo "cpu: $CPU ($(getconf _NPROCESSORS_ONLN 2>/dev/null || nproc) logical cores); $(./phi2 -v)"
+echo "cpu: $CPU ($(getconf _NPROCESSORS_ONLN 2>/dev/null || nproc) logical cores); $("$PHI2" -v)${MARCH:+ (built with -march=$MARCH)}"
 PROBE=$(OMP_NUM_THREADS=$THREADS build/membw 300 9)
 echo "$PROBE"
 PROBE_GBS=$(echo "$PROBE" | awk '{print $2}')
-if [ ! -x build/peak ] || [ scripts/peak.c -nt build/peak ]; then
-    ${CC:-cc} -std=c11 -O3 -march=native -fopenmp -o build/peak scripts/peak.c 2>/dev/null ||
-        ${CC:-cc} -std=c11 -O3 -o build/peak scripts/peak.c
+if [ ! -x "$PEAK_BIN" ] || [ scripts/peak.c -nt "$PEAK_BIN" ]; then
+    ${CC:-cc} -std=c11 -O3 -march="$PEAK_MARCH" -fopenmp -o "$PEAK_BIN" scripts/peak.c 2>/dev/null ||
+        ${CC:-cc} -std=c11 -O3 -o "$PEAK_BIN" scripts/peak.c
 fi
-PEAKS=$(OMP_NUM_THREADS=$THREADS build/peak 5)
+PEAKS=$(OMP_NUM_THREADS=$THREADS "$PEAK_BIN" 5)
 echo "$PEAKS" | grep -v checksum
 # The figure prompt speed is compared with: f32 FMA for f32 files, int8 for q8 and q4.
 PEAK_KIND=$([ "$WTYPE" = 0 ] && echo f32 || echo int8)
@@ -102,7 +124,7 @@ IDS=$(awk -v n="$PROMPT" 'BEGIN { for (i = 0; i < n; i++) printf "%s%d", (i ? ",
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 for r in $(seq 1 "$REPS"); do
-    peak_rss_kb ./phi2 "$MODEL" --ids "$IDS" -n "$GEN" --temp 0 --ignore-eos -t "$THREADS" \
+    peak_rss_kb "$PHI2" "$MODEL" --ids "$IDS" -n "$GEN" --temp 0 --ignore-eos -t "$THREADS" \
         --print-ids $FLAGS >/dev/null 2>"$TMP/err"
     line=$(grep '^phi2: load' "$TMP/err") || { cat "$TMP/err" >&2; exit 1; }
     rss=$(awk '/^bench-rss-kb/ {print $2}' "$TMP/err")
@@ -151,6 +173,30 @@ awk -v pp="$PP" -v tg="$TG" -v gbs="$GBS" -v probe="$PROBE_GBS" -v rss="$RSS" -v
         kv / 1048576, kvt, (rss * 1024 - model - kv) / 1048576
 }'
 
+# Long prompt: LONG tokens through prefill (attention over the whole prompt adds to the
+# matrices' arithmetic), compared with the PROMPT-token prompt above.
+if [ "$LONG" -gt 0 ] && [ "$LONG" -ne "$PROMPT" ]; then
+    if [ "$LONG" -ge "$MAX_SEQ" ]; then
+        echo "bench: LONG=$LONG does not fit the context of $MAX_SEQ (LONG=0 skips it)" >&2
+        exit 1
+    fi
+    LONG_IDS=$(awk -v n="$LONG" 'BEGIN { for (i = 0; i < n; i++) printf "%s%d", (i ? "," : ""), 1000 + (i * 7919) % 40000 }')
+    for r in $(seq 1 "$REPS"); do
+        "$PHI2" "$MODEL" --ids "$LONG_IDS" -n 1 --temp 0 --ignore-eos -t "$THREADS" --print-ids $FLAGS \
+            >/dev/null 2>"$TMP/err"
+        line=$(grep '^phi2: load' "$TMP/err") || { cat "$TMP/err" >&2; exit 1; }
+        echo "$line" | awk '{ for (i = 1; i <= NF; i++) if ($i == "prompt") print $(i + 3) }' >>"$TMP/long"
+        echo "  long prompt run $r: $line"
+    done
+    awk -v lp="$(median <"$TMP/long")" -v pp="$PP" -v n="$LONG" -v short="$PROMPT" -v reps="$REPS" -v layers="$LAYERS" \
+        -v hidden="$HIDDEN" -v ffn="$FFN" -v peak="$PEAK_GMAC" -v peakkind="$PEAK_KIND" 'BEGIN {
+        gmac = layers * (4 * hidden * hidden + 2 * hidden * ffn) / 1e9
+        printf "long prompt, median of %d runs:\n", reps
+        printf "  prompt      %8.2f tok/s for %d tokens = %.0f%% of the %.1f G MAC/s %s peak, %.0f%% of the %d-token rate\n",
+            lp, n, (peak > 0 ? 100 * lp * gmac / peak : 0), peak, peakkind, (pp > 0 ? 100 * lp / pp : 0), short
+    }'
+fi
+
 # Busy-core mode, BUSY=1 scripts/bench.sh MODEL.bin 2: how generation holds up when another program keeps one core
 # busy (a laptop compiling or playing a video). A shell loop pinned to core BUSY_CPU
 # (default: the last one) spins while phi2 generates REPS times with THREADS threads and
@@ -165,7 +211,7 @@ if [ "${BUSY:-0}" = 1 ]; then
     echo "busy: core $BUSY_CPU kept busy by a spinning process (pid $SPINNER)"
     for r in $(seq 1 "$REPS"); do
         for t in "$THREADS" 1; do
-            ./phi2 "$MODEL" --ids "$IDS" -n "$GEN" --temp 0 --ignore-eos -t "$t" --print-ids $FLAGS \
+            "$PHI2" "$MODEL" --ids "$IDS" -n "$GEN" --temp 0 --ignore-eos -t "$t" --print-ids $FLAGS \
                 >/dev/null 2>"$TMP/err"
             line=$(grep '^phi2: load' "$TMP/err") || { cat "$TMP/err" >&2; exit 1; }
             echo "$line" | awk '{ for (i = 1; i <= NF; i++) if ($i == "generated") print $(i + 3) }' >>"$TMP/busy-t$t"
