@@ -897,7 +897,9 @@ typedef struct {
     float *scores;          // [n_threads, ctx] attention weights, one row per thread
     float *attn_scratch;    // [n_threads, attn_scratch_floats] attention_blocked's tiles, per thread
     size_t attn_scratch_floats;
-    float *logits;          // [max_batch, vocab]
+    float *logits;          // [logits_rows, vocab]
+    int logits_rows;        // max_batch where every position's logits are wanted (perplexity,
+                            // --dump-logits, --trace), else 1: a prompt needs only its last
     KernelScratch kern;     // the matrix kernels' scratch: int8 activations (q8, q4 files), AMX tiles
     int kv_type;            // KV_F32 or KV_F16: the element type of the two caches
     size_t kv_bytes;        // bytes of the two caches together
@@ -926,7 +928,7 @@ static int max_threads(void) {
 #endif
 }
 
-static void init_state(RunState *s, const Config *c, int ctx, int max_batch, int kv_type) {
+static void init_state(RunState *s, const Config *c, int ctx, int max_batch, int kv_type, int all_logits) {
     const size_t H = (size_t)c->hidden_dim, F = (size_t)c->ffn_dim, B = (size_t)max_batch;
     memset(s, 0, sizeof(*s));
     s->max_batch = max_batch;
@@ -942,7 +944,8 @@ static void init_state(RunState *s, const Config *c, int ctx, int max_batch, int
     s->scores = xmalloc_aligned(mul_size(mul_size((size_t)s->n_threads, (size_t)ctx), sizeof(float)));
     s->attn_scratch_floats = attn_scratch_floats(c);
     s->attn_scratch = xmalloc_aligned(mul_size(mul_size((size_t)s->n_threads, s->attn_scratch_floats), sizeof(float)));
-    s->logits = xmalloc_aligned(mul_size(B, mul_size((size_t)c->vocab_size, sizeof(float))));
+    s->logits_rows = all_logits ? max_batch : 1;
+    s->logits = xmalloc_aligned(mul_size((size_t)s->logits_rows, mul_size((size_t)c->vocab_size, sizeof(float))));
     size_t widest = H > F ? H : F;
     s->kern.xq.q = xmalloc_aligned(mul_size(B, widest));
     s->kern.xq.scale = xmalloc_aligned(mul_size(B * (widest / Q8_GROUP + 1), sizeof(float)));
@@ -1072,6 +1075,7 @@ static void forward(const Model *m, RunState *s, const int *tokens, int n_tokens
 
         // Attention: project, rotate q and k, cache k and v, attend, project back.
         matmul(s->qkv, s->h, &L->qkv, L->qkv_bias, n_tokens, &s->kern);
+#pragma omp parallel for if (n_tokens > 1)
         for (int t = 0; t < n_tokens; t++) {
             const int pos = pos0 + t;
             float *q = s->qkv + (size_t)t * 3 * H, *k = q + H, *v = q + 2 * H;
@@ -1104,6 +1108,7 @@ static void forward(const Model *m, RunState *s, const int *tokens, int n_tokens
     }
 
     const int first = all_logits ? 0 : n_tokens - 1, n_out = n_tokens - first;
+    if (n_out > s->logits_rows) die("internal error: %d rows of logits asked of a state made for %d", n_out, s->logits_rows);
     layernorm(s->h, s->x + (size_t)first * H, m->final_ln_weight, m->final_ln_bias, n_out, H, c->norm_eps);
     trace(s, "final_ln", -1, s->h, H, H, pos0 + first, n_out);
     matmul(s->logits, s->h, &m->lm_head, m->lm_head_bias, n_out, &s->kern);
@@ -1684,7 +1689,7 @@ static void perplexity(const Model *m, const Options *opt, int ctx) {
     }
 
     RunState s;
-    init_state(&s, &m->config, ctx, opt->batch, opt->kv_type >= 0 ? opt->kv_type : default_kv_type(&m->config));
+    init_state(&s, &m->config, ctx, opt->batch, opt->kv_type >= 0 ? opt->kv_type : default_kv_type(&m->config), 1);
     double *logprobs = xmalloc(mul_size((size_t)V, sizeof(double)));
     float *row_f32 = xmalloc(mul_size((size_t)V, sizeof(float)));
     MeanEstimate nll = {0}, base_nll = {0}, kl = {0};
@@ -2296,7 +2301,7 @@ int main(int argc, char **argv) {
         if (ctx > c->max_seq_len) die("--ctx-size %d exceeds the model's maximum of %d", ctx, c->max_seq_len);
         if (n_prompt >= ctx) die("the prefix is %d tokens, leaving no room in the context of %d tokens", n_prompt, ctx);
         RunState state;
-        init_state(&state, c, ctx, opt.batch, opt.kv_type >= 0 ? opt.kv_type : default_kv_type(c));
+        init_state(&state, c, ctx, opt.batch, opt.kv_type >= 0 ? opt.kv_type : default_kv_type(c), 0);
         t_load = now_seconds() - t_load;
         status = interactive(&model, &state, &opt, prompt, n_prompt, ctx, t_load);
         free_state(&state);
@@ -2317,7 +2322,8 @@ int main(int argc, char **argv) {
         long long needed = opt.dump_logits || opt.trace ? n_prompt : (opt.n_predict < 0 ? ctx : n_prompt + opt.n_predict);
         int cache_len = needed < ctx ? (int)needed : ctx;
         RunState state;
-        init_state(&state, c, cache_len, opt.batch, opt.kv_type >= 0 ? opt.kv_type : default_kv_type(c));
+        init_state(&state, c, cache_len, opt.batch, opt.kv_type >= 0 ? opt.kv_type : default_kv_type(c),
+                   opt.dump_logits || opt.trace);
         t_load = now_seconds() - t_load;
 
         if (opt.dump_logits) dump_prompt(&model, &state, prompt, n_prompt, opt.dump_logits, 0);
