@@ -2365,14 +2365,14 @@ int main(int argc, char **argv) {
 #define PHI2_AMX 1
 #endif
 #endif
-#if PHI2_AVX512_VNNI
-#define PHI2_PANELS 1  // prompt batches through row panels (matmul_int8_panels)
-#endif
 #if !defined(PHI2_SCALAR_ONLY) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define PHI2_AVX2 1
 #if defined(__F16C__)
 #define PHI2_F16C 1
 #endif
+#endif
+#if PHI2_AVX512_VNNI || PHI2_AVX2
+#define PHI2_PANELS 1  // prompt batches through row panels (matmul_int8_panels)
 #endif
 /* The Arm kernels of Appendix A2 (defined here so the loop nests below serve them too). */
 #if !defined(PHI2_SCALAR_ONLY) && defined(__aarch64__) && defined(__ARM_NEON)
@@ -3055,29 +3055,49 @@ static void matmul_int8_tiled(float *out, const QuantizedRows *in, const Matrix 
 
 #endif
 
-#if PHI2_AVX512_VNNI
+#if PHI2_PANELS
 /* --- Prompt batches: the weights in row panels ------------------------------------------
  * In the tiles above, every vpdpbusd (64 products) is followed by a conversion, a multiply
  * and an FMA to scale its group: a batch spends more time scaling than multiplying. A panel
  * lays PANEL_ROWS rows side by side, 4 weights at a time: weight k of panel row i is at
  * w[(k / 4) * 4 * PANEL_ROWS + 4 * i + k % 4], so one vector holds 4 consecutive weights of
- * each of the 16 rows. vpdpbusd of such a vector with 4 activation bytes of one token
- * (broadcast to every lane) adds 4 products to each row's int32 sum, lane i for row i. A
- * whole group (16 steps for q8, 8 for q4) accumulates in int32 before one conversion and
- * one FMA scale it for all 16 rows, and a token's 16 results are one vector store.
- * A thread builds the panel of the 16 rows it works on, once per matrix product; it reads
- * the rows once and serves every token of the batch. q8 rows are transposed in 4-byte units
- * (16 x 16 at a time, in registers), q4 codes become their int8 levels on the way. With the
- * weights the panel keeps each group's scales as floats and -128 * (the group's sum of
- * weights): vpdpbusd multiplies unsigned by signed bytes, so the activations go in as
+ * each of its rows (AVX-512: 16 rows, AVX2: 8). vpdpbusd of such a vector with 4 activation
+ * bytes of one token (broadcast to every lane) adds 4 products to each row's int32 sum, lane
+ * i for row i. A whole group (16 steps for q8, 8 for q4) accumulates in int32 before one
+ * conversion and one FMA scale it for all the panel's rows, and a token's results are one
+ * vector store.
+ * A thread builds the panel of the rows it works on, once per matrix product; it reads the
+ * rows once and serves every token of the batch. q8 rows are transposed in 4-byte units
+ * (16 x 16 or 8 x 8 at a time, in registers), q4 codes become their int8 levels on the
+ * way. With the weights the panel keeps each group's scales as floats and -128 * (the
+ * group's sum of weights): vpdpbusd multiplies unsigned by signed bytes, so the activations go in as
  * q_x + 128 (q_x ^ 0x80, once per product) and each group's sum starts at that correction.
  * The group sums are exact, as in the scalar kernel; only the float rounding differs. */
-enum { PANEL_ROWS = 16, PANEL_TOKENS = 12, PANEL_MIN_TOKENS = 8 };
+#if PHI2_AVX512_VNNI
+enum { PANEL_ROWS = 16, PANEL_TOKENS = 12, PANEL_MIN_TOKENS = 8, PANEL_Q8_SIGNED_X = 0 };
+#else
+/* AVX2 (one ymm: 8 rows x 4 bytes). With AVX-VNNI, 256-bit vpdpbusd does as above. Plain
+ * AVX2 has only vpmaddubsw + vpmaddwd (dot_u8s8_avx2), whose int16 pairs saturate past
+ * 32767: fine for q4 (levels within +-61: 2 * 255 * 61 < 32767), not for q8 weights up to
+ * +-127 times q_x + 128. There q8 panels take the signed activations and move the sign onto
+ * them, as q8_tile_avx2 does (|w| once per panel vector, shared by the tokens, times
+ * sign(q_x, w)), with no correction: PANEL_Q8_SIGNED_X.
+ * Tokens per tile: 6 int32 sums + 6 float accumulators + the weight vector, its |w|, the
+ * broadcast and vpmaddwd's ones fill the 16 ymm registers. Measured on Zen 5 (one thread,
+ * 64 tokens): 4, 5, 6, 7 and 8 tokens all within noise (plain AVX2 q8 ~100 G MAC/s, q4 ~110;
+ * AVX-VNNI 160-185), so the largest without spills. Panels beat the tiles from 4-6 tokens
+ * on (q8 at 8 tokens: 70 against 45 G MAC/s), so the same minimum as AVX-512. */
+#if defined(__AVXVNNI__)
+enum { PANEL_ROWS = 8, PANEL_TOKENS = 6, PANEL_MIN_TOKENS = 8, PANEL_Q8_SIGNED_X = 0 };
+#else
+enum { PANEL_ROWS = 8, PANEL_TOKENS = 6, PANEL_MIN_TOKENS = 8, PANEL_Q8_SIGNED_X = 1 };
+#endif
+#endif
 
 typedef struct {
     int8_t *w;       // [cols / 4][PANEL_ROWS][4] the rows' weights (q4: their levels), 4 at a time
     float *scale;    // [n_wgroups][PANEL_ROWS] each weight group's scale (q8: 64 weights, q4: 32)
-    int32_t *corr;   // [n_wgroups][PANEL_ROWS] -128 * each group's sum of weights
+    int32_t *corr;   // [n_wgroups][PANEL_ROWS] -128 * each group's sum of weights (unused with PANEL_Q8_SIGNED_X)
 } Panel;
 
 /* Bytes of one thread's panel for rows of cols weights. */
@@ -3085,6 +3105,24 @@ static size_t panel_bytes(int cols, int wgroup) {
     return (size_t)PANEL_ROWS * cols + (size_t)(cols / wgroup) * PANEL_ROWS * (sizeof(float) + sizeof(int32_t));
 }
 
+/* Building a panel reads its rows from memory with nothing to overlap that wait (-20% on
+ * Zen 5): while the tiles of one panel run, they prefetch the next panel's rows into L2, a
+ * few cache lines per group (line q of the next panel is row q / lines_per_row). */
+typedef struct {
+    const char *base;      // the next panel's first row (NULL: none)
+    size_t stride;         // bytes from one row to the next
+    int lines_per_row;     // cache lines of one row
+    int next, end;         // lines prefetched so far, and in all
+    int per_group;         // lines per group of a tile
+} PanelPrefetch;
+
+static ALWAYS_INLINE void panel_prefetch(PanelPrefetch *pf) {
+    for (int i = 0; i < pf->per_group && pf->next < pf->end; i++, pf->next++)
+        _mm_prefetch(pf->base + (size_t)(pf->next / pf->lines_per_row) * pf->stride + (size_t)(pf->next % pf->lines_per_row) * 64,
+                     _MM_HINT_T1);
+}
+
+#if PHI2_AVX512_VNNI
 /* v[i] holds 16 int32 of row i; afterwards v[c] holds element c of every row (lane i: row i). */
 static ALWAYS_INLINE void transpose16_epi32(__m512i v[16]) {
     __m512i t[16], u[16];
@@ -3155,23 +3193,6 @@ static void panel_build(const Panel *p, const Matrix *W, int r0, int n_rows) {
     }
 }
 
-/* Building a panel reads its rows from memory with nothing to overlap that wait (-20% on
- * Zen 5): while the tiles of one panel run, they prefetch the next panel's rows into L2, a
- * few cache lines per group (line q of the next panel is row q / lines_per_row). */
-typedef struct {
-    const char *base;      // the next panel's first row (NULL: none)
-    size_t stride;         // bytes from one row to the next
-    int lines_per_row;     // cache lines of one row
-    int next, end;         // lines prefetched so far, and in all
-    int per_group;         // lines per group of a tile
-} PanelPrefetch;
-
-static ALWAYS_INLINE void panel_prefetch(PanelPrefetch *pf) {
-    for (int i = 0; i < pf->per_group && pf->next < pf->end; i++, pf->next++)
-        _mm_prefetch(pf->base + (size_t)(pf->next / pf->lines_per_row) * pf->stride + (size_t)(pf->next % pf->lines_per_row) * 64,
-                     _MM_HINT_T1);
-}
-
 /* Panel rows x T tokens (T <= PANEL_TOKENS): out[t][i] = sum over groups of the exact group
  * sum times both scales, + bias[i], for the panel's n_rows rows. xu: the tokens' q_x + 128. */
 static ALWAYS_INLINE void panel_tile_vnni(float *out, int out_stride, const Panel *p, const uint8_t *xu,
@@ -3223,13 +3244,156 @@ static void panel_tile_any(float *out, int out_stride, const Panel *p, const uin
     }
 #undef PANEL_CASE
 }
+#else
+/* v[i] holds 8 int32 of row i; afterwards v[c] holds element c of every row (lane i: row i). */
+static ALWAYS_INLINE void transpose8_epi32(__m256i v[8]) {
+    __m256i t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {  // in each 128-bit lane j: rows i, i+1 of elements 4j .. 4j+3
+        t[i] = _mm256_unpacklo_epi32(v[i], v[i + 1]);
+        t[i + 1] = _mm256_unpackhi_epi32(v[i], v[i + 1]);
+    }
+    for (int q = 0; q < 8; q += 4) {  // u[q + b], lane j: rows q .. q+3 of element 4j + b
+        u[q] = _mm256_unpacklo_epi64(t[q], t[q + 2]);
+        u[q + 1] = _mm256_unpackhi_epi64(t[q], t[q + 2]);
+        u[q + 2] = _mm256_unpacklo_epi64(t[q + 1], t[q + 3]);
+        u[q + 3] = _mm256_unpackhi_epi64(t[q + 1], t[q + 3]);
+    }
+    for (int b = 0; b < 4; b++) {  // lane 0 of u[b] and u[4 + b]: element b; lane 1: element 4 + b
+        v[b] = _mm256_permute2x128_si256(u[b], u[4 + b], 0x20);
+        v[4 + b] = _mm256_permute2x128_si256(u[b], u[4 + b], 0x31);
+    }
+}
+
+/* The panel of rows r0 .. r0 + n_rows - 1 of W (n_rows <= 8; missing rows are zeros). Each
+ * 64 weights of a row are two vectors (q4: a block's low and high nibbles, each one group),
+ * transposed 8 x 8. A row's last scales (fewer than 8 groups) go through a small copy: AVX2
+ * has no masked 16-bit load, and nothing may be read past the row. */
+static void panel_build(const Panel *p, const Matrix *W, int r0, int n_rows) {
+    const int cols = W->cols, q4 = W->type == WEIGHTS_Q4, n_wg = cols / (q4 ? Q4_GROUP : Q8_GROUP);
+    const int need_corr = q4 || !PANEL_Q8_SIGNED_X;
+    const __m256i zero = _mm256_setzero_si256(), ones = _mm256_set1_epi8(1), levels = q4_levels_avx2();
+    __m256i lo[8], hi[8];
+    for (int b = 0; b < cols / 64; b++) {  // 64 weights of each row: 16 vectors of the panel
+        for (int i = 0; i < 8; i++) {
+            if (i >= n_rows) {
+                lo[i] = hi[i] = zero;
+            } else if (q4) {
+                q4_decode_avx2(W->codes + (size_t)(r0 + i) * (cols / 2) + (size_t)b * 32, levels, &lo[i], &hi[i]);
+            } else {
+                lo[i] = _mm256_loadu_si256((const __m256i *)(W->q + (size_t)(r0 + i) * cols + (size_t)b * 64));
+                hi[i] = _mm256_loadu_si256((const __m256i *)(W->q + (size_t)(r0 + i) * cols + (size_t)b * 64 + 32));
+            }
+        }
+        transpose8_epi32(lo);
+        transpose8_epi32(hi);
+        __m256i sum_lo = zero, sum_hi = zero;  // per row: weights 0..31 and 32..63 of the block
+        for (int c = 0; c < 8; c++) {
+            _mm256_store_si256((__m256i *)(p->w + ((size_t)b * 16 + c) * 32), lo[c]);
+            _mm256_store_si256((__m256i *)(p->w + ((size_t)b * 16 + 8 + c) * 32), hi[c]);
+            if (need_corr) {
+                sum_lo = dot_u8s8_avx2(sum_lo, ones, lo[c]);
+                sum_hi = dot_u8s8_avx2(sum_hi, ones, hi[c]);
+            }
+        }
+        if (q4) {
+            _mm256_store_si256((__m256i *)(p->corr + (size_t)(2 * b) * 8), _mm256_slli_epi32(_mm256_sub_epi32(zero, sum_lo), 7));
+            _mm256_store_si256((__m256i *)(p->corr + (size_t)(2 * b + 1) * 8), _mm256_slli_epi32(_mm256_sub_epi32(zero, sum_hi), 7));
+        } else if (need_corr) {
+            _mm256_store_si256((__m256i *)(p->corr + (size_t)b * 8),
+                               _mm256_slli_epi32(_mm256_sub_epi32(zero, _mm256_add_epi32(sum_lo, sum_hi)), 7));
+        }
+    }
+    for (int g0 = 0; g0 < n_wg; g0 += 8) {  // the scales, 8 groups x 8 rows at a time, transposed
+        const int ng = n_wg - g0 < 8 ? n_wg - g0 : 8;
+        for (int i = 0; i < 8; i++) {
+            const size_t at = (size_t)(r0 + i) * n_wg + g0;
+            if (i >= n_rows) {
+                lo[i] = zero;
+            } else if (q4) {
+                uint16_t tail[8] = {0};
+                if (ng < 8) memcpy(tail, W->scale16 + at, (size_t)ng * sizeof(uint16_t));
+                lo[i] = _mm256_castps_si256(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ng < 8 ? tail : W->scale16 + at))));
+            } else {
+                float tail[8] = {0};
+                if (ng < 8) memcpy(tail, W->scale + at, (size_t)ng * sizeof(float));
+                lo[i] = _mm256_castps_si256(_mm256_loadu_ps(ng < 8 ? tail : W->scale + at));
+            }
+        }
+        transpose8_epi32(lo);
+        for (int c = 0; c < ng; c++) _mm256_store_si256((__m256i *)(p->scale + (size_t)(g0 + c) * 8), lo[c]);
+    }
+}
+
+/* 8 panel rows x T tokens (T <= PANEL_TOKENS), as panel_tile_vnni. x: the tokens' q_x + 128,
+ * or with signed_x (plain AVX2 q8) q_x itself, each product then |w| * sign(q_x, w).
+ * The empty asm keeps each token's int32 sum in its register from step to step: without
+ * it gcc reassociates the unrolled chain of vpaddd (integer adds, unlike vpdpbusd), keeps
+ * every step's products on the stack and adds them up at the end: 83 -> 100 G MAC/s for
+ * q8 with it, 95 -> 110 for q4 (Zen 5, -march=haswell). */
+static ALWAYS_INLINE void panel_tile_avx2(float *out, int out_stride, const Panel *p, const uint8_t *x, const float *xd,
+                                          int cols, int wgroup, int signed_x, int T, int n_rows, const float *bias,
+                                          PanelPrefetch *pf) {
+    const int steps = wgroup / 4, n_wg = cols / wgroup, n_xg = cols / Q8_GROUP;
+    __m256 acc[PANEL_TOKENS];
+    for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
+    for (int g = 0; g < n_wg; g++) {
+        __m256i isum[PANEL_TOKENS];
+        const __m256i start = signed_x ? _mm256_setzero_si256() : _mm256_load_si256((const __m256i *)(p->corr + (size_t)g * 8));
+        for (int t = 0; t < T; t++) isum[t] = start;
+        const int8_t *wg = p->w + (size_t)g * steps * 32;
+        const uint8_t *xg = x + (size_t)g * wgroup;
+#pragma GCC unroll 16
+        for (int s = 0; s < steps; s++) {
+            const __m256i wv = _mm256_load_si256((const __m256i *)(wg + (size_t)s * 32));
+            const __m256i wabs = signed_x ? _mm256_abs_epi8(wv) : wv;
+            for (int t = 0; t < T; t++) {
+                int32_t four;
+                memcpy(&four, xg + (size_t)t * cols + 4 * s, 4);
+                const __m256i xv = _mm256_set1_epi32(four);
+                isum[t] = signed_x ? dot_u8s8_avx2(isum[t], wabs, _mm256_sign_epi8(xv, wv)) : dot_u8s8_avx2(isum[t], xv, wv);
+                __asm__("" : "+x"(isum[t]));
+            }
+        }
+        panel_prefetch(pf);
+        const __m256 ws = _mm256_load_ps(p->scale + (size_t)g * 8);
+        const size_t xs_at = (size_t)g * wgroup / Q8_GROUP;
+        for (int t = 0; t < T; t++)
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_mul_ps(ws, _mm256_set1_ps(xd[(size_t)t * n_xg + xs_at])),
+                                     acc[t]);
+    }
+    if (n_rows == 8) {
+        const __m256 b = _mm256_loadu_ps(bias);
+        for (int t = 0; t < T; t++) _mm256_storeu_ps(out + (size_t)t * out_stride, _mm256_add_ps(acc[t], b));
+    } else {  // masked: nothing read or written past the last row
+        const __m256i present = _mm256_cmpgt_epi32(_mm256_set1_epi32(n_rows), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        const __m256 b = _mm256_maskload_ps(bias, present);
+        for (int t = 0; t < T; t++) _mm256_maskstore_ps(out + (size_t)t * out_stride, present, _mm256_add_ps(acc[t], b));
+    }
+}
+
+/* The specializations (1 .. PANEL_TOKENS tokens, q8 or q4 groups) the compiler unrolls. */
+static void panel_tile_any(float *out, int out_stride, const Panel *p, const uint8_t *x, const float *xd, int cols,
+                           int wgroup, int T, int n_rows, const float *bias, PanelPrefetch *pf) {
+    _Static_assert(PANEL_TOKENS == 6, "panel_tile_any lists 1 .. 6 tokens");
+#define PANEL_CASE(TT)                                                                                              \
+    case TT:                                                                                                        \
+        if (wgroup == Q8_GROUP)                                                                                     \
+            panel_tile_avx2(out, out_stride, p, x, xd, cols, Q8_GROUP, PANEL_Q8_SIGNED_X, TT, n_rows, bias, pf);   \
+        else                                                                                                        \
+            panel_tile_avx2(out, out_stride, p, x, xd, cols, Q4_GROUP, 0, TT, n_rows, bias, pf);                   \
+        break;
+    switch (T) {
+        PANEL_CASE(1) PANEL_CASE(2) PANEL_CASE(3) PANEL_CASE(4) PANEL_CASE(5) PANEL_CASE(6)
+        default: die("panel_tile: bad tile of %d tokens", T);
+    }
+#undef PANEL_CASE
+}
 #endif
 
-#if PHI2_PANELS
 /* The whole product for a batch: each thread claims chunks of panels (16 rows; 8 on AVX2),
  * builds each panel once and runs every token of the batch through it, PANEL_TOKENS at a
- * time. Scratch (KernelScratch.panel, grown as needed): the activations as q_x + 128, then
- * one panel per thread. */
+ * time. Scratch (KernelScratch.panel, grown as needed): the activations as q_x + 128 (plain
+ * AVX2 q8 takes q_x as it is: PANEL_Q8_SIGNED_X), then one panel per thread. */
 static void matmul_int8_panels(float *out, const QuantizedRows *in, const Matrix *W, const float *bias, int n_tokens,
                                KernelScratch *k) {
     const int rows = W->rows, cols = W->cols, q4 = W->type == WEIGHTS_Q4;
@@ -3241,8 +3405,12 @@ static void matmul_int8_panels(float *out, const QuantizedRows *in, const Matrix
         k->panel = xmalloc_aligned(need);
         k->panel_size = need;
     }
-    uint8_t *xu = k->panel;
-    for (size_t i = 0; i < (size_t)n_tokens * cols; i++) xu[i] = (uint8_t)in->q[i] ^ 0x80;
+    const uint8_t *x = (const uint8_t *)in->q;
+    if (q4 || !PANEL_Q8_SIGNED_X) {
+        uint8_t *xu = k->panel;
+        for (size_t i = 0; i < (size_t)n_tokens * cols; i++) xu[i] = (uint8_t)in->q[i] ^ 0x80;
+        x = xu;
+    }
     const size_t row_bytes = q4 ? (size_t)cols / 2 : (size_t)cols;
     const int n_panels = (rows + PANEL_ROWS - 1) / PANEL_ROWS, chunk_panels = tiles_per_chunk(n_panels, PANEL_ROWS * row_bytes);
     const int n_chunks = (n_panels + chunk_panels - 1) / chunk_panels;
@@ -3269,8 +3437,8 @@ static void matmul_int8_panels(float *out, const QuantizedRows *in, const Matrix
                                     row_bytes, lines_per_row, 0, next_rows * lines_per_row,
                                     (next_rows * lines_per_row + n_tiles * n_wg - 1) / (n_tiles * n_wg)};
                 for (int t = 0, T; t < n_tokens; t += T, tiles_left--) {
-                    T = (n_tokens - t + tiles_left - 1) / tiles_left;  // even tiles: 64 = 4 x 11 + 2 x 10, not 5 x 12 + 4
-                    panel_tile_any(out + (size_t)t * rows + r0, rows, &p, xu + (size_t)t * cols,
+                    T = (n_tokens - t + tiles_left - 1) / tiles_left;  // even tiles (of 12: 64 = 4 x 11 + 2 x 10, not 5 x 12 + 4)
+                    panel_tile_any(out + (size_t)t * rows + r0, rows, &p, x + (size_t)t * cols,
                                    in->scale + (size_t)t * (cols / Q8_GROUP), cols, wgroup, T, n_rows, bias + r0, &pf);
                 }
             }
