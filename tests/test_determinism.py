@@ -16,11 +16,13 @@ from common import checkpoint, converted, phi2
 N_REAL = 50295  # tokens in the tokenizer: no generated id may reach this
 EOS = 50256
 MAX_SEQ_LEN = 2048  # the tiny preset's max_position_embeddings
-# 100 tokens: with -b 64 one full batch and a partial one; with -b 7 fourteen and a tail.
+# 100 tokens: by default one batch; with -b 64 one full batch and a partial one (36: the
+# int8 kernels' row panels), with -b 7 fourteen and a tail (below PANEL_MIN_TOKENS: the
+# register tiles).
 PROMPT = ",".join(str(i) for i in np.random.default_rng(21).integers(0, N_REAL, size=100))
-# Work splits to compare, against the defaults (-b 64, one thread per fast core, weights read
-# into memory when they fit, as these small models do).
-SPLITS = [("-t", 1), ("-t", 2), ("-t", 3), ("-b", 1), ("-b", 7), ("--no-mmap",), ("--mmap",),
+# Work splits to compare, against the defaults (-b 128 or 256, one thread per fast core,
+# weights read into memory when they fit, as these small models do).
+SPLITS = [("-t", 1), ("-t", 2), ("-t", 3), ("-b", 1), ("-b", 7), ("-b", 64), ("--no-mmap",), ("--mmap",),
           ("-t", 3, "-b", 7, "--no-mmap")]
 
 
@@ -39,8 +41,8 @@ def check_greedy_is_deterministic(model):
 
 
 def test_greedy_same_for_any_threads_batch_and_mmap_f32():
-    """24 greedy tokens after a 100-token prompt are identical with -t 1/2/3, -b 1/7 and
-    the default 64, --no-mmap and a mix of them (float32 model)."""
+    """24 greedy tokens after a 100-token prompt are identical with -t 1/2/3, -b 1/7/64 and
+    the default, --no-mmap and a mix of them (float32 model)."""
     check_greedy_is_deterministic(converted(checkpoint()))
 
 
