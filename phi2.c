@@ -564,6 +564,7 @@ static void free_model(Model *m) {
  * Mean and variance accumulate in double: Phi-2's activations reach the hundreds. */
 static void layernorm(float *out, const float *x, const float *weight, const float *bias, int n_tokens, int dim,
                       float eps) {
+#pragma omp parallel for if (n_tokens > 1)  // a batch's rows over the threads (the sums are serial)
     for (int t = 0; t < n_tokens; t++) {
         const float *xt = x + (size_t)t * dim;
         float *ot = out + (size_t)t * dim;
