@@ -881,11 +881,14 @@ enum { KV_F32 = 0, KV_F16 = 1 };
 static int default_kv_type(const Config *c) { return c->weight_type == WEIGHTS_F32 ? KV_F32 : KV_F16; }
 
 /* Prompt positions per forward call (-b). A larger batch reuses each weight read more
- * times, and the int8 and 4-bit kernels build their row panels once per batch (Appendix A):
- * 512-token prompts on 2 Zen 5 cores ran at 198 / 212 / 220 tok/s (q8) and 179 / 190 / 203
- * (q4) with 64 / 128 / 256, float32 at 352 / 403 / 382 (4-layer model: its column blocks
- * are sized for the smaller batch). Each position of a batch costs about 145 KB of buffers. */
-static int default_batch(const Config *c) { return c->weight_type == WEIGHTS_F32 ? 128 : 256; }
+ * times, and the kernels build their row panels once per batch (Appendix A): 512-token
+ * prompts on 2 Zen 5 cores ran at 198 / 212 / 220 tok/s (q8) and 179 / 190 / 203 (q4) with
+ * 64 / 128 / 256, float32 (4-layer model, f32 panels) at 543 / 597 / 640, and 633 with 512.
+ * Each position of a batch costs about 145 KB of buffers. */
+static int default_batch(const Config *c) {
+    (void)c;
+    return 256;
+}
 
 static const char *kv_type_name(int kv_type) { return kv_type == KV_F16 ? "f16" : "f32"; }
 
