@@ -830,7 +830,8 @@ typedef struct {
  * Defined after Appendix A2, picking by the compile target (-march) and falling back to the
  * scalar twins above: the same results, exactly for the quantizer (and the AMX kernel), to
  * float rounding for the rest. */
-static void matmul_f32(float *out, const float *in, const Matrix *W, const float *bias, int n_tokens);
+static void matmul_f32(float *out, const float *in, const Matrix *W, const float *bias, int n_tokens,
+                       KernelScratch *k);
 static void quantize_rows_q8(QuantizedRows *out, const float *x, int n_tokens, int cols);
 static void matmul_q8(float *out, const QuantizedRows *in, const Matrix *W, const float *bias, int n_tokens,
                       KernelScratch *k);
@@ -852,7 +853,7 @@ static void kernel_description(char *out, size_t size, KernelScratch *k, int wei
  * after quantizing the activations to int8 (one scale per 64 values). */
 static void matmul(float *out, const float *in, const Matrix *W, const float *bias, int n_tokens, KernelScratch *k) {
     if (W->type == WEIGHTS_F32) {
-        matmul_f32(out, in, W, bias, n_tokens);
+        matmul_f32(out, in, W, bias, n_tokens, k);
         return;
     }
     quantize_rows_q8(&k->xq, in, n_tokens, W->cols);
@@ -881,11 +882,14 @@ enum { KV_F32 = 0, KV_F16 = 1 };
 static int default_kv_type(const Config *c) { return c->weight_type == WEIGHTS_F32 ? KV_F32 : KV_F16; }
 
 /* Prompt positions per forward call (-b). A larger batch reuses each weight read more
- * times, and the int8 and 4-bit kernels build their row panels once per batch (Appendix A):
- * 512-token prompts on 2 Zen 5 cores ran at 198 / 212 / 220 tok/s (q8) and 179 / 190 / 203
- * (q4) with 64 / 128 / 256, float32 at 352 / 403 / 382 (4-layer model: its column blocks
- * are sized for the smaller batch). Each position of a batch costs about 145 KB of buffers. */
-static int default_batch(const Config *c) { return c->weight_type == WEIGHTS_F32 ? 128 : 256; }
+ * times, and the kernels build their row panels once per batch (Appendix A): 512-token
+ * prompts on 2 Zen 5 cores ran at 198 / 212 / 220 tok/s (q8) and 179 / 190 / 203 (q4) with
+ * 64 / 128 / 256, float32 (4-layer model, f32 panels) at 543 / 597 / 640, and 633 with 512.
+ * Each position of a batch costs about 145 KB of buffers. */
+static int default_batch(const Config *c) {
+    (void)c;
+    return 256;
+}
 
 static const char *kv_type_name(int kv_type) { return kv_type == KV_F16 ? "f16" : "f32"; }
 
@@ -2590,6 +2594,296 @@ MAYBE_UNUSED static void matmul_f32_avx2(float *out, const float *in, const Matr
 }
 #endif
 
+/* --- f32 prompt batches: the weights in row panels ---------------------------------------
+ * The tiles above reload R weight vectors and T activation vectors for every R x T FMAs and
+ * end with a horizontal sum per (row, token). A panel (as for int8 below: "Prompt batches:
+ * the weights in row panels") turns the product around: a thread copies 16 rows (8 on AVX2)
+ * of a column block transposed, so that panel vector k holds weight k of each of those rows
+ * (lane i: row i), and a tile multiplies it by one token's activation k broadcast to every
+ * lane, for T tokens at a time: per k one panel load, T broadcasts (AVX-512: folded into
+ * the FMA, {1to16}) and T FMAs into T accumulators of 16 rows, and each token's 16 results
+ * are one vector store. The activations are copied once per product into the same order,
+ * per tile of T tokens [cols][T], so a tile's broadcasts read one contiguous stream (with
+ * the tokens' own rows, T streams plus T base addresses for 16 general registers).
+ * Columns go in blocks of F32_PANEL_COL_BLOCK (a panel block: 16 x 512 floats = 32 KB,
+ * in L1 while every tile of the batch reuses it), and each weight is transposed once; while
+ * the tiles run they prefetch the next panel block's rows (PanelPrefetch, below).
+ * Measured on Zen 5, one thread, 128 tokens, Phi-2's shapes: AVX-512 70-82 G MAC/s with
+ * f32_tile_avx512, 104-112 with panels (peak 137); without the prefetch 96-100; column
+ * blocks of 256 / 512 / 1024 / 2048 / whole rows: 93 / 100 / 97 / 100 / 100 (before the
+ * prefetch, 512 also best after it); 24 or 28 tokens per tile the same. AVX2 (-march=haswell):
+ * 42-45 against 54-56 (peak 69). Panels win from 7 tokens (AVX-512) or 6 (AVX2) on, hence
+ * F32_PANEL_MIN_TOKENS; decode keeps the tiles. 4-layer f32 model, 128-token prompt, 2
+ * threads: 415 -> 580 tok/s (47% -> 66% of the FMA peak), haswell 260 -> 316 (60% -> 72%). */
+#if PHI2_AVX512
+/* v[i] holds 16 int32 of row i; afterwards v[c] holds element c of every row (lane i: row i). */
+static ALWAYS_INLINE void transpose16_epi32(__m512i v[16]) {
+    __m512i t[16], u[16];
+    for (int i = 0; i < 16; i += 2) {  // in each 128-bit lane j: rows i, i+1 of elements 4j .. 4j+3
+        t[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(v[i], v[i + 1]);
+    }
+    for (int q = 0; q < 16; q += 4) {  // u[q + b], lane j: rows q .. q+3 of element 4j + b
+        u[q] = _mm512_unpacklo_epi64(t[q], t[q + 2]);
+        u[q + 1] = _mm512_unpackhi_epi64(t[q], t[q + 2]);
+        u[q + 2] = _mm512_unpacklo_epi64(t[q + 1], t[q + 3]);
+        u[q + 3] = _mm512_unpackhi_epi64(t[q + 1], t[q + 3]);
+    }
+    for (int b = 0; b < 4; b++) {  // gather lane j of u[b], u[4+b], u[8+b], u[12+b]: element 4j + b
+        const __m512i a0 = _mm512_shuffle_i32x4(u[b], u[4 + b], 0x44), a1 = _mm512_shuffle_i32x4(u[b], u[4 + b], 0xEE);
+        const __m512i a2 = _mm512_shuffle_i32x4(u[8 + b], u[12 + b], 0x44), a3 = _mm512_shuffle_i32x4(u[8 + b], u[12 + b], 0xEE);
+        v[b] = _mm512_shuffle_i32x4(a0, a2, 0x88);
+        v[4 + b] = _mm512_shuffle_i32x4(a0, a2, 0xDD);
+        v[8 + b] = _mm512_shuffle_i32x4(a1, a3, 0x88);
+        v[12 + b] = _mm512_shuffle_i32x4(a1, a3, 0xDD);
+    }
+}
+#endif
+#if PHI2_AVX2
+/* v[i] holds 8 int32 of row i; afterwards v[c] holds element c of every row (lane i: row i). */
+static ALWAYS_INLINE void transpose8_epi32(__m256i v[8]) {
+    __m256i t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {  // in each 128-bit lane j: rows i, i+1 of elements 4j .. 4j+3
+        t[i] = _mm256_unpacklo_epi32(v[i], v[i + 1]);
+        t[i + 1] = _mm256_unpackhi_epi32(v[i], v[i + 1]);
+    }
+    for (int q = 0; q < 8; q += 4) {  // u[q + b], lane j: rows q .. q+3 of element 4j + b
+        u[q] = _mm256_unpacklo_epi64(t[q], t[q + 2]);
+        u[q + 1] = _mm256_unpackhi_epi64(t[q], t[q + 2]);
+        u[q + 2] = _mm256_unpacklo_epi64(t[q + 1], t[q + 3]);
+        u[q + 3] = _mm256_unpackhi_epi64(t[q + 1], t[q + 3]);
+    }
+    for (int b = 0; b < 4; b++) {  // lane 0 of u[b] and u[4 + b]: element b; lane 1: element 4 + b
+        v[b] = _mm256_permute2x128_si256(u[b], u[4 + b], 0x20);
+        v[4 + b] = _mm256_permute2x128_si256(u[b], u[4 + b], 0x31);
+    }
+}
+#endif
+
+#if PHI2_AVX512 || PHI2_AVX2
+/* Building a panel reads its rows from memory, with nothing else to do meanwhile: while the
+ * tiles of one panel run, they prefetch the next panel's rows into L2, a few cache lines per
+ * group (line q of the next panel is row q / lines_per_row). 256-token q8 prompt on 2 Zen 5
+ * cores: 198-210 tok/s without, 213-217 with. (Also the f32 panels' next block, a few lines
+ * every F32_PANEL_PREFETCH_STEPS columns.) */
+typedef struct {
+    const char *base;      // the next panel's first row (NULL: none)
+    size_t stride;         // bytes from one row to the next
+    int lines_per_row;     // cache lines of one row
+    int next, end;         // lines prefetched so far, and in all
+    int per_group;         // lines per group of a tile
+} PanelPrefetch;
+
+static ALWAYS_INLINE void panel_prefetch(PanelPrefetch *pf) {
+    for (int i = 0; i < pf->per_group && pf->next < pf->end; i++, pf->next++)
+        _mm_prefetch(pf->base + (size_t)(pf->next / pf->lines_per_row) * pf->stride + (size_t)(pf->next % pf->lines_per_row) * 64,
+                     _MM_HINT_T1);
+}
+
+enum { F32_PANEL_COL_BLOCK = 512, F32_PANEL_MIN_TOKENS = 8 };
+
+typedef void (*F32PanelBuild)(float *panel, const float *w, int cols, int kc, int n_rows);
+typedef void (*F32PanelTile)(float *out, int out_stride, const float *panel, const float *x, int kc, int T, int n_rows,
+                             int first, const float *bias, PanelPrefetch *pf);
+enum { F32_PANEL_PREFETCH_STEPS = 8 };  // the tiles prefetch some lines every this many columns
+
+/* The whole product for a batch, panels of PR rows, tiles of up to PT tokens. Scratch
+ * (KernelScratch.panel): the activations in tile order, then one panel block per thread. */
+static void matmul_f32_panels(float *out, const float *in, const Matrix *W, const float *bias, int n_tokens,
+                              KernelScratch *k, int PR, int PT, F32PanelBuild build, F32PanelTile tile) {
+    const int rows = W->rows, cols = W->cols, n_threads = max_threads();
+    const int n_blocks = (cols + F32_PANEL_COL_BLOCK - 1) / F32_PANEL_COL_BLOCK;
+    const int kc = ((cols + n_blocks - 1) / n_blocks + 15) / 16 * 16, n_tiles = (n_tokens + PT - 1) / PT;
+    const size_t x_bytes = (mul_size(mul_size((size_t)n_tokens, (size_t)cols), sizeof(float)) + 63) / 64 * 64;
+    const size_t one_panel = (size_t)PR * kc * sizeof(float), need = x_bytes + mul_size((size_t)n_threads, one_panel);
+    if (need > k->panel_size) {
+        free_aligned(k->panel);
+        k->panel = xmalloc_aligned(need);
+        k->panel_size = need;
+    }
+    // Tile j: tokens j * n_tokens / n_tiles onwards (even tiles), at xt + t_j * cols as [cols][T_j].
+    float *xt = (float *)k->panel;
+    const int c_step = 256;
+#pragma omp parallel for schedule(static)
+    for (int c0 = 0; c0 < cols; c0 += c_step) {
+        const int c1 = cols - c0 < c_step ? cols : c0 + c_step;
+        for (int j = 0; j < n_tiles; j++) {
+            const int t0 = (int)((long long)j * n_tokens / n_tiles), T = (int)((long long)(j + 1) * n_tokens / n_tiles) - t0;
+            float *dst = xt + (size_t)t0 * cols;
+            for (int t = 0; t < T; t++)
+                for (int c = c0; c < c1; c++) dst[(size_t)c * T + t] = in[(size_t)(t0 + t) * cols + c];
+        }
+    }
+    const int n_panels = (rows + PR - 1) / PR, chunk_panels = tiles_per_chunk(n_panels, (size_t)PR * cols * sizeof(float));
+    const int n_chunks = (n_panels + chunk_panels - 1) / chunk_panels;
+    int next_chunk = 0;
+#pragma omp parallel
+    {
+#ifdef _OPENMP
+        const int thread = omp_get_thread_num();
+#else
+        const int thread = 0;
+#endif
+        float *panel = (float *)(k->panel + x_bytes + (size_t)thread * one_panel);
+        for (int chunk; (chunk = claim_chunk(&next_chunk)) < n_chunks;) {
+            const int p0 = chunk * chunk_panels, p1 = p0 + chunk_panels < n_panels ? p0 + chunk_panels : n_panels;
+            for (int c0 = 0; c0 < cols; c0 += kc) {
+                const int kk = cols - c0 < kc ? cols - c0 : kc;
+                const float *last_bias = c0 + kk >= cols ? bias : NULL;
+                for (int pi = p0; pi < p1; pi++) {
+                    const int r0 = pi * PR, n_rows = rows - r0 < PR ? rows - r0 : PR;
+                    build(panel, W->w + (size_t)r0 * cols + c0, cols, kk, n_rows);
+                    // the next panel block this thread builds: the next panel's, else the chunk's first at the next block
+                    const int next_r0 = pi + 1 < p1 ? r0 + PR : p0 * PR, next_c0 = pi + 1 < p1 ? c0 : c0 + kc;
+                    const int next_rows = next_c0 >= cols ? 0 : rows - next_r0 < PR ? rows - next_r0 : PR;
+                    const int next_kk = cols - next_c0 < kc ? cols - next_c0 : kc;
+                    const int lines_per_row = (int)(((size_t)next_kk * sizeof(float) + 63) / 64);
+                    const int steps = n_tiles * ((kk + F32_PANEL_PREFETCH_STEPS - 1) / F32_PANEL_PREFETCH_STEPS);
+                    PanelPrefetch pf = {(const char *)(W->w + (size_t)next_r0 * cols + next_c0), (size_t)cols * sizeof(float),
+                                        lines_per_row, 0, next_rows * lines_per_row,
+                                        (next_rows * lines_per_row + steps - 1) / steps};
+                    for (int j = 0; j < n_tiles; j++) {
+                        const int t0 = (int)((long long)j * n_tokens / n_tiles);
+                        const int T = (int)((long long)(j + 1) * n_tokens / n_tiles) - t0;
+                        tile(out + (size_t)t0 * rows + r0, rows, panel, xt + (size_t)t0 * cols + (size_t)c0 * T, kk, T,
+                             n_rows, c0 == 0, last_bias ? last_bias + r0 : NULL, &pf);
+                    }
+                }
+            }
+        }
+    }
+}
+#endif
+
+#if PHI2_AVX512
+enum { F32_PANEL_T_AVX512 = 24 };  // 24 accumulators + the panel vector of 32 zmm (28: no faster)
+
+/* Panel block of n_rows <= 16 rows from w (row stride cols), kc columns: vector c at
+ * panel + 16 c (rows past n_rows, and a last partial 16 columns' missing ones, are zeros). */
+static void f32_panel_build_avx512(float *panel, const float *w, int cols, int kc, int n_rows) {
+    __m512i v[16];
+    for (int c = 0; c < kc; c += 16) {
+        const __mmask16 m = (__mmask16)(kc - c >= 16 ? 0xFFFFu : (1u << (kc - c)) - 1);
+        for (int i = 0; i < 16; i++)
+            v[i] = i < n_rows ? _mm512_castps_si512(_mm512_maskz_loadu_ps(m, w + (size_t)i * cols + c)) : _mm512_setzero_si512();
+        transpose16_epi32(v);
+        for (int j = 0; j < 16; j++) _mm512_store_si512((void *)(panel + (size_t)(c + j) * 16), v[j]);
+    }
+}
+
+/* out[t][0 .. n_rows - 1] (+)= panel x token t's kc activations (x: [kc][T]), + bias if given.
+ * Without the unroll pragmas gcc 12 swapped the loops (accumulators in memory, 66 G MAC/s). */
+static ALWAYS_INLINE void f32_panel_tile_avx512(float *out, int out_stride, const float *panel, const float *x, int kc,
+                                                int T, int n_rows, int first, const float *bias, PanelPrefetch *pf) {
+    __m512 acc[F32_PANEL_T_AVX512];
+#pragma GCC unroll 24
+    for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
+    for (int c0 = 0; c0 < kc; c0 += F32_PANEL_PREFETCH_STEPS) {
+        const int c1 = kc - c0 < F32_PANEL_PREFETCH_STEPS ? kc : c0 + F32_PANEL_PREFETCH_STEPS;
+        for (int c = c0; c < c1; c++) {
+            const __m512 wv = _mm512_load_ps(panel + (size_t)c * 16);
+#pragma GCC unroll 24
+            for (int t = 0; t < T; t++) acc[t] = _mm512_fmadd_ps(wv, _mm512_set1_ps(x[(size_t)c * T + t]), acc[t]);
+        }
+        panel_prefetch(pf);
+    }
+    const __mmask16 m = (__mmask16)(n_rows >= 16 ? 0xFFFFu : (1u << n_rows) - 1);
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(m, bias) : _mm512_setzero_ps();
+#pragma GCC unroll 24
+    for (int t = 0; t < T; t++) {
+        __m512 v = first ? acc[t] : _mm512_add_ps(_mm512_maskz_loadu_ps(m, out + (size_t)t * out_stride), acc[t]);
+        if (bias) v = _mm512_add_ps(v, b);
+        _mm512_mask_storeu_ps(out + (size_t)t * out_stride, m, v);
+    }
+}
+
+static void f32_panel_tile_avx512_any(float *out, int out_stride, const float *panel, const float *x, int kc, int T,
+                                      int n_rows, int first, const float *bias, PanelPrefetch *pf) {
+    _Static_assert(F32_PANEL_T_AVX512 == 24, "f32_panel_tile_avx512_any lists 1 .. 24 tokens");
+#define F32P_CASE(TT) \
+    case TT: f32_panel_tile_avx512(out, out_stride, panel, x, kc, TT, n_rows, first, bias, pf); break;
+    switch (T) {
+        F32P_CASE(1) F32P_CASE(2) F32P_CASE(3) F32P_CASE(4) F32P_CASE(5) F32P_CASE(6) F32P_CASE(7) F32P_CASE(8)
+        F32P_CASE(9) F32P_CASE(10) F32P_CASE(11) F32P_CASE(12) F32P_CASE(13) F32P_CASE(14) F32P_CASE(15) F32P_CASE(16)
+        F32P_CASE(17) F32P_CASE(18) F32P_CASE(19) F32P_CASE(20) F32P_CASE(21) F32P_CASE(22) F32P_CASE(23) F32P_CASE(24)
+        default: die("f32_panel_tile_avx512: bad tile of %d tokens", T);
+    }
+#undef F32P_CASE
+}
+
+MAYBE_UNUSED static void matmul_f32_panels_avx512(float *out, const float *in, const Matrix *W, const float *bias,
+                                                  int n_tokens, KernelScratch *k) {
+    matmul_f32_panels(out, in, W, bias, n_tokens, k, 16, F32_PANEL_T_AVX512, f32_panel_build_avx512,
+                      f32_panel_tile_avx512_any);
+}
+#endif
+
+#if PHI2_AVX2
+enum { F32_PANEL_T_AVX2 = 12 };  // 12 accumulators + the panel vector + a broadcast of 16 ymm
+
+/* As f32_panel_build_avx512, 8 rows: vector c at panel + 8 c. */
+static void f32_panel_build_avx2(float *panel, const float *w, int cols, int kc, int n_rows) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256i v[8];
+    for (int c = 0; c < kc; c += 8) {
+        const int n = kc - c < 8 ? kc - c : 8;
+        const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane);
+        for (int i = 0; i < 8; i++) {
+            const float *src = w + (size_t)i * cols + c;
+            v[i] = i >= n_rows ? _mm256_setzero_si256()
+                   : n == 8    ? _mm256_castps_si256(_mm256_loadu_ps(src))
+                               : _mm256_castps_si256(_mm256_maskload_ps(src, m));  // reads nothing past the row
+        }
+        transpose8_epi32(v);
+        for (int j = 0; j < 8; j++) _mm256_store_si256((__m256i *)(panel + (size_t)(c + j) * 8), v[j]);
+    }
+}
+
+/* As f32_panel_tile_avx512. The unrolled store loop at the end matters: with it rolled, gcc 12
+ * kept the accumulators in memory and stored every one at every step (36 -> 55 G MAC/s). */
+static ALWAYS_INLINE void f32_panel_tile_avx2(float *out, int out_stride, const float *panel, const float *x, int kc,
+                                              int T, int n_rows, int first, const float *bias, PanelPrefetch *pf) {
+    __m256 acc[F32_PANEL_T_AVX2];
+#pragma GCC unroll 12
+    for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
+    for (int c0 = 0; c0 < kc; c0 += F32_PANEL_PREFETCH_STEPS) {
+        const int c1 = kc - c0 < F32_PANEL_PREFETCH_STEPS ? kc : c0 + F32_PANEL_PREFETCH_STEPS;
+        for (int c = c0; c < c1; c++) {
+            const __m256 wv = _mm256_load_ps(panel + (size_t)c * 8);
+#pragma GCC unroll 12
+            for (int t = 0; t < T; t++) acc[t] = _mm256_fmadd_ps(wv, _mm256_broadcast_ss(x + (size_t)c * T + t), acc[t]);
+        }
+        panel_prefetch(pf);
+    }
+    const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(n_rows), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256 b = bias ? _mm256_maskload_ps(bias, m) : _mm256_setzero_ps();
+#pragma GCC unroll 12
+    for (int t = 0; t < T; t++) {
+        __m256 v = first ? acc[t] : _mm256_add_ps(_mm256_maskload_ps(out + (size_t)t * out_stride, m), acc[t]);
+        if (bias) v = _mm256_add_ps(v, b);
+        _mm256_maskstore_ps(out + (size_t)t * out_stride, m, v);
+    }
+}
+
+static void f32_panel_tile_avx2_any(float *out, int out_stride, const float *panel, const float *x, int kc, int T,
+                                    int n_rows, int first, const float *bias, PanelPrefetch *pf) {
+    _Static_assert(F32_PANEL_T_AVX2 == 12, "f32_panel_tile_avx2_any lists 1 .. 12 tokens");
+#define F32P_CASE(TT) \
+    case TT: f32_panel_tile_avx2(out, out_stride, panel, x, kc, TT, n_rows, first, bias, pf); break;
+    switch (T) {
+        F32P_CASE(1) F32P_CASE(2) F32P_CASE(3) F32P_CASE(4) F32P_CASE(5) F32P_CASE(6)
+        F32P_CASE(7) F32P_CASE(8) F32P_CASE(9) F32P_CASE(10) F32P_CASE(11) F32P_CASE(12)
+        default: die("f32_panel_tile_avx2: bad tile of %d tokens", T);
+    }
+#undef F32P_CASE
+}
+
+MAYBE_UNUSED static void matmul_f32_panels_avx2(float *out, const float *in, const Matrix *W, const float *bias,
+                                                int n_tokens, KernelScratch *k) {
+    matmul_f32_panels(out, in, W, bias, n_tokens, k, 8, F32_PANEL_T_AVX2, f32_panel_build_avx2, f32_panel_tile_avx2_any);
+}
+#endif
+
 /* Fast quantization: the same arithmetic as the scalar version in the same order (max of
  * |x| is order-free, then one scalar division, one multiply and a round-to-nearest-even
  * conversion per element), so the int8 values and scales are bit-identical to it. */
@@ -3082,7 +3376,8 @@ static void matmul_int8_tiled(float *out, const QuantizedRows *in, const Matrix 
  * way. With the weights the panel keeps each group's scales as floats and -128 * (the
  * group's sum of weights): vpdpbusd multiplies unsigned by signed bytes, so the activations go in as
  * q_x + 128 (q_x ^ 0x80, once per product) and each group's sum starts at that correction.
- * The group sums are exact, as in the scalar kernel; only the float rounding differs. */
+ * The group sums are exact, as in the scalar kernel; only the float rounding differs.
+ * Float32 batches use panels too (matmul_f32_panels, above: whole floats, no groups). */
 #if PHI2_AVX512_VNNI
 enum { PANEL_ROWS = 16, PANEL_TOKENS = 12, PANEL_MIN_TOKENS = 8, PANEL_Q8_SIGNED_X = 0 };
 #else
@@ -3115,48 +3410,7 @@ static size_t panel_bytes(int cols, int wgroup) {
     return (size_t)PANEL_ROWS * cols + (size_t)(cols / wgroup) * PANEL_ROWS * (sizeof(float) + sizeof(int32_t));
 }
 
-/* Building a panel reads its rows from memory, with nothing else to do meanwhile: while the
- * tiles of one panel run, they prefetch the next panel's rows into L2, a few cache lines per
- * group (line q of the next panel is row q / lines_per_row). 256-token q8 prompt on 2 Zen 5
- * cores: 198-210 tok/s without, 213-217 with. */
-typedef struct {
-    const char *base;      // the next panel's first row (NULL: none)
-    size_t stride;         // bytes from one row to the next
-    int lines_per_row;     // cache lines of one row
-    int next, end;         // lines prefetched so far, and in all
-    int per_group;         // lines per group of a tile
-} PanelPrefetch;
-
-static ALWAYS_INLINE void panel_prefetch(PanelPrefetch *pf) {
-    for (int i = 0; i < pf->per_group && pf->next < pf->end; i++, pf->next++)
-        _mm_prefetch(pf->base + (size_t)(pf->next / pf->lines_per_row) * pf->stride + (size_t)(pf->next % pf->lines_per_row) * 64,
-                     _MM_HINT_T1);
-}
-
 #if PHI2_AVX512_VNNI
-/* v[i] holds 16 int32 of row i; afterwards v[c] holds element c of every row (lane i: row i). */
-static ALWAYS_INLINE void transpose16_epi32(__m512i v[16]) {
-    __m512i t[16], u[16];
-    for (int i = 0; i < 16; i += 2) {  // in each 128-bit lane j: rows i, i+1 of elements 4j .. 4j+3
-        t[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]);
-        t[i + 1] = _mm512_unpackhi_epi32(v[i], v[i + 1]);
-    }
-    for (int q = 0; q < 16; q += 4) {  // u[q + b], lane j: rows q .. q+3 of element 4j + b
-        u[q] = _mm512_unpacklo_epi64(t[q], t[q + 2]);
-        u[q + 1] = _mm512_unpackhi_epi64(t[q], t[q + 2]);
-        u[q + 2] = _mm512_unpacklo_epi64(t[q + 1], t[q + 3]);
-        u[q + 3] = _mm512_unpackhi_epi64(t[q + 1], t[q + 3]);
-    }
-    for (int b = 0; b < 4; b++) {  // gather lane j of u[b], u[4+b], u[8+b], u[12+b]: element 4j + b
-        const __m512i a0 = _mm512_shuffle_i32x4(u[b], u[4 + b], 0x44), a1 = _mm512_shuffle_i32x4(u[b], u[4 + b], 0xEE);
-        const __m512i a2 = _mm512_shuffle_i32x4(u[8 + b], u[12 + b], 0x44), a3 = _mm512_shuffle_i32x4(u[8 + b], u[12 + b], 0xEE);
-        v[b] = _mm512_shuffle_i32x4(a0, a2, 0x88);
-        v[4 + b] = _mm512_shuffle_i32x4(a0, a2, 0xDD);
-        v[8 + b] = _mm512_shuffle_i32x4(a1, a3, 0x88);
-        v[12 + b] = _mm512_shuffle_i32x4(a1, a3, 0xDD);
-    }
-}
-
 /* The panel of rows r0 .. r0 + n_rows - 1 of W (n_rows <= 16; missing rows are zeros). */
 static void panel_build(const Panel *p, const Matrix *W, int r0, int n_rows) {
     const int cols = W->cols, q4 = W->type == WEIGHTS_Q4, n_wg = cols / (q4 ? Q4_GROUP : Q8_GROUP);
@@ -3256,25 +3510,6 @@ static void panel_tile_any(float *out, int out_stride, const Panel *p, const uin
 #undef PANEL_CASE
 }
 #else
-/* v[i] holds 8 int32 of row i; afterwards v[c] holds element c of every row (lane i: row i). */
-static ALWAYS_INLINE void transpose8_epi32(__m256i v[8]) {
-    __m256i t[8], u[8];
-    for (int i = 0; i < 8; i += 2) {  // in each 128-bit lane j: rows i, i+1 of elements 4j .. 4j+3
-        t[i] = _mm256_unpacklo_epi32(v[i], v[i + 1]);
-        t[i + 1] = _mm256_unpackhi_epi32(v[i], v[i + 1]);
-    }
-    for (int q = 0; q < 8; q += 4) {  // u[q + b], lane j: rows q .. q+3 of element 4j + b
-        u[q] = _mm256_unpacklo_epi64(t[q], t[q + 2]);
-        u[q + 1] = _mm256_unpackhi_epi64(t[q], t[q + 2]);
-        u[q + 2] = _mm256_unpacklo_epi64(t[q + 1], t[q + 3]);
-        u[q + 3] = _mm256_unpackhi_epi64(t[q + 1], t[q + 3]);
-    }
-    for (int b = 0; b < 4; b++) {  // lane 0 of u[b] and u[4 + b]: element b; lane 1: element 4 + b
-        v[b] = _mm256_permute2x128_si256(u[b], u[4 + b], 0x20);
-        v[4 + b] = _mm256_permute2x128_si256(u[b], u[4 + b], 0x31);
-    }
-}
-
 /* The panel of rows r0 .. r0 + n_rows - 1 of W (n_rows <= 8; missing rows are zeros). Each
  * 64 weights of a row are two vectors (q4: a block's low and high nibbles, each one group),
  * transposed 8 x 8. A row's last scales (fewer than 8 groups) go through a small copy: AVX2
@@ -4218,11 +4453,15 @@ MAYBE_UNUSED static void axpy_f16_neon(float *out, float w, const uint16_t *v, i
 
 /* --- The dispatch functions declared in section 3 -------------------------------------- */
 
-static void matmul_f32(float *out, const float *in, const Matrix *W, const float *bias, int n_tokens) {
+static void matmul_f32(float *out, const float *in, const Matrix *W, const float *bias, int n_tokens,
+                       KernelScratch *k) {
+    (void)k;
 #if PHI2_AVX512
-    matmul_f32_avx512(out, in, W, bias, n_tokens);
+    if (n_tokens >= F32_PANEL_MIN_TOKENS) matmul_f32_panels_avx512(out, in, W, bias, n_tokens, k);
+    else matmul_f32_avx512(out, in, W, bias, n_tokens);
 #elif PHI2_AVX2
-    matmul_f32_avx2(out, in, W, bias, n_tokens);
+    if (n_tokens >= F32_PANEL_MIN_TOKENS) matmul_f32_panels_avx2(out, in, W, bias, n_tokens, k);
+    else matmul_f32_avx2(out, in, W, bias, n_tokens);
 #elif PHI2_NEON
     matmul_f32_neon(out, in, W, bias, n_tokens);
 #else

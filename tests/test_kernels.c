@@ -3,7 +3,8 @@
  *
  *   build/test_kernels            run the checks; last line "test_kernels: N checks, N failed"
  *   build/test_kernels --bench    time the kernels on Phi-2's full-size shapes, and decode
- *                                 attention with an f32 and an f16 KV cache (BENCH_DEPTH)
+ *                                 attention with an f32 and an f16 KV cache (BENCH_DEPTH),
+ *                                 batches of 64 tokens (BENCH_TOKENS)
  *
  * Quantization must be bit-identical to the scalar version. The int8 products have exact
  * int32 group sums, so they may differ from the scalar kernel only by float summation order
@@ -185,8 +186,22 @@ static void test_f32_one(const char *name, F32Fn fn, int rows, int cols, int n_t
     guarded_free_all();
 }
 
+#if PHI2_AVX512 || PHI2_AVX2
+static KernelScratch g_f32_panel_kern;  // matmul_f32_panels' scratch
+#endif
+#if PHI2_AVX512
+static void matmul_f32_panels_avx512_checked(float *out, const float *in, const Matrix *W, const float *bias, int n) {
+    matmul_f32_panels_avx512(out, in, W, bias, n, &g_f32_panel_kern);
+}
+#endif
+#if PHI2_AVX2
+static void matmul_f32_panels_avx2_checked(float *out, const float *in, const Matrix *W, const float *bias, int n) {
+    matmul_f32_panels_avx2(out, in, W, bias, n, &g_f32_panel_kern);
+}
+#endif
+
 static void test_f32(void) {
-    static const int rowss[] = {1, 3, 4, 5, 7, 33, 130};
+    static const int rowss[] = {1, 3, 4, 5, 7, 17, 33, 130};
     static const int colss[] = {1, 7, 16, 17, 100, 2560, 4133};
     static const int tokens[] = {1, 2, 3, 5, 6, 7, 17, 64, 65};
     static const struct {
@@ -196,9 +211,11 @@ static void test_f32(void) {
         {"matmul_f32_scalar", matmul_f32_scalar},
 #if PHI2_AVX512
         {"matmul_f32_avx512", matmul_f32_avx512},
+        {"matmul_f32_panels_avx512", matmul_f32_panels_avx512_checked},
 #endif
 #if PHI2_AVX2
         {"matmul_f32_avx2", matmul_f32_avx2},
+        {"matmul_f32_panels_avx2", matmul_f32_panels_avx2_checked},
 #endif
 #if PHI2_NEON
         {"matmul_f32_neon", matmul_f32_neon},
@@ -532,6 +549,7 @@ static void test_dispatch(void) {
         }
         check(worst <= 1e-4, "matmul (f32 dispatch) tokens=%d: error %.2g against the scalar kernel", n, worst);
         free(kern.amx_pack);
+        free_aligned(kern.panel);
         guarded_free_all();
     }
     printf("%s matmul dispatch (f32, q8 and q4, 1..64 tokens)\n", g_failed == before ? "ok  " : "FAIL");
@@ -1100,9 +1118,11 @@ static void bench_run(void *p) {
     if (!strcmp(a->kernel, "f32_scalar")) matmul_f32_scalar(a->out, a->x, &a->W, a->bias, a->n);
 #if PHI2_AVX512
     else if (!strcmp(a->kernel, "f32_avx512")) matmul_f32_avx512(a->out, a->x, &a->W, a->bias, a->n);
+    else if (!strcmp(a->kernel, "f32_panels")) matmul_f32_panels_avx512(a->out, a->x, &a->W, a->bias, a->n, &g_f32_panel_kern);
 #endif
 #if PHI2_AVX2
     else if (!strcmp(a->kernel, "f32_avx2")) matmul_f32_avx2(a->out, a->x, &a->W, a->bias, a->n);
+    else if (!strcmp(a->kernel, "f32_panels_avx2")) matmul_f32_panels_avx2(a->out, a->x, &a->W, a->bias, a->n, &g_f32_panel_kern);
 #endif
 #if PHI2_NEON
     else if (!strcmp(a->kernel, "f32_neon")) matmul_f32_neon(a->out, a->x, &a->W, a->bias, a->n);
@@ -1181,10 +1201,12 @@ static void bench(int argc, char **argv) {
     // --bench [KERNEL ...]: default all kernels of this build on qkv, fc1, fc2 shapes, and
     // decode attention with an f32 and an f16 cache (attn_f32, attn_f16; BENCH_DEPTH=1900).
     // (The first shape's weights fit in L2 as q4 or q8: the kernels' speed without DRAM.)
-    static const char *all[] = {"attn_f32", "attn_f16", "attn_batch_f32", "attn_batch_f16", "f32_avx512", "f32_avx2", "f32_neon", "q8_simd", "q8_panels", "q8_amx",
+    // Batches of 1 and 64 tokens, or 1 and BENCH_TOKENS.
+    static const char *all[] = {"attn_f32", "attn_f16", "attn_batch_f32", "attn_batch_f16", "f32_avx512", "f32_panels", "f32_avx2", "f32_panels_avx2", "f32_neon", "q8_simd", "q8_panels", "q8_amx",
                                 "q4_simd", "q4_panels", "quantize"};
     static const int shapes[][2] = {{256, 2560}, {7680, 2560}, {10240, 2560}, {2560, 10240}};
-    static const int tokens[] = {1, 64};
+    const char *env_tokens = getenv("BENCH_TOKENS");
+    const int nb = env_tokens && atoi(env_tokens) > 0 ? atoi(env_tokens) : 64, tokens[] = {1, nb};
     const char **kernels = argc > 0 ? (const char **)argv : all;
     const int n_kernels = argc > 0 ? argc : (int)(sizeof(all) / sizeof(*all));
     for (int k = 0; k < n_kernels; k++)
@@ -1200,18 +1222,18 @@ static void bench(int argc, char **argv) {
         float *wd = xmalloc_aligned((size_t)rows * cols / 64 * sizeof(float));
         uint8_t *codes = xmalloc_aligned((size_t)rows * cols / 2);
         uint16_t *wd16 = xmalloc_aligned((size_t)rows * cols / 32 * sizeof(uint16_t));
-        float *x = xmalloc_aligned((size_t)64 * cols * sizeof(float));
+        float *x = xmalloc_aligned((size_t)nb * cols * sizeof(float));
         float *bias = xmalloc_aligned((size_t)rows * sizeof(float));
-        float *out = xmalloc_aligned((size_t)64 * rows * sizeof(float));
-        QuantizedRows xq = {xmalloc_aligned((size_t)64 * cols), xmalloc_aligned((size_t)64 * cols / 64 * sizeof(float)),
-                            xmalloc_aligned((size_t)64 * cols / 32 * sizeof(float))};
+        float *out = xmalloc_aligned((size_t)nb * rows * sizeof(float));
+        QuantizedRows xq = {xmalloc_aligned((size_t)nb * cols), xmalloc_aligned((size_t)nb * cols / 64 * sizeof(float)),
+                            xmalloc_aligned((size_t)nb * cols / 32 * sizeof(float))};
         for (size_t i = 0; i < (size_t)rows * cols; i++) w[i] = frand();
         fill_q8_weights(wq, wd, rows, cols, 64);
         for (size_t i = 0; i < (size_t)rows * cols / 2; i++) codes[i] = (uint8_t)random_u32(&g_rng);
         for (size_t i = 0; i < (size_t)rows * cols / 32; i++) wd16[i] = (uint16_t)(0x1c00 + random_u32(&g_rng) % 0x800);
-        fill_activations(x, (size_t)64 * cols, 0);
+        fill_activations(x, (size_t)nb * cols, 0);
         for (int i = 0; i < rows; i++) bias[i] = frand();
-        quantize_rows_q8(&xq, x, 64, cols);
+        quantize_rows_q8(&xq, x, nb, cols);
         for (int k = 0; k < n_kernels; k++)
             for (size_t ti = 0; ti < sizeof(tokens) / sizeof(*tokens); ti++) {
                 if (!strncmp(kernels[k], "attn_", 5)) continue;  // (above)
@@ -1222,10 +1244,10 @@ static void bench(int argc, char **argv) {
                 else a.W.w = w;
                 if (!strcmp(kernels[k], "quantize")) a.W.w = NULL;
 #if !PHI2_AVX512
-                if (!strcmp(kernels[k], "f32_avx512")) continue;
+                if (!strcmp(kernels[k], "f32_avx512") || !strcmp(kernels[k], "f32_panels")) continue;
 #endif
 #if !PHI2_AVX2
-                if (!strcmp(kernels[k], "f32_avx2")) continue;
+                if (!strcmp(kernels[k], "f32_avx2") || !strcmp(kernels[k], "f32_panels_avx2")) continue;
 #endif
 #if !PHI2_NEON
                 if (!strcmp(kernels[k], "f32_neon")) continue;
@@ -1245,7 +1267,7 @@ static void bench(int argc, char **argv) {
                 double bytes = is_q8 ? (double)rows * cols * (1 + 4.0 / 64)
                                : is_q4 ? (double)rows * cols * (0.5 + 2.0 / 32) : (double)rows * cols * 4;
                 double gmac = (double)rows * cols * tokens[ti] / t * 1e-9;
-                printf("%-10s %5dx%-5d tokens %2d: %8.3f ms  %6.1f GB/s of weights  %7.1f GMAC/s\n", kernels[k], rows,
+                printf("%-15s %5dx%-5d tokens %3d: %8.3f ms  %6.1f GB/s of weights  %7.1f GMAC/s\n", kernels[k], rows,
                        cols, tokens[ti], t * 1e3, bytes / t * 1e-9, gmac);
             }
         free_aligned(w); free_aligned(wq); free_aligned(wd); free_aligned(codes); free_aligned(wd16); free_aligned(x);
