@@ -886,10 +886,7 @@ static int default_kv_type(const Config *c) { return c->weight_type == WEIGHTS_F
  * prompts on 2 Zen 5 cores ran at 198 / 212 / 220 tok/s (q8) and 179 / 190 / 203 (q4) with
  * 64 / 128 / 256, float32 (4-layer model, f32 panels) at 543 / 597 / 640, and 633 with 512.
  * Each position of a batch costs about 145 KB of buffers. */
-static int default_batch(const Config *c) {
-    (void)c;
-    return 256;
-}
+enum { DEFAULT_BATCH = 256 };
 
 static const char *kv_type_name(int kv_type) { return kv_type == KV_F16 ? "f16" : "f32"; }
 
@@ -1377,9 +1374,8 @@ static void usage(FILE *f) {
             "      --mmap             map the model file instead: instant start, pages shared\n"
             "                         with other runs through the OS file cache (default when\n"
             "                         the model does not fit)\n"
-            "  -b, --batch N          prompt positions processed together (default 256 for q8\n"
-            "                         and q4 files, 128 for float32; 1 = one at a time through\n"
-            "                         the KV cache, as during generation)\n"
+            "  -b, --batch N          prompt positions processed together (default 256; 1 = one\n"
+            "                         at a time through the KV cache, as during generation)\n"
             "      --kv-type T        KV cache numbers: f32 or f16 (half the memory and reads);\n"
             "                         default f32 for float32 model files, f16 for quantized ones\n"
             "      --stop TEXT        stop when the generated text contains TEXT (not printed);\n"
@@ -1471,7 +1467,7 @@ typedef struct {
     uint64_t seed;
     int seed_given;
     int ctx;                    // 0: the model's max_seq_len
-    int batch;                  // prompt positions per forward pass (0: default_batch)
+    int batch;                  // prompt positions per forward pass
     int n_threads;              // 0: the default (count_fast_cores)
     const char *threads_why;    // set by main: why this many threads ("-t", "performance cores", ...)
     int use_mmap;               // 1: --mmap, 0: --no-mmap, -1: read into memory if it fits, else map
@@ -1490,7 +1486,7 @@ typedef struct {
 } Options;
 
 static Options parse_args(int argc, char **argv) {
-    Options o = {.use_mmap = -1, .n_predict = 256, .temperature = 0.8f, .top_p = 0.95f, .top_k = 40, .batch = 0,
+    Options o = {.use_mmap = -1, .n_predict = 256, .temperature = 0.8f, .top_p = 0.95f, .top_k = 40, .batch = DEFAULT_BATCH,
                  .kv_type = -1, .penalties = {.repeat = 1.0f, .last_n = 64}};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -2296,7 +2292,6 @@ int main(int argc, char **argv) {
     Model model;
     load_model(&model, opt.model_path, opt.use_mmap);
     const Config *c = &model.config;
-    if (opt.batch == 0) opt.batch = default_batch(c);
 
     if (opt.perplexity) {
         int ctx = opt.ctx ? opt.ctx : c->max_seq_len;
