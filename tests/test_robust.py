@@ -6,6 +6,7 @@ one line starting "phi2: error:" with exit status 1; see also test_corrupt.py (t
 damaged files) and tests/fuzz/ (libFuzzer harnesses).
 """
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -198,12 +199,12 @@ def test_write_error_on_stdout_is_an_error():
             assert p.returncode == 1 and len(lines) == 1 and "No space left" in lines[0], (args, p.returncode, err)
 
 
-def _run_into_closed_pipe(ignore_sigpipe):
+def _run_into_closed_pipe(ignore_sigpipe, *flags, n_read=10):
     m = tiny_model()
     pre = (lambda: signal.signal(signal.SIGPIPE, signal.SIG_IGN)) if ignore_sigpipe else None
-    p = subprocess.Popen([PHI2, m, "-p", "Hello", "-n", "-1", "--ignore-eos", "--temp", "0"],
+    p = subprocess.Popen([PHI2, m, "-p", "Hello", "-n", "-1", "--ignore-eos", "--temp", "0", *flags],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=pre)
-    got = p.stdout.read(10)
+    got = p.stdout.read(n_read)
     p.stdout.close()
     err = p.stderr.read().decode()
     p.wait(timeout=60)
@@ -220,6 +221,37 @@ def test_closed_pipe_ends_generation_with_status_0():
         assert "stopped: the output was closed" in err and "phi2: load" in err, err
         generated = int(err.split("generated ")[1].split(" ")[0])
         assert generated < 100, f"kept generating after the pipe closed: {generated}"
+
+
+def test_closed_pipe_ends_print_ids_at_once():
+    """`phi2 ... --print-ids | head -c 1`: the ids stream as they are sampled, so a reader
+    that went away ends the run at the next token, as with text (status 0, the timings line).
+    They used to be printed only after generation: here (-n -1) the whole context of 2047
+    tokens was generated before the closed pipe was noticed."""
+    for ignore in (False, True):
+        rc, got, err = _run_into_closed_pipe(ignore, "--print-ids", n_read=1)
+        assert got.isdigit() and rc == 0, (ignore, rc, got, err)
+        assert "stopped: the output was closed" in err and "phi2: load" in err, err
+        generated = int(err.split("generated ")[1].split(" ")[0])
+        assert generated < 100, f"kept generating after the pipe closed: {generated}"
+    # the same in interactive mode, where each answer's ids end with a newline
+    m = tiny_model()
+    p = subprocess.Popen([PHI2, m, "-i", "--print-ids", "-n", "2000", "--ignore-eos", "--temp", "0"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdin.write(b"hello\n")
+    p.stdin.close()
+    got = p.stdout.read(1)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    p.wait(timeout=60)
+    assert got.isdigit() and p.returncode == 0, (p.returncode, got, err)
+    assert "stopped: the output was closed" in err, err
+    generated = int(err.split("generated ")[1].split(" ")[0])
+    assert generated < 100, f"kept generating after the pipe closed: {generated}"
+    # a whole run streams the same line as before: the ids, comma-separated, one newline
+    p = phi2(m, "-p", "Hello", "-n", "6", "--ignore-eos", "--temp", "0", "--print-ids")
+    assert re.fullmatch(r"\d+(,\d+){5}\n", p.out), p.out
+    assert phi2(m, "-p", "Hello", "-n", "0", "--print-ids").out == "\n"
 
 
 def test_ctrl_c_prints_text_and_timings_and_exits_130():
