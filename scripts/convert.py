@@ -15,8 +15,10 @@ half-written file. Errors are one line on stderr, "error: ...", with exit status
 
 Refused with such an error: a config.json value out of range (docs/FORMAT.md lists the
 engine's limits), a safetensors shard whose header does not describe its data exactly
-(lengths, offsets, overlaps, dtypes, shapes), a NaN or Inf in any weight, and a
-tokenizer.json the engine would refuse (over-long tokens, repeated merges, ...).
+(lengths, offsets, overlaps, dtypes, shapes), a NaN or Inf in any weight, a weight too
+large for the quantized type it goes into (q4: 61 x 65504, q8: 2^60 in magnitude; see
+Q4_MAX_ABS_WEIGHT), and a tokenizer.json the engine would refuse (over-long tokens,
+repeated merges, ...).
 
 --dtype q8: Q8_0, groups of 64 along the input dimension, d = max|w|/127 (float32),
 q = round(w/d) in [-127, 127] (0 where d = 0), for every matrix (embed, qkv, dense, fc1,
@@ -59,7 +61,23 @@ Q4_MIDPOINTS = (Q4_LEVELS[1:] + Q4_LEVELS[:-1]) / 2
 # ceil(2x) + Q4_HALF_STEPS (clipped to the table) to it.
 Q4_HALF_STEPS = 2 * 128
 Q4_NEAREST = np.searchsorted(Q4_MIDPOINTS, np.arange(-Q4_HALF_STEPS, Q4_HALF_STEPS + 1) / 2).astype(np.uint8)
-Q4_MAX_ABS_WEIGHT = 65504.0 * 60   # so that the max |w| / 61 scales fit in float16
+F16_MAX = 65504.0          # the largest finite float16
+# The largest weight magnitude a quantized matrix may hold; a larger one is refused, naming
+# the tensor and the element, rather than written as an infinite scale or as a file whose
+# arithmetic overflows in the engine:
+# - q4 (the layer matrices of --dtype q4): a weight is a level (at most 61) times its group's
+#   float16 scale (at most 65504), so 61 x 65504 is the most it can hold; up to there the
+#   scale max|w| / 61 is a finite float16 (the other candidates beyond it never win).
+# - q8 (every matrix of --dtype q8; embed and lm_head of q4): the float32 scale max|w| / 127
+#   holds any float32, but the engine computes a group of 64 as (weight scale x activation
+#   scale) x the int32 sum of its int8 products (at most 64 x 127 x 127), i.e. up to
+#   64 x max|w| x max|x|, and multiplies the scales first even where the sum is 0. 2^60 keeps
+#   that finite for weights and activations alike up to 2^60 (64 x 2^120 = 2^126 < 2^128).
+# - f32: no limit. The weights are copied exactly and the engine does the float32 arithmetic
+#   the model itself does; an overflow there is the model's, and the engine stops at it with
+#   "logits are not finite".
+Q4_MAX_ABS_WEIGHT = float(Q4_LEVELS[-1]) * F16_MAX
+Q8_MAX_ABS_WEIGHT = 2.0 ** 60
 CHUNK_BYTES = 64 << 20      # float32 bytes per row chunk while streaming a matrix
 MAX_TOKEN_BYTES = 1024      # the longest token the engine accepts
 MAX_ADDED_TOKENS = 1024     # the most added tokens the engine accepts (Phi-2 has 39)
@@ -585,8 +603,6 @@ def quantize_q8(w):
     rows, cols = w.shape
     g = w.reshape(rows, cols // GROUP, GROUP)
     d = (np.abs(g).max(axis=-1) / np.float32(127)).astype(np.float32)
-    inv = np.zeros_like(d)
-    np.divide(np.float32(1), d, out=inv, where=d > 0)
     q = np.zeros(g.shape, dtype=np.float32)
     np.divide(g, d[..., None], out=q, where=d[..., None] > 0)
     q = np.clip(np.rint(q), -127, 127).astype(np.int8)
@@ -602,13 +618,14 @@ def quantize_q4(w):
     Each group's scale is, of four candidates, the one with the least squared error
     sum (level * scale - w)^2 (the first on ties), all in float16: m / 61 and 0.9 m / 61
     (m = max |w| of the group), each also improved once by least squares for the levels it
-    chose: sum(w * level) / sum(level^2) (a candidate beyond float16's range never wins)."""
+    chose: sum(w * level) / sum(level^2) (a candidate beyond float16's range never wins).
+    Every |w| must be at most Q4_MAX_ABS_WEIGHT (write_tensor checks it, naming the tensor)."""
     rows, cols = w.shape
     g = np.asarray(w, dtype=np.float32).reshape(rows, cols // Q4_GROUP, Q4_GROUP)
     amax = np.abs(g).max(axis=-1)
-    if amax.size and float(amax.max()) > Q4_MAX_ABS_WEIGHT:
-        raise ConvertError(f"a weight of magnitude {float(amax.max()):.3g} is too large for q4 "
-                           f"(at most {Q4_MAX_ABS_WEIGHT:.3g}; use --dtype q8 or f32)")
+    if amax.size and float(amax.max()) > Q4_MAX_ABS_WEIGHT:  # (a caller that skipped the check)
+        raise ConvertError(f"a weight of magnitude {float(amax.max()):.7g} is too large for q4 "
+                           f"(at most {Q4_MAX_ABS_WEIGHT:.7g})")
     best_err = np.full(amax.shape, np.inf, dtype=np.float32)
     best_scale = np.zeros(amax.shape, dtype=np.float16)
     best_codes = np.zeros(g.shape, dtype=np.uint8)
@@ -631,7 +648,8 @@ def quantize_q4(w):
     for share in (np.float32(0.9), np.float32(1.0)):
         levels = consider((amax * share / Q4_LEVELS[-1]).astype(np.float16))
         num, den = (g * levels).sum(axis=-1), np.square(levels).sum(axis=-1)
-        consider(np.maximum(num / den, 0).astype(np.float16))
+        with np.errstate(over="ignore"):  # an infinite candidate is expected near the limit, and loses
+            consider(np.maximum(num / den, 0).astype(np.float16))
     blocks = best_codes.reshape(rows, cols // Q4_BLOCK, 2, Q4_BLOCK // 2)
     packed = blocks[:, :, 0, :] | (blocks[:, :, 1, :] << 4)
     return packed.reshape(rows, cols // 2), best_scale
@@ -644,6 +662,16 @@ def dequantize_q4(codes, scales):
     idx = np.stack([blocks & 15, blocks >> 4], axis=2).reshape(rows, half * 2)
     d = np.repeat(scales.astype(np.float32), Q4_GROUP, axis=1)
     return Q4_LEVELS[idx] * d
+
+
+def check_magnitude(t, w, r0, limit, fmt, hint):
+    """Refuse rows r0.. of tensor t (float32 w) if a weight is beyond limit in magnitude."""
+    if max(float(w.max()), -float(w.min())) <= limit:
+        return
+    i = int(np.argmax(np.abs(w) > limit))
+    where = [r0 + i // w.shape[1], i % w.shape[1]]
+    raise ConvertError(f"{t.path}: tensor {t.name} holds a weight too large for {fmt} ({float(w.flat[i]):g}) "
+                       f"at {where}: at most {limit:.7g} in magnitude ({hint})")
 
 
 def write_tensor(wr, kind, srcs, shape, weight_type):
@@ -662,10 +690,14 @@ def write_tensor(wr, kind, srcs, shape, weight_type):
             if weight_type == WEIGHT_F32:
                 wr.write(np.ascontiguousarray(w, dtype="<f4"))
             elif weight_type == WEIGHT_Q8 or kind == "table":
+                check_magnitude(t, w, r0, Q8_MAX_ABS_WEIGHT, "q8", "the engine's int8 products would overflow; "
+                                "use --dtype f32")
                 q, d = quantize_q8(w)
                 wr.write(q)
                 scales.append(np.ascontiguousarray(d, dtype="<f4"))
             else:
+                check_magnitude(t, w, r0, Q4_MAX_ABS_WEIGHT, "q4", "its float16 scale would overflow; "
+                                "use --dtype q8 or f32")
                 q, d = quantize_q4(w)
                 wr.write(q)
                 scales.append(np.ascontiguousarray(d, dtype="<f2"))

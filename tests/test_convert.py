@@ -725,6 +725,62 @@ def test_error_non_finite_weights():
         assert w["0.fc1_weight"][0, 9] == w["0.fc1_weight"][0, 10] == np.float32(want)
 
 
+def test_error_weights_too_large_for_quantized_types():
+    """A finite weight beyond what its quantized type holds is refused: one line naming the
+    tensor and the element, exit 1, nothing left behind. q4: 61 x 65504 (a level times the
+    largest float16 scale); q8 (every matrix of q8, embed and lm_head of q4): 2^60, where the
+    engine's int8 group products could overflow. Before, q8 wrote such weights (the engine
+    then met NaN logits) and q4 refused them without naming the tensor. f32 copies any finite
+    weight (test_error_non_finite_weights). Up to the limits, conversion is clean: no numpy
+    warnings on stderr, finite scales."""
+    import test_q4   # its independent q4 file reader
+
+    def f32_bits(v):
+        return int(np.array(v, dtype="<f4").view("<u4"))
+
+    q4_max = np.float32(61 * 65504)
+    above = np.nextafter(q4_max, np.float32(np.inf))
+    cases = (("model.layers.2.mlp.fc1.weight", 3 * 128 + 9, 1e38, [3, 9], "q4"),
+             ("model.layers.0.self_attn.dense.weight", 5, above, [0, 5], "q4"),
+             ("model.embed_tokens.weight", 700, -3.4e38, [5, 60], "q4"),
+             ("lm_head.weight", 7 * 128 + 1, 2.0 ** 61, [7, 1], "q8"),
+             ("model.layers.1.mlp.fc2.weight", 2 * 512 + 511, -1e30, [2, 511], "q8"))
+    runs = []
+    for i, (name, index, value, where, out_dtype) in enumerate(cases):
+        d = broken_copy(f"too-large-{i}", checkpoint(dtype="F32"))
+        edit_shard(d, lambda hdr, data: plant(hdr, data, name, index, f32_bits(value)))
+        runs.append((d, name, "--dtype", out_dtype))
+    for msg, (name, _, value, where, out_dtype) in zip(expect_errors(runs), cases):
+        fmt = "q8" if out_dtype == "q8" or "layers" not in name else "q4"
+        assert f"too large for {fmt} ({float(np.float32(value)):g}) at {where}" in msg, msg
+
+    # the limits themselves are fine: 61 x 65504 in a group whose least-squares scale
+    # candidate is beyond float16 (it must lose, quietly), 2^60 in a q8 matrix, and a group of
+    # tiny weights (a subnormal q8 scale)
+    d = broken_copy("too-large-ok", checkpoint(dtype="F32"))
+
+    def limits(hdr, data):
+        name = "model.layers.0.mlp.fc1.weight"
+        plant(hdr, data, name, 0, f32_bits(q4_max))
+        for c in range(1, 32):
+            plant(hdr, data, name, c, f32_bits(5.49 * q4_max / 61))
+        plant(hdr, data, "lm_head.weight", 3, f32_bits(2.0 ** 60))
+        for c in range(64):
+            plant(hdr, data, "model.embed_tokens.weight", 128 + c, f32_bits(1e-40))
+    edit_shard(d, limits)
+    for out_dtype in ("q4", "q8"):
+        out = os.path.join(d, f"out-{out_dtype}.bin")
+        p = run([PY, os.path.join(SCRIPTS, "convert.py"), d, out, "--dtype", out_dtype])
+        assert all(ln.startswith(("convert: ", "  ")) for ln in p.err.splitlines()), p.err[-800:]
+        data = open(out, "rb").read()
+        offs, _, _ = test_q4.layout(data[:256], struct.unpack("<Q", data[88:96])[0])
+        for key, entry in offs.items():
+            if key.endswith(".d"):
+                assert np.isfinite(test_q4.read_array(data, entry)).all(), key
+        scale = float(test_q4.read_array(data, offs["0.fc1.d"])[0])
+        assert (0 < scale <= 65504 if out_dtype == "q4" else scale == float(q4_max / np.float32(127))), scale
+
+
 def model_added_tokens():
     with open(os.path.join(checkpoint(), "tokenizer.json"), encoding="utf-8") as f:
         return json.load(f)["added_tokens"]
