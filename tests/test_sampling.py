@@ -46,20 +46,21 @@ SETTINGS = [
 MISS_CHANCE = 1e-5  # an allowed id this unlikely to be missed in every draw must be drawn
 
 
-# Every run here takes its prompt one position at a time (-b 1), the dumps of logits too: then
-# a dumped row and the row a sampling run draws from come from the same kernels, bit for bit
-# (a batch's lm_head runs through the prompt kernels, a sampling run's one row through the
-# single-token kernel, and the two round differently: enough to move a draw that lies
-# near an edge between two ids).
-ONE_AT_A_TIME = ("-b", 1)
+def last_alone(prompt):
+    """-b flags that put the prompt's last position in a batch of its own. Every run here, the
+    dumps of logits too, uses them: then a dumped last row and the row a sampling run draws
+    from come from the same kernels, bit for bit (a batch's lm_head runs through the prompt
+    kernels, a sampling run's one row through the single-token kernel, and the two round
+    differently: enough to move a draw that lies near an edge between two ids)."""
+    return ("-b", len(prompt) - 1)
 
 
 def last_logits():
     """The last prompt row of --dump-logits, real tokens only, <|endoftext|> at -inf as
     --ignore-eos makes it."""
-    path = persist(os.path.join(WORK, "sampling-logits-b1.f32"))
+    path = persist(os.path.join(WORK, "sampling-logits-last-alone.f32"))
     if not os.path.isfile(path):
-        phi2(converted(checkpoint()), "--ids", ",".join(map(str, PROMPT)), "--dump-logits", path, *ONE_AT_A_TIME)
+        phi2(converted(checkpoint()), "--ids", ",".join(map(str, PROMPT)), "--dump-logits", path, *last_alone(PROMPT))
     row = read_logits(path, VOCAB)[-1, :N_REAL].copy()
     row[EOS] = -np.inf
     return row
@@ -149,8 +150,8 @@ def engine_draws():
             got = []
             for _ in range(n_seeds):
                 seed += 1
-                p = phi2(model, "--ids", ids, "-n", 1, "--ignore-eos", "--print-ids", "-t", 1, "-s", seed, *ONE_AT_A_TIME,
-                         "--temp", temp, "--top-k", top_k, "--top-p", top_p)
+                p = phi2(model, "--ids", ids, "-n", 1, "--ignore-eos", "--print-ids", "-t", 1, "-s", seed,
+                         *last_alone(PROMPT), "--temp", temp, "--top-k", top_k, "--top-p", top_p)
                 got.append((seed, int(p.out.strip())))
             _draws[(temp, top_k, top_p)] = got
     return _draws
@@ -243,10 +244,10 @@ def penalty_prompt():
 
 def penalty_logits():
     """The last row of --dump-logits after penalty_prompt(), real ids only, <|endoftext|> at -inf."""
-    path = persist(os.path.join(WORK, "sampling-penalty-logits-b1.f32"))
+    path = persist(os.path.join(WORK, "sampling-penalty-logits-last-alone.f32"))
     if not os.path.isfile(path):
         phi2(converted(checkpoint()), "--ids", ",".join(map(str, penalty_prompt())), "--dump-logits", path,
-             *ONE_AT_A_TIME)
+             *last_alone(penalty_prompt()))
     row = read_logits(path, VOCAB)[-1, :N_REAL].copy()
     row[EOS] = -np.inf
     return row
@@ -323,8 +324,9 @@ def penalty_engine_draws():
             got = []
             for _ in range(n_seeds):
                 seed += 1
-                p = phi2(model, "--ids", ids, "-n", 1, "--ignore-eos", "--print-ids", "-t", 1, "-s", seed, *ONE_AT_A_TIME,
-                         "--temp", temp, "--top-k", top_k, "--top-p", top_p, "--min-p", min_p,
+                p = phi2(model, "--ids", ids, "-n", 1, "--ignore-eos", "--print-ids", "-t", 1, "-s", seed,
+                         *last_alone(penalty_prompt()), "--temp", temp, "--top-k", top_k, "--top-p", top_p,
+                         "--min-p", min_p,
                          "--repeat-penalty", repeat, "--repeat-last-n", last_n,
                          "--presence-penalty", presence, "--frequency-penalty", frequency)
                 got.append((seed, int(p.out.strip())))
@@ -390,12 +392,13 @@ def test_greedy_takes_the_penalized_argmax():
         repeat, last_n, presence, frequency = flags
         want = int(np.argmax(penalize(x, history, *flags)))
         assert want != int(np.argmax(x)), flags
-        got = phi2(model, "--ids", ids, "-n", 1, "--ignore-eos", "--print-ids", *ONE_AT_A_TIME, "--temp", 0,
+        got = phi2(model, "--ids", ids, "-n", 1, "--ignore-eos", "--print-ids", *last_alone(history), "--temp", 0,
                    "--repeat-penalty", repeat,
                    "--repeat-last-n", last_n, "--presence-penalty", presence, "--frequency-penalty", frequency).out
         assert int(got.strip()) == want, (flags, got, want)
     # off: --repeat-last-n 0 (the penalties see nothing), the default repeat penalty of 1
     plain = int(np.argmax(x))
     for flags in (("--repeat-penalty", 1.5, "--repeat-last-n", 0), ()):
-        got = phi2(model, "--ids", ids, "-n", 1, "--ignore-eos", "--print-ids", *ONE_AT_A_TIME, "--temp", 0, *flags).out
+        got = phi2(model, "--ids", ids, "-n", 1, "--ignore-eos", "--print-ids", *last_alone(history), "--temp", 0,
+                   *flags).out
         assert int(got.strip()) == plain, (flags, got)
