@@ -2673,7 +2673,7 @@ static ALWAYS_INLINE void transpose8_epi32(__m256i v[8]) {
  * cores: 198-210 tok/s without, 213-217 with. (Also the f32 panels' next block, a few lines
  * every F32_PANEL_PREFETCH_STEPS columns.) */
 typedef struct {
-    const char *base;      // the next panel's first row (NULL: none)
+    const char *base;      // the next panel's first row (NULL: none; never past the matrix)
     size_t stride;         // bytes from one row to the next
     int lines_per_row;     // cache lines of one row
     int next, end;         // lines prefetched so far, and in all
@@ -2748,7 +2748,8 @@ static void matmul_f32_panels(float *out, const float *in, const Matrix *W, cons
                     const int next_kk = cols - next_c0 < kc ? cols - next_c0 : kc;
                     const int lines_per_row = (int)(((size_t)next_kk * sizeof(float) + 63) / 64);
                     const int steps = n_tiles * ((kk + F32_PANEL_PREFETCH_STEPS - 1) / F32_PANEL_PREFETCH_STEPS);
-                    PanelPrefetch pf = {(const char *)(W->w + (size_t)next_r0 * cols + next_c0), (size_t)cols * sizeof(float),
+                    PanelPrefetch pf = {next_rows ? (const char *)(W->w + (size_t)next_r0 * cols + next_c0) : NULL,
+                                        (size_t)cols * sizeof(float),
                                         lines_per_row, 0, next_rows * lines_per_row,
                                         (next_rows * lines_per_row + steps - 1) / steps};
                     for (int j = 0; j < n_tiles; j++) {
@@ -3689,7 +3690,8 @@ static void matmul_int8_panels(float *out, const QuantizedRows *in, const Matrix
                 const int next_rows = pi + 1 < p1 ? (rows - r0 - PANEL_ROWS < PANEL_ROWS ? rows - r0 - PANEL_ROWS : PANEL_ROWS) : 0;
                 const int lines_per_row = (int)((row_bytes + 63) / 64), n_tiles = (n_tokens + PANEL_TOKENS - 1) / PANEL_TOKENS;
                 int tiles_left = n_tiles;
-                PanelPrefetch pf = {(const char *)(q4 ? (const void *)W->codes : (const void *)W->q) + (size_t)(r0 + PANEL_ROWS) * row_bytes,
+                const char *rows_start = q4 ? (const char *)W->codes : (const char *)W->q;
+                PanelPrefetch pf = {next_rows ? rows_start + (size_t)(r0 + PANEL_ROWS) * row_bytes : NULL,
                                     row_bytes, lines_per_row, 0, next_rows * lines_per_row,
                                     (next_rows * lines_per_row + n_tiles * n_wg - 1) / (n_tiles * n_wg)};
                 for (int t = 0, T; t < n_tokens; t += T, tiles_left--) {
