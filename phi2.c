@@ -38,8 +38,10 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <math.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -578,15 +580,24 @@ static void layernorm(float *out, const float *x, const float *weight, const flo
     }
 }
 
-/* Threads take the rows of a matrix product in chunks of this many, each as it finishes
- * the last (a busy or slow core takes fewer; see tiles_per_chunk in Appendix A). */
-enum { SCALAR_ROWS_PER_CHUNK = 16 };
+/* Work sharing: the rows of a matrix product go in chunks of contiguous rows, which threads
+ * claim one at a time as they finish the last (dynamic scheduling). An equal static split
+ * makes every thread wait for the slowest: on a laptop that is an efficiency core, or a
+ * core another program is using, and a thread that gets half a core holds its half of the
+ * matrix back for as long again. With chunks, a slow thread simply ends up taking fewer.
+ * About CHUNKS_PER_THREAD chunks per thread, so a thread that falls behind leaves little
+ * for the others to wait on, but at least CHUNK_MIN_BYTES of weights each, so each chunk is
+ * a long contiguous stream the hardware prefetcher can follow. A row's result does not
+ * depend on which thread computes it (chunks start at multiples of every kernel's tile
+ * height), so the output is the same for any thread count (tests/test_determinism.py). The
+ * scalar twins below take rows in chunks of SCALAR_ROWS_PER_CHUNK. */
+enum { CHUNKS_PER_THREAD = 8, CHUNK_MIN_BYTES = 64 << 10, SCALAR_ROWS_PER_CHUNK = 16 };
 
 /* --- float32 matrix product: out[t, r] = sum_c W[r, c] * in[t, c] + bias[r] ------------ */
 
 MAYBE_UNUSED static void matmul_f32_scalar(float *out, const float *in, const Matrix *W, const float *bias, int n_tokens) {
     const int rows = W->rows, cols = W->cols;
-#pragma omp parallel for schedule(dynamic, SCALAR_ROWS_PER_CHUNK)
+#pragma omp parallel for schedule(dynamic, SCALAR_ROWS_PER_CHUNK) if (n_tokens > 1)
     for (int r = 0; r < rows; r++) {
         const float *wr = W->w + (size_t)r * cols;
         for (int t = 0; t < n_tokens; t++) {
@@ -635,7 +646,7 @@ MAYBE_UNUSED static void quantize_rows_q8_scalar(QuantizedRows *out, const float
 MAYBE_UNUSED static void matmul_q8_scalar(float *out, const QuantizedRows *in, const Matrix *W, const float *bias,
                                           int n_tokens) {
     const int rows = W->rows, cols = W->cols, n_groups = cols / Q8_GROUP, group = Q8_GROUP;
-#pragma omp parallel for schedule(dynamic, SCALAR_ROWS_PER_CHUNK)
+#pragma omp parallel for schedule(dynamic, SCALAR_ROWS_PER_CHUNK) if (n_tokens > 1)
     for (int r = 0; r < rows; r++) {
         const int8_t *wq = W->q + (size_t)r * cols;
         const float *wd = W->scale + (size_t)r * n_groups;
@@ -720,7 +731,7 @@ static int q4_code(const uint8_t *row_codes, int c) {
 MAYBE_UNUSED static void matmul_q4_scalar(float *out, const QuantizedRows *in, const Matrix *W, const float *bias,
                                           int n_tokens) {
     const int rows = W->rows, cols = W->cols, n_groups = cols / Q4_GROUP, n_blocks = cols / Q4_BLOCK;
-#pragma omp parallel for schedule(dynamic, SCALAR_ROWS_PER_CHUNK)
+#pragma omp parallel for schedule(dynamic, SCALAR_ROWS_PER_CHUNK) if (n_tokens > 1)
     for (int r = 0; r < rows; r++) {
         const uint8_t *codes = W->codes + (size_t)r * (cols / 2);
         const uint16_t *wd = W->scale16 + (size_t)r * n_groups;
@@ -824,6 +835,7 @@ typedef struct {
     unsigned char *panel;      // x86 prompt batches: activations and one row panel per thread, grown as needed
     size_t panel_size;
     int amx_state;             // AMX only: 0 = not asked yet, 1 = granted by the OS, -1 = refused
+    struct ThreadPool *pool;   // one token's threads (pool_run); NULL: the calling thread alone
 } KernelScratch;
 
 /* --- Dispatch: the fastest version of each kernel this build has ---------------------
@@ -849,16 +861,88 @@ static void softmax(float *x, int n);  // exp by a polynomial, in one vectorized
  * timings line, so figures from different machines say what ran. */
 static void kernel_description(char *out, size_t size, KernelScratch *k, int weight_type);
 
+/* --- Threads for one token -------------------------------------------------------------
+ * A batch's kernels split their work with OpenMP (the pragmas above and in the appendices).
+ * A generated token is one position: every product streams its whole matrix for 2 multiply-
+ * adds per weight, so decode is a race through memory, 161 short parallel steps per token
+ * (4 products and attention per layer, and the lm_head). For those, phi2 has a thread pool
+ * of its own (Appendix C), because of laptops: when another program takes a core, the
+ * thread on it stops for milliseconds at a time, and with OpenMP everyone waits for it at
+ * the end of every step, so two threads ran slower than one. pool_run splits a step into
+ * chunks that the threads claim as they go; each chunk is computed into the thread's own
+ * buffer and copied out by whichever thread finishes it first, so when a thread stalls
+ * holding a chunk, another computes that chunk again rather than wait (the stalled thread's
+ * copy is thrown away when it wakes up). Chunk c writes out[c * chunk_len ..], at most
+ * out_len values in all; run(args, chunk, buffer, thread) computes one chunk into buffer,
+ * and may use scratch row `thread` (0 .. threads - 1). args is copied, so a thread that
+ * wakes up late reads a valid copy; what it points to must outlive the pool. */
+typedef struct ThreadPool ThreadPool;
+typedef void (*ChunkFunction)(const void *args, int chunk, float *buffer, int thread);
+static ThreadPool *pool_create(int n_threads, size_t max_chunk_len);  // n_threads - 1 new threads
+static void pool_destroy(ThreadPool *pool);
+static void pool_run(ThreadPool *pool, ChunkFunction run, const void *args, size_t args_size, int n_chunks,
+                     int chunk_len, float *out, size_t out_len);
+static int pool_threads(const ThreadPool *pool);  // 1 for NULL
+
+/* The rows r0 .. r1 of W, as a matrix of their own. */
+static Matrix matrix_rows(const Matrix *W, int r0, int r1) {
+    Matrix v = *W;
+    v.rows = r1 - r0;
+    const size_t r = (size_t)r0, cols = (size_t)W->cols;
+    if (W->w) v.w = W->w + r * cols;
+    if (W->q) v.q = W->q + r * cols, v.scale = W->scale + r * (cols / Q8_GROUP);
+    if (W->codes) v.codes = W->codes + r * (cols / 2), v.scale16 = W->scale16 + r * (cols / Q4_GROUP);
+    return v;
+}
+
+/* The product by W's kernel; xq: the activations already quantized (q8 and q4 files). */
+static void product(float *out, const float *in, const QuantizedRows *xq, const Matrix *W, const float *bias,
+                    int n_tokens, KernelScratch *k) {
+    if (W->type == WEIGHTS_F32) matmul_f32(out, in, W, bias, n_tokens, k);
+    else if (W->type == WEIGHTS_Q8) matmul_q8(out, xq, W, bias, n_tokens, k);
+    else matmul_q4(out, xq, W, bias, n_tokens, k);
+}
+
+/* One token's product, a chunk of rows at a time (a pool_run job). */
+typedef struct {
+    const float *in;       // [cols] the token's activations (f32 files)
+    const Matrix *W;
+    const float *bias;
+    KernelScratch *k;      // k->xq: the activations quantized (q8 and q4 files)
+    int rows_per_chunk;
+} RowsJob;
+
+static void product_rows(const void *args, int chunk, float *buffer, int thread) {
+    (void)thread;
+    const RowsJob *job = args;
+    const int r0 = chunk * job->rows_per_chunk, end = r0 + job->rows_per_chunk;
+    const Matrix rows = matrix_rows(job->W, r0, end < job->W->rows ? end : job->W->rows);
+    product(buffer, job->in, &job->k->xq, &rows, job->bias + r0, 1, job->k);
+}
+
+/* Rows per chunk for one token: CHUNKS_PER_THREAD chunks per thread of at least
+ * CHUNK_MIN_BYTES each, a multiple of 16 rows (every kernel's tile height divides it). */
+static int rows_per_chunk(const Matrix *W, int n_threads) {
+    const size_t row_bytes = W->type == WEIGHTS_F32 ? (size_t)W->cols * sizeof(float)
+                             : W->type == WEIGHTS_Q8 ? (size_t)W->cols : (size_t)W->cols / 2;
+    size_t rows = (size_t)W->rows / ((size_t)n_threads * CHUNKS_PER_THREAD);
+    const size_t min_rows = (CHUNK_MIN_BYTES + row_bytes - 1) / (row_bytes ? row_bytes : 1);
+    if (rows < min_rows) rows = min_rows;
+    rows = (rows + 15) / 16 * 16;
+    return rows < (size_t)W->rows ? (int)rows : W->rows;
+}
+
 /* The matrix product the forward pass calls: float weights directly; int8 and 4-bit weights
  * after quantizing the activations to int8 (one scale per 64 values). */
 static void matmul(float *out, const float *in, const Matrix *W, const float *bias, int n_tokens, KernelScratch *k) {
-    if (W->type == WEIGHTS_F32) {
-        matmul_f32(out, in, W, bias, n_tokens, k);
+    if (W->type != WEIGHTS_F32) quantize_rows_q8(&k->xq, in, n_tokens, W->cols);
+    if (n_tokens > 1 || pool_threads(k->pool) == 1) {
+        product(out, in, &k->xq, W, bias, n_tokens, k);
         return;
     }
-    quantize_rows_q8(&k->xq, in, n_tokens, W->cols);
-    if (W->type == WEIGHTS_Q8) matmul_q8(out, &k->xq, W, bias, n_tokens, k);
-    else matmul_q4(out, &k->xq, W, bias, n_tokens, k);
+    const RowsJob job = {in, W, bias, k, rows_per_chunk(W, pool_threads(k->pool))};
+    pool_run(k->pool, product_rows, &job, sizeof(job), (W->rows + job.rows_per_chunk - 1) / job.rows_per_chunk,
+             job.rows_per_chunk, out, (size_t)W->rows);
 }
 
 /* gelu_new over n values, split over the threads for a prompt's batch. */
@@ -943,6 +1027,8 @@ static void init_state(RunState *s, const Config *c, int ctx, int max_batch, int
     s->max_batch = max_batch;
     s->ctx = ctx;
     s->n_threads = max_threads();
+    size_t widest_out = (size_t)c->vocab_size > 3 * H ? (size_t)c->vocab_size : 3 * H;  // pool_run's largest chunk
+    s->kern.pool = pool_create(s->n_threads, widest_out > F ? widest_out : F);
     s->x = xmalloc_aligned(mul_size(B * H, sizeof(float)));
     s->h = xmalloc_aligned(mul_size(B * H, sizeof(float)));
     s->qkv = xmalloc_aligned(mul_size(B * 3 * H, sizeof(float)));
@@ -980,6 +1066,7 @@ static void init_state(RunState *s, const Config *c, int ctx, int max_batch, int
 }
 
 static void free_state(RunState *s) {
+    pool_destroy(s->kern.pool);  // first: its threads may still be reading the buffers below
     free_aligned(s->x); free_aligned(s->h); free_aligned(s->qkv); free_aligned(s->att); free_aligned(s->att_proj);
     free_aligned(s->ffn); free_aligned(s->mlp_out); free_aligned(s->scores); free_aligned(s->logits);
     free_aligned(s->attn_scratch);
@@ -1002,6 +1089,47 @@ static void kv_store(const RunState *s, void *cache, size_t slot, const float *x
     else memcpy((float *)cache + slot, x, (size_t)n * sizeof(float));
 }
 
+/* One head of the position at pos, one layer: out[head_dim] = the values at cache positions
+ * 0 .. pos, weighted by softmax(q . key / sqrt(head_dim)). score: [pos + 1] scratch. */
+static void attend(const RunState *s, const Config *c, int layer, int head, int pos, const float *q, float *out,
+                   float *score) {
+    const int hd = c->head_dim, n_pos = pos + 1;
+    const float scale = 1.0f / sqrtf((float)hd);
+    const size_t head0 = kv_offset(s, c, layer, head, 0);
+    memset(out, 0, (size_t)hd * sizeof(float));
+    if (s->kv_type == KV_F32) {
+        const float *keys = (const float *)s->key_cache + head0;
+        const float *values = (const float *)s->value_cache + head0;
+        for (int p = 0; p < n_pos; p++) score[p] = dot_f32(q, keys + (size_t)p * hd, hd) * scale;
+        softmax(score, n_pos);
+        for (int p = 0; p < n_pos; p++) {
+            const float *v = values + (size_t)p * hd;
+            const float w = score[p];
+            for (int i = 0; i < hd; i++) out[i] += w * v[i];
+        }
+    } else {  // the same with f16 keys and values, widened to float as they are read
+        const uint16_t *keys = (const uint16_t *)s->key_cache + head0;
+        const uint16_t *values = (const uint16_t *)s->value_cache + head0;
+        for (int p = 0; p < n_pos; p++) score[p] = dot_f32_f16(q, keys + (size_t)p * hd, hd) * scale;
+        softmax(score, n_pos);
+        for (int p = 0; p < n_pos; p++) axpy_f16(out, score[p], values + (size_t)p * hd, hd);
+    }
+}
+
+/* One token's attention, a head at a time (a pool_run job: chunk = head). */
+typedef struct {
+    const RunState *s;
+    const Config *c;
+    int layer, pos;
+} HeadsJob;
+
+static void attend_head(const void *args, int head, float *buffer, int thread) {
+    const HeadsJob *job = args;
+    const RunState *s = job->s;
+    attend(s, job->c, job->layer, head, job->pos, s->qkv + (size_t)head * job->c->head_dim, buffer,
+           s->scores + (size_t)thread * s->ctx);
+}
+
 /* Causal self-attention for a batch of positions pos0 .. pos0+n_tokens-1 of one layer.
  * The batch's keys and values are already in the cache, so token t attends to cache
  * positions 0 .. pos0+t. Each (token, head) pair is independent: spread them over threads.
@@ -1010,36 +1138,21 @@ static void kv_store(const RunState *s, void *cache, size_t slot, const float *x
  * per block of queries instead of once per query. */
 static void attention(RunState *s, const Config *c, int layer, int pos0, int n_tokens) {
     const int H = c->hidden_dim, hd = c->head_dim, n_heads = c->n_heads;
-    const float scale = 1.0f / sqrtf((float)hd);
+    if (n_tokens == 1) {
+        const HeadsJob job = {s, c, layer, pos0};
+        pool_run(s->kern.pool, attend_head, &job, sizeof(job), n_heads, hd, s->att, (size_t)H);
+        return;
+    }
 #pragma omp parallel for schedule(dynamic, 1)
     for (int th = 0; th < n_tokens * n_heads; th++) {
-        const int t = th / n_heads, head = th % n_heads, n_pos = pos0 + t + 1;
+        const int t = th / n_heads, head = th % n_heads;
 #ifdef _OPENMP
         float *score = s->scores + (size_t)omp_get_thread_num() * s->ctx;
 #else
         float *score = s->scores;
 #endif
-        const float *q = s->qkv + (size_t)t * 3 * H + (size_t)head * hd;
-        const size_t head0 = kv_offset(s, c, layer, head, 0);
-        float *out = s->att + (size_t)t * H + (size_t)head * hd;
-        memset(out, 0, (size_t)hd * sizeof(float));
-        if (s->kv_type == KV_F32) {
-            const float *keys = (const float *)s->key_cache + head0;
-            const float *values = (const float *)s->value_cache + head0;
-            for (int p = 0; p < n_pos; p++) score[p] = dot_f32(q, keys + (size_t)p * hd, hd) * scale;
-            softmax(score, n_pos);
-            for (int p = 0; p < n_pos; p++) {
-                const float *v = values + (size_t)p * hd;
-                const float w = score[p];
-                for (int i = 0; i < hd; i++) out[i] += w * v[i];
-            }
-        } else {  // the same with f16 keys and values, widened to float as they are read
-            const uint16_t *keys = (const uint16_t *)s->key_cache + head0;
-            const uint16_t *values = (const uint16_t *)s->value_cache + head0;
-            for (int p = 0; p < n_pos; p++) score[p] = dot_f32_f16(q, keys + (size_t)p * hd, hd) * scale;
-            softmax(score, n_pos);
-            for (int p = 0; p < n_pos; p++) axpy_f16(out, score[p], values + (size_t)p * hd, hd);
-        }
+        attend(s, c, layer, head, pos0 + t, s->qkv + (size_t)t * 3 * H + (size_t)head * hd,
+               s->att + (size_t)t * H + (size_t)head * hd, score);
     }
 }
 
@@ -2408,19 +2521,8 @@ int main(int argc, char **argv) {
 #endif
 #endif
 
-/* Work sharing for the tiled kernels: the row tiles of a matrix go in chunks of contiguous
- * tiles, which threads claim one at a time from a shared counter as they finish the last
- * (dynamic scheduling). An equal static split makes every thread wait for the slowest: on
- * a laptop that is an efficiency core, or a core another program is using, and a thread
- * that gets half a core holds its half of the matrix back for as long again. With chunks,
- * a slow thread simply ends up taking fewer. A row's result does not depend on which thread
- * computes it (chunks start at multiples of the tile height, so every row is in the same
- * tile as with one thread, computed by the same code): output is the same for any thread
- * count, as tests/test_determinism.py checks.
- * Chunk size: about CHUNKS_PER_THREAD chunks per thread, so a thread that falls behind
- * leaves little for the others to wait on, but at least CHUNK_MIN_BYTES of weights, so each
- * chunk is a long contiguous stream the hardware prefetcher can follow. */
-enum { CHUNKS_PER_THREAD = 8, CHUNK_MIN_BYTES = 64 << 10 };
+/* Work sharing for a batch (see "Work sharing" in section 3): chunks of row tiles, claimed
+ * from a shared counter by OpenMP's threads. */
 
 MAYBE_UNUSED static int tiles_per_chunk(int n_tiles, size_t bytes_per_tile) {
 #ifdef _OPENMP
@@ -2562,29 +2664,41 @@ static void f32_tile_avx2_any(float *out, int out_stride, const float *w, const 
 typedef void (*F32Tile)(float *out, int out_stride, const float *w, const float *x, int cols, int kc, int R, int T,
                         int first, const float *bias);
 
-/* The blocked loop nest shared by the AVX-512, AVX2 and NEON f32 kernels (tile: RT rows x TT tokens). */
+/* Rows r0 .. r1 of the product, blocked (tile: RT rows x TT tokens). */
+static void f32_blocked_rows(float *out, const float *in, const Matrix *W, const float *bias, int n_tokens,
+                             F32Tile tile, int RT, int TT, int r0, int r1) {
+    const int rows = W->rows, cols = W->cols, kc = f32_col_block(cols, n_tokens);
+    for (int c0 = 0; c0 < cols; c0 += kc) {
+        const int k = cols - c0 < kc ? cols - c0 : kc;
+        const float *last_bias = c0 + k >= cols ? bias : NULL;
+        for (int r = r0; r < r1;) {
+            const int R = r1 - r >= RT ? RT : 1;  // the few leftover rows go one at a time
+            for (int t = 0; t < n_tokens; t += TT) {
+                const int T = n_tokens - t < TT ? n_tokens - t : TT;
+                tile(out + (size_t)t * rows + r, rows, W->w + (size_t)r * cols + c0, in + (size_t)t * cols + c0,
+                     cols, k, R, T, c0 == 0, last_bias ? last_bias + r : NULL);
+            }
+            r += R;
+        }
+    }
+}
+
+/* The loop nest shared by the AVX-512, AVX2 and NEON f32 kernels: threads claim chunks of
+ * row tiles (one token's threads split the rows already: pool_run, Appendix C). */
 static void matmul_f32_blocked(float *out, const float *in, const Matrix *W, const float *bias, int n_tokens,
                                F32Tile tile, int RT, int TT) {
-    const int rows = W->rows, cols = W->cols, kc = f32_col_block(cols, n_tokens);
-    const int n_tiles = (rows + RT - 1) / RT, chunk_tiles = tiles_per_chunk(n_tiles, (size_t)RT * cols * sizeof(float));
+    const int rows = W->rows;
+    if (n_tokens == 1) {
+        f32_blocked_rows(out, in, W, bias, 1, tile, RT, TT, 0, rows);
+        return;
+    }
+    const int n_tiles = (rows + RT - 1) / RT, chunk_tiles = tiles_per_chunk(n_tiles, (size_t)RT * W->cols * sizeof(float));
     const int n_chunks = (n_tiles + chunk_tiles - 1) / chunk_tiles;
     int next_chunk = 0;
 #pragma omp parallel
     for (int chunk; (chunk = claim_chunk(&next_chunk)) < n_chunks;) {
         const int r0 = chunk * chunk_tiles * RT, r1 = (chunk + 1) * chunk_tiles * RT < rows ? (chunk + 1) * chunk_tiles * RT : rows;
-        for (int c0 = 0; c0 < cols; c0 += kc) {
-            const int k = cols - c0 < kc ? cols - c0 : kc;
-            const float *last_bias = c0 + k >= cols ? bias : NULL;
-            for (int r = r0; r < r1;) {
-                const int R = r1 - r >= RT ? RT : 1;  // the few leftover rows go one at a time
-                for (int t = 0; t < n_tokens; t += TT) {
-                    const int T = n_tokens - t < TT ? n_tokens - t : TT;
-                    tile(out + (size_t)t * rows + r, rows, W->w + (size_t)r * cols + c0, in + (size_t)t * cols + c0,
-                         cols, k, R, T, c0 == 0, last_bias ? last_bias + r : NULL);
-                }
-                r += R;
-            }
-        }
+        f32_blocked_rows(out, in, W, bias, n_tokens, tile, RT, TT, r0, r1);
     }
 }
 #endif
@@ -3338,31 +3452,41 @@ typedef void (*Int8Tile)(float *out, int out_stride, const void *w, const void *
  * bytes) and stay in L2. Decode (one token) goes one row at a time, so the matrix streams
  * strictly in address order (measured a few % faster than interleaving RT rows, which only
  * pays off when the loaded weights are reused across tokens). */
+static void int8_tiled_rows(float *out, const QuantizedRows *in, const Matrix *W, const float *bias, int n_tokens,
+                            Int8Tile tile, int RT, int TT, int r0, int r1) {
+    const int rows = W->rows, cols = W->cols, n_groups = cols / Q8_GROUP;
+    const int tile_rows = n_tokens == 1 ? 1 : RT;
+    for (int r = r0; r < r1;) {
+        const int R = r1 - r >= tile_rows ? tile_rows : 1;
+        for (int t = 0; t < n_tokens; t += TT) {
+            const int T = n_tokens - t < TT ? n_tokens - t : TT;
+            const void *w = W->type == WEIGHTS_Q4 ? (const void *)(W->codes + (size_t)r * (cols / 2))
+                                                  : (const void *)(W->q + (size_t)r * cols);
+            const void *wd = W->type == WEIGHTS_Q4 ? (const void *)(W->scale16 + (size_t)r * (cols / Q4_GROUP))
+                                                   : (const void *)(W->scale + (size_t)r * n_groups);
+            const float *xo = W->type == WEIGHTS_Q4 ? in->q4_offset + (size_t)t * (cols / Q4_GROUP) : NULL;
+            tile(out + (size_t)t * rows + r, rows, w, wd, in->q + (size_t)t * cols, in->scale + (size_t)t * n_groups,
+                 xo, cols, n_groups, R, T, bias + r);
+        }
+        r += R;
+    }
+}
+
 static void matmul_int8_tiled(float *out, const QuantizedRows *in, const Matrix *W, const float *bias, int n_tokens,
                             Int8Tile tile, int RT, int TT) {
-    const int rows = W->rows, cols = W->cols, n_groups = cols / Q8_GROUP;
-    const size_t row_bytes = W->type == WEIGHTS_Q4 ? (size_t)cols / 2 : (size_t)cols;
+    const int rows = W->rows;
+    if (n_tokens == 1) {  // one token: its threads split the rows already (pool_run, Appendix C)
+        int8_tiled_rows(out, in, W, bias, 1, tile, RT, TT, 0, rows);
+        return;
+    }
+    const size_t row_bytes = W->type == WEIGHTS_Q4 ? (size_t)W->cols / 2 : (size_t)W->cols;
     const int n_tiles = (rows + RT - 1) / RT, chunk_tiles = tiles_per_chunk(n_tiles, (size_t)RT * row_bytes);
     const int n_chunks = (n_tiles + chunk_tiles - 1) / chunk_tiles;
     int next_chunk = 0;
 #pragma omp parallel
     for (int chunk; (chunk = claim_chunk(&next_chunk)) < n_chunks;) {
         const int r0 = chunk * chunk_tiles * RT, r1 = (chunk + 1) * chunk_tiles * RT < rows ? (chunk + 1) * chunk_tiles * RT : rows;
-        const int tile_rows = n_tokens == 1 ? 1 : RT;
-        for (int r = r0; r < r1;) {
-            const int R = r1 - r >= tile_rows ? tile_rows : 1;
-            for (int t = 0; t < n_tokens; t += TT) {
-                const int T = n_tokens - t < TT ? n_tokens - t : TT;
-                const void *w = W->type == WEIGHTS_Q4 ? (const void *)(W->codes + (size_t)r * (cols / 2))
-                                                      : (const void *)(W->q + (size_t)r * cols);
-                const void *wd = W->type == WEIGHTS_Q4 ? (const void *)(W->scale16 + (size_t)r * (cols / Q4_GROUP))
-                                                       : (const void *)(W->scale + (size_t)r * n_groups);
-                const float *xo = W->type == WEIGHTS_Q4 ? in->q4_offset + (size_t)t * (cols / Q4_GROUP) : NULL;
-                tile(out + (size_t)t * rows + r, rows, w, wd, in->q + (size_t)t * cols, in->scale + (size_t)t * n_groups,
-                     xo, cols, n_groups, R, T, bias + r);
-            }
-            r += R;
-        }
+        int8_tiled_rows(out, in, W, bias, n_tokens, tile, RT, TT, r0, r1);
     }
 }
 
@@ -5447,3 +5571,243 @@ static int request_amx_permission(void) {
     return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
 }
 #endif
+
+/* ------------------------------------------------------------------------------------- */
+/* Appendix C. The thread pool of a generated token                                        */
+/* ------------------------------------------------------------------------------------- */
+/* pool_run (section 3, "Threads for one token") in C11 atomics and POSIX threads (MinGW's
+ * winpthreads on Windows). The calling thread is thread 0 and works too; the pool's own
+ * threads are 1 .. n_threads - 1.
+ *
+ * Publishing a job. The caller writes the job (the function, a copy of its arguments, the
+ * sizes) and then advances `sequence`, a sequence lock: odd while the job is being written,
+ * so a thread that copies the job can check that the sequence did not move meanwhile. A
+ * job's generation (sequence / 2) tags the shared words its threads update, so a thread
+ * that wakes up late, still working on an old job, finds its tag stale and drops its work:
+ *   next_chunk      generation << 32 | the next chunk nobody has claimed. A claim is a
+ *                   compare-and-swap, which fails once a newer job has replaced the tag.
+ *   chunk_state[c]  generation << 2 | CHUNK_COMMITTING or CHUNK_DONE. An older generation
+ *                   means: not done yet.
+ * Committing. A thread computes a chunk into its own buffer, then swaps the chunk's state
+ * from not-done to COMMITTING (only one thread can), copies the buffer to the output and
+ * stores DONE. A job is over when all its chunks are DONE, that is, after their copies: no
+ * late thread can write into an output once pool_run has returned. What a late thread read
+ * while computing may have changed under it (the next step's activations); that result is
+ * thrown away unread.
+ *
+ * Waiting. When no chunk is left to claim, a thread waits for the others' chunks. A chunk
+ * not committed after POOL_PATIENCE times as long as this thread took per chunk belongs to
+ * a stalled thread (descheduled, or on a slow core): the waiting thread computes it too,
+ * and the first to finish commits it. Between jobs a thread spins for POOL_SPIN_SECONDS
+ * (a token's next step comes within microseconds), then sleeps on a condition variable:
+ * asleep it uses none of the time its core's other programs could use, and Linux runs a
+ * thread that slept soon after it is woken. */
+enum { CHUNK_COMMITTING = 1, CHUNK_DONE = 2 };
+enum { POOL_ARGS_MAX = 64 };  // bytes of a job's arguments (RowsJob, HeadsJob)
+static const double POOL_SPIN_SECONDS = 100e-6;
+static const double POOL_PATIENCE = 2.0;             // times this thread's time per chunk
+static const double POOL_MIN_WAIT_SECONDS = 20e-6;   // ... but at least this long
+static const double POOL_DEFAULT_WAIT_SECONDS = 200e-6;  // a thread that computed no chunk itself
+
+typedef struct {
+    ChunkFunction run;
+    _Alignas(16) unsigned char args[POOL_ARGS_MAX];  // a copy of the caller's arguments
+    int n_chunks, chunk_len;
+    float *out;
+    size_t out_len;
+} PoolJob;
+
+typedef struct {
+    struct ThreadPool *pool;
+    int thread;
+} PoolThread;
+
+struct ThreadPool {
+    int n_threads;                      // the calling thread and n_threads - 1 of the pool's own
+    size_t max_len;                     // the most values a job writes (so also chunks per job)
+    pthread_t *threads;                 // [n_threads - 1]
+    PoolThread *starts;                 // [n_threads - 1] each thread's number
+    float *buffers;                     // [n_threads, max_len] a chunk before it is committed
+    _Atomic uint64_t *chunk_state;      // [max_len] generation << 2 | CHUNK_COMMITTING or CHUNK_DONE
+    _Atomic uint64_t next_chunk;        // generation << 32 | the next unclaimed chunk
+    _Atomic uint64_t sequence;          // odd while `job` is being written; generation = sequence / 2
+    PoolJob job;
+    pthread_mutex_t mutex;              // with `wake`: threads asleep between jobs
+    pthread_cond_t wake;
+    _Atomic int n_sleeping;
+    _Atomic int stopping;
+};
+
+static int pool_threads(const ThreadPool *pool) { return pool ? pool->n_threads : 1; }
+
+/* A hint to the CPU that this is a spin loop (it saves power and lets an SMT sibling run). */
+static void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+/* The next unclaimed chunk of the job of this generation; -1: none left, or a newer job. */
+static int pool_claim(ThreadPool *pool, uint64_t generation, int n_chunks) {
+    const uint64_t tag = generation & 0xffffffffu;
+    uint64_t next = atomic_load_explicit(&pool->next_chunk, memory_order_relaxed);
+    for (;;) {
+        if (next >> 32 != tag || (int64_t)(next & 0xffffffffu) >= n_chunks) return -1;
+        if (atomic_compare_exchange_weak_explicit(&pool->next_chunk, &next, next + 1, memory_order_relaxed,
+                                                  memory_order_relaxed))
+            return (int)(next & 0xffffffffu);
+    }
+}
+
+/* Compute chunk c into this thread's buffer; commit it unless another thread did first. */
+static void pool_compute(ThreadPool *pool, const PoolJob *job, uint64_t generation, int c, int thread) {
+    float *buffer = pool->buffers + (size_t)thread * pool->max_len;
+    job->run(job->args, c, buffer, thread);
+    _Atomic uint64_t *state = &pool->chunk_state[c];
+    uint64_t now = atomic_load_explicit(state, memory_order_relaxed);
+    do {
+        if (now >> 2 >= generation) return;  // committed by another thread (or a newer job's)
+    } while (!atomic_compare_exchange_weak_explicit(state, &now, generation << 2 | CHUNK_COMMITTING,
+                                                    memory_order_acquire, memory_order_relaxed));
+    const size_t first = (size_t)c * (size_t)job->chunk_len;
+    const size_t len = job->out_len - first < (size_t)job->chunk_len ? job->out_len - first : (size_t)job->chunk_len;
+    memcpy(job->out + first, buffer, len * sizeof(float));
+    atomic_store_explicit(state, generation << 2 | CHUNK_DONE, memory_order_release);
+}
+
+/* One thread's part of a job: claim and compute chunks while there are any, then wait until
+ * all are committed, computing any that takes too long. A pool thread that got no chunk
+ * leaves at once (the others are ahead of it); a late one leaves when it sees a newer job. */
+static void pool_work(ThreadPool *pool, const PoolJob *job, uint64_t generation, int thread) {
+    const double start = now_seconds();
+    int mine = 0;
+    for (int c; (c = pool_claim(pool, generation, job->n_chunks)) >= 0; mine++) pool_compute(pool, job, generation, c, thread);
+    if (mine == 0 && thread != 0) return;
+    double patience = mine ? POOL_PATIENCE * (now_seconds() - start) / mine : POOL_DEFAULT_WAIT_SECONDS;
+    if (patience < POOL_MIN_WAIT_SECONDS) patience = POOL_MIN_WAIT_SECONDS;
+    const double wait_start = now_seconds();
+    for (int c = 0; c < job->n_chunks;) {  // chunks before c are done
+        const uint64_t state = atomic_load_explicit(&pool->chunk_state[c], memory_order_acquire);
+        if (state >> 2 > generation) return;  // a newer job: this one is over
+        if (state == (generation << 2 | CHUNK_DONE)) c++;
+        else if (state >> 2 < generation && now_seconds() - wait_start > patience) pool_compute(pool, job, generation, c, thread);
+        else cpu_relax();
+    }
+}
+
+/* Wait for a job newer than `seen`: spin a little, then sleep. Its sequence, or 0: stopping. */
+static uint64_t pool_wait(ThreadPool *pool, uint64_t seen) {
+    const double start = now_seconds();
+    for (;;) {
+        if (atomic_load(&pool->stopping)) return 0;
+        const uint64_t seq = atomic_load_explicit(&pool->sequence, memory_order_acquire);
+        if (seq != seen && seq % 2 == 0) return seq;
+        if (now_seconds() - start > POOL_SPIN_SECONDS) break;
+        cpu_relax();
+    }
+    pthread_mutex_lock(&pool->mutex);
+    atomic_fetch_add(&pool->n_sleeping, 1);  // pool_run reads this after publishing: no lost wake-up
+    uint64_t seq = 0;
+    while (!atomic_load(&pool->stopping) && ((seq = atomic_load(&pool->sequence)) == seen || seq % 2))
+        pthread_cond_wait(&pool->wake, &pool->mutex);
+    atomic_fetch_sub(&pool->n_sleeping, 1);
+    pthread_mutex_unlock(&pool->mutex);
+    return atomic_load(&pool->stopping) ? 0 : seq;
+}
+
+static void *pool_thread_main(void *arg) {
+    const PoolThread *me = arg;
+    ThreadPool *pool = me->pool;
+    uint64_t seen = 0;
+    for (uint64_t seq; (seq = pool_wait(pool, seen)) != 0;) {
+        PoolJob job;
+        memcpy(&job, &pool->job, sizeof(job));  // a sequence-lock read: checked just below
+        atomic_thread_fence(memory_order_acquire);
+        if (atomic_load_explicit(&pool->sequence, memory_order_relaxed) != seq) continue;  // rewritten meanwhile
+        seen = seq;
+        pool_work(pool, &job, seq / 2, me->thread);
+    }
+    return NULL;
+}
+
+static ThreadPool *pool_create(int n_threads, size_t max_len) {
+    ThreadPool *pool = xmalloc(sizeof(*pool));
+    memset(pool, 0, sizeof(*pool));
+    pool->n_threads = n_threads > 1 ? n_threads : 1;
+    pool->max_len = max_len;
+    atomic_init(&pool->next_chunk, 0);
+    atomic_init(&pool->sequence, 0);
+    atomic_init(&pool->n_sleeping, 0);
+    atomic_init(&pool->stopping, 0);
+    if (pool->n_threads == 1) return pool;  // pool_run runs everything on the caller
+    pool->buffers = xmalloc_aligned(mul_size(mul_size((size_t)pool->n_threads, max_len), sizeof(float)));
+    pool->chunk_state = xmalloc(mul_size(max_len, sizeof(*pool->chunk_state)));
+    for (size_t c = 0; c < max_len; c++) atomic_init(&pool->chunk_state[c], 0);
+    if (pthread_mutex_init(&pool->mutex, NULL) != 0 || pthread_cond_init(&pool->wake, NULL) != 0)
+        die("cannot create the threads' lock");
+    pool->threads = xmalloc(mul_size((size_t)pool->n_threads - 1, sizeof(pthread_t)));
+    pool->starts = xmalloc(mul_size((size_t)pool->n_threads - 1, sizeof(PoolThread)));
+#ifndef _WIN32  // signals (Ctrl-C) go to the main thread: the new threads start with them blocked
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+#endif
+    for (int i = 0; i < pool->n_threads - 1; i++) {
+        pool->starts[i] = (PoolThread){pool, i + 1};
+        const int err = pthread_create(&pool->threads[i], NULL, pool_thread_main, &pool->starts[i]);
+        if (err != 0) die("cannot start thread %d of %d: %s (try fewer with -t)", i + 2, pool->n_threads, strerror(err));
+    }
+#ifndef _WIN32
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+#endif
+    return pool;
+}
+
+static void pool_destroy(ThreadPool *pool) {
+    if (!pool) return;
+    if (pool->n_threads > 1) {
+        pthread_mutex_lock(&pool->mutex);
+        atomic_store(&pool->stopping, 1);
+        pthread_cond_broadcast(&pool->wake);
+        pthread_mutex_unlock(&pool->mutex);
+        for (int i = 0; i < pool->n_threads - 1; i++) pthread_join(pool->threads[i], NULL);
+        pthread_mutex_destroy(&pool->mutex);
+        pthread_cond_destroy(&pool->wake);
+    }
+    free(pool->threads);
+    free(pool->starts);
+    free(pool->chunk_state);
+    free_aligned(pool->buffers);
+    free(pool);
+}
+
+static void pool_run(ThreadPool *pool, ChunkFunction run, const void *args, size_t args_size, int n_chunks,
+                     int chunk_len, float *out, size_t out_len) {
+    if (args_size > POOL_ARGS_MAX || n_chunks < 0 || chunk_len < 1 || (size_t)n_chunks > out_len)
+        die("internal error: pool_run(%zu bytes of arguments, %d chunks of %d)", args_size, n_chunks, chunk_len);
+    if (pool_threads(pool) == 1 || n_chunks == 1) {  // no other thread: straight into the output
+        for (int c = 0; c < n_chunks; c++) run(args, c, out + (size_t)c * chunk_len, 0);
+        return;
+    }
+    if (out_len > pool->max_len || (size_t)chunk_len > pool->max_len)
+        die("internal error: pool_run writes %zu values, the pool holds %zu", out_len, pool->max_len);
+    const uint64_t seq = atomic_load_explicit(&pool->sequence, memory_order_relaxed), generation = seq / 2 + 1;
+    atomic_store_explicit(&pool->sequence, seq + 1, memory_order_relaxed);  // odd: the job is changing
+    atomic_thread_fence(memory_order_release);
+    pool->job.run = run;
+    memcpy(pool->job.args, args, args_size);
+    pool->job.n_chunks = n_chunks;
+    pool->job.chunk_len = chunk_len;
+    pool->job.out = out;
+    pool->job.out_len = out_len;
+    atomic_store_explicit(&pool->next_chunk, (generation & 0xffffffffu) << 32, memory_order_relaxed);
+    atomic_store(&pool->sequence, seq + 2);  // even: published (sequentially consistent, then ...)
+    if (atomic_load(&pool->n_sleeping) > 0) {  // ... n_sleeping: a thread going to sleep sees one or the other
+        pthread_mutex_lock(&pool->mutex);
+        pthread_cond_broadcast(&pool->wake);
+        pthread_mutex_unlock(&pool->mutex);
+    }
+    pool_work(pool, &pool->job, generation, 0);
+}

@@ -1031,6 +1031,92 @@ static int same_top_k(Candidate *cand, const Candidate *sorted, int k) {
     return 1;
 }
 
+/* ---- the thread pool of a generated token (Appendix C) ------------------------------- */
+
+/* A pool_run job for the tests: chunk c of out_len values holds base + its indices. With
+ * stall set, the first chunk thread 1 takes stops until the caller's pool_run has returned
+ * (and then produces NaNs, which must never reach the output); the caller's first chunk
+ * waits until thread 1 is stalled, so a stalled chunk is there to be taken over. */
+typedef struct {
+    float base;
+    int chunk_len, stall;
+    size_t out_len;
+} PoolTestJob;
+
+static _Atomic int g_pool_stalled, g_pool_released, g_pool_late_done;
+
+static void sleep_ms(int ms) {
+    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+static void pool_test_chunk(const void *args, int chunk, float *buffer, int thread) {
+    const PoolTestJob *job = args;
+    const size_t first = (size_t)chunk * job->chunk_len;
+    const size_t len = job->out_len - first < (size_t)job->chunk_len ? job->out_len - first : (size_t)job->chunk_len;
+    if (job->stall && thread == 1 && !atomic_exchange(&g_pool_stalled, 1)) {
+        for (int i = 0; i < 10000 && !atomic_load(&g_pool_released); i++) sleep_ms(1);  // 10 s at most
+        for (size_t i = 0; i < len; i++) buffer[i] = NAN;
+        atomic_store(&g_pool_late_done, 1);
+        return;
+    }
+    if (job->stall && thread == 0)
+        for (int i = 0; i < 10000 && !atomic_load(&g_pool_stalled); i++) sleep_ms(1);
+    for (size_t i = 0; i < len; i++) buffer[i] = job->base + (float)(first + i);
+}
+
+/* Whether out[0 .. n) holds base + its indices. */
+static int pool_output_ok(const float *out, size_t n, float base) {
+    for (size_t i = 0; i < n; i++)
+        if (out[i] != base + (float)i) return 0;
+    return 1;
+}
+
+static void test_pool(void) {
+    const int before = g_failed;
+    enum { MAX_LEN = 5000 };
+    float *out = xmalloc(MAX_LEN * sizeof(float)), *other = xmalloc(MAX_LEN * sizeof(float));
+    // Every chunk lands once, whatever the threads, chunk counts and a short last chunk.
+    for (int n_threads = 1; n_threads <= 4; n_threads++) {
+        ThreadPool *pool = pool_create(n_threads, MAX_LEN);
+        static const int lens[] = {1, 3, 16, 80, 999, 5000};
+        for (size_t li = 0; li < sizeof(lens) / sizeof(lens[0]); li++)
+            for (int chunk_len = 1; chunk_len <= lens[li]; chunk_len = chunk_len * 3 + 1) {
+                const PoolTestJob job = {(float)(li * 7 + chunk_len), chunk_len, 0, (size_t)lens[li]};
+                for (int i = 0; i < MAX_LEN; i++) out[i] = -1.0f;
+                pool_run(pool, pool_test_chunk, &job, sizeof(job), (lens[li] + chunk_len - 1) / chunk_len, chunk_len,
+                         out, (size_t)lens[li]);
+                check(pool_output_ok(out, (size_t)lens[li], job.base) && out[lens[li] < MAX_LEN ? lens[li] : 0] ==
+                      (lens[li] < MAX_LEN ? -1.0f : job.base), "pool_run: %d threads, %d values in chunks of %d",
+                      n_threads, lens[li], chunk_len);
+            }
+        pool_destroy(pool);
+    }
+    check(pool_threads(NULL) == 1, "pool_threads(NULL) is 1");
+    // A stalled thread: pool_run returns without it, and its late result never lands.
+    ThreadPool *pool = pool_create(2, MAX_LEN);
+    const PoolTestJob stalled = {0.5f, 100, 1, 4000};
+    pool_run(pool, pool_test_chunk, &stalled, sizeof(stalled), 40, 100, out, 4000);
+    check(atomic_load(&g_pool_stalled) && !atomic_load(&g_pool_late_done),
+          "pool_run returned while thread 1 was stalled holding a chunk (stalled %d, late result %d)",
+          atomic_load(&g_pool_stalled), atomic_load(&g_pool_late_done));
+    check(pool_output_ok(out, 4000, 0.5f), "pool_run: a stalled thread's chunk was computed by another");
+    atomic_store(&g_pool_released, 1);
+    for (int i = 0; i < 10000 && !atomic_load(&g_pool_late_done); i++) sleep_ms(1);
+    check(atomic_load(&g_pool_late_done), "the stalled thread went on after its release");
+    const PoolTestJob next = {2.0f, 7, 0, 3000};  // the late thread rejoins for the next job
+    for (int rep = 0; rep < 50; rep++) {
+        pool_run(pool, pool_test_chunk, &next, sizeof(next), 429, 7, other, 3000);
+        check(pool_output_ok(other, 3000, 2.0f), "pool_run after a stall, run %d", rep);
+    }
+    pool_destroy(pool);  // joins the threads: nothing can write after this
+    check(pool_output_ok(out, 4000, 0.5f), "the stalled thread's late (NaN) result did not reach the output");
+    free(out);
+    free(other);
+    printf("%s thread pool: every chunk once, for 1-4 threads; a stalled thread's chunk taken over, its late "
+           "result dropped\n", g_failed == before ? "ok  " : "FAIL");
+}
+
 /* select_top_k against a full qsort with compare_candidates on arrays with many ties
  * (probabilities from a few distinct values, zeros included), so the k-th place is
  * usually contested and only the id decides it. */
@@ -1343,6 +1429,7 @@ int main(int argc, char **argv) {
     test_f16();
     test_attention();
     test_top_k();
+    test_pool();
 #ifdef _OPENMP
     // Uneven thread splits: 3 threads over row tiles that do not divide evenly.
     omp_set_num_threads(3);

@@ -27,7 +27,8 @@ def test_kernels_match_scalar_twins():
     # every kernel family of the build reported ok
     for family in ("quantization", "matmul_f32_scalar", "matmul_q8_scalar", "matmul_q4_scalar",
                    "matmul dispatch", "f16 conversion", "f32_to_f16_row", "f16_to_f32_row", "dot_f32_f16",
-                   "attention_blocked (kv f32)", "attention_blocked (kv f16)", "select_top_k"):
+                   "attention_blocked (kv f32)", "attention_blocked (kv f16)", "select_top_k",
+                   "thread pool"):
         assert any(line.startswith("ok") and family in line for line in lines), f"no ok line for {family}:\n{p.out}"
     # AMX: checked, or said plainly why not; on a CPU with AMX a native build must check it
     amx_ok = any(line.startswith("ok") and "matmul_q8_amx" in line for line in lines)
