@@ -979,7 +979,7 @@ static const char *kv_type_name(int kv_type) { return kv_type == KV_F16 ? "f16" 
 typedef struct {
     int max_batch;          // positions per forward call
     int ctx;                // positions the KV cache holds (<= max_seq_len)
-    int n_threads;          // attention scratch rows
+    int n_threads;          // threads: the pool's (Appendix C), OpenMP's; attention scratch rows
     float *x;               // [max_batch, hidden] residual stream
     float *h;               // [max_batch, hidden] LayerNorm output, input of attention and MLP
     float *qkv;             // [max_batch, 3*hidden] queries, keys, values
@@ -1021,12 +1021,13 @@ static int max_threads(void) {
 #endif
 }
 
-static void init_state(RunState *s, const Config *c, int ctx, int max_batch, int kv_type, int all_logits) {
+static void init_state(RunState *s, const Config *c, int ctx, int max_batch, int kv_type, int all_logits,
+                       int n_threads) {
     const size_t H = (size_t)c->hidden_dim, F = (size_t)c->ffn_dim, B = (size_t)max_batch;
     memset(s, 0, sizeof(*s));
     s->max_batch = max_batch;
     s->ctx = ctx;
-    s->n_threads = max_threads();
+    s->n_threads = n_threads > max_threads() ? n_threads : max_threads();  // (OpenMP's at least)
     size_t widest_out = (size_t)c->vocab_size > 3 * H ? (size_t)c->vocab_size : 3 * H;  // pool_run's largest chunk
     s->kern.pool = pool_create(s->n_threads, widest_out > F ? widest_out : F);
     s->x = xmalloc_aligned(mul_size(B * H, sizeof(float)));
@@ -1581,7 +1582,7 @@ typedef struct {
     int seed_given;
     int ctx;                    // 0: the model's max_seq_len
     int batch;                  // prompt positions per forward pass
-    int n_threads;              // 0: the default (count_fast_cores)
+    int n_threads;              // -t; then main sets the default (count_fast_cores)
     const char *threads_why;    // set by main: why this many threads ("-t", "performance cores", ...)
     int use_mmap;               // 1: --mmap, 0: --no-mmap, -1: read into memory if it fits, else map
     int kv_type;                // KV_F32, KV_F16, or -1: the model's default (default_kv_type)
@@ -1811,7 +1812,8 @@ static void perplexity(const Model *m, const Options *opt, int ctx) {
     }
 
     RunState s;
-    init_state(&s, &m->config, ctx, opt->batch, opt->kv_type >= 0 ? opt->kv_type : default_kv_type(&m->config), 1);
+    init_state(&s, &m->config, ctx, opt->batch, opt->kv_type >= 0 ? opt->kv_type : default_kv_type(&m->config), 1,
+               opt->n_threads);
     double *logprobs = xmalloc(mul_size((size_t)V, sizeof(double)));
     float *row_f32 = xmalloc(mul_size((size_t)V, sizeof(float)));
     MeanEstimate nll = {0}, base_nll = {0}, kl = {0};
@@ -2086,7 +2088,7 @@ static void print_timings(Generator *g, const char *stop_reason, double t_load) 
             "(%.1f GB/s of weights) | %d threads (%s) | KV cache %s, %.1f MB | %s\n",
             t_load, m->mapped ? "mapped" : "in memory", g->n_prefilled,
             g->t_prefill > 0 ? g->n_prefilled / g->t_prefill : 0.0, g->n_generated, gen_tps,
-            gen_tps * (double)m->weight_bytes * 1e-9, max_threads(), g->opt->threads_why,
+            gen_tps * (double)m->weight_bytes * 1e-9, g->s->n_threads, g->opt->threads_why,
             kv_type_name(g->s->kv_type), (double)g->s->kv_bytes * 1e-6, kernels);
 }
 
@@ -2398,18 +2400,22 @@ int main(int argc, char **argv) {
     // Threads: -t, else OMP_NUM_THREADS, else one per fast core. Decode is bound by memory
     // bandwidth, which a few cores saturate: a second thread on a core's SMT sibling or an
     // efficiency core adds little bandwidth and makes a slow thread for the others to wait on.
-#ifdef _OPENMP
+    // The pool (Appendix C) runs generated tokens on them; OpenMP runs prompt batches, on one
+    // thread in a build without it.
     if (opt.n_threads > 0) {
-        omp_set_num_threads(opt.n_threads);
         opt.threads_why = "-t";
+#ifdef _OPENMP
     } else if (getenv("OMP_NUM_THREADS")) {
+        opt.n_threads = omp_get_max_threads();
         opt.threads_why = "OMP_NUM_THREADS";
+#endif
     } else {
-        omp_set_num_threads(count_fast_cores(&opt.threads_why));
+        opt.n_threads = count_fast_cores(&opt.threads_why);
     }
+#ifdef _OPENMP
+    omp_set_num_threads(opt.n_threads);
 #else
-    if (opt.n_threads > 1) fprintf(stderr, "phi2: built without OpenMP, running on 1 thread\n");
-    opt.threads_why = "built without OpenMP";
+    if (opt.n_threads > 1) opt.threads_why = "prompts on 1: built without OpenMP";
 #endif
 
     double t_load = now_seconds();
@@ -2434,7 +2440,7 @@ int main(int argc, char **argv) {
         if (ctx > c->max_seq_len) die("--ctx-size %d exceeds the model's maximum of %d", ctx, c->max_seq_len);
         if (n_prompt >= ctx) die("the prefix is %d tokens, leaving no room in the context of %d tokens", n_prompt, ctx);
         RunState state;
-        init_state(&state, c, ctx, opt.batch, opt.kv_type >= 0 ? opt.kv_type : default_kv_type(c), 0);
+        init_state(&state, c, ctx, opt.batch, opt.kv_type >= 0 ? opt.kv_type : default_kv_type(c), 0, opt.n_threads);
         t_load = now_seconds() - t_load;
         status = interactive(&model, &state, &opt, prompt, n_prompt, ctx, t_load);
         free_state(&state);
@@ -2456,7 +2462,7 @@ int main(int argc, char **argv) {
         int cache_len = needed < ctx ? (int)needed : ctx;
         RunState state;
         init_state(&state, c, cache_len, opt.batch, opt.kv_type >= 0 ? opt.kv_type : default_kv_type(c),
-                   opt.dump_logits || opt.trace);
+                   opt.dump_logits || opt.trace, opt.n_threads);
         t_load = now_seconds() - t_load;
 
         if (opt.dump_logits) dump_prompt(&model, &state, prompt, n_prompt, opt.dump_logits, 0);
@@ -5014,16 +5020,15 @@ static void setup_process(int *argc, char ***argv) {
 static FILE *fopen_path(const char *path, const char *mode) { return fopen(path, mode); }
 
 /* Between two parallel loops OpenMP's idle threads spin by default before they sleep
- * (GCC's libgomp for about 3 ms, LLVM's libomp for 200 ms). A forward pass has 161 parallel
- * loops per generated token, so they spin all the time, and on a core that another program
- * is using a spinning thread burns its time slices waiting: the scheduler then lets it run
- * late, and every parallel loop waits for it. Measured with a busy core (README, Speed):
- * 2 threads spinning ran at a seventh of 1 thread's speed; sleeping, at 2.5 to 3 times it.
- * Sleeping at once costs a wake-up per loop, though: on an idle machine 10-18% of decode.
- * So GCC builds (libgomp) spin briefly, GOMP_SPINCOUNT=1000 (tens of microseconds, enough
- * to catch the next loop of a token), then sleep: measured on 2 Zen 5 cores, q4 decode idle
- * 25.4-26.7 tok/s (spinning 25.8-28.0, sleeping at once 22.8-23.3), and with a busy core
- * 13.6 (sleeping at once 14.7). LLVM's libomp counts in milliseconds: it sleeps at once
+ * (GCC's libgomp for about 3 ms, LLVM's libomp for 200 ms), and on a core that another
+ * program is using a spinning thread burns its time slices waiting: the scheduler then lets
+ * it run late, and the parallel loop waits for it. OpenMP runs the prompt's batches (a
+ * generated token's steps run on the pool of Appendix C, whose threads spin for
+ * POOL_SPIN_SECONDS, then sleep). Before the pool, decode ran 161 OpenMP loops per token;
+ * measured then, on 2 Zen 5 cores, q4 decode idle 25.4-26.7 tok/s with a short spin
+ * (GOMP_SPINCOUNT=1000, tens of microseconds), 25.8-28.0 spinning, 22.8-23.3 sleeping at
+ * once; with a busy core 13.6, and 14.7 sleeping at once. So GCC builds (libgomp) spin
+ * briefly, then sleep; LLVM's libomp counts in milliseconds: it sleeps at once
  * (OMP_WAIT_POLICY=passive). The runtimes read these from the environment: libomp when
  * first used, libgomp when the program starts, so with libgomp (GCC on Linux) we start the
  * program again with it set (same process, same arguments). A policy the user set wins

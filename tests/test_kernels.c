@@ -942,7 +942,7 @@ static void test_attention_one(int kv_type, int head_dim, int n_heads, int pos0,
     const int H = c.hidden_dim, n_pos = pos0 + n_tokens;
     const float value_max = 3.0f;  // values in [-3, 3): so is every output, a weighted average of them
     RunState s;
-    init_state(&s, &c, n_pos, n_tokens, kv_type, 0);
+    init_state(&s, &c, n_pos, n_tokens, kv_type, 0, max_threads());
     float *row = xmalloc((size_t)head_dim * sizeof(float));
     for (int l = 0; l < c.n_layers; l++)
         for (int h = 0; h < n_heads; h++)
@@ -1255,7 +1255,7 @@ static void bench_attention(int kv_type, int batch) {
                          .head_dim = 80, .rot_dim = 32, .rope_theta = 10000.0f, .norm_eps = 1e-5f},
                    .depth = env ? atoi(env) : 1900, .batch = batch};
     if (a.depth < batch || a.depth > 1 << 16) die("BENCH_DEPTH must be in [%d, 65536]", batch);
-    init_state(&a.s, &a.c, a.depth + 1, batch, kv_type, 0);
+    init_state(&a.s, &a.c, a.depth + 1, batch, kv_type, 0, max_threads());
     for (int i = 0; i < batch * 3 * a.c.hidden_dim; i++) a.s.qkv[i] = frand();
     float *row = xmalloc((size_t)a.c.head_dim * sizeof(float));
     for (int l = 0; l < a.c.n_layers; l++)
