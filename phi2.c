@@ -20,6 +20,8 @@
  *                         and the vectorized softmax decode uses
  *   B. platform           memory mapping, huge pages, the AMX permission request; the
  *                         Windows versions of these (MinGW-w64, make windows)
+ *   C. threads            the pool that runs a generated token's steps, and takes over a
+ *                         chunk whose thread has stalled (a busy core) instead of waiting
  *
  * Phi-2 in one paragraph: tokens are embedded (no position embedding); each of the 32
  * layers normalizes the residual stream once and feeds the SAME normalized vector to
