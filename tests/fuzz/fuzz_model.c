@@ -70,7 +70,7 @@ static void run_model(const Model *m, const int *ids, size_t n_ids) {
     if (n > ctx) n = ctx;
     RunState s;
     memset(&s, 0, sizeof(s));
-    init_state(&s, c, ctx, 2, default_kv_type(c), 0);
+    init_state(&s, c, ctx, 2, default_kv_type(c), 0, 1);
     for (int pos = 0; pos < n; pos += 2) forward(m, &s, tokens + pos, n - pos < 2 ? n - pos : 2, pos, 0);
     int n_valid = m->tokenizer.n_tokens < c->vocab_size ? m->tokenizer.n_tokens : c->vocab_size;
     Candidate *cand = malloc((size_t)n_valid * sizeof(Candidate));
