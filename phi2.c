@@ -595,6 +595,20 @@ static void layernorm(float *out, const float *x, const float *weight, const flo
  * scalar twins below take rows in chunks of SCALAR_ROWS_PER_CHUNK. */
 enum { CHUNKS_PER_THREAD = 8, CHUNK_MIN_BYTES = 64 << 10, SCALAR_ROWS_PER_CHUNK = 16 };
 
+/* Tiles (of bytes_per_tile weights each) per chunk, for n_threads threads. */
+static int tiles_per_chunk(int n_tiles, size_t bytes_per_tile, int n_threads) {
+    int tiles = n_tiles / (n_threads * CHUNKS_PER_THREAD);
+    const size_t min_tiles = (CHUNK_MIN_BYTES + bytes_per_tile - 1) / (bytes_per_tile ? bytes_per_tile : 1);
+    if ((size_t)tiles < min_tiles) tiles = min_tiles < (size_t)n_tiles ? (int)min_tiles : n_tiles;
+    return tiles > 0 ? tiles : 1;
+}
+
+/* Bytes of one row of W's weights (not counting the scales). */
+static size_t matrix_row_bytes(const Matrix *W) {
+    const size_t cols = (size_t)W->cols;
+    return W->type == WEIGHTS_F32 ? cols * sizeof(float) : W->type == WEIGHTS_Q8 ? cols : cols / 2;
+}
+
 /* --- float32 matrix product: out[t, r] = sum_c W[r, c] * in[t, c] + bias[r] ------------ */
 
 MAYBE_UNUSED static void matmul_f32_scalar(float *out, const float *in, const Matrix *W, const float *bias, int n_tokens) {
@@ -922,16 +936,11 @@ static void product_rows(const void *args, int chunk, float *buffer, int thread)
     product(buffer, job->in, &job->k->xq, &rows, job->bias + r0, 1, job->k);
 }
 
-/* Rows per chunk for one token: CHUNKS_PER_THREAD chunks per thread of at least
- * CHUNK_MIN_BYTES each, a multiple of 16 rows (every kernel's tile height divides it). */
+/* Rows per chunk for one token: tiles_per_chunk with tiles of 16 rows (every kernel's tile
+ * height divides 16). */
 static int rows_per_chunk(const Matrix *W, int n_threads) {
-    const size_t row_bytes = W->type == WEIGHTS_F32 ? (size_t)W->cols * sizeof(float)
-                             : W->type == WEIGHTS_Q8 ? (size_t)W->cols : (size_t)W->cols / 2;
-    size_t rows = (size_t)W->rows / ((size_t)n_threads * CHUNKS_PER_THREAD);
-    const size_t min_rows = (CHUNK_MIN_BYTES + row_bytes - 1) / (row_bytes ? row_bytes : 1);
-    if (rows < min_rows) rows = min_rows;
-    rows = (rows + 15) / 16 * 16;
-    return rows < (size_t)W->rows ? (int)rows : W->rows;
+    const int rows = 16 * tiles_per_chunk((W->rows + 15) / 16, 16 * matrix_row_bytes(W), n_threads);
+    return rows < W->rows ? rows : W->rows;
 }
 
 /* The matrix product the forward pass calls: float weights directly; int8 and 4-bit weights
@@ -2529,20 +2538,8 @@ int main(int argc, char **argv) {
 #endif
 #endif
 
-/* Work sharing for a batch (see "Work sharing" in section 3): chunks of row tiles, claimed
- * from a shared counter by OpenMP's threads. */
-
-MAYBE_UNUSED static int tiles_per_chunk(int n_tiles, size_t bytes_per_tile) {
-#ifdef _OPENMP
-    const int n_threads = omp_get_max_threads();
-#else
-    const int n_threads = 1;
-#endif
-    int tiles = n_tiles / (n_threads * CHUNKS_PER_THREAD);
-    const size_t min_tiles = (CHUNK_MIN_BYTES + bytes_per_tile - 1) / (bytes_per_tile ? bytes_per_tile : 1);
-    if ((size_t)tiles < min_tiles) tiles = min_tiles < (size_t)n_tiles ? (int)min_tiles : n_tiles;
-    return tiles > 0 ? tiles : 1;
-}
+/* Work sharing for a batch (see "Work sharing" in section 3): chunks of row tiles
+ * (tiles_per_chunk), claimed from a shared counter by OpenMP's threads. */
 
 /* The next unclaimed chunk (numbers past the last mean: none left). Each call takes one. */
 MAYBE_UNUSED static int claim_chunk(int *next_chunk) {
@@ -2700,7 +2697,7 @@ static void matmul_f32_blocked(float *out, const float *in, const Matrix *W, con
         f32_blocked_rows(out, in, W, bias, 1, tile, RT, TT, 0, rows);
         return;
     }
-    const int n_tiles = (rows + RT - 1) / RT, chunk_tiles = tiles_per_chunk(n_tiles, (size_t)RT * W->cols * sizeof(float));
+    const int n_tiles = (rows + RT - 1) / RT, chunk_tiles = tiles_per_chunk(n_tiles, RT * matrix_row_bytes(W), max_threads());
     const int n_chunks = (n_tiles + chunk_tiles - 1) / chunk_tiles;
     int next_chunk = 0;
 #pragma omp parallel
@@ -2845,7 +2842,7 @@ static void matmul_f32_panels(float *out, const float *in, const Matrix *W, cons
                 for (int c = c0; c < c1; c++) dst[(size_t)c * T + t] = in[(size_t)(t0 + t) * cols + c];
         }
     }
-    const int n_panels = (rows + PR - 1) / PR, chunk_panels = tiles_per_chunk(n_panels, (size_t)PR * cols * sizeof(float));
+    const int n_panels = (rows + PR - 1) / PR, chunk_panels = tiles_per_chunk(n_panels, PR * matrix_row_bytes(W), max_threads());
     const int n_chunks = (n_panels + chunk_panels - 1) / chunk_panels;
     int next_chunk = 0;
 #pragma omp parallel
@@ -3487,8 +3484,7 @@ static void matmul_int8_tiled(float *out, const QuantizedRows *in, const Matrix 
         int8_tiled_rows(out, in, W, bias, 1, tile, RT, TT, 0, rows);
         return;
     }
-    const size_t row_bytes = W->type == WEIGHTS_Q4 ? (size_t)W->cols / 2 : (size_t)W->cols;
-    const int n_tiles = (rows + RT - 1) / RT, chunk_tiles = tiles_per_chunk(n_tiles, (size_t)RT * row_bytes);
+    const int n_tiles = (rows + RT - 1) / RT, chunk_tiles = tiles_per_chunk(n_tiles, RT * matrix_row_bytes(W), max_threads());
     const int n_chunks = (n_tiles + chunk_tiles - 1) / chunk_tiles;
     int next_chunk = 0;
 #pragma omp parallel
@@ -3800,8 +3796,8 @@ static void matmul_int8_panels(float *out, const QuantizedRows *in, const Matrix
             for (size_t i = (size_t)t * cols; i < (size_t)(t + 1) * cols; i++) xu[i] = (uint8_t)in->q[i] ^ 0x80;
         x = xu;
     }
-    const size_t row_bytes = q4 ? (size_t)cols / 2 : (size_t)cols;
-    const int n_panels = (rows + PANEL_ROWS - 1) / PANEL_ROWS, chunk_panels = tiles_per_chunk(n_panels, PANEL_ROWS * row_bytes);
+    const size_t row_bytes = matrix_row_bytes(W);
+    const int n_panels = (rows + PANEL_ROWS - 1) / PANEL_ROWS, chunk_panels = tiles_per_chunk(n_panels, PANEL_ROWS * row_bytes, max_threads());
     const int n_chunks = (n_panels + chunk_panels - 1) / chunk_panels;
     int next_chunk = 0;
 #pragma omp parallel
@@ -3998,7 +3994,7 @@ static void matmul_q8_amx(float *out, const QuantizedRows *in, const Matrix *W, 
         }
 
     const int n_rb = rows / 16, rest = rows % 16;
-    const int chunk_blocks = tiles_per_chunk(n_rb, (size_t)16 * cols), n_chunks = (n_rb + chunk_blocks - 1) / chunk_blocks;
+    const int chunk_blocks = tiles_per_chunk(n_rb, (size_t)16 * cols, max_threads()), n_chunks = (n_rb + chunk_blocks - 1) / chunk_blocks;
     int next_chunk = 0;
 #pragma omp parallel
     {
