@@ -887,6 +887,49 @@ static void test_f16(void) {
         printf("%s %s: against double-precision sums, %zu lengths\n", g_failed == before ? "ok  " : "FAIL",
                kernels[k].name, sizeof(lengths) / sizeof(*lengths));
     }
+
+    // A head's scores and weighted sum over n_pos f16 rows (head_dim 80, Phi-2's, takes the
+    // F16C head kernels; 64 the per-row loop), against double precision.
+    static const int head_dims[] = {80, 64}, positions[] = {1, 7, 8, 9, 16, 17, 100, 1901};
+    before = g_failed;
+    for (size_t hi = 0; hi < sizeof(head_dims) / sizeof(*head_dims); hi++)
+        for (size_t pi = 0; pi < sizeof(positions) / sizeof(*positions); pi++)
+            for (int twin = 0; twin < 2; twin++) {
+                const int hd = head_dims[hi], n_pos = positions[pi];
+                float *q = guarded_alloc((size_t)hd * sizeof(float)), *out = guarded_alloc((size_t)hd * sizeof(float));
+                float *score = guarded_alloc((size_t)n_pos * sizeof(float));
+                float *weight = guarded_alloc((size_t)n_pos * sizeof(float));
+                uint16_t *cache_rows = guarded_alloc((size_t)n_pos * hd * sizeof(uint16_t));
+                for (int i = 0; i < hd; i++) q[i] = frand() * 4.0f, out[i] = NAN;  // out: overwritten
+                for (int i = 0; i < n_pos * hd; i++) cache_rows[i] = f16_from_f32(frand() * (i % 7 == 0 ? 1e-5f : 8.0f));
+                for (int p = 0; p < n_pos; p++) weight[p] = frand() * 0.5f + 0.5f;
+                const float scale = 0.111803f;
+                if (twin) scores_f16_scalar(score, q, cache_rows, n_pos, hd, scale), weighted_sum_f16_scalar(out, weight, cache_rows, n_pos, hd);
+                else scores_f16(score, q, cache_rows, n_pos, hd, scale), weighted_sum_f16(out, weight, cache_rows, n_pos, hd);
+                int wrong = 0;
+                for (int p = 0; p < n_pos; p++) {
+                    double exact = 0.0, mag = 0.0;
+                    for (int i = 0; i < hd; i++) {
+                        exact += (double)q[i] * f16_value(cache_rows[(size_t)p * hd + i]);
+                        mag += fabs((double)q[i] * f16_value(cache_rows[(size_t)p * hd + i]));
+                    }
+                    wrong += !(fabs(score[p] - exact * scale) <= 1e-6 * mag * scale + 1e-30);
+                }
+                for (int i = 0; i < hd; i++) {
+                    double exact = 0.0, mag = 0.0;
+                    for (int p = 0; p < n_pos; p++) {
+                        exact += (double)weight[p] * f16_value(cache_rows[(size_t)p * hd + i]);
+                        mag += fabs((double)weight[p] * f16_value(cache_rows[(size_t)p * hd + i]));
+                    }
+                    wrong += !(fabs(out[i] - exact) <= 2e-6 * mag + 1e-30);
+                }
+                check(wrong == 0, "%s head_dim %d, %d positions: %d of the scores and outputs off",
+                      twin ? "scores_f16_scalar / weighted_sum_f16_scalar" : "scores_f16 / weighted_sum_f16", hd, n_pos,
+                      wrong);
+                guarded_free_all();
+            }
+    printf("%s scores_f16 / weighted_sum_f16 and their scalar twins: against double precision, head_dim 80 and 64\n",
+           g_failed == before ? "ok  " : "FAIL");
 }
 
 /* ---- attention over a batch: attention_blocked against attention() ------------------ */
