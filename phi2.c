@@ -4172,9 +4172,12 @@ MAYBE_UNUSED static void axpy_f16_f16c(float *out, float w, const uint16_t *v, i
  * sum: the head's 80 outputs stay in 10 registers across all positions instead of being
  * loaded and stored once per position. At depth 1900 on one Zen 1 core (f16 cache, 32 layers
  * x 32 heads, test_kernels --bench attn_f16) a token's attention took 104-113 -> 80-89 ms
- * against per-row dot_f32_f16_f16c / axpy_f16_f16c calls; what remains is mostly the
- * conversions (20 vcvtph2ps per position and head, each two halves on Zen 1). */
+ * against per-row dot_f32_f16_f16c / axpy_f16_f16c calls, interleaved; what remains is mostly the conversions (20 vcvtph2ps per position and head, each two
+ * halves on Zen 1). */
 enum { F16C_HEAD_VECTORS = 10 };  // head_dim 80: the head kernels' one shape (others: per row)
+/* Both prefetch this far ahead in the head's keys or values: 101-106 -> 80-83 ms per token
+ * in the measurement above, another run, interleaved (4096 bytes: no better). */
+enum { KV_PREFETCH_BYTES = 2048 };
 
 MAYBE_UNUSED static void scores_f16_f16c(float *score, const float *q, const uint16_t *keys, int n_pos, float scale) {
     const int hd = 8 * F16C_HEAD_VECTORS;
@@ -4183,6 +4186,8 @@ MAYBE_UNUSED static void scores_f16_f16c(float *score, const float *q, const uin
     for (; p + 8 <= n_pos; p += 8) {
         __m256 acc[8];
         for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+        const char *block = (const char *)(keys + (size_t)p * hd);
+        for (int line = 0; line < 8 * hd * 2; line += 64) _mm_prefetch(block + KV_PREFETCH_BYTES + line, _MM_HINT_T0);
         for (int i = 0; i < F16C_HEAD_VECTORS; i++) {
             const __m256 qi = _mm256_loadu_ps(q + 8 * i);
             for (int j = 0; j < 8; j++)
@@ -4203,6 +4208,10 @@ MAYBE_UNUSED static void weighted_sum_f16_f16c(float *out, const float *weight, 
     for (int i = 0; i < F16C_HEAD_VECTORS; i++) acc[i] = _mm256_setzero_ps();
     for (int p = 0; p < n_pos; p++) {
         const __m256 w = _mm256_broadcast_ss(weight + p);
+        if (p % 2 == 0) {  // two positions' values: 320 bytes, 5 lines
+            const char *pair = (const char *)(values + (size_t)p * hd);
+            for (int line = 0; line < 2 * hd * 2; line += 64) _mm_prefetch(pair + KV_PREFETCH_BYTES + line, _MM_HINT_T0);
+        }
         for (int i = 0; i < F16C_HEAD_VECTORS; i++)
             acc[i] = _mm256_fmadd_ps(w, load8_f16(values + (size_t)p * hd + 8 * i), acc[i]);
     }
