@@ -4172,8 +4172,8 @@ MAYBE_UNUSED static void axpy_f16_f16c(float *out, float w, const uint16_t *v, i
  * sum: the head's 80 outputs stay in 10 registers across all positions instead of being
  * loaded and stored once per position. At depth 1900 on one Zen 1 core (f16 cache, 32 layers
  * x 32 heads, test_kernels --bench attn_f16) a token's attention took 104-113 -> 80-89 ms
- * against per-row dot_f32_f16_f16c / axpy_f16_f16c calls, interleaved; what remains is mostly the conversions (20 vcvtph2ps per position and head, each two
- * halves on Zen 1). */
+ * against per-row dot_f32_f16_f16c / axpy_f16_f16c calls, interleaved; what remains is
+ * mostly the conversions (20 vcvtph2ps per position and head, each two halves on Zen 1). */
 enum { F16C_HEAD_VECTORS = 10 };  // head_dim 80: the head kernels' one shape (others: per row)
 /* Both prefetch this far ahead in the head's keys or values: 101-106 -> 80-83 ms per token
  * in the measurement above, another run, interleaved (4096 bytes: no better). */
