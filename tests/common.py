@@ -71,6 +71,17 @@ def remove_work():
     _persistent.clear()
 
 
+def same_for_every_build(test):
+    """Marks a test whose outcome cannot depend on the build under test (PHI2_BIN,
+    KERNEL_TEST_BIN): it runs only Python scripts, or binaries that every build's run shares
+    (build/tokenizer_tool, or an engine it compiles itself with the Makefile's command).
+    `make test` runs it; the runs of the other builds (sanitizers, clang, portable) pass
+    tests/run.py --engine-only, which leaves it out and says how many it left. A module whose
+    every test is such a test says so with SAME_FOR_EVERY_BUILD = True."""
+    test.same_for_every_build = True
+    return test
+
+
 def run(cmd, check=True, timeout=600, input=None):
     """Run cmd (list); return CompletedProcess with text stdout/stderr. check: require exit 0."""
     p = subprocess.run(cmd, capture_output=True, timeout=timeout, input=input)

@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """Minimal test runner: runs every `test_*` function of every `tests/test_*.py` module.
 
-Usage: tests/run.py [-k SUBSTRING] [--skip MODULE.TEST ...] [MODULE ...]
+Usage: tests/run.py [-k SUBSTRING] [--skip MODULE.TEST ...] [--engine-only] [MODULE ...]
 Each test is a plain function that raises (usually AssertionError) on failure. The last
 line printed is "N passed, N failed". Exit status is non-zero if any test failed or if no
 test ran. --skip (repeatable) leaves out one test by its full name, e.g. for a platform it
-cannot apply to; each one left out is printed as "skip". Environment: PHI2_BIN selects the engine
+cannot apply to; each one left out is printed as "skip". --engine-only leaves out the tests
+whose outcome cannot depend on the build under test (common.same_for_every_build): for the
+runs of further builds after `make test`; their count is printed. Environment: PHI2_BIN selects the engine
 binary (default ./phi2); PHI2_TEST_WORK the test-data folder; PHI2_TEST_KEEP=1 keeps that folder
 after a run that passed (a failed run always keeps it).
 """
@@ -25,14 +27,19 @@ def main():
     args = sys.argv[1:]
     pattern = None
     skip = set()
-    while len(args) >= 2 and args[0] in ("-k", "--skip"):
+    engine_only = False
+    while args and args[0] == "--engine-only" or len(args) >= 2 and args[0] in ("-k", "--skip"):
+        if args[0] == "--engine-only":
+            engine_only = True
+            args = args[1:]
+            continue
         if args[0] == "-k":
             pattern = args[1]
         else:
             skip.add(args[1])
         args = args[2:]
     modules = args or sorted(f[:-3] for f in os.listdir(HERE) if f.startswith("test_") and f.endswith(".py"))
-    passed = failed = 0
+    passed = failed = same_for_every_build = 0
     t_start = time.time()
     for mod_name in modules:
         mod_name = os.path.basename(mod_name)
@@ -45,6 +52,10 @@ def main():
         for name, fn in tests:
             full = f"{mod_name}.{name}"
             if pattern and pattern not in full:
+                continue
+            if engine_only and (getattr(mod, "SAME_FOR_EVERY_BUILD", False)
+                                or getattr(fn, "same_for_every_build", False)):
+                same_for_every_build += 1
                 continue
             if full in skip:
                 skip.discard(full)
@@ -65,6 +76,9 @@ def main():
     for name in sorted(skip):  # a --skip that matched nothing: a renamed test, say so
         failed += 1
         print(f"FAIL --skip {name}: no such test", flush=True)
+    if same_for_every_build:
+        print(f"# --engine-only: left out {same_for_every_build} tests that do not depend on the build "
+              "(make test runs them)")
     print(f"# {time.time() - t_start:.0f}s in all")
     print(f"{passed} passed, {failed} failed")
     if not failed and not os.environ.get("PHI2_TEST_KEEP"):

@@ -15,6 +15,8 @@ import numpy as np
 
 from common import PY, SCRIPTS, WORK, checkpoint, converted, read_logits, reference_logits, run, script
 
+SAME_FOR_EVERY_BUILD = True  # convert.py and reference.py only: no engine (run.py --engine-only)
+
 sys.path.insert(0, SCRIPTS)
 import reference  # noqa: E402  (the float64 oracle's safetensors reader; independent of convert.py)
 

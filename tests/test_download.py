@@ -19,7 +19,7 @@ import threading
 import time
 import urllib.parse
 
-from common import PHI2, PY, REPO, SCRIPTS, WORK, checkpoint, converted, phi2, run
+from common import PHI2, PY, REPO, SCRIPTS, WORK, checkpoint, converted, phi2, run, same_for_every_build
 
 REPO_ID = "synth/tiny"
 OLD_REPO_ID = "synth/old-name"
@@ -325,6 +325,7 @@ def test_download_convert_run():
     shutil.rmtree(work)
 
 
+@same_for_every_build
 def test_download_renamed_repo_and_tty_progress():
     """A renamed repository (the hub answers with a relative redirect to the new name) still
     yields the large files' hashes; on a terminal, progress is one line redrawn with \r."""
@@ -360,6 +361,7 @@ def test_download_renamed_repo_and_tty_progress():
     shutil.rmtree(work)
 
 
+@same_for_every_build
 def test_download_resume_after_cut():
     """A transfer cut after N bytes: with no retries the run fails, keeping N bytes in .part;
     the next run asks for bytes=N- and the store sends only the rest."""
@@ -404,6 +406,7 @@ def test_download_resume_after_cut():
     shutil.rmtree(work)
 
 
+@same_for_every_build
 def test_download_interrupt_keeps_part():
     """Ctrl-C during a transfer: exit 130, the .part file is kept, and the next run resumes."""
     ckpt = ckpt2()
@@ -432,6 +435,7 @@ def test_download_interrupt_keeps_part():
     shutil.rmtree(work)
 
 
+@same_for_every_build
 def test_download_checksum_mismatch():
     """A wrong SHA-256 (large file) or git SHA-1 (small file): one error line naming the
     file, and nothing of it left in the folder."""
@@ -447,6 +451,7 @@ def test_download_checksum_mismatch():
     shutil.rmtree(work)
 
 
+@same_for_every_build
 def test_download_not_found_and_no_network():
     ckpt = ckpt2()
     work = tmpdir("404")
@@ -465,6 +470,7 @@ def test_download_not_found_and_no_network():
     shutil.rmtree(work)
 
 
+@same_for_every_build
 def test_download_token():
     """A private repository: 401 without a token (the error names HF_TOKEN), success with it."""
     ckpt = ckpt2()
@@ -506,6 +512,7 @@ def make_hf_cache(ckpt, root):
     return snap
 
 
+@same_for_every_build
 def test_download_uses_hf_cache():
     """A complete snapshot in HF_HUB_CACHE (or HF_HOME/hub) is used with no request at all; an
     incomplete one is not."""
@@ -585,6 +592,7 @@ def test_run_sh_selfcheck_for_phi2():
     shutil.rmtree(work)
 
 
+@same_for_every_build
 def test_download_disk_full():
     """A full disk: found up front (free space below what is left to fetch), or while writing
     (ENOSPC): one error line naming the .part file, which is kept for a later resume."""

@@ -15,6 +15,8 @@ import subprocess
 import time
 
 from common import REPO, TESTS, WORK, checkpoint, converted, persist, run
+
+SAME_FOR_EVERY_BUILD = True  # build/tokenizer_tool, the same in every build's run (run.py --engine-only)
 import tok_section
 
 TOOL = os.environ.get("TOKENIZER_TOOL", os.path.join(REPO, "build", "tokenizer_tool"))

@@ -13,7 +13,7 @@ import shlex
 import struct
 import subprocess
 
-from common import REPO, SCRIPTS, WORK, checkpoint, converted, persist, phi2, reference_logits, script
+from common import REPO, SCRIPTS, WORK, checkpoint, converted, persist, phi2, reference_logits, same_for_every_build, script
 
 IDS = [1212, 318, 281, 1672, 2643, 290]  # "This is an example sentence and"
 
@@ -78,6 +78,7 @@ def test_f32_trace_matches_reference_at_every_step():
     assert dumped == b"".join(traced[("logits", pos)].tobytes() for pos in range(len(IDS)))
 
 
+@same_for_every_build
 def test_bad_traces_are_errors():
     """A missing record, a truncated file or a size mismatch: exit 2, with the record named."""
     ckpt = checkpoint()
@@ -155,6 +156,7 @@ PLANTED = [
 ]
 
 
+@same_for_every_build
 def test_planted_bugs_are_pinpointed():
     ckpt = checkpoint()
     ref = reference_trace(ckpt)

@@ -23,6 +23,8 @@ import re
 
 from common import REPO
 
+SAME_FOR_EVERY_BUILD = True  # the text of docs and source: no engine (run.py --engine-only)
+
 DOC = os.path.join(REPO, "docs", "WALKTHROUGH.md")
 C_FILES = ("phi2.c", "tokenizer.c")
 
