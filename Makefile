@@ -89,7 +89,8 @@ test: phi2 $(TEST_BINS) build/test_kernels $(AVX2_KERNEL_TEST) $(AVX_VNNI_KERNEL
 # The further builds' suites leave out what make test already ran and no build can change:
 # --engine-only skips the tests of Python scripts and of the shared tokenizer tool (they are
 # marked in tests/; run.py prints how many it left out). The portable build differs from
-# ./phi2 only in its kernels, so it runs the tests whose results the kernels decide.
+# ./phi2 only in its kernels, so it runs the tests whose results the kernels decide; so does
+# the clang build, where a second compiler's vectorization and intrinsics can differ.
 KERNEL_DECIDED_TESTS := test_kernels test_model test_q8 test_q4 test_kv test_determinism test_perplexity
 
 test-sanitize: phi2-asan $(TEST_BINS) build/test_kernels-asan
@@ -111,7 +112,7 @@ build/test_kernels-clang: tests/test_kernels.c $(SRC) $(HDR)
 	$(CLANG) $(WARN) -O3 -march=native $(CLANG_OPENMP) -o $@ tests/test_kernels.c tokenizer.c -lm
 test-clang: phi2-clang $(TEST_BINS) build/test_kernels-clang
 	rm -rf build/testdata
-	PHI2_BIN=./phi2-clang KERNEL_TEST_BIN=build/test_kernels-clang $(PYTHON) tests/run.py --engine-only
+	PHI2_BIN=./phi2-clang KERNEL_TEST_BIN=build/test_kernels-clang $(PYTHON) tests/run.py $(KERNEL_DECIDED_TESTS)
 
 # Arm (aarch64: Apple M, Snapdragon X, Graviton, Raspberry Pi): cross-compiled and run under
 # qemu-user (-cpu max: every extension), at the three levels of the NEON kernels (Appendix A2
@@ -153,7 +154,8 @@ build/arm/%-$(1)-$(2)-qemu: build/arm/%-$(1)-$(2)
 	chmod +x $$@
 test-arm-$(1)-$(2)-kernels: build/arm/test_kernels-$(1)-$(2)-qemu
 	@echo "== aarch64 $(1) (-march=$$(or $$(ARM_MARCH_$(1)_$(2)),$$(ARM_MARCH_$(1)))), $(2): kernel tests"
-	KERNEL_TEST_BIN=build/arm/test_kernels-$(1)-$(2)-qemu $$(PYTHON) tests/run.py test_kernels
+	KERNEL_TEST_BIN=build/arm/test_kernels-$(1)-$(2)-qemu PHI2_TEST_WORK=build/testdata-arm-$(1)-$(2) \
+	    $$(PYTHON) tests/run.py test_kernels
 test-arm-$(1)-$(2): build/arm/phi2-$(1)-$(2)-qemu build/arm/test_kernels-$(1)-$(2)-qemu $$(TEST_BINS)
 	@echo "== aarch64 $(1) (-march=$$(or $$(ARM_MARCH_$(1)_$(2)),$$(ARM_MARCH_$(1)))), $(2): kernel and engine tests"
 	rm -rf build/testdata-arm-$(1)-$(2)
@@ -165,8 +167,10 @@ $(foreach l,$(ARM_LEVELS),$(foreach c,gcc clang,$(eval $(call ARM_BUILD,$(l),$(c
 
 # The disassembly of each build's int8 kernels (tests/arm_asm.sh): SDOT in the dotprod builds,
 # SDOT and SMMLA in the i8mm builds, NEON widening multiply-adds and neither in the v8 builds.
-check-arm-asm: $(ARM_BUILDS:%=build/arm/phi2-%)
-	@for b in $(ARM_BUILDS); do tests/arm_asm.sh $(ARM_OBJDUMP) build/arm/phi2-$$b $${b%-*} || exit 1; done
+# It reads the kernel-test binaries, which compile phi2.c with the same flags as the engine
+# (so that the builds whose engine tests make test-arm leaves out need no engine binary).
+check-arm-asm: $(ARM_BUILDS:%=build/arm/test_kernels-%)
+	@for b in $(ARM_BUILDS); do tests/arm_asm.sh $(ARM_OBJDUMP) build/arm/test_kernels-$$b $${b%-*} || exit 1; done
 
 # Under qemu one build's engine tests take about 3 minutes (its kernel tests 30-60 s): make
 # test-arm runs the kernel tests of all six builds and the engine tests of two, the lowest
