@@ -12,7 +12,10 @@
 # (default 128, fixed ids) and GEN generated tokens (default 64, greedy, --ignore-eos so
 # every run generates all of them) and prints the medians: prompt tok/s, generation tok/s,
 # bytes of weights streamed per generated token, the effective bandwidth that gives, its
-# share of the probe's, and the peak resident memory (the model's mapped pages count).
+# share of the probe's, and the peak resident memory (the model's mapped pages count). The
+# probe runs again after the generation runs, and shares are of the mean of the two: on a
+# machine whose bandwidth drifts (a busy server, a laptop changing clocks) the two differ,
+# and both are printed.
 # DEPTH=N: generation deep into the context, after an N-token prompt (PROMPT=N); decode then
 # also reads the KV cache, 2 x n_layers x hidden x depth numbers per token (4 bytes each with
 # --kv-type f32, 2 with f16, as the timings line says), so bytes per token = weights + that
@@ -98,7 +101,7 @@ echo "bench: $MODEL ($((MODEL_BYTES / 1000000)) MB), $THREADS threads, prompt $P
 echo "cpu: $CPU ($(getconf _NPROCESSORS_ONLN 2>/dev/null || nproc) logical cores); $("$PHI2" -v)${MARCH:+ (built with -march=$MARCH)}"
 PROBE=$(OMP_NUM_THREADS=$THREADS build/membw 300 9)
 echo "$PROBE"
-PROBE_GBS=$(echo "$PROBE" | awk '{print $2}')
+PROBE_BEFORE=$(echo "$PROBE" | awk '{print $2}')
 if [ ! -x "$PEAK_BIN" ] || [ scripts/peak.c -nt "$PEAK_BIN" ]; then
     ${CC:-cc} -std=c11 -O3 -march="$PEAK_MARCH" -fopenmp -o "$PEAK_BIN" scripts/peak.c 2>/dev/null ||
         ${CC:-cc} -std=c11 -O3 -o "$PEAK_BIN" scripts/peak.c
@@ -141,6 +144,11 @@ for r in $(seq 1 "$REPS"); do
     echo "  run $r: $line | peak RSS $((rss / 1024)) MB"
 done
 
+PROBE=$(OMP_NUM_THREADS=$THREADS build/membw 300 9)
+echo "after the runs: $PROBE"
+PROBE_AFTER=$(echo "$PROBE" | awk '{print $2}')
+PROBE_GBS=$(awk -v a="$PROBE_BEFORE" -v b="$PROBE_AFTER" 'BEGIN { printf "%.1f", (a + b) / 2 }')
+
 median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 PP=$(awk '{print $1}' "$TMP/runs" | median)
 TG=$(awk '{print $2}' "$TMP/runs" | median)
@@ -150,7 +158,8 @@ KV_TYPE=$(awk 'NR == 1 {print $6}' "$TMP/runs")
 KV_BYTES=$(awk 'NR == 1 {printf "%.0f", $7 * 1e6}' "$TMP/runs")
 awk -v pp="$PP" -v tg="$TG" -v gbs="$GBS" -v probe="$PROBE_GBS" -v rss="$RSS" -v model="$MODEL_BYTES" \
     -v kv="$KV_BYTES" -v kvt="$KV_TYPE" -v reps="$REPS" -v depth="$DEPTH" -v gen="$GEN" -v layers="$LAYERS" \
-    -v hidden="$HIDDEN" -v ffn="$FFN" -v peak="$PEAK_GMAC" -v peakkind="$PEAK_KIND" 'BEGIN {
+    -v hidden="$HIDDEN" -v ffn="$FFN" -v peak="$PEAK_GMAC" -v peakkind="$PEAK_KIND" \
+    -v before="$PROBE_BEFORE" -v after="$PROBE_AFTER" 'BEGIN {
     printf "median of %d runs:\n", reps
     gmac = layers * (4 * hidden * hidden + 2 * hidden * ffn) / 1e9
     printf "  prompt      %8.2f tok/s = %.1f G MAC/s = %.0f%% of the %.1f G MAC/s %s peak\n", pp, pp * gmac,
@@ -159,7 +168,8 @@ awk -v pp="$PP" -v tg="$TG" -v gbs="$GBS" -v probe="$PROBE_GBS" -v rss="$RSS" -v
     wmb = tg > 0 ? gbs * 1000 / tg : 0
     printf "  weights     %8.1f MB per generated token\n", wmb
     if (depth == "") {
-        printf "  bandwidth   %8.1f GB/s effective = %.0f%% of the %.1f GB/s read probe\n", gbs, 100 * gbs / probe, probe
+        printf "  bandwidth   %8.1f GB/s effective = %.0f%% of the %.1f GB/s read probe (before %.1f, after %.1f)\n", gbs,
+            100 * gbs / probe, probe, before, after
     } else {
         d = depth + gen / 2; elem = (kvt == "f16" ? 2 : 4)
         kvmb = 2 * layers * hidden * d * elem / 1e6
@@ -167,7 +177,8 @@ awk -v pp="$PP" -v tg="$TG" -v gbs="$GBS" -v probe="$PROBE_GBS" -v rss="$RSS" -v
             kvmb, kvt, layers, hidden, d, elem
         printf "  read        %8.1f MB per generated token = weights + KV cache\n", wmb + kvmb
         bw = (wmb + kvmb) * tg / 1000
-        printf "  bandwidth   %8.1f GB/s effective = %.0f%% of the %.1f GB/s read probe\n", bw, 100 * bw / probe, probe
+        printf "  bandwidth   %8.1f GB/s effective = %.0f%% of the %.1f GB/s read probe (before %.1f, after %.1f)\n", bw,
+            100 * bw / probe, probe, before, after
     }
     printf "  peak RSS    %8.0f MB = model %.0f MB + KV cache %.0f MB (%s) + %.0f MB\n", rss / 1024, model / 1048576,
         kv / 1048576, kvt, (rss * 1024 - model - kv) / 1048576
