@@ -4445,8 +4445,9 @@ static ALWAYS_INLINE void q4_tile_sdot(float *out, int out_stride, const uint8_t
 #endif
 #undef Q4_TILE_NEON_BODY
 
+/* (A dotprod build calls only the SDOT one; its plain NEON twin is tested by the v8 builds.) */
 #define Q4_TILE_ANY(NAME, TILE)                                                                                  \
-    static void NAME(float *out, int out_stride, const void *w, const void *wd, const int8_t *x,                \
+    MAYBE_UNUSED static void NAME(float *out, int out_stride, const void *w, const void *wd, const int8_t *x,    \
                      const float *xd, const float *xo, int cols, int n_blocks, int R, int T, const float *bias) { \
         switch (R * 8 + T) {                                                                                     \
         case 4 * 8 + 1: TILE(out, out_stride, w, wd, x, xd, cols, n_blocks, 4, 1, bias); break;                  \
