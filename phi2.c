@@ -2103,6 +2103,17 @@ static const char *generate_tokens(Generator *g, int *tokens, int *n_tokens, int
     return stop_reason;
 }
 
+/* What the timings line adds to the reason for the thread count: a build without OpenMP
+ * runs prompt batches on one thread (generation still uses them all). */
+static const char *prompts_on_one_thread(int n_threads) {
+#ifdef _OPENMP
+    (void)n_threads;
+    return "";
+#else
+    return n_threads > 1 ? "; prompts on 1: built without OpenMP" : "";
+#endif
+}
+
 /* Why generation stopped, and the timings line, on stderr. */
 static void print_timings(Generator *g, const char *stop_reason, double t_load) {
     const Model *m = g->m;
@@ -2112,11 +2123,12 @@ static void print_timings(Generator *g, const char *stop_reason, double t_load) 
     char kernels[96];
     kernel_description(kernels, sizeof(kernels), &g->s->kern, m->config.weight_type);
     fprintf(stderr, "phi2: load %.2f s (%s) | prompt %d tokens, %.2f tok/s | generated %d tokens, %.2f tok/s "
-            "(%.1f GB/s of weights) | %d threads (%s) | KV cache %s, %.1f MB | %s\n",
+            "(%.1f GB/s of weights) | %d thread%s (%s%s) | KV cache %s, %.1f MB | %s\n",
             t_load, m->mapped ? "mapped" : "in memory", g->n_prefilled,
             g->t_prefill > 0 ? g->n_prefilled / g->t_prefill : 0.0, g->n_generated, gen_tps,
-            gen_tps * (double)m->weight_bytes * 1e-9, g->s->n_threads, g->opt->threads_why,
-            kv_type_name(g->s->kv_type), (double)g->s->kv_bytes * 1e-6, kernels);
+            gen_tps * (double)m->weight_bytes * 1e-9, g->s->n_threads, g->s->n_threads == 1 ? "" : "s",
+            g->opt->threads_why, prompts_on_one_thread(g->s->n_threads), kv_type_name(g->s->kv_type),
+            (double)g->s->kv_bytes * 1e-6, kernels);
 }
 
 /* A one-shot run: process the prompt, then sample, print and feed back tokens until end of
@@ -2441,8 +2453,6 @@ int main(int argc, char **argv) {
     }
 #ifdef _OPENMP
     omp_set_num_threads(opt.n_threads);
-#else
-    if (opt.n_threads > 1) opt.threads_why = "prompts on 1: built without OpenMP";
 #endif
 
     double t_load = now_seconds();

@@ -34,7 +34,7 @@ def run_threads(*flags, sysfs=None, env=None, prefix=()):
     p = subprocess.run(cmd, capture_output=True, env=e, timeout=120)
     err = p.stderr.decode("utf-8", "replace")
     assert p.returncode == 0, err[-1000:]
-    m = re.search(r"\| (\d+) threads \(([^)]*)\) \|", err)
+    m = re.search(r"\| (\d+) threads? \(([^)]*)\) \|", err)
     assert m, err[-500:]
     return int(m.group(1)), m.group(2)
 
@@ -114,6 +114,13 @@ def test_threads_flag_and_omp_num_threads_win():
     assert run_threads("-t", 3, sysfs=root) == (3, "-t")
     assert run_threads(sysfs=root, env={"OMP_NUM_THREADS": "3"}) == (3, "OMP_NUM_THREADS")
     assert run_threads("-t", 2, sysfs=root, env={"OMP_NUM_THREADS": "3"}) == (2, "-t")
+
+
+def test_one_thread_is_singular():
+    p = subprocess.run([PHI2, converted(checkpoint()), "--ids", "1,2", "-n", "1", "-t", "1"], capture_output=True,
+                       timeout=120)
+    err = p.stderr.decode("utf-8", "replace")
+    assert p.returncode == 0 and "| 1 thread (-t) |" in err, err[-500:]
 
 
 def spin_settings(env):
