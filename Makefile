@@ -122,11 +122,13 @@ test-clang: phi2-clang $(TEST_BINS) build/test_kernels-clang
 #   i8mm     -march=armv8.6-a+i8mm      int8 with SMMLA for batches, SDOT for decode
 # Each build has kernel tests (tests/test_kernels.c against the scalar twins) and engine tests
 # (ARM_ENGINE_TESTS: logits against the float64 reference; q8 and q4 files, through the f16
-# KV cache that is their default. The CLI is the same C on every Linux, and the planted-mistake
-# tests show a property of the tests' bounds: both are left to the x86 runs): make test-arm-i8mm-gcc and the like run both for one build,
-# make test-arm-i8mm-gcc-kernels only the first; make check-arm-asm checks that the dotprod
-# and i8mm builds' int8 kernels really contain sdot and smmla (tests/arm_asm.sh). The clang builds are without OpenMP: Debian has
-# no arm64 libomp for the cross compiler (clang -fopenmp=libgomp only ignores the pragmas).
+# KV cache that is their default. The CLI is the same C on every Linux, and the planted-
+# mistake tests show a property of the tests' bounds: both are left to the x86 runs).
+# make test-arm-i8mm-gcc and the like run both for one build, make test-arm-i8mm-gcc-kernels
+# only the first; make check-arm-asm checks that the dotprod and i8mm builds' int8 kernels
+# really contain sdot and smmla (tests/arm_asm.sh). The clang builds are without OpenMP:
+# Debian has no arm64 libomp for the cross compiler (clang -fopenmp=libgomp only ignores the
+# pragmas).
 ARM_CC      ?= aarch64-linux-gnu-gcc
 ARM_CLANG   ?= clang --target=aarch64-linux-gnu
 ARM_OBJDUMP ?= aarch64-linux-gnu-objdump
