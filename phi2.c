@@ -643,6 +643,22 @@ typedef struct {
     float *q4_offset;   // [n_tokens, cols / Q4_GROUP] the x86 q4 kernels' correction (Appendix A)
 } QuantizedRows;
 
+/* One group's scale d = max|x| / 127, and 1/d to quantize by. A group whose max|x| is below
+ * Q8_MIN_GROUP_MAX, far under any real activation, quantizes to zeros with d = 0, as an
+ * all-zero group does: below 3.7e-37, 1/d would overflow to infinity and the int8 values
+ * would be whatever each kernel makes of x * infinity. */
+static const float Q8_MIN_GROUP_MAX = 1e-30f;
+
+static float q8_group_scale(float amax, float *inv_d) {
+    if (!(amax >= Q8_MIN_GROUP_MAX)) {
+        *inv_d = 0.0f;
+        return 0.0f;
+    }
+    const float d = amax / 127.0f;
+    *inv_d = 1.0f / d;
+    return d;
+}
+
 MAYBE_UNUSED static void quantize_rows_q8_scalar(QuantizedRows *out, const float *x, int n_tokens, int cols) {
     const int n_groups = cols / Q8_GROUP, group = Q8_GROUP;
     for (int t = 0; t < n_tokens; t++) {
@@ -651,8 +667,8 @@ MAYBE_UNUSED static void quantize_rows_q8_scalar(QuantizedRows *out, const float
             int8_t *qg = out->q + (size_t)t * cols + (size_t)g * group;
             float amax = 0.0f;
             for (int i = 0; i < group; i++) amax = fmaxf(amax, fabsf(xg[i]));
-            float d = amax / 127.0f;
-            float inv_d = d > 0.0f ? 1.0f / d : 0.0f;
+            float inv_d;
+            const float d = q8_group_scale(amax, &inv_d);
             for (int i = 0; i < group; i++) qg[i] = (int8_t)lrintf(xg[i] * inv_d);
             out->scale[(size_t)t * n_groups + g] = d;
         }
@@ -3053,8 +3069,8 @@ MAYBE_UNUSED static void quantize_rows_q8_avx512(QuantizedRows *out, const float
             for (; i + 16 <= group; i += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(xg + i)));
             float amax = _mm512_reduce_max_ps(vmax);
             for (; i < group; i++) amax = fmaxf(amax, fabsf(xg[i]));
-            float d = amax / 127.0f;
-            float inv_d = d > 0.0f ? 1.0f / d : 0.0f;
+            float inv_d;
+            const float d = q8_group_scale(amax, &inv_d);
             const __m512 vinv = _mm512_set1_ps(inv_d);
             for (i = 0; i + 16 <= group; i += 16) {  // cvtps rounds to nearest even, like lrintf
                 __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xg + i), vinv));
@@ -3083,8 +3099,8 @@ MAYBE_UNUSED static void quantize_rows_q8_avx2(QuantizedRows *out, const float *
             float amax = 0.0f;
             for (int l = 0; l < 8; l++) amax = fmaxf(amax, lanes[l]);
             for (; i < group; i++) amax = fmaxf(amax, fabsf(xg[i]));
-            float d = amax / 127.0f;
-            float inv_d = d > 0.0f ? 1.0f / d : 0.0f;
+            float inv_d;
+            const float d = q8_group_scale(amax, &inv_d);
             const __m256 vinv = _mm256_set1_ps(inv_d);
             for (i = 0; i + 8 <= group; i += 8) {
                 __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xg + i), vinv));
@@ -4303,8 +4319,8 @@ MAYBE_UNUSED static void quantize_rows_q8_neon(QuantizedRows *out, const float *
             for (; i + 4 <= group; i += 4) vmax = vmaxq_f32(vmax, vabsq_f32(vld1q_f32(xg + i)));
             float amax = vmaxvq_f32(vmax);
             for (; i < group; i++) amax = fmaxf(amax, fabsf(xg[i]));
-            float d = amax / 127.0f;
-            float inv_d = d > 0.0f ? 1.0f / d : 0.0f;
+            float inv_d;
+            const float d = q8_group_scale(amax, &inv_d);
             const float32x4_t vinv = vdupq_n_f32(inv_d);
             for (i = 0; i + 8 <= group; i += 8) {
                 const int32x4_t q0 = vcvtnq_s32_f32(vmulq_f32(vld1q_f32(xg + i), vinv));

@@ -113,16 +113,31 @@ static void test_quantize_one(const char *name, QuantFn fn, int n_tokens, int co
         x[2 * group] = 127.0f;
         for (int i = 1; i < group && i < 20; i++) x[2 * group + i] = (float)(i - 10) + 0.5f;
     }
+    // groups of tiny values: max 1e-37 (1/d would overflow: all zeros, scale 0), with a zero
+    // in it; max 1e-29 (above Q8_MIN_GROUP_MAX: quantized as usual)
+    const int tiny_group = n >= 5 * (size_t)group ? 3 : -1;
+    if (tiny_group > 0) {
+        for (int i = 0; i < 2 * group; i++) x[3 * group + i] = (i < group ? 1e-37f : 1e-29f) * (float)(i % 7 - 3) / 4;
+        x[3 * group] = 1e-37f, x[3 * group + 1] = 0.0f, x[4 * group] = -1e-29f;
+    }
     QuantizedRows ref = {guarded_alloc(n), guarded_alloc(n_scales * sizeof(float)), NULL};
     QuantizedRows got = {guarded_alloc(n), guarded_alloc(n_scales * sizeof(float)), NULL};
     memset(got.q, 0x55, n);
     quantize_rows_q8_scalar(&ref, x, n_tokens, cols);
     fn(&got, x, n_tokens, cols);
     size_t bad_q = 0, bad_d = 0;
-    for (size_t i = 0; i < n; i++) bad_q += ref.q[i] != got.q[i];
+    for (size_t i = 0; i < n; i++) bad_q += ref.q[i] != got.q[i] || got.q[i] == -128;
     for (size_t i = 0; i < n_scales; i++) bad_d += memcmp(&ref.scale[i], &got.scale[i], sizeof(float)) != 0;
-    check(bad_q == 0 && bad_d == 0, "%s tokens=%d cols=%d: %zu int8 and %zu scales differ", name, n_tokens, cols,
-          bad_q, bad_d);
+    check(bad_q == 0 && bad_d == 0, "%s tokens=%d cols=%d: %zu int8 and %zu scales differ (or int8 -128)", name,
+          n_tokens, cols, bad_q, bad_d);
+    if (tiny_group > 0) {
+        size_t nonzero = 0;
+        for (int i = 0; i < group; i++) nonzero += got.q[3 * group + i] != 0;
+        check(got.scale[3] == 0.0f && nonzero == 0, "%s: a group of max 1e-37 gave scale %g and %zu nonzero int8",
+              name, (double)got.scale[3], nonzero);
+        check(got.scale[4] == 1e-29f / 127.0f && got.q[4 * group] == -127, "%s: a group of max 1e-29 gave scale %g, %d",
+              name, (double)got.scale[4], got.q[4 * group]);
+    }
     guarded_free_all();
 }
 
