@@ -34,9 +34,10 @@ def run_threads(*flags, sysfs=None, env=None, prefix=()):
     p = subprocess.run(cmd, capture_output=True, env=e, timeout=120)
     err = p.stderr.decode("utf-8", "replace")
     assert p.returncode == 0, err[-1000:]
-    m = re.search(r"\| (\d+) threads? \(([^)]*)\) \|", err)
+    m = re.search(r"\| (\d+) (threads?) \(([^)]*)\) \|", err)
     assert m, err[-500:]
-    return int(m.group(1)), m.group(2)
+    assert (m.group(2) == "thread") == (m.group(1) == "1"), m.group(0)  # "1 thread", "2 threads"
+    return int(m.group(1)), m.group(3)
 
 
 def fake_sysfs(name, cpus, siblings=None, max_freq=None, files=None):
@@ -117,10 +118,7 @@ def test_threads_flag_and_omp_num_threads_win():
 
 
 def test_one_thread_is_singular():
-    p = subprocess.run([PHI2, converted(checkpoint()), "--ids", "1,2", "-n", "1", "-t", "1"], capture_output=True,
-                       timeout=120)
-    err = p.stderr.decode("utf-8", "replace")
-    assert p.returncode == 0 and "| 1 thread (-t) |" in err, err[-500:]
+    assert run_threads("-t", 1) == (1, "-t")
 
 
 def spin_settings(env):
