@@ -6,22 +6,21 @@
  *   1. utilities          errors, checked allocation, number parsing
  *   2. the model file     header validation, the weights in place (docs/FORMAT.md)
  *   3. kernels            LayerNorm, matrix products (f32, int8, 4-bit), GELU, rotary, softmax,
- *                         in plain scalar C: these are the definitions
+ *                         in plain scalar C: the definitions, and what `make portable` runs
  *   4. the forward pass   a batch of positions through all layers, with a KV cache
- *   5. sampling           greedy, temperature, top-k, top-p
+ *   5. sampling           greedy, temperature, top-k, top-p, min-p, penalties
  *   6. the command line   prompt in, streamed text out; a conversation (-i); perplexity
  * Appendices, for speed and portability only:
- *   A. x86 kernels        AVX-512, AVX2, VNNI (512- and 256-bit) and AMX versions of the section 3 kernels,
- *                         each tested against its scalar twin (tests/test_kernels.c)
- *   A2. Arm kernels       NEON, dotprod (SDOT) and i8mm (SMMLA) versions, tested the same
- *                         way (under qemu-aarch64 in CI); then the dispatch functions
- *   A3. batch attention   section 4's attention blocked over queries and keys, with an online
- *                         softmax (flash-attention style), for prompts; tested against it;
- *                         and the vectorized softmax decode uses
- *   B. platform           memory mapping, huge pages, the AMX permission request; the
- *                         Windows versions of these (MinGW-w64, make windows)
- *   C. threads            the pool that runs a generated token's steps, and takes over a
- *                         chunk whose thread has stalled (a busy core) instead of waiting
+ *   A. work sharing       which kernels this build has; how threads split a product's rows
+ *   B. x86 kernels        AVX-512, AVX2, VNNI and AMX versions of the section 3 kernels
+ *   C. Arm kernels        NEON, dotprod (SDOT) and i8mm (SMMLA) versions
+ *   D. batch attention    section 4's attention blocked over queries and keys, with an
+ *                         online softmax (flash-attention style), for prompts
+ *   E. dispatch           the one place that picks each operation's kernel and threads
+ *   F. platform           files, memory mapping, huge pages, signals, the AMX permission;
+ *                         POSIX and Windows (MinGW-w64)
+ *   G. threads            the pool that runs a generated token's steps
+ * tests/test_kernels.c checks every kernel of Appendices B-D against its definition.
  *
  * Phi-2 in one paragraph: tokens are embedded (no position embedding); each of the 32
  * layers normalizes the residual stream once and feeds the SAME normalized vector to
@@ -51,7 +50,7 @@
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
-#ifdef _WIN32  // Appendix B has the Windows versions of the platform functions
+#ifdef _WIN32  // Appendix F has the Windows versions of the platform functions
 #include <io.h>
 #else
 #include <sys/mman.h>
@@ -79,7 +78,7 @@
 /* 1. Utilities                                                                           */
 /* ------------------------------------------------------------------------------------- */
 
-/* What POSIX and Windows do differently, as a few functions defined in Appendix B. */
+/* What POSIX and Windows do differently, as a few functions defined in Appendix F. */
 static void setup_process(int *argc, char ***argv);  // ignore SIGPIPE; Windows: UTF-8 argv, binary stdout, UTF-8 console
 static FILE *fopen_path(const char *path, const char *mode);  // paths are UTF-8 (on Windows too)
 static int remove_path(const char *path);
@@ -239,7 +238,7 @@ enum { WEIGHTS_F32 = 0, WEIGHTS_Q8 = 1, WEIGHTS_Q4 = 2 };
 /* The 16 values a 4-bit code stands for, in units of its group's scale: non-uniform (denser
  * near zero, where most weights are), fitted to weights by scripts/quant_study.py. Kernels
  * turn codes into these int8 values with one table lookup, then multiply as int8. They stay
- * within +-63 so that a level + 64 is a byte below 128 (the x86 kernels, Appendix A). */
+ * within +-63 so that a level + 64 is a byte below 128 (the x86 kernels, Appendix B). */
 static const int8_t Q4_LEVELS[16] = {-61, -47, -36, -28, -20, -14, -8, -3, 3, 8, 14, 20, 28, 36, 47, 61};
 
 typedef struct {
@@ -418,7 +417,7 @@ static Config parse_header(const unsigned char *h, size_t file_size, const char 
     return c;
 }
 
-/* Getting the file's bytes into memory is platform code (Appendix B): a copy in huge pages
+/* Getting the file's bytes into memory is platform code (Appendix F): a copy in huge pages
  * (the default where it fits in memory, or --no-mmap), or a read-only memory map of the
  * file (--mmap, and the fallback). */
 static int open_model_file(const char *path, uint64_t *size);  // a descriptor, or dies: missing, not a regular file
@@ -438,8 +437,7 @@ static void show_read_progress(size_t done, size_t size, int is_terminal) {
 
 /* Whether to copy the weights into memory rather than map them, by default. Decode streams
  * every weight once per token; from huge pages it runs faster than from the mapped file
- * (README, Speed: +17%, and within a few % of the memory's read bandwidth) at the cost of
- * reading it at start: half a second from the OS file cache, several when the kernel must
+ * (fewer TLB misses: docs/PERFORMANCE.md) at the cost of reading it at start: half a second from the OS file cache, several when the kernel must
  * first free and compact memory for the huge pages. Only if the copy fits comfortably: with a quarter
  * of the model and 1 GB to spare, for the KV cache, buffers and everything else running;
  * otherwise the map, which the OS can page in and out as it needs. */
@@ -558,11 +556,12 @@ static void free_model(Model *m) {
 /* ------------------------------------------------------------------------------------- */
 /* Shapes: activations are row-major [n_tokens, features]; a batch of n_tokens positions
  * goes through each kernel together so every weight is read once per batch, not once per
- * token. The plain loops here are the definitions. Nine of them (f32 matmul, quantization,
- * int8 matmul, gelu_new, dot, and for the f16 KV cache: conversion both ways, dot, axpy) also have
- * fast versions for the CPU the program is built for (Appendices A and A2), reached through
- * one dispatch function each, declared at the end of this section; tests/test_kernels.c
- * checks every fast version against its scalar twin. */
+ * token. The plain loops here are the definitions, and what a portable build (make
+ * portable) runs. The forward pass reaches them through the few operations declared at the
+ * end of this section (matmul, gelu_new, softmax, attention, ...), defined in Appendix E:
+ * the one place that picks, for the CPU the program is built for, a faster kernel from
+ * Appendices B-D and shares the work among threads. tests/test_kernels.c checks every
+ * faster kernel against its definition here. */
 
 /* LayerNorm over the last dim: (x - mean) / sqrt(var + eps) * weight + bias (biased var).
  * Mean and variance accumulate in double: Phi-2's activations reach the hundreds. */
@@ -582,32 +581,9 @@ static void layernorm(float *out, const float *x, const float *weight, const flo
     }
 }
 
-/* Work sharing: the rows of a matrix product go in chunks of contiguous rows, which threads
- * claim one at a time as they finish the last (dynamic scheduling). An equal static split
- * makes every thread wait for the slowest: on a laptop that is an efficiency core, or a
- * core another program is using, and a thread that gets half a core holds its half of the
- * matrix back for as long again. With chunks, a slow thread simply ends up taking fewer.
- * About CHUNKS_PER_THREAD chunks per thread, so a thread that falls behind leaves little
- * for the others to wait on, but at least CHUNK_MIN_BYTES of weights each, so each chunk is
- * a long contiguous stream the hardware prefetcher can follow. A row's result does not
- * depend on which thread computes it (chunks start at multiples of every kernel's tile
- * height), so the output is the same for any thread count (tests/test_determinism.py). The
- * scalar twins below take rows in chunks of SCALAR_ROWS_PER_CHUNK. */
-enum { CHUNKS_PER_THREAD = 8, CHUNK_MIN_BYTES = 64 << 10, SCALAR_ROWS_PER_CHUNK = 16 };
-
-/* Tiles (of bytes_per_tile weights each) per chunk, for n_threads threads. */
-static int tiles_per_chunk(int n_tiles, size_t bytes_per_tile, int n_threads) {
-    int tiles = n_tiles / (n_threads * CHUNKS_PER_THREAD);
-    const size_t min_tiles = (CHUNK_MIN_BYTES + bytes_per_tile - 1) / (bytes_per_tile ? bytes_per_tile : 1);
-    if ((size_t)tiles < min_tiles) tiles = min_tiles < (size_t)n_tiles ? (int)min_tiles : n_tiles;
-    return tiles > 0 ? tiles : 1;
-}
-
-/* Bytes of one row of W's weights (not counting the scales). */
-static size_t matrix_row_bytes(const Matrix *W) {
-    const size_t cols = (size_t)W->cols;
-    return W->type == WEIGHTS_F32 ? cols * sizeof(float) : W->type == WEIGHTS_Q8 ? cols : cols / 2;
-}
+/* The scalar products share a batch's rows among OpenMP's threads, SCALAR_ROWS_PER_CHUNK
+ * at a time as each thread finishes its last: small chunks, so a slow core holds up little. */
+enum { SCALAR_ROWS_PER_CHUNK = 16 };
 
 /* --- float32 matrix product: out[t, r] = sum_c W[r, c] * in[t, c] + bias[r] ------------ */
 
@@ -640,7 +616,7 @@ MAYBE_UNUSED static void matmul_f32_scalar(float *out, const float *in, const Ma
 typedef struct {
     int8_t *q;          // [n_tokens, cols]
     float *scale;       // [n_tokens, cols / Q8_GROUP]
-    float *q4_offset;   // [n_tokens, cols / Q4_GROUP] the x86 q4 kernels' correction (Appendix A)
+    float *q4_offset;   // [n_tokens, cols / Q4_GROUP] the x86 q4 kernels' correction (Appendix B)
 } QuantizedRows;
 
 /* One group's scale d = max|x| / 127, and 1/d to quantize by. A group whose max|x| is below
@@ -873,127 +849,27 @@ MAYBE_UNUSED static void softmax_scalar(float *x, int n) {
     for (int i = 0; i < n; i++) x[i] /= sum;
 }
 
-/* Scratch space of the matrix kernels, owned by RunState and freed with it. */
-typedef struct {
-    QuantizedRows xq;          // [max_batch, max(hidden, ffn)] the activations quantized (q8 and q4 files)
-    unsigned char *amx_pack;   // AMX only: a batch repacked into tiles, grown as needed
-    size_t amx_pack_size;
-    unsigned char *panel;      // x86 prompt batches: activations and one row panel per thread, grown as needed
-    size_t panel_size;
-    int amx_state;             // AMX only: 0 = not asked yet, 1 = granted by the OS, -1 = refused
-    struct ThreadPool *pool;   // one token's threads (pool_run); NULL: the calling thread alone
-} KernelScratch;
-
-/* --- Dispatch: the fastest version of each kernel this build has ---------------------
- * Defined after Appendix A2, picking by the compile target (-march) and falling back to the
- * scalar twins above: the same results, exactly for the quantizer (and the AMX kernel), to
- * float rounding for the rest. */
-static void matmul_f32(float *out, const float *in, const Matrix *W, const float *bias, int n_tokens,
-                       KernelScratch *k);
-static void quantize_rows_q8(QuantizedRows *out, const float *x, int n_tokens, int cols);
-static void matmul_q8(float *out, const QuantizedRows *in, const Matrix *W, const float *bias, int n_tokens,
-                      KernelScratch *k);
-static void matmul_q4(float *out, const QuantizedRows *in, const Matrix *W, const float *bias, int n_tokens,
-                      KernelScratch *k);
-static void gelu_new_span(float *x, size_t n);
+/* --- The operations the forward pass calls ------------------------------------------
+ * Defined in Appendix E. Each computes a definition above (attention: section 4's), with
+ * the fastest kernel this build has: the same results, exactly for the quantizer, to float
+ * rounding for the rest. A portable build runs the definitions themselves. */
+typedef struct KernelScratch KernelScratch;  // the kernels' scratch and threads (Appendix A)
+static KernelScratch *kernel_scratch_create(const Config *c, int max_batch, int n_threads);
+static void kernel_scratch_free(KernelScratch *k);
+/* out[n_tokens, W.rows] = in[n_tokens, W.cols] W^T + bias, for every weight type (int8 and
+ * 4-bit weights after quantizing the activations to int8, one scale per 64 values). */
+static void matmul(float *out, const float *in, const Matrix *W, const float *bias, int n_tokens, KernelScratch *k);
+static void gelu_new(float *x, size_t n);
+static void softmax(float *x, int n);
 static float dot_f32(const float *a, const float *b, int n);
-static void f32_to_f16_row(uint16_t *out, const float *x, int n);  // bit-identical to the scalar twin
-static void f16_to_f32_row(float *out, const uint16_t *x, int n);  // exact, as the scalar twin
-static float dot_f32_f16(const float *a, const uint16_t *b, int n);
-static void axpy_f16(float *out, float w, const uint16_t *v, int n);
+static void f32_to_f16_row(uint16_t *out, const float *x, int n);  // bit-identical to the definition
+static void f16_to_f32_row(float *out, const uint16_t *x, int n);  // exact
 static void scores_f16(float *score, const float *q, const uint16_t *keys, int n_pos, int hd, float scale);
 static void weighted_sum_f16(float *out, const float *weight, const uint16_t *values, int n_pos, int hd);
-static void softmax(float *x, int n);  // exp by a polynomial, in one vectorized loop (Appendix A3)
 /* The kernels this build has, and for int8 the ones it will use here (AMX needs the OS's
  * permission), e.g. "x86-64 avx512, int8 vnni+amx" or "scalar": printed by -v and in the
- * timings line, so figures from different machines say what ran. */
+ * timings line, so figures from different machines say what ran. k may be NULL (-v). */
 static void kernel_description(char *out, size_t size, KernelScratch *k, int weight_type);
-
-/* --- Threads for one token -------------------------------------------------------------
- * A batch's kernels split their work with OpenMP (the pragmas above and in the appendices).
- * A generated token is one position: every product streams its whole matrix for 2 multiply-
- * adds per weight, so decode is a race through memory, 161 short parallel steps per token
- * (4 products and attention per layer, and the lm_head). For those, phi2 has a thread pool
- * of its own (Appendix C), because of laptops: when another program takes a core, the
- * thread on it stops for milliseconds at a time, and with OpenMP everyone waits for it at
- * the end of every step, so two threads ran slower than one. pool_run splits a step into
- * chunks that the threads claim as they go; each chunk is computed into the thread's own
- * buffer and copied out by whichever thread finishes it first, so when a thread stalls
- * holding a chunk, another computes that chunk again rather than wait (the stalled thread's
- * copy is thrown away when it wakes up). Chunk c writes out[c * chunk_len ..], at most
- * out_len values in all; run(args, chunk, buffer, thread) computes one chunk into buffer,
- * and may use scratch row `thread` (0 .. threads - 1). args is copied, so a thread that
- * wakes up late reads a valid copy; what it points to must outlive the pool. */
-typedef struct ThreadPool ThreadPool;
-typedef void (*ChunkFunction)(const void *args, int chunk, float *buffer, int thread);
-static ThreadPool *pool_create(int n_threads, size_t max_chunk_len);  // n_threads - 1 new threads
-static void pool_destroy(ThreadPool *pool);
-static void pool_run(ThreadPool *pool, ChunkFunction run, const void *args, size_t args_size, int n_chunks,
-                     int chunk_len, float *out, size_t out_len);
-static int pool_threads(const ThreadPool *pool);  // 1 for NULL
-
-/* The rows r0 .. r1 of W, as a matrix of their own. */
-static Matrix matrix_rows(const Matrix *W, int r0, int r1) {
-    Matrix v = *W;
-    v.rows = r1 - r0;
-    const size_t r = (size_t)r0, cols = (size_t)W->cols;
-    if (W->w) v.w = W->w + r * cols;
-    if (W->q) v.q = W->q + r * cols, v.scale = W->scale + r * (cols / Q8_GROUP);
-    if (W->codes) v.codes = W->codes + r * (cols / 2), v.scale16 = W->scale16 + r * (cols / Q4_GROUP);
-    return v;
-}
-
-/* The product by W's kernel; xq: the activations already quantized (q8 and q4 files). */
-static void product(float *out, const float *in, const QuantizedRows *xq, const Matrix *W, const float *bias,
-                    int n_tokens, KernelScratch *k) {
-    if (W->type == WEIGHTS_F32) matmul_f32(out, in, W, bias, n_tokens, k);
-    else if (W->type == WEIGHTS_Q8) matmul_q8(out, xq, W, bias, n_tokens, k);
-    else matmul_q4(out, xq, W, bias, n_tokens, k);
-}
-
-/* One token's product, a chunk of rows at a time (a pool_run job). */
-typedef struct {
-    const float *in;       // [cols] the token's activations (f32 files)
-    const Matrix *W;
-    const float *bias;
-    KernelScratch *k;      // k->xq: the activations quantized (q8 and q4 files)
-    int rows_per_chunk;
-} RowsJob;
-
-static void product_rows(const void *args, int chunk, float *buffer, int thread) {
-    (void)thread;
-    const RowsJob *job = args;
-    const int r0 = chunk * job->rows_per_chunk, end = r0 + job->rows_per_chunk;
-    const Matrix rows = matrix_rows(job->W, r0, end < job->W->rows ? end : job->W->rows);
-    product(buffer, job->in, &job->k->xq, &rows, job->bias + r0, 1, job->k);
-}
-
-/* Rows per chunk for one token: tiles_per_chunk with tiles of 16 rows (every kernel's tile
- * height divides 16). */
-static int rows_per_chunk(const Matrix *W, int n_threads) {
-    const int rows = 16 * tiles_per_chunk((W->rows + 15) / 16, 16 * matrix_row_bytes(W), n_threads);
-    return rows < W->rows ? rows : W->rows;
-}
-
-/* The matrix product the forward pass calls: float weights directly; int8 and 4-bit weights
- * after quantizing the activations to int8 (one scale per 64 values). */
-static void matmul(float *out, const float *in, const Matrix *W, const float *bias, int n_tokens, KernelScratch *k) {
-    if (W->type != WEIGHTS_F32) quantize_rows_q8(&k->xq, in, n_tokens, W->cols);
-    if (n_tokens > 1 || pool_threads(k->pool) == 1) {
-        product(out, in, &k->xq, W, bias, n_tokens, k);
-        return;
-    }
-    const RowsJob job = {in, W, bias, k, rows_per_chunk(W, pool_threads(k->pool))};
-    pool_run(k->pool, product_rows, &job, sizeof(job), (W->rows + job.rows_per_chunk - 1) / job.rows_per_chunk,
-             job.rows_per_chunk, out, (size_t)W->rows);
-}
-
-/* gelu_new over n values, split over the threads for a prompt's batch. */
-static void gelu_new(float *x, size_t n) {
-    const size_t chunk = 4096;
-#pragma omp parallel for schedule(dynamic) if (n >= 4 * chunk)
-    for (size_t i = 0; i < n; i += chunk) gelu_new_span(x + i, n - i < chunk ? n - i : chunk);
-}
 
 /* ------------------------------------------------------------------------------------- */
 /* 4. The forward pass                                                                    */
@@ -1009,10 +885,8 @@ enum { KV_F32 = 0, KV_F16 = 1 };
 static int default_kv_type(const Config *c) { return c->weight_type == WEIGHTS_F32 ? KV_F32 : KV_F16; }
 
 /* Prompt positions per forward call (-b). A larger batch reuses each weight read more
- * times, and the kernels build their row panels once per batch (Appendix A): 512-token
- * prompts on 2 Zen 5 cores ran at 198 / 212 / 220 tok/s (q8) and 179 / 190 / 203 (q4) with
- * 64 / 128 / 256, float32 (4-layer model, f32 panels) at 543 / 597 / 640, and 633 with 512.
- * Each position of a batch costs about 145 KB of buffers. */
+ * times, and the kernels build their row panels once per batch (Appendix B); each position
+ * of a batch costs about 145 KB of buffers (docs/PERFORMANCE.md has the measurements). */
 enum { DEFAULT_BATCH = 256 };
 
 static const char *kv_type_name(int kv_type) { return kv_type == KV_F16 ? "f16" : "f32"; }
@@ -1022,7 +896,7 @@ static const char *kv_type_name(int kv_type) { return kv_type == KV_F16 ? "f16" 
 typedef struct {
     int max_batch;          // positions per forward call
     int ctx;                // positions the KV cache holds (<= max_seq_len)
-    int n_threads;          // threads: the pool's (Appendix C), OpenMP's; attention scratch rows
+    int n_threads;          // threads: the pool's (Appendix G), OpenMP's; attention scratch rows
     float *x;               // [max_batch, hidden] residual stream
     float *h;               // [max_batch, hidden] LayerNorm output, input of attention and MLP
     float *qkv;             // [max_batch, 3*hidden] queries, keys, values
@@ -1036,7 +910,7 @@ typedef struct {
     float *logits;          // [logits_rows, vocab]
     int logits_rows;        // max_batch where every position's logits are wanted (perplexity,
                             // --dump-logits, --trace), else 1: a prompt needs only its last
-    KernelScratch kern;     // the matrix kernels' scratch: int8 activations (q8, q4 files), AMX tiles
+    KernelScratch *kern;    // the kernels' scratch (int8 activations, panels) and thread pool
     int kv_type;            // KV_F32 or KV_F16: the element type of the two caches
     size_t kv_bytes;        // bytes of the two caches together
     void *key_cache;        // [n_layers, n_heads, ctx, head_dim] keys, after rotary: float or f16 (uint16_t)
@@ -1047,14 +921,10 @@ typedef struct {
     const char *trace_path; // for error messages
 } RunState;
 
-/* Attention for a batch of several positions, blocked over queries and keys (Appendix A3):
- * what attention() below computes, to float rounding, at the cost its arithmetic says. */
-static void attention_blocked(RunState *s, const Config *c, int layer, int pos0, int n_tokens);
-static size_t attn_scratch_floats(const Config *c);  // its scratch per thread
-/* Below this many positions the blocks are mostly empty vector lanes and attention() is the
- * faster one (measured at depth 1,900 with AVX-512 and AVX2 builds, f16 cache: 5 positions
- * take about as long either way, 2 positions twice as long blocked). */
-enum { ATTN_BLOCKED_MIN_BATCH = 6 };
+static size_t attn_scratch_floats(const Config *c);  // attention_blocked's scratch per thread (Appendix D)
+/* Causal self-attention of a batch, one layer: attention_scalar below, or its faster forms
+ * (Appendix E). */
+static void attention(RunState *s, const Config *c, int layer, int pos0, int n_tokens);
 
 static int max_threads(void) {
 #ifdef _OPENMP
@@ -1071,8 +941,7 @@ static void init_state(RunState *s, const Config *c, int ctx, int max_batch, int
     s->max_batch = max_batch;
     s->ctx = ctx;
     s->n_threads = n_threads > max_threads() ? n_threads : max_threads();  // (OpenMP's at least)
-    size_t widest_out = (size_t)c->vocab_size > 3 * H ? (size_t)c->vocab_size : 3 * H;  // pool_run's largest chunk
-    s->kern.pool = pool_create(s->n_threads, widest_out > F ? widest_out : F);
+    s->kern = kernel_scratch_create(c, max_batch, s->n_threads);
     s->x = xmalloc_aligned(mul_size(B * H, sizeof(float)));
     s->h = xmalloc_aligned(mul_size(B * H, sizeof(float)));
     s->qkv = xmalloc_aligned(mul_size(B * 3 * H, sizeof(float)));
@@ -1085,10 +954,6 @@ static void init_state(RunState *s, const Config *c, int ctx, int max_batch, int
     s->attn_scratch = xmalloc_aligned(mul_size(mul_size((size_t)s->n_threads, s->attn_scratch_floats), sizeof(float)));
     s->logits_rows = all_logits ? max_batch : 1;
     s->logits = xmalloc_aligned(mul_size((size_t)s->logits_rows, mul_size((size_t)c->vocab_size, sizeof(float))));
-    size_t widest = H > F ? H : F;
-    s->kern.xq.q = xmalloc_aligned(mul_size(B, widest));
-    s->kern.xq.scale = xmalloc_aligned(mul_size(B * (widest / Q8_GROUP + 1), sizeof(float)));
-    s->kern.xq.q4_offset = xmalloc_aligned(mul_size(B * (widest / Q4_GROUP + 1), sizeof(float)));
     s->kv_type = kv_type;
     const size_t elem_size = kv_type == KV_F16 ? sizeof(uint16_t) : sizeof(float);
     const size_t cache_bytes = mul_size(mul_size(mul_size((size_t)c->n_layers, (size_t)ctx), H), elem_size);
@@ -1110,12 +975,10 @@ static void init_state(RunState *s, const Config *c, int ctx, int max_batch, int
 }
 
 static void free_state(RunState *s) {
-    pool_destroy(s->kern.pool);  // first: its threads may still be reading the buffers below
+    kernel_scratch_free(s->kern);  // first: it ends the threads
     free_aligned(s->x); free_aligned(s->h); free_aligned(s->qkv); free_aligned(s->att); free_aligned(s->att_proj);
     free_aligned(s->ffn); free_aligned(s->mlp_out); free_aligned(s->scores); free_aligned(s->logits);
     free_aligned(s->attn_scratch);
-    free_aligned(s->kern.xq.q); free_aligned(s->kern.xq.scale); free_aligned(s->kern.xq.q4_offset);
-    free_aligned(s->kern.amx_pack); free_aligned(s->kern.panel);
     free_aligned(s->key_cache); free_aligned(s->value_cache);
     free(s->rope_cos); free(s->rope_sin);
 }
@@ -1160,33 +1023,13 @@ static void attend(const RunState *s, const Config *c, int layer, int head, int 
     }
 }
 
-/* One token's attention, a head at a time (a pool_run job: chunk = head). */
-typedef struct {
-    const RunState *s;
-    const Config *c;
-    int layer, pos;
-} HeadsJob;
-
-static void attend_head(const void *args, int head, float *buffer, int thread) {
-    const HeadsJob *job = args;
-    const RunState *s = job->s;
-    attend(s, job->c, job->layer, head, job->pos, s->qkv + (size_t)head * job->c->head_dim, buffer,
-           s->scores + (size_t)thread * s->ctx);
-}
-
 /* Causal self-attention for a batch of positions pos0 .. pos0+n_tokens-1 of one layer.
  * The batch's keys and values are already in the cache, so token t attends to cache
  * positions 0 .. pos0+t. Each (token, head) pair is independent: spread them over threads.
- * This is the definition, and what a generated token (one position) runs; a prompt's
- * batches go through attention_blocked (Appendix A3), which reads each key and value once
- * per block of queries instead of once per query. */
-static void attention(RunState *s, const Config *c, int layer, int pos0, int n_tokens) {
+ * This is the definition; a prompt's batches go faster blocked (Appendix D), reading each
+ * key and value once per block of queries instead of once per query. */
+static void attention_scalar(RunState *s, const Config *c, int layer, int pos0, int n_tokens) {
     const int H = c->hidden_dim, hd = c->head_dim, n_heads = c->n_heads;
-    if (n_tokens == 1) {
-        const HeadsJob job = {s, c, layer, pos0};
-        pool_run(s->kern.pool, attend_head, &job, sizeof(job), n_heads, hd, s->att, (size_t)H);
-        return;
-    }
 #pragma omp parallel for schedule(dynamic, 1)
     for (int th = 0; th < n_tokens * n_heads; th++) {
         const int t = th / n_heads, head = th % n_heads;
@@ -1240,7 +1083,7 @@ static void forward(const Model *m, RunState *s, const int *tokens, int n_tokens
         trace(s, "ln", l, s->h, H, H, pos0, n_tokens);
 
         // Attention: project, rotate q and k, cache k and v, attend, project back.
-        matmul(s->qkv, s->h, &L->qkv, L->qkv_bias, n_tokens, &s->kern);
+        matmul(s->qkv, s->h, &L->qkv, L->qkv_bias, n_tokens, s->kern);
 #pragma omp parallel for if (n_tokens > 1)
         for (int t = 0; t < n_tokens; t++) {
             const int pos = pos0 + t;
@@ -1256,17 +1099,16 @@ static void forward(const Model *m, RunState *s, const int *tokens, int n_tokens
         trace(s, "q", l, s->qkv, 3 * (size_t)H, H, pos0, n_tokens);  // q and k after rotary
         trace(s, "k", l, s->qkv + H, 3 * (size_t)H, H, pos0, n_tokens);
         trace(s, "v", l, s->qkv + 2 * H, 3 * (size_t)H, H, pos0, n_tokens);
-        if (n_tokens >= ATTN_BLOCKED_MIN_BATCH) attention_blocked(s, c, l, pos0, n_tokens);
-        else attention(s, c, l, pos0, n_tokens);
+        attention(s, c, l, pos0, n_tokens);
         trace(s, "attn", l, s->att, H, H, pos0, n_tokens);
-        matmul(s->att_proj, s->att, &L->dense, L->dense_bias, n_tokens, &s->kern);
+        matmul(s->att_proj, s->att, &L->dense, L->dense_bias, n_tokens, s->kern);
         trace(s, "attn_out", l, s->att_proj, H, H, pos0, n_tokens);
 
         // MLP on the same normalized input h: the block is parallel, not sequential.
-        matmul(s->ffn, s->h, &L->fc1, L->fc1_bias, n_tokens, &s->kern);
+        matmul(s->ffn, s->h, &L->fc1, L->fc1_bias, n_tokens, s->kern);
         gelu_new(s->ffn, (size_t)n_tokens * F);
         trace(s, "mlp_act", l, s->ffn, F, F, pos0, n_tokens);
-        matmul(s->mlp_out, s->ffn, &L->fc2, L->fc2_bias, n_tokens, &s->kern);
+        matmul(s->mlp_out, s->ffn, &L->fc2, L->fc2_bias, n_tokens, s->kern);
         trace(s, "mlp_out", l, s->mlp_out, H, H, pos0, n_tokens);
 
         for (size_t i = 0; i < (size_t)n_tokens * H; i++) s->x[i] += s->att_proj[i] + s->mlp_out[i];
@@ -1277,7 +1119,7 @@ static void forward(const Model *m, RunState *s, const int *tokens, int n_tokens
     if (n_out > s->logits_rows) die("internal error: %d rows of logits asked of a state made for %d", n_out, s->logits_rows);
     layernorm(s->h, s->x + (size_t)first * H, m->final_ln_weight, m->final_ln_bias, n_out, H, c->norm_eps);
     trace(s, "final_ln", -1, s->h, H, H, pos0 + first, n_out);
-    matmul(s->logits, s->h, &m->lm_head, m->lm_head_bias, n_out, &s->kern);
+    matmul(s->logits, s->h, &m->lm_head, m->lm_head_bias, n_out, s->kern);
     trace(s, "logits", -1, s->logits, c->vocab_size, c->vocab_size, pos0 + first, n_out);
 }
 
@@ -1541,7 +1383,7 @@ static void usage(FILE *f) {
             "      --ignore-eos       keep generating past <|endoftext|> (for benchmarks)\n"
             "      --no-display-prompt  do not echo the prompt before the completion\n"
             "      --min-p P          drop tokens below P x the best one's probability (default 0:\n"
-            "                         off, so the defaults sample as before; llama.cpp's is 0.05)\n"
+            "                         off: plain temperature, top-k and top-p; llama.cpp's is 0.05)\n"
             "      --repeat-penalty F recent tokens' logits: > 0 divided by F, < 0 times F (default\n"
             "                         1 = off)\n"
             "      --repeat-last-n N  penalties look at the last N tokens (default 64; -1 all; 0 off)\n"
@@ -1564,7 +1406,7 @@ static void usage(FILE *f) {
             "      --perplexity FILE  score FILE in windows of -c tokens, each on its second half (so\n"
             "                         every scored token has half a window of context); prints\n"
             "                         'perplexity: PPL +/- SE' (SE = ppl x stderr of the mean NLL)\n"
-            "      --save-logprobs FILE  write each scored token's log-probability row (see README)\n"
+            "      --save-logprobs FILE  write each scored token's log-probability row (docs/FORMAT.md)\n"
             "      --kl-base FILE     compare with another run's --save-logprobs file: mean KL,\n"
             "                         top-1 agreement, perplexity ratio\n"
             "\n"
@@ -2134,10 +1976,10 @@ static const char *prompts_on_one_thread(int n_threads) {
 static void print_timings(Generator *g, const char *stop_reason, double t_load) {
     const Model *m = g->m;
     fprintf(stderr, "\nphi2: stopped: %s\n", stop_reason);
-    // Decode reads every weight once per token: tok/s x bytes is the memory bandwidth used.
+    // Decode reads every weight once per token: tokens per second times bytes is the bandwidth used.
     double gen_tps = g->t_generate > 0 ? g->n_decoded / g->t_generate : 0.0;
     char kernels[96];
-    kernel_description(kernels, sizeof(kernels), &g->s->kern, m->config.weight_type);
+    kernel_description(kernels, sizeof(kernels), g->s->kern, m->config.weight_type);
     fprintf(stderr, "phi2: load %.2f s (%s) | prompt %d tokens, %.2f tok/s | generated %d tokens, %.2f tok/s "
             "(%.1f GB/s of weights) | %d thread%s (%s%s) | KV cache %s, %.1f MB | %s\n",
             t_load, m->mapped ? "mapped" : "in memory", g->n_prefilled,
@@ -2444,9 +2286,8 @@ int main(int argc, char **argv) {
         return 0;
     }
     if (opt.version) {  // which kernels this build has, and which int8 one it uses here
-        KernelScratch probe = {0};
         char kernels[96];
-        kernel_description(kernels, sizeof(kernels), &probe, WEIGHTS_Q8);
+        kernel_description(kernels, sizeof(kernels), NULL, WEIGHTS_Q8);
         printf("phi2 (model format %d): %s\n", MODEL_VERSION, kernels);
         flush_stdout();
         return 0;
@@ -2455,7 +2296,7 @@ int main(int argc, char **argv) {
     // Threads: -t, else OMP_NUM_THREADS, else one per fast core. Decode is bound by memory
     // bandwidth, which a few cores saturate: a second thread on a core's SMT sibling or an
     // efficiency core adds little bandwidth and makes a slow thread for the others to wait on.
-    // The pool (Appendix C) runs generated tokens on them; OpenMP runs prompt batches, on one
+    // The pool (Appendix G) runs generated tokens on them; OpenMP runs prompt batches, on one
     // thread in a build without it.
     if (opt.n_threads > 0) {
         opt.threads_why = "-t";
@@ -2533,11 +2374,11 @@ int main(int argc, char **argv) {
 #endif /* PHI2_NO_MAIN */
 
 /* ------------------------------------------------------------------------------------- */
-/* Appendix A. x86 kernels: AVX-512, AVX2, VNNI, AMX                                     */
+/* Appendix A. What this build has, and how threads share a kernel's work                 */
 /* ------------------------------------------------------------------------------------- */
-/* Everything here is a faster way to compute a section 3 kernel; nothing here changes what
- * the model computes. Which versions exist is decided at compile time from the target
- * (make: -march=native):
+/* Everything from here on is a faster way to compute a definition of sections 3 and 4;
+ * nothing here changes what the model computes. Which kernels exist is decided at compile
+ * time from the target (make: -march=native):
  *   PHI2_AVX512  AVX-512F/BW: f32 matmul, quantization, gelu, dot; with VNNI (and VL) also
  *                int8 and 4-bit matmul
  *   PHI2_AVX2    AVX2 + FMA + F16C (laptops): f32 matmul, quantization, int8 and 4-bit matmul
@@ -2546,8 +2387,9 @@ int main(int argc, char **argv) {
  *                only if the OS grants the tile state at run time (amx_available)
  *   PHI2_F16C    F16C with AVX2 + FMA (every AVX2 CPU so far, and -march=x86-64-v3): the f16
  *                KV cache's conversion, dot and axpy, 8 values at a time (AVX-512 CPUs too)
- * -DPHI2_SCALAR_ONLY (make portable) leaves only the scalar kernels. The dispatch functions
- * declared in section 3 come after Appendix A2 (the Arm kernels). */
+ *   PHI2_NEON    Arm NEON (every aarch64 CPU); PHI2_NEON_DOTPROD with SDOT, PHI2_NEON_I8MM
+ *                with SMMLA as well (Appendix C)
+ * -DPHI2_SCALAR_ONLY (make portable) leaves only the definitions. */
 #if !defined(PHI2_SCALAR_ONLY) && defined(__AVX512F__) && defined(__AVX512BW__)
 #define PHI2_AVX512 1
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
@@ -2559,14 +2401,11 @@ int main(int argc, char **argv) {
 #endif
 #if !defined(PHI2_SCALAR_ONLY) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define PHI2_AVX2 1
-#if defined(__F16C__)
 #define PHI2_F16C 1
-#endif
 #endif
 #if PHI2_AVX512_VNNI || PHI2_AVX2
 #define PHI2_PANELS 1  // prompt batches through row panels (matmul_int8_panels)
 #endif
-/* The Arm kernels of Appendix A2 (defined here so the loop nests below serve them too). */
 #if !defined(PHI2_SCALAR_ONLY) && defined(__aarch64__) && defined(__ARM_NEON)
 #define PHI2_NEON 1
 #include <arm_neon.h>
@@ -2580,8 +2419,27 @@ int main(int argc, char **argv) {
 #endif
 #endif
 
-/* Work sharing for a batch (see "Work sharing" in section 3): chunks of row tiles
- * (tiles_per_chunk), claimed from a shared counter by OpenMP's threads. */
+/* --- Work sharing ----------------------------------------------------------------------
+ * The rows of a matrix product go in chunks of contiguous rows, which threads claim one at
+ * a time as they finish the last (dynamic scheduling). An equal static split makes every
+ * thread wait for the slowest: on a laptop that is an efficiency core, or a core another
+ * program is using. With chunks, a slow thread simply ends up taking fewer. A row's result
+ * does not depend on which thread computes it (chunks start at multiples of every kernel's
+ * tile height), so the output is the same for any thread count (tests/test_determinism.py).
+ * A prompt's batch shares its chunks among OpenMP's threads (claim_chunk); a generated
+ * token's among the pool's (pool_run, Appendix G), which wakes in microseconds. */
+enum {
+    CHUNKS_PER_THREAD = 8,        // more: a thread that falls behind leaves less to wait on
+    CHUNK_MIN_BYTES = 64 << 10,   // fewer: each chunk a long stream the prefetcher can follow
+};
+
+/* Tiles (of bytes_per_tile weights each) per chunk, for n_threads threads. */
+static int tiles_per_chunk(int n_tiles, size_t bytes_per_tile, int n_threads) {
+    int tiles = n_tiles / (n_threads * CHUNKS_PER_THREAD);
+    const size_t min_tiles = (CHUNK_MIN_BYTES + bytes_per_tile - 1) / (bytes_per_tile ? bytes_per_tile : 1);
+    if ((size_t)tiles < min_tiles) tiles = min_tiles < (size_t)n_tiles ? (int)min_tiles : n_tiles;
+    return tiles > 0 ? tiles : 1;
+}
 
 /* The next unclaimed chunk (numbers past the last mean: none left). Each call takes one. */
 MAYBE_UNUSED static int claim_chunk(int *next_chunk) {
@@ -2590,6 +2448,78 @@ MAYBE_UNUSED static int claim_chunk(int *next_chunk) {
     chunk = (*next_chunk)++;
     return chunk;
 }
+
+/* Bytes of one row of W's weights (not counting the scales). */
+static size_t matrix_row_bytes(const Matrix *W) {
+    const size_t cols = (size_t)W->cols;
+    return W->type == WEIGHTS_F32 ? cols * sizeof(float) : W->type == WEIGHTS_Q8 ? cols : cols / 2;
+}
+
+/* The rows r0 .. r1 of W, as a matrix of their own. */
+static Matrix matrix_rows(const Matrix *W, int r0, int r1) {
+    Matrix v = *W;
+    v.rows = r1 - r0;
+    const size_t r = (size_t)r0, cols = (size_t)W->cols;
+    if (W->w) v.w = W->w + r * cols;
+    if (W->q) v.q = W->q + r * cols, v.scale = W->scale + r * (cols / Q8_GROUP);
+    if (W->codes) v.codes = W->codes + r * (cols / 2), v.scale16 = W->scale16 + r * (cols / Q4_GROUP);
+    return v;
+}
+
+/* --- Register tiles ---------------------------------------------------------------------
+ * A kernel's register tile (R weight rows x T tokens of accumulators) stays in registers
+ * only if the compiler knows R and T, so each tile kernel is an ALWAYS_INLINE function of
+ * them, and its loop nest reaches it through one switch over the shapes it asks for:
+ * TILE_SWITCH(name, R, T, cases), with the cases listed by TOKENS_UP_TO_n(rows), each of
+ * which expands TILE(rows, t), a call the caller defines, for t = 1 .. n. */
+MAYBE_UNUSED static void bad_tile(const char *kernel, int R, int T) {
+    die("internal error: %s has no tile of %d rows x %d tokens", kernel, R, T);
+}
+#define TILE_CASE(r, t) case (r) * 64 + (t): TILE(r, t); return;
+#define TOKENS_UP_TO_2(r) TILE_CASE(r, 1) TILE_CASE(r, 2)
+#define TOKENS_UP_TO_4(r) TOKENS_UP_TO_2(r) TILE_CASE(r, 3) TILE_CASE(r, 4)
+#define TOKENS_UP_TO_6(r) TOKENS_UP_TO_4(r) TILE_CASE(r, 5) TILE_CASE(r, 6)
+#define TOKENS_UP_TO_12(r) TOKENS_UP_TO_6(r) TILE_CASE(r, 7) TILE_CASE(r, 8) TILE_CASE(r, 9) TILE_CASE(r, 10) \
+    TILE_CASE(r, 11) TILE_CASE(r, 12)
+#define TOKENS_UP_TO_24(r) TOKENS_UP_TO_12(r) TILE_CASE(r, 13) TILE_CASE(r, 14) TILE_CASE(r, 15) TILE_CASE(r, 16) \
+    TILE_CASE(r, 17) TILE_CASE(r, 18) TILE_CASE(r, 19) TILE_CASE(r, 20) TILE_CASE(r, 21) TILE_CASE(r, 22)         \
+    TILE_CASE(r, 23) TILE_CASE(r, 24)
+#define TILE_SWITCH(name, R, T, cases) \
+    do {                               \
+        switch ((R) * 64 + (T)) {      \
+            cases                      \
+        }                              \
+        bad_tile(name, R, T);          \
+    } while (0)
+
+/* The pool of a generated token's threads (Appendix G). pool_run splits a step into
+ * n_chunks chunks that the threads claim as they go; chunk c writes out[c * chunk_len ..],
+ * at most out_len values in all: run(args, chunk, buffer, thread) computes one chunk into
+ * buffer, and may use scratch row `thread` (0 .. threads - 1). args is copied. */
+typedef struct ThreadPool ThreadPool;
+typedef void (*ChunkFunction)(const void *args, int chunk, float *buffer, int thread);
+static ThreadPool *pool_create(int n_threads, size_t max_chunk_len);  // n_threads - 1 new threads
+static void pool_destroy(ThreadPool *pool);
+static void pool_run(ThreadPool *pool, ChunkFunction run, const void *args, size_t args_size, int n_chunks,
+                     int chunk_len, float *out, size_t out_len);
+static int pool_threads(const ThreadPool *pool);  // 1 for NULL
+
+/* The kernels' scratch, owned by RunState (kernel_scratch_create, Appendix E). */
+struct KernelScratch {
+    QuantizedRows xq;          // [max_batch, max(hidden, ffn)] the activations quantized (q8 and q4 files)
+    unsigned char *amx_pack;   // AMX only: a batch repacked into tiles, grown as needed
+    size_t amx_pack_size;
+    unsigned char *panel;      // x86 prompt batches: activations and one row panel per thread, grown as needed
+    size_t panel_size;
+    int amx_state;             // AMX only: 0 = not asked yet, 1 = granted by the OS, -1 = refused
+    ThreadPool *pool;          // one token's threads (pool_run); NULL: the calling thread alone
+};
+
+/* ------------------------------------------------------------------------------------- */
+/* Appendix B. x86 kernels: AVX-512, AVX2, VNNI, AMX                                     */
+/* ------------------------------------------------------------------------------------- */
+/* Each kernel here computes a section 3 definition for the instruction sets of Appendix A;
+ * tests/test_kernels.c checks it against that definition. */
 
 /* Fast f32 kernels. The product is a set of dot products along the columns, where both a
  * weight row and an activation row are contiguous. Register tile: R weight rows x T tokens
@@ -2652,14 +2582,9 @@ static ALWAYS_INLINE void f32_tile_avx512(float *out, int out_stride, const floa
 /* The tile with compile-time R and T (so the accumulators live in registers). */
 static void f32_tile_avx512_any(float *out, int out_stride, const float *w, const float *x, int cols, int kc, int R,
                                 int T, int first, const float *bias) {
-#define F32_CASE(RR, TT) \
-    case (RR) * 8 + (TT): f32_tile_avx512(out, out_stride, w, x, cols, kc, RR, TT, first, bias); break;
-    switch (R * 8 + T) {
-        F32_CASE(4, 1) F32_CASE(4, 2) F32_CASE(4, 3) F32_CASE(4, 4) F32_CASE(4, 5) F32_CASE(4, 6)
-        F32_CASE(1, 1) F32_CASE(1, 2) F32_CASE(1, 3) F32_CASE(1, 4) F32_CASE(1, 5) F32_CASE(1, 6)
-        default: die("f32_tile_avx512: bad tile %dx%d", R, T);
-    }
-#undef F32_CASE
+#define TILE(r, t) f32_tile_avx512(out, out_stride, w, x, cols, kc, r, t, first, bias)
+    TILE_SWITCH("f32_tile_avx512", R, T, TOKENS_UP_TO_6(F32_R_AVX512) TOKENS_UP_TO_6(1));
+#undef TILE
 }
 #endif
 
@@ -2697,13 +2622,9 @@ static ALWAYS_INLINE void f32_tile_avx2(float *out, int out_stride, const float 
 
 static void f32_tile_avx2_any(float *out, int out_stride, const float *w, const float *x, int cols, int kc, int R,
                               int T, int first, const float *bias) {
-#define F32_CASE(RR, TT) \
-    case (RR) * 8 + (TT): f32_tile_avx2(out, out_stride, w, x, cols, kc, RR, TT, first, bias); break;
-    switch (R * 8 + T) {
-        F32_CASE(4, 1) F32_CASE(4, 2) F32_CASE(1, 1) F32_CASE(1, 2)
-        default: die("f32_tile_avx2: bad tile %dx%d", R, T);
-    }
-#undef F32_CASE
+#define TILE(r, t) f32_tile_avx2(out, out_stride, w, x, cols, kc, r, t, first, bias)
+    TILE_SWITCH("f32_tile_avx2", R, T, TOKENS_UP_TO_2(F32_R_AVX2) TOKENS_UP_TO_2(1));
+#undef TILE
 }
 #endif
 
@@ -2731,7 +2652,7 @@ static void f32_blocked_rows(float *out, const float *in, const Matrix *W, const
 }
 
 /* The loop nest shared by the AVX-512, AVX2 and NEON f32 kernels: threads claim chunks of
- * row tiles (one token's threads split the rows already: pool_run, Appendix C). */
+ * row tiles (one token's threads split the rows already: pool_run, Appendix G). */
 static void matmul_f32_blocked(float *out, const float *in, const Matrix *W, const float *bias, int n_tokens,
                                F32Tile tile, int RT, int TT) {
     const int rows = W->rows;
@@ -2775,13 +2696,7 @@ MAYBE_UNUSED static void matmul_f32_avx2(float *out, const float *in, const Matr
  * Columns go in blocks of F32_PANEL_COL_BLOCK (a panel block: 16 x 512 floats = 32 KB,
  * in L1 while every tile of the batch reuses it), and each weight is transposed once; while
  * the tiles run they prefetch the next panel block's rows (PanelPrefetch, below).
- * Measured on Zen 5, one thread, 128 tokens, Phi-2's shapes: AVX-512 70-82 G MAC/s with
- * f32_tile_avx512, 104-112 with panels (peak 137); without the prefetch 96-100; column
- * blocks of 256 / 512 / 1024 / 2048 / whole rows: 93 / 100 / 97 / 100 / 100 (before the
- * prefetch, 512 also best after it); 24 or 28 tokens per tile the same. AVX2 (-march=haswell):
- * 42-45 against 54-56 (peak 69). Panels win from 7 tokens (AVX-512) or 6 (AVX2) on, hence
- * F32_PANEL_MIN_TOKENS; decode keeps the tiles. 4-layer f32 model, 128-token prompt, 2
- * threads: 415 -> 580 tok/s (47% -> 66% of the FMA peak), haswell 260 -> 316 (60% -> 72%). */
+ * Panels win from F32_PANEL_MIN_TOKENS tokens on; decode keeps the tiles. */
 #if PHI2_AVX512
 /* v[i] holds 16 int32 of row i; afterwards v[c] holds element c of every row (lane i: row i). */
 static ALWAYS_INLINE void transpose16_epi32(__m512i v[16]) {
@@ -2830,9 +2745,8 @@ static ALWAYS_INLINE void transpose8_epi32(__m256i v[8]) {
 #if PHI2_AVX512 || PHI2_AVX2
 /* Building a panel reads its rows from memory, with nothing else to do meanwhile: while the
  * tiles of one panel run, they prefetch the next panel's rows into L2, a few cache lines per
- * group (line q of the next panel is row q / lines_per_row). 256-token q8 prompt on 2 Zen 5
- * cores: 198-210 tok/s without, 213-217 with. (Also the f32 panels' next block, a few lines
- * every F32_PANEL_PREFETCH_STEPS columns.) */
+ * group (line q of the next panel is row q / lines_per_row). (Also the f32 panels' next
+ * block, a few lines every F32_PANEL_PREFETCH_STEPS columns.) */
 typedef struct {
     const char *base;      // the next panel's first row (NULL: none; never past the matrix)
     size_t stride;         // bytes from one row to the next
@@ -2869,9 +2783,7 @@ static void matmul_f32_panels(float *out, const float *in, const Matrix *W, cons
         k->panel_size = need;
     }
     // Tile j: tokens j * PT onwards (full tiles, the last one shorter: clang 14 keeps a tile's
-    // accumulators in registers only when it is full; with even tiles of 21 and 22 tokens it
-    // ran at 42 G MAC/s, with full ones 84-88, gcc 107-116 instead of 89-91; clang -march=
-    // haswell 48-49, a little below its f32_tile_avx2's 51-54), at xt + t_j * cols as [cols][T_j].
+    // accumulators in registers only when it is full), at xt + t_j * cols as [cols][T_j].
     float *xt = (float *)k->panel;
     const int c_step = 256;
 #pragma omp parallel for schedule(static)
@@ -2926,7 +2838,7 @@ static void matmul_f32_panels(float *out, const float *in, const Matrix *W, cons
 #endif
 
 #if PHI2_AVX512
-enum { F32_PANEL_T_AVX512 = 24 };  // 24 accumulators + the panel vector of 32 zmm (28: no faster)
+enum { F32_PANEL_T_AVX512 = 24 };  // tokens per tile: 24 accumulators + the panel vector of 32 zmm
 
 /* Panel block of n_rows <= 16 rows from w (row stride cols), kc columns: vector c at
  * panel + 16 c (rows past n_rows, and a last partial 16 columns' missing ones, are zeros). */
@@ -2942,7 +2854,7 @@ static void f32_panel_build_avx512(float *panel, const float *w, int cols, int k
 }
 
 /* out[t][0 .. n_rows - 1] (+)= panel x token t's kc activations (x: [kc][T]), + bias if given.
- * Without the unroll pragmas gcc 12 swapped the loops (accumulators in memory, 66 G MAC/s). */
+ * Without the unroll pragmas gcc 12 swaps the loops and keeps the accumulators in memory. */
 static ALWAYS_INLINE void f32_panel_tile_avx512(float *out, int out_stride, const float *panel, const float *x, int kc,
                                                 int T, int n_rows, int first, const float *bias, PanelPrefetch *pf) {
     __m512 acc[F32_PANEL_T_AVX512];
@@ -2969,16 +2881,9 @@ static ALWAYS_INLINE void f32_panel_tile_avx512(float *out, int out_stride, cons
 
 static void f32_panel_tile_avx512_any(float *out, int out_stride, const float *panel, const float *x, int kc, int T,
                                       int n_rows, int first, const float *bias, PanelPrefetch *pf) {
-    _Static_assert(F32_PANEL_T_AVX512 == 24, "f32_panel_tile_avx512_any lists 1 .. 24 tokens");
-#define F32P_CASE(TT) \
-    case TT: f32_panel_tile_avx512(out, out_stride, panel, x, kc, TT, n_rows, first, bias, pf); break;
-    switch (T) {
-        F32P_CASE(1) F32P_CASE(2) F32P_CASE(3) F32P_CASE(4) F32P_CASE(5) F32P_CASE(6) F32P_CASE(7) F32P_CASE(8)
-        F32P_CASE(9) F32P_CASE(10) F32P_CASE(11) F32P_CASE(12) F32P_CASE(13) F32P_CASE(14) F32P_CASE(15) F32P_CASE(16)
-        F32P_CASE(17) F32P_CASE(18) F32P_CASE(19) F32P_CASE(20) F32P_CASE(21) F32P_CASE(22) F32P_CASE(23) F32P_CASE(24)
-        default: die("f32_panel_tile_avx512: bad tile of %d tokens", T);
-    }
-#undef F32P_CASE
+#define TILE(r, t) f32_panel_tile_avx512(out, out_stride, panel, x, kc, t, n_rows, first, bias, pf)
+    TILE_SWITCH("f32_panel_tile_avx512", 1, T, TOKENS_UP_TO_24(1));
+#undef TILE
 }
 
 MAYBE_UNUSED static void matmul_f32_panels_avx512(float *out, const float *in, const Matrix *W, const float *bias,
@@ -3010,7 +2915,7 @@ static void f32_panel_build_avx2(float *panel, const float *w, int cols, int kc,
 }
 
 /* As f32_panel_tile_avx512. The unrolled store loop at the end matters: with it rolled, gcc 12
- * kept the accumulators in memory and stored every one at every step (36 -> 55 G MAC/s). */
+ * keeps the accumulators in memory and stores every one at every step. */
 static ALWAYS_INLINE void f32_panel_tile_avx2(float *out, int out_stride, const float *panel, const float *x, int kc,
                                               int T, int n_rows, int first, const float *bias, PanelPrefetch *pf) {
     __m256 acc[F32_PANEL_T_AVX2];
@@ -3037,15 +2942,9 @@ static ALWAYS_INLINE void f32_panel_tile_avx2(float *out, int out_stride, const 
 
 static void f32_panel_tile_avx2_any(float *out, int out_stride, const float *panel, const float *x, int kc, int T,
                                     int n_rows, int first, const float *bias, PanelPrefetch *pf) {
-    _Static_assert(F32_PANEL_T_AVX2 == 12, "f32_panel_tile_avx2_any lists 1 .. 12 tokens");
-#define F32P_CASE(TT) \
-    case TT: f32_panel_tile_avx2(out, out_stride, panel, x, kc, TT, n_rows, first, bias, pf); break;
-    switch (T) {
-        F32P_CASE(1) F32P_CASE(2) F32P_CASE(3) F32P_CASE(4) F32P_CASE(5) F32P_CASE(6)
-        F32P_CASE(7) F32P_CASE(8) F32P_CASE(9) F32P_CASE(10) F32P_CASE(11) F32P_CASE(12)
-        default: die("f32_panel_tile_avx2: bad tile of %d tokens", T);
-    }
-#undef F32P_CASE
+#define TILE(r, t) f32_panel_tile_avx2(out, out_stride, panel, x, kc, t, n_rows, first, bias, pf)
+    TILE_SWITCH("f32_panel_tile_avx2", 1, T, TOKENS_UP_TO_12(1));
+#undef TILE
 }
 
 MAYBE_UNUSED static void matmul_f32_panels_avx2(float *out, const float *in, const Matrix *W, const float *bias,
@@ -3120,8 +3019,8 @@ MAYBE_UNUSED static void quantize_rows_q8_avx2(QuantizedRows *out, const float *
  * (per lane, summed at the end), except in the AMX kernel, which matches it exactly. */
 
 /* q4 decode (one token) reads a row at a time and spreads its blocks over this many float
- * accumulators: with one, each block waits for the previous block's FMA (4 cycles), which
- * held decode to 57 G multiply-adds/s per core on Zen 5, below what memory delivers. */
+ * accumulators: with one, each block waits for the previous block's FMA latency, slower
+ * than memory delivers the weights. */
 enum { Q4_DECODE_CHAINS = 4 };
 
 #if PHI2_AVX512_VNNI
@@ -3131,7 +3030,7 @@ enum { Q4_DECODE_CHAINS = 4 };
  * 4 products q_w * q_x. Each lane is then scaled by d_w * d_x and accumulated in float.
  * Register tile: 4 rows x 4 tokens; a weight vector loaded once serves 4 tokens. */
 enum { Q8_R_VNNI = 4, Q8_T_VNNI = 4 };
-enum { Q8_PREFETCH_BYTES = 1024 };  // software prefetch distance along each weight row: +10% decode
+enum { Q8_PREFETCH_BYTES = 1024 };  // prefetch distance along each weight row: the hardware's alone lags
 
 static ALWAYS_INLINE void q8_tile_vnni(float *out, int out_stride, const int8_t *w, const float *wd, const int8_t *x,
                                        const float *xd, int cols, int n_groups, int R, int T, const float *bias) {
@@ -3166,15 +3065,9 @@ static ALWAYS_INLINE void q8_tile_vnni(float *out, int out_stride, const int8_t 
  * a specialization the compiler unrolls. */
 static void q8_tile_vnni_any(float *out, int out_stride, const void *w, const void *wd, const int8_t *x,
                              const float *xd, const float *xo, int cols, int n_groups, int R, int T, const float *bias) {
-    _Static_assert(Q8_R_VNNI == 4 && Q8_T_VNNI == 4, "q8_tile_vnni_any lists the tiles of 4 rows x 4 tokens");
-#define Q8_CASE(RR, TT) \
-    case (RR) * 8 + (TT): q8_tile_vnni(out, out_stride, w, wd, x, xd, cols, n_groups, RR, TT, bias); break;
-    switch (R * 8 + T) {
-        Q8_CASE(4, 1) Q8_CASE(4, 2) Q8_CASE(4, 3) Q8_CASE(4, 4)
-        Q8_CASE(1, 1) Q8_CASE(1, 2) Q8_CASE(1, 3) Q8_CASE(1, 4)
-        default: die("q8_tile_vnni: bad tile %dx%d", R, T);
-    }
-#undef Q8_CASE
+#define TILE(r, t) q8_tile_vnni(out, out_stride, w, wd, x, xd, cols, n_groups, r, t, bias)
+    TILE_SWITCH("q8_tile_vnni", R, T, TOKENS_UP_TO_4(Q8_R_VNNI) TOKENS_UP_TO_4(1));
+#undef TILE
 }
 
 /* q4 with VNNI: each block's 64 weights decoded into one 512-bit vector (the 32 code bytes
@@ -3199,7 +3092,7 @@ static ALWAYS_INLINE void q4_tile_vnni(float *out, int out_stride, const uint8_t
     for (int b0 = 0; b0 < n_blocks; b0 += 8) {
         const int nb = n_blocks - b0 < 8 ? n_blocks - b0 : 8;
         // Masked loads only for a row's last few blocks: they never read past the row's scales,
-        // but cost more than plain loads (decode with them everywhere: -15% on Zen 5).
+        // but cost more than plain loads.
         const __mmask16 present = (__mmask16)((1u << (2 * nb)) - 1);
         __m512 d[Q8_R_VNNI];
         for (int r = 0; r < R; r++) {
@@ -3282,18 +3175,13 @@ static void q4_row_vnni(float *out, const uint8_t *w, const uint16_t *wd, const 
 
 static void q4_tile_vnni_any(float *out, int out_stride, const void *w, const void *wd, const int8_t *x,
                              const float *xd, const float *xo, int cols, int n_blocks, int R, int T, const float *bias) {
-#define Q4_CASE(RR, TT) \
-    case (RR) * 8 + (TT): q4_tile_vnni(out, out_stride, w, wd, x, xd, xo, cols, n_blocks, RR, TT, bias); break;
     if (R == 1 && T == 1) {
         q4_row_vnni(out, w, wd, x, xd, xo, n_blocks, bias);
         return;
     }
-    switch (R * 8 + T) {
-        Q4_CASE(4, 1) Q4_CASE(4, 2) Q4_CASE(4, 3) Q4_CASE(4, 4)
-        Q4_CASE(1, 2) Q4_CASE(1, 3) Q4_CASE(1, 4)
-        default: die("q4_tile_vnni: bad tile %dx%d", R, T);
-    }
-#undef Q4_CASE
+#define TILE(r, t) q4_tile_vnni(out, out_stride, w, wd, x, xd, xo, cols, n_blocks, r, t, bias)
+    TILE_SWITCH("q4_tile_vnni", R, T, TOKENS_UP_TO_4(Q8_R_VNNI) TOKENS_UP_TO_4(1));
+#undef TILE
 }
 
 #elif PHI2_AVX2
@@ -3331,9 +3219,7 @@ static ALWAYS_INLINE __m256i q4_levels_avx2(void) {
 }
 
 /* AVX2 decode prefetches this far ahead along each weight row (a 64-byte line per q8 group,
- * per two q4 blocks): on Zen 1, q8 generation went 6.05-6.14 -> 7.15-7.63 tok/s (1024 bytes:
- * 6.85-6.97, 2048: 6.83-7.06, 8192: 7.20-7.48) and q4 6.85-7.14 -> 7.36-7.63; the hardware
- * prefetcher alone left the two cores waiting on memory. */
+ * per two q4 blocks): the hardware prefetcher alone leaves the cores waiting on memory. */
 enum { AVX2_PREFETCH_BYTES = 4096 };
 
 static ALWAYS_INLINE void q8_tile_avx2(float *out, int out_stride, const int8_t *w, const float *wd, const int8_t *x,
@@ -3366,14 +3252,9 @@ static ALWAYS_INLINE void q8_tile_avx2(float *out, int out_stride, const int8_t 
 
 static void q8_tile_avx2_any(float *out, int out_stride, const void *w, const void *wd, const int8_t *x,
                              const float *xd, const float *xo, int cols, int n_groups, int R, int T, const float *bias) {
-    _Static_assert(Q8_R_AVX2 == 2 && Q8_T_AVX2 == 2, "q8_tile_avx2_any lists the tiles of 2 rows x 2 tokens");
-#define Q8_CASE(RR, TT) \
-    case (RR) * 8 + (TT): q8_tile_avx2(out, out_stride, w, wd, x, xd, cols, n_groups, RR, TT, bias); break;
-    switch (R * 8 + T) {
-        Q8_CASE(2, 1) Q8_CASE(2, 2) Q8_CASE(1, 1) Q8_CASE(1, 2)
-        default: die("q8_tile_avx2: bad tile %dx%d", R, T);
-    }
-#undef Q8_CASE
+#define TILE(r, t) q8_tile_avx2(out, out_stride, w, wd, x, xd, cols, n_groups, r, t, bias)
+    TILE_SWITCH("q8_tile_avx2", R, T, TOKENS_UP_TO_2(Q8_R_AVX2) TOKENS_UP_TO_2(1));
+#undef TILE
 }
 
 enum { Q4_R_AVX2 = 1, Q4_T_AVX2 = 4 };  // 1 row x 4 tokens: a row's decoded block serves 4 tokens
@@ -3437,8 +3318,7 @@ static ALWAYS_INLINE void q4_tile_avx2(float *out, int out_stride, const uint8_t
  * into one vector of pairs (lanes: low group, high group, low, high, ...) by an unpack and an
  * add, so a block costs one conversion and one FMA, with its two scales broadcast as one
  * 64-bit pair from a small array that 4 blocks at a time fill (weight scale times activation
- * scale). On Zen 1 (2 x 128-bit halves) that ran 10.4 -> 12.2 G multiply-adds/s on one core
- * in cache against an FMA and a lane permute per group; the products alone run at 17.8. */
+ * scale), instead of an FMA and a lane permute per group. */
 static void q4_row_avx2(float *out, const uint8_t *w, const uint16_t *wd, const int8_t *x, const float *xd,
                         const float *xo, int n_blocks, const float *bias) {
     __m256 acc[Q4_DECODE_CHAINS];
@@ -3483,17 +3363,13 @@ static void q4_row_avx2(float *out, const uint8_t *w, const uint16_t *wd, const 
 
 static void q4_tile_avx2_any(float *out, int out_stride, const void *w, const void *wd, const int8_t *x,
                              const float *xd, const float *xo, int cols, int n_blocks, int R, int T, const float *bias) {
-#define Q4_CASE(RR, TT) \
-    case (RR) * 8 + (TT): q4_tile_avx2(out, out_stride, w, wd, x, xd, xo, cols, n_blocks, RR, TT, bias); break;
     if (R == 1 && T == 1) {
         q4_row_avx2(out, w, wd, x, xd, xo, n_blocks, bias);
         return;
     }
-    switch (R * 8 + T) {
-        Q4_CASE(1, 2) Q4_CASE(1, 3) Q4_CASE(1, 4)
-        default: die("q4_tile_avx2: bad tile %dx%d", R, T);
-    }
-#undef Q4_CASE
+#define TILE(r, t) q4_tile_avx2(out, out_stride, w, wd, x, xd, xo, cols, n_blocks, r, t, bias)
+    TILE_SWITCH("q4_tile_avx2", R, T, TOKENS_UP_TO_4(Q4_R_AVX2));
+#undef TILE
 }
 #endif
 
@@ -3508,8 +3384,8 @@ typedef void (*Int8Tile)(float *out, int out_stride, const void *w, const void *
  * thread claims chunks of contiguous rows (tiles_per_chunk) and reads each weight row once (the tile loops
  * over all tokens with the rows in cache): a batch's activations are small (n_tokens x cols
  * bytes) and stay in L2. Decode (one token) goes one row at a time, so the matrix streams
- * strictly in address order (measured a few % faster than interleaving RT rows, which only
- * pays off when the loaded weights are reused across tokens). */
+ * strictly in address order (interleaving RT rows pays off only when the loaded weights are
+ * reused across tokens). */
 static void int8_tiled_rows(float *out, const QuantizedRows *in, const Matrix *W, const float *bias, int n_tokens,
                             Int8Tile tile, int RT, int TT, int r0, int r1) {
     const int rows = W->rows, cols = W->cols, n_groups = cols / Q8_GROUP;
@@ -3533,7 +3409,7 @@ static void int8_tiled_rows(float *out, const QuantizedRows *in, const Matrix *W
 static void matmul_int8_tiled(float *out, const QuantizedRows *in, const Matrix *W, const float *bias, int n_tokens,
                             Int8Tile tile, int RT, int TT) {
     const int rows = W->rows;
-    if (n_tokens == 1) {  // one token: its threads split the rows already (pool_run, Appendix C)
+    if (n_tokens == 1) {  // one token: its threads split the rows already (pool_run, Appendix G)
         int8_tiled_rows(out, in, W, bias, 1, tile, RT, TT, 0, rows);
         return;
     }
@@ -3578,10 +3454,9 @@ enum { PANEL_ROWS = 16, PANEL_TOKENS = 12, PANEL_MIN_TOKENS = 8, PANEL_Q8_SIGNED
  * them, as q8_tile_avx2 does (|w| once per panel vector, shared by the tokens, times
  * sign(q_x, w)), with no correction: PANEL_Q8_SIGNED_X.
  * Tokens per tile: 6 int32 sums + 6 float accumulators + the weight vector, its |w|, the
- * broadcast and vpmaddwd's ones fill the 16 ymm registers. Measured on Zen 5 (one thread,
- * 64 tokens): 4, 5, 6, 7 and 8 tokens all within noise (plain AVX2 q8 ~100 G MAC/s, q4 ~110;
- * AVX-VNNI 160-185), so the largest without spills. Panels beat the tiles from 4-6 tokens
- * on (q8 at 8 tokens: 70 against 45 G MAC/s), so the same minimum as AVX-512. */
+ * broadcast and vpmaddwd's ones fill the 16 ymm registers (4 to 8 tokens run alike: the
+ * largest without spills). Panels beat the tiles from 4-6 tokens on: the same minimum as
+ * AVX-512. */
 #if defined(__AVXVNNI__)
 enum { PANEL_ROWS = 8, PANEL_TOKENS = 6, PANEL_MIN_TOKENS = 8, PANEL_Q8_SIGNED_X = 0 };
 #else
@@ -3686,18 +3561,11 @@ static ALWAYS_INLINE void panel_tile_vnni(float *out, int out_stride, const Pane
 /* The specializations (1 .. PANEL_TOKENS tokens, q8 or q4 groups) the compiler unrolls. */
 static void panel_tile_any(float *out, int out_stride, const Panel *p, const uint8_t *xu, const float *xd, int cols,
                            int wgroup, int T, int n_rows, const float *bias, PanelPrefetch *pf) {
-    _Static_assert(PANEL_TOKENS == 12, "panel_tile_any lists 1 .. 12 tokens");
-#define PANEL_CASE(TT)                                                                                         \
-    case TT:                                                                                                   \
-        if (wgroup == Q8_GROUP) panel_tile_vnni(out, out_stride, p, xu, xd, cols, Q8_GROUP, TT, n_rows, bias, pf); \
-        else panel_tile_vnni(out, out_stride, p, xu, xd, cols, Q4_GROUP, TT, n_rows, bias, pf);                \
-        break;
-    switch (T) {
-        PANEL_CASE(1) PANEL_CASE(2) PANEL_CASE(3) PANEL_CASE(4) PANEL_CASE(5) PANEL_CASE(6)
-        PANEL_CASE(7) PANEL_CASE(8) PANEL_CASE(9) PANEL_CASE(10) PANEL_CASE(11) PANEL_CASE(12)
-        default: die("panel_tile: bad tile of %d tokens", T);
-    }
-#undef PANEL_CASE
+#define TILE(r, t)                                                                            \
+    (wgroup == Q8_GROUP ? panel_tile_vnni(out, out_stride, p, xu, xd, cols, Q8_GROUP, t, n_rows, bias, pf) \
+                       : panel_tile_vnni(out, out_stride, p, xu, xd, cols, Q4_GROUP, t, n_rows, bias, pf))
+    TILE_SWITCH("panel_tile_vnni", 1, T, TOKENS_UP_TO_12(1));
+#undef TILE
 }
 #else
 /* The panel of rows r0 .. r0 + n_rows - 1 of W (n_rows <= 8; missing rows are zeros). Each
@@ -3764,8 +3632,7 @@ static void panel_build(const Panel *p, const Matrix *W, int r0, int n_rows) {
  * or with signed_x (plain AVX2 q8) q_x itself, each product then |w| * sign(q_x, w).
  * The empty asm keeps each token's int32 sum in its register from step to step: without
  * it gcc reassociates the unrolled chain of vpaddd (integer adds, unlike vpdpbusd), keeps
- * every step's products on the stack and adds them up at the end: 83 -> 100 G MAC/s for
- * q8 with it, 95 -> 110 for q4 (Zen 5, -march=haswell). */
+ * every step's products on the stack and adds them up at the end. */
 static ALWAYS_INLINE void panel_tile_avx2(float *out, int out_stride, const Panel *p, const uint8_t *x, const float *xd,
                                           int cols, int wgroup, int signed_x, int T, int n_rows, const float *bias,
                                           PanelPrefetch *pf) {
@@ -3810,19 +3677,11 @@ static ALWAYS_INLINE void panel_tile_avx2(float *out, int out_stride, const Pane
 /* The specializations (1 .. PANEL_TOKENS tokens, q8 or q4 groups) the compiler unrolls. */
 static void panel_tile_any(float *out, int out_stride, const Panel *p, const uint8_t *x, const float *xd, int cols,
                            int wgroup, int T, int n_rows, const float *bias, PanelPrefetch *pf) {
-    _Static_assert(PANEL_TOKENS == 6, "panel_tile_any lists 1 .. 6 tokens");
-#define PANEL_CASE(TT)                                                                                              \
-    case TT:                                                                                                        \
-        if (wgroup == Q8_GROUP)                                                                                     \
-            panel_tile_avx2(out, out_stride, p, x, xd, cols, Q8_GROUP, PANEL_Q8_SIGNED_X, TT, n_rows, bias, pf);   \
-        else                                                                                                        \
-            panel_tile_avx2(out, out_stride, p, x, xd, cols, Q4_GROUP, 0, TT, n_rows, bias, pf);                   \
-        break;
-    switch (T) {
-        PANEL_CASE(1) PANEL_CASE(2) PANEL_CASE(3) PANEL_CASE(4) PANEL_CASE(5) PANEL_CASE(6)
-        default: die("panel_tile: bad tile of %d tokens", T);
-    }
-#undef PANEL_CASE
+#define TILE(r, t)                                                                                          \
+    (wgroup == Q8_GROUP ? panel_tile_avx2(out, out_stride, p, x, xd, cols, Q8_GROUP, PANEL_Q8_SIGNED_X, t, n_rows, bias, pf) \
+                        : panel_tile_avx2(out, out_stride, p, x, xd, cols, Q4_GROUP, 0, t, n_rows, bias, pf))
+    TILE_SWITCH("panel_tile_avx2", 1, T, TOKENS_UP_TO_6(1));
+#undef TILE
 }
 #endif
 
@@ -3888,7 +3747,7 @@ static void matmul_int8_panels(float *out, const QuantizedRows *in, const Matrix
 
 #if PHI2_AVX512_VNNI || PHI2_AVX2
 /* matmul_q8_simd: the VNNI kernel on AVX512-VNNI builds, the maddubs one on AVX2 builds
- * (Arm: Appendix A2). */
+ * (Arm: Appendix C). */
 static void matmul_q8_simd(float *out, const QuantizedRows *in, const Matrix *W, const float *bias, int n_tokens) {
 #if PHI2_AVX512_VNNI
     matmul_int8_tiled(out, in, W, bias, n_tokens, q8_tile_vnni_any, Q8_R_VNNI, Q8_T_VNNI);
@@ -3935,8 +3794,8 @@ static void matmul_q4_simd(float *out, const QuantizedRows *in, const Matrix *W,
  * state only on request (arch_prctl); if that fails we never use AMX. */
 enum { AMX_MIN_TOKENS = 4 };  // below this the VNNI kernel is as fast (decode is memory-bound)
 
-/* Whether this process may use AMX: asked of the OS once per KernelScratch (Appendix B). */
-static int request_amx_permission(void);  // Appendix B
+/* Whether this process may use AMX: asked of the OS once per KernelScratch (Appendix F). */
+static int request_amx_permission(void);  // Appendix F
 
 static int amx_available(KernelScratch *k) {
     if (k->amx_state == 0) k->amx_state = request_amx_permission() ? 1 : -1;
@@ -4196,14 +4055,9 @@ MAYBE_UNUSED static void axpy_f16_f16c(float *out, float w, const uint16_t *v, i
  * 80 numbers (10 vectors). Scores: 8 keys at a time, each with its own accumulator, the 8
  * sums reduced together (3 levels of hadd) instead of one horizontal sum per key. Weighted
  * sum: the head's 80 outputs stay in 10 registers across all positions instead of being
- * loaded and stored once per position. At depth 1900 on one Zen 1 core (f16 cache, 32 layers
- * x 32 heads, test_kernels --bench attn_f16) a token's attention took 104-113 -> 80-89 ms
- * against per-row dot_f32_f16_f16c / axpy_f16_f16c calls, interleaved; what remains is
- * mostly the conversions (20 vcvtph2ps per position and head, each two halves on Zen 1). */
+ * loaded and stored once per position. */
 enum { F16C_HEAD_VECTORS = 10 };  // head_dim 80: the head kernels' one shape (others: per row)
-/* Both prefetch this far ahead in the head's keys or values: 101-106 -> 80-83 ms per token
- * in the measurement above, another run, interleaved (4096 bytes: no better). */
-enum { KV_PREFETCH_BYTES = 2048 };
+enum { KV_PREFETCH_BYTES = 2048 };  // both prefetch this far ahead in the head's keys or values
 
 MAYBE_UNUSED static void scores_f16_f16c(float *score, const float *q, const uint16_t *keys, int n_pos, float scale) {
     const int hd = 8 * F16C_HEAD_VECTORS;
@@ -4246,11 +4100,11 @@ MAYBE_UNUSED static void weighted_sum_f16_f16c(float *out, const float *weight, 
 #endif
 
 /* ------------------------------------------------------------------------------------- */
-/* Appendix A2. Arm kernels: NEON, dotprod, i8mm                                          */
+/* Appendix C. Arm kernels: NEON, dotprod, i8mm                                           */
 /* ------------------------------------------------------------------------------------- */
 /* The section 3 kernels for 64-bit Arm (Apple M-series, Snapdragon X, Graviton, Raspberry
  * Pi), chosen at compile time from the target (make: -mcpu=native or -march=...). The
- * macros are defined at the top of Appendix A, beside the x86 ones, so that the loop nests
+ * macros are defined in Appendix A, beside the x86 ones, so that the loop nests of Appendix B
  * shared with the x86 kernels (matmul_f32_blocked, matmul_int8_tiled) serve these too:
  *   PHI2_NEON          any aarch64 (NEON is part of Armv8-A): f32 matmul, quantization,
  *                      gelu, dot, int8 matmul (widening multiplies, vmull_s8 + vpadalq_s16)
@@ -4291,14 +4145,9 @@ static ALWAYS_INLINE void f32_tile_neon(float *out, int out_stride, const float 
 
 static void f32_tile_neon_any(float *out, int out_stride, const float *w, const float *x, int cols, int kc, int R,
                               int T, int first, const float *bias) {
-#define F32_CASE(RR, TT) \
-    case (RR) * 8 + (TT): f32_tile_neon(out, out_stride, w, x, cols, kc, RR, TT, first, bias); break;
-    switch (R * 8 + T) {
-        F32_CASE(4, 1) F32_CASE(4, 2) F32_CASE(4, 3) F32_CASE(4, 4)
-        F32_CASE(1, 1) F32_CASE(1, 2) F32_CASE(1, 3) F32_CASE(1, 4)
-        default: die("f32_tile_neon: bad tile %dx%d", R, T);
-    }
-#undef F32_CASE
+#define TILE(r, t) f32_tile_neon(out, out_stride, w, x, cols, kc, r, t, first, bias)
+    TILE_SWITCH("f32_tile_neon", R, T, TOKENS_UP_TO_4(F32_R_NEON) TOKENS_UP_TO_4(1));
+#undef TILE
 }
 
 MAYBE_UNUSED static void matmul_f32_neon(float *out, const float *in, const Matrix *W, const float *bias, int n_tokens) {
@@ -4337,7 +4186,7 @@ MAYBE_UNUSED static void quantize_rows_q8_neon(QuantizedRows *out, const float *
  * the scalar kernel; it is then scaled by d_w * d_x and accumulated in float lanes, summed
  * at the end (the only difference from the scalar kernel: the order of the float sum).
  * Register tile: 4 rows x 2 tokens (8 int32 group sums + 8 float accumulators). The tiles
- * go through matmul_int8_tiled (Appendix A): decode streams one row at a time. */
+ * go through matmul_int8_tiled (Appendix B): decode streams one row at a time. */
 enum { Q8_R_NEON = 4, Q8_T_NEON = 2 };
 
 /* The int32 sum of 16 products w[i] * x[i] added to acc: plain NEON widens to int16 (a pair
@@ -4390,23 +4239,22 @@ static ALWAYS_INLINE void q8_tile_sdot(float *out, int out_stride, const int8_t 
 #undef Q8_TILE_NEON_BODY
 
 /* The tile shapes matmul_int8_tiled asks for (Q8_R_NEON or 1 rows, 1 .. Q8_T_NEON tokens). */
-#define Q8_TILE_ANY(NAME, TILE)                                                                                  \
-    static void NAME(float *out, int out_stride, const void *w, const void *wd, const int8_t *x,                \
-                     const float *xd, const float *xo, int cols, int n_groups, int R, int T, const float *bias) { \
-        _Static_assert(Q8_R_NEON == 4 && Q8_T_NEON == 2, #NAME " lists the tiles of 4 rows x 2 tokens");          \
-        switch (R * 8 + T) {                                                                                     \
-        case 4 * 8 + 1: TILE(out, out_stride, w, wd, x, xd, cols, n_groups, 4, 1, bias); break;                  \
-        case 4 * 8 + 2: TILE(out, out_stride, w, wd, x, xd, cols, n_groups, 4, 2, bias); break;                  \
-        case 1 * 8 + 1: TILE(out, out_stride, w, wd, x, xd, cols, n_groups, 1, 1, bias); break;                  \
-        case 1 * 8 + 2: TILE(out, out_stride, w, wd, x, xd, cols, n_groups, 1, 2, bias); break;                  \
-        default: die(#TILE ": bad tile %dx%d", R, T);                                                            \
-        }                                                                                                        \
-    }
-Q8_TILE_ANY(q8_tile_neon_any, q8_tile_neon)
+#define Q8_NEON_TILES TOKENS_UP_TO_2(Q8_R_NEON) TOKENS_UP_TO_2(1)
+_Static_assert(Q8_T_NEON == 2, "Q8_NEON_TILES lists 1 .. 2 tokens");
+static void q8_tile_neon_any(float *out, int out_stride, const void *w, const void *wd, const int8_t *x,
+                             const float *xd, const float *xo, int cols, int n_groups, int R, int T, const float *bias) {
+#define TILE(r, t) q8_tile_neon(out, out_stride, w, wd, x, xd, cols, n_groups, r, t, bias)
+    TILE_SWITCH("q8_tile_neon", R, T, Q8_NEON_TILES);
+#undef TILE
+}
 #if PHI2_NEON_DOTPROD
-Q8_TILE_ANY(q8_tile_sdot_any, q8_tile_sdot)
+static void q8_tile_sdot_any(float *out, int out_stride, const void *w, const void *wd, const int8_t *x,
+                             const float *xd, const float *xo, int cols, int n_groups, int R, int T, const float *bias) {
+#define TILE(r, t) q8_tile_sdot(out, out_stride, w, wd, x, xd, cols, n_groups, r, t, bias)
+    TILE_SWITCH("q8_tile_sdot", R, T, Q8_NEON_TILES);
+#undef TILE
+}
 #endif
-#undef Q8_TILE_ANY
 
 /* q4: the 32 bytes of codes of one block as four vectors of 16 int8 weights (0..15, 16..31
  * from the low nibbles, 32..47, 48..63 from the high ones), looked up in Q4_LEVELS by tbl. */
@@ -4472,22 +4320,21 @@ static ALWAYS_INLINE void q4_tile_sdot(float *out, int out_stride, const uint8_t
 #undef Q4_TILE_NEON_BODY
 
 /* (A dotprod build calls only the SDOT one; its plain NEON twin is tested by the v8 builds.) */
-#define Q4_TILE_ANY(NAME, TILE)                                                                                  \
-    MAYBE_UNUSED static void NAME(float *out, int out_stride, const void *w, const void *wd, const int8_t *x,    \
-                     const float *xd, const float *xo, int cols, int n_blocks, int R, int T, const float *bias) { \
-        switch (R * 8 + T) {                                                                                     \
-        case 4 * 8 + 1: TILE(out, out_stride, w, wd, x, xd, cols, n_blocks, 4, 1, bias); break;                  \
-        case 4 * 8 + 2: TILE(out, out_stride, w, wd, x, xd, cols, n_blocks, 4, 2, bias); break;                  \
-        case 1 * 8 + 1: TILE(out, out_stride, w, wd, x, xd, cols, n_blocks, 1, 1, bias); break;                  \
-        case 1 * 8 + 2: TILE(out, out_stride, w, wd, x, xd, cols, n_blocks, 1, 2, bias); break;                  \
-        default: die(#TILE ": bad tile %dx%d", R, T);                                                            \
-        }                                                                                                        \
-    }
-Q4_TILE_ANY(q4_tile_neon_any, q4_tile_neon)
+MAYBE_UNUSED static void q4_tile_neon_any(float *out, int out_stride, const void *w, const void *wd, const int8_t *x,
+                                          const float *xd, const float *xo, int cols, int n_blocks, int R, int T,
+                                          const float *bias) {
+#define TILE(r, t) q4_tile_neon(out, out_stride, w, wd, x, xd, cols, n_blocks, r, t, bias)
+    TILE_SWITCH("q4_tile_neon", R, T, Q8_NEON_TILES);
+#undef TILE
+}
 #if PHI2_NEON_DOTPROD
-Q4_TILE_ANY(q4_tile_sdot_any, q4_tile_sdot)
+static void q4_tile_sdot_any(float *out, int out_stride, const void *w, const void *wd, const int8_t *x,
+                             const float *xd, const float *xo, int cols, int n_blocks, int R, int T, const float *bias) {
+#define TILE(r, t) q4_tile_sdot(out, out_stride, w, wd, x, xd, cols, n_blocks, r, t, bias)
+    TILE_SWITCH("q4_tile_sdot", R, T, Q8_NEON_TILES);
+#undef TILE
+}
 #endif
-#undef Q4_TILE_ANY
 
 /* matmul_q4_simd: SDOT where the build has it, else plain NEON (i8mm builds: SDOT too). */
 static void matmul_q4_simd(float *out, const QuantizedRows *in, const Matrix *W, const float *bias, int n_tokens) {
@@ -4585,7 +4432,7 @@ static void q8_tile_i8mm_any(float *out, int out_stride, const void *w, const vo
                          xd + (size_t)done * n_groups, cols, n_groups, 4, 1, bias);
         return;
     }
-    if (R != 1 && R != 4) die("q8_tile_i8mm: bad tile %dx%d", R, T);
+    if (R != 1 && R != 4) bad_tile("q8_tile_i8mm", R, T);
     for (int t = 0; t < T; t += 2) {  // one row (or 4 rows, 1 token): SDOT
         const int n = T - t < 2 ? T - t : 2;
         q8_tile_sdot_any(out + (size_t)t * out_stride, out_stride, w, wd, x + (size_t)t * cols,
@@ -4695,218 +4542,15 @@ MAYBE_UNUSED static void axpy_f16_neon(float *out, float w, const uint16_t *v, i
 }
 #endif /* PHI2_NEON */
 
-/* --- The dispatch functions declared in section 3 -------------------------------------- */
-
-static void matmul_f32(float *out, const float *in, const Matrix *W, const float *bias, int n_tokens,
-                       KernelScratch *k) {
-    (void)k;
-#if PHI2_AVX512
-    if (n_tokens >= F32_PANEL_MIN_TOKENS) matmul_f32_panels_avx512(out, in, W, bias, n_tokens, k);
-    else matmul_f32_avx512(out, in, W, bias, n_tokens);
-#elif PHI2_AVX2
-    if (n_tokens >= F32_PANEL_MIN_TOKENS) matmul_f32_panels_avx2(out, in, W, bias, n_tokens, k);
-    else matmul_f32_avx2(out, in, W, bias, n_tokens);
-#elif PHI2_NEON
-    matmul_f32_neon(out, in, W, bias, n_tokens);
-#else
-    matmul_f32_scalar(out, in, W, bias, n_tokens);
-#endif
-}
-
-static void quantize_rows_q8(QuantizedRows *out, const float *x, int n_tokens, int cols) {
-    // Tokens are independent: a batch's are split over the threads (one thread quantizing a
-    // 256-token batch of the MLP's 10240-wide activations kept the other waiting ~1 ms).
-#pragma omp parallel for if (n_tokens > 1)
-    for (int t = 0; t < n_tokens; t++) {
-        QuantizedRows row = {out->q + (size_t)t * cols, out->scale + (size_t)t * (cols / Q8_GROUP), NULL};
-        const float *xt = x + (size_t)t * cols;
-#if PHI2_AVX512
-        quantize_rows_q8_avx512(&row, xt, 1, cols);
-#elif PHI2_AVX2
-        quantize_rows_q8_avx2(&row, xt, 1, cols);
-#elif PHI2_NEON
-        quantize_rows_q8_neon(&row, xt, 1, cols);
-#else
-        quantize_rows_q8_scalar(&row, xt, 1, cols);
-#endif
-    }
-}
-
-static void matmul_q8(float *out, const QuantizedRows *in, const Matrix *W, const float *bias, int n_tokens,
-                      KernelScratch *k) {
-#if PHI2_AMX
-    if (n_tokens >= AMX_MIN_TOKENS && amx_available(k)) {
-        matmul_q8_amx(out, in, W, bias, n_tokens, k);
-        return;
-    }
-#endif
-#if PHI2_PANELS
-    if (n_tokens >= PANEL_MIN_TOKENS) {
-        matmul_int8_panels(out, in, W, bias, n_tokens, k);
-        return;
-    }
-#endif
-    (void)k;
-#if PHI2_Q8_SIMD
-    matmul_q8_simd(out, in, W, bias, n_tokens);
-#else
-    matmul_q8_scalar(out, in, W, bias, n_tokens);
-#endif
-}
-
-static void matmul_q4(float *out, const QuantizedRows *in, const Matrix *W, const float *bias, int n_tokens,
-                      KernelScratch *k) {
-#if PHI2_PANELS
-    if (n_tokens >= PANEL_MIN_TOKENS) {
-        matmul_int8_panels(out, in, W, bias, n_tokens, k);
-        return;
-    }
-#endif
-    (void)k;
-#if PHI2_Q8_SIMD
-    matmul_q4_simd(out, in, W, bias, n_tokens);
-#else
-    matmul_q4_scalar(out, in, W, bias, n_tokens);
-#endif
-}
-
-static void gelu_new_span(float *x, size_t n) {
-#if PHI2_AVX512
-    gelu_new_avx512(x, n);
-#elif PHI2_AVX2
-    gelu_new_avx2(x, n);
-#elif PHI2_NEON
-    gelu_new_neon(x, n);
-#else
-    gelu_new_scalar(x, n);
-#endif
-}
-
-static float dot_f32(const float *a, const float *b, int n) {
-#if PHI2_AVX512
-    return dot_f32_avx512(a, b, n);
-#elif PHI2_AVX2
-    return dot_f32_avx2(a, b, n);
-#elif PHI2_NEON
-    return dot_f32_neon(a, b, n);
-#else
-    return dot_f32_scalar(a, b, n);
-#endif
-}
-
-static void f32_to_f16_row(uint16_t *out, const float *x, int n) {
-#if PHI2_F16C
-    f32_to_f16_row_f16c(out, x, n);
-#elif PHI2_NEON
-    f32_to_f16_row_neon(out, x, n);
-#else
-    f32_to_f16_row_scalar(out, x, n);
-#endif
-}
-
-static void f16_to_f32_row(float *out, const uint16_t *x, int n) {
-#if PHI2_F16C
-    f16_to_f32_row_f16c(out, x, n);
-#elif PHI2_NEON
-    f16_to_f32_row_neon(out, x, n);
-#else
-    f16_to_f32_row_scalar(out, x, n);
-#endif
-}
-
-static float dot_f32_f16(const float *a, const uint16_t *b, int n) {
-#if PHI2_F16C
-    return dot_f32_f16_f16c(a, b, n);
-#elif PHI2_NEON
-    return dot_f32_f16_neon(a, b, n);
-#else
-    return dot_f32_f16_scalar(a, b, n);
-#endif
-}
-
-static void axpy_f16(float *out, float w, const uint16_t *v, int n) {
-#if PHI2_F16C
-    axpy_f16_f16c(out, w, v, n);
-#elif PHI2_NEON
-    axpy_f16_neon(out, w, v, n);
-#else
-    axpy_f16_scalar(out, w, v, n);
-#endif
-}
-
-static void scores_f16(float *score, const float *q, const uint16_t *keys, int n_pos, int hd, float scale) {
-#if PHI2_F16C
-    if (hd == 8 * F16C_HEAD_VECTORS) {
-        scores_f16_f16c(score, q, keys, n_pos, scale);
-        return;
-    }
-#endif
-    for (int p = 0; p < n_pos; p++) score[p] = dot_f32_f16(q, keys + (size_t)p * hd, hd) * scale;
-}
-
-static void weighted_sum_f16(float *out, const float *weight, const uint16_t *values, int n_pos, int hd) {
-#if PHI2_F16C
-    if (hd == 8 * F16C_HEAD_VECTORS) {
-        weighted_sum_f16_f16c(out, weight, values, n_pos);
-        return;
-    }
-#endif
-    memset(out, 0, (size_t)hd * sizeof(float));
-    for (int p = 0; p < n_pos; p++) axpy_f16(out, weight[p], values + (size_t)p * hd, hd);
-}
-
-static void kernel_description(char *out, size_t size, KernelScratch *k, int weight_type) {
-#if defined(__x86_64__) || defined(_M_X64)
-#define PHI2_ARCH "x86-64"
-#elif defined(__aarch64__) || defined(_M_ARM64)
-#define PHI2_ARCH "arm64"
-#else
-#define PHI2_ARCH "cpu"
-#endif
-#if PHI2_AVX512
-    const char *f32 = PHI2_ARCH " avx512";
-#elif PHI2_AVX2
-    const char *f32 = PHI2_ARCH " avx2+fma";
-#elif PHI2_NEON
-    const char *f32 = PHI2_ARCH " neon";
-#else
-    const char *f32 = PHI2_ARCH " scalar";
-#endif
-    (void)k;
-    if (weight_type == WEIGHTS_F32) {
-        snprintf(out, size, "%s", f32);
-        return;
-    }
-#if PHI2_AMX
-    const char *int8 = amx_available(k) ? "vnni+amx" : "vnni";
-#elif PHI2_AVX512_VNNI
-    const char *int8 = "vnni";
-#elif PHI2_AVX2 && defined(__AVXVNNI__)
-    const char *int8 = "avx-vnni";
-#elif PHI2_AVX2
-    const char *int8 = "avx2";
-#elif PHI2_NEON_I8MM
-    const char *int8 = "dotprod+i8mm";
-#elif PHI2_NEON_DOTPROD
-    const char *int8 = "dotprod";
-#elif PHI2_NEON
-    const char *int8 = "neon";
-#else
-    const char *int8 = "scalar";
-#endif
-    snprintf(out, size, "%s, %s %s", f32, weight_type == WEIGHTS_Q4 ? "q4" : "int8", int8);
-#undef PHI2_ARCH
-}
-
 /* ------------------------------------------------------------------------------------- */
-/* Appendix A3. Attention for a prompt batch: blocked, with an online softmax              */
+/* Appendix D. Attention for a prompt batch: blocked, with an online softmax               */
 /* ------------------------------------------------------------------------------------- */
-/* attention() (section 4) is the definition: for each query, a score against every cached
- * key, a softmax, a weighted sum of the values, one query and one key at a time. For a
- * prompt batch that re-reads all of a head's keys and values once per query, 80 numbers at
- * a time (widening f16 each time), and calls expf once per score: at a 1,900-token prompt
- * it took a third of the time for 6% of the multiply-adds. attention_blocked computes the
- * same thing the way flash attention does:
+/* attention_scalar (section 4) is the definition: for each query, a score against every
+ * cached key, a softmax, a weighted sum of the values, one query and one key at a time. For
+ * a prompt batch that re-reads all of a head's keys and values once per query, 80 numbers
+ * at a time (widening f16 each time), and calls expf once per score: far more time than its
+ * share of the multiply-adds. attention_blocked computes the same thing the way flash
+ * attention does:
  *   - the batch's queries go in blocks of ATTN_QUERY_BLOCK consecutive positions of one
  *     head, and the keys and values in tiles of ATTN_KEY_TILE positions, so each tile is
  *     read from memory (and widened from f16) once per block, not once per query;
@@ -4923,20 +4567,15 @@ static void kernel_description(char *out, size_t size, KernelScratch *k, int wei
  * in: attention_blocked gives the same bits for a position whatever batch it comes in
  * (tiles start at multiples of the tile length; masked terms add exact zeros).
  * Plain C that compilers vectorize (the exp is a polynomial, not a libm call); it differs
- * from attention() by float rounding only (tests/test_kernels.c compares them). Decode (one
- * query) and batches under ATTN_BLOCKED_MIN_BATCH keep attention(): a few queries in 16 or
- * 32 lanes would waste most of the work.
- * Measured on one Zen 5 core, 64 positions at depth 1,900, f16 cache (test_kernels --bench
- * attn_batch_f16): attention() 13 G multiply-adds/s, this 81 with AVX-512 (60% of the FMA
- * peak) and 44 with an AVX2 build. Query blocks of 32 instead of 64 cost 15% (each tile
- * is read twice as often), key tiles of 32 or 128 are within 4%; register tiles: below. */
+ * from attention_scalar by float rounding only (tests/test_kernels.c compares them). Decode
+ * (one query) and batches under ATTN_BLOCKED_MIN_BATCH keep attention_scalar: a few queries
+ * in 16 or 32 lanes would waste most of the work. */
 enum {
-    ATTN_QUERY_BLOCK = 64,  // queries per block (a multiple of ATTN_TILE_COLS)
-    ATTN_KEY_TILE = 64,     // key positions per tile
+    ATTN_QUERY_BLOCK = 64,  // queries per block: fewer read each key tile more often
+    ATTN_KEY_TILE = 64,     // key positions per tile: the tile and its scores stay in L1
 };
 /* The register tile of the products: rows x columns of accumulators, as many as the vector
- * registers hold with room for a row of B and a broadcast. (AVX-512: 8 x 32 runs 20% faster
- * than 6 x 16, which leaves FMA latency exposed; AVX2: 6 x 16 and 4 x 16 equal, 8 x 8 12% slower.) */
+ * registers hold with room for a row of B and a broadcast (fewer leave FMA latency exposed). */
 #if PHI2_AVX512
 enum { ATTN_TILE_ROWS = 8, ATTN_TILE_COLS = 32 };  // 16 of the 32 zmm registers
 #else
@@ -4976,10 +4615,8 @@ static ALWAYS_INLINE float exp_poly(float x) {
 
 /* softmax_scalar with exp_poly for expf, in loops that compilers vectorize: decode's
  * attention computes an exponential per cached position per head (2 million per token at
- * depth 1,900 in Phi-2), and a libm call each was a third of its time (one Zen 5 core, f16
- * cache, test_kernels --bench attn_f16: 30-34 ms per token before, 22-29 after; this VM's
- * speed varies from run to run). */
-static void softmax(float *x, int n) {
+ * depth 1,900 in Phi-2), and a libm call each is a large share of its time. */
+MAYBE_UNUSED static void softmax_poly(float *x, int n) {  // (a portable build runs softmax_scalar)
     float max = x[0];
     for (int i = 1; i < n; i++) max = fmaxf(max, x[i]);
     float sum = 0.0f;
@@ -5113,9 +4750,9 @@ static void attention_block(RunState *s, const Config *c, int layer, int head, i
     }
 }
 
-/* attention() for a batch, in blocks: threads take (query block, head) pairs, the blocks
+/* attention_scalar for a batch, in blocks: threads take (query block, head) pairs, the blocks
  * of the latest positions (the most keys) first. */
-static void attention_blocked(RunState *s, const Config *c, int layer, int pos0, int n_tokens) {
+MAYBE_UNUSED static void attention_blocked(RunState *s, const Config *c, int layer, int pos0, int n_tokens) {
     const int n_blocks = (n_tokens + ATTN_QUERY_BLOCK - 1) / ATTN_QUERY_BLOCK, n_heads = c->n_heads;
 #pragma omp parallel for schedule(dynamic, 1)
     for (int w = 0; w < n_blocks * n_heads; w++) {
@@ -5131,7 +4768,256 @@ static void attention_blocked(RunState *s, const Config *c, int layer, int pos0,
 }
 
 /* ------------------------------------------------------------------------------------- */
-/* Appendix B. Platform: files, memory, signals, clock; AMX permission                 */
+/* Appendix E. Dispatch: the kernel for each operation, and its threads                   */
+/* ------------------------------------------------------------------------------------- */
+/* The operations declared at the end of section 3, defined once: which kernel runs is
+ * decided here and nowhere else, by the build's instruction sets (Appendix A), and so is
+ * how the work is shared among threads. VECTOR_KERNEL(name) is the float32 vector kernel
+ * of this build (name_avx512, name_avx2 or name_neon), else the definition (name_scalar);
+ * F16_KERNEL(name) likewise for the f16 conversions (F16C or NEON). */
+#if PHI2_AVX512
+#define VECTOR_KERNEL(name) name##_avx512
+#elif PHI2_AVX2
+#define VECTOR_KERNEL(name) name##_avx2
+#elif PHI2_NEON
+#define VECTOR_KERNEL(name) name##_neon
+#else
+#define VECTOR_KERNEL(name) name##_scalar
+#endif
+#if PHI2_F16C
+#define F16_KERNEL(name) name##_f16c
+#elif PHI2_NEON
+#define F16_KERNEL(name) name##_neon
+#else
+#define F16_KERNEL(name) name##_scalar
+#endif
+
+static float dot_f32(const float *a, const float *b, int n) { return VECTOR_KERNEL(dot_f32)(a, b, n); }
+static void gelu_new_span(float *x, size_t n) { VECTOR_KERNEL(gelu_new)(x, n); }
+static void f32_to_f16_row(uint16_t *out, const float *x, int n) { F16_KERNEL(f32_to_f16_row)(out, x, n); }
+static void f16_to_f32_row(float *out, const uint16_t *x, int n) { F16_KERNEL(f16_to_f32_row)(out, x, n); }
+static float dot_f32_f16(const float *a, const uint16_t *b, int n) { return F16_KERNEL(dot_f32_f16)(a, b, n); }
+static void axpy_f16(float *out, float w, const uint16_t *v, int n) { F16_KERNEL(axpy_f16)(out, w, v, n); }
+
+/* gelu_new over n values, split over the threads for a prompt's batch. */
+static void gelu_new(float *x, size_t n) {
+    const size_t chunk = 4096;  // values per task: a few microseconds of work
+#pragma omp parallel for schedule(dynamic) if (n >= 4 * chunk)
+    for (size_t i = 0; i < n; i += chunk) gelu_new_span(x + i, n - i < chunk ? n - i : chunk);
+}
+
+/* softmax with a polynomial exp that vectorizes (Appendix D), or the definition's expf. */
+static void softmax(float *x, int n) {
+#ifdef PHI2_SCALAR_ONLY
+    softmax_scalar(x, n);
+#else
+    softmax_poly(x, n);
+#endif
+}
+
+/* A head's scores and weighted sum over an f16 cache: F16C has kernels for Phi-2's head
+ * size; elsewhere the definitions' loops, over this build's dot and axpy. */
+static void scores_f16(float *score, const float *q, const uint16_t *keys, int n_pos, int hd, float scale) {
+#if PHI2_F16C
+    if (hd == 8 * F16C_HEAD_VECTORS) {
+        scores_f16_f16c(score, q, keys, n_pos, scale);
+        return;
+    }
+#endif
+    for (int p = 0; p < n_pos; p++) score[p] = dot_f32_f16(q, keys + (size_t)p * hd, hd) * scale;
+}
+
+static void weighted_sum_f16(float *out, const float *weight, const uint16_t *values, int n_pos, int hd) {
+#if PHI2_F16C
+    if (hd == 8 * F16C_HEAD_VECTORS) {
+        weighted_sum_f16_f16c(out, weight, values, n_pos);
+        return;
+    }
+#endif
+    memset(out, 0, (size_t)hd * sizeof(float));
+    for (int p = 0; p < n_pos; p++) axpy_f16(out, weight[p], values + (size_t)p * hd, hd);
+}
+
+/* Activation rows to int8: tokens are independent, so a batch's are split over the threads. */
+static void quantize_rows_q8(QuantizedRows *out, const float *x, int n_tokens, int cols) {
+#pragma omp parallel for if (n_tokens > 1)
+    for (int t = 0; t < n_tokens; t++) {
+        QuantizedRows row = {out->q + (size_t)t * cols, out->scale + (size_t)t * (cols / Q8_GROUP), NULL};
+        VECTOR_KERNEL(quantize_rows_q8)(&row, x + (size_t)t * cols, 1, cols);
+    }
+}
+
+/* The product of a batch (or of one token's rows r0 .. r1, given as a matrix of their own)
+ * by the fastest kernel for W's type and the batch's size. The kernels of a batch share
+ * their rows among OpenMP's threads themselves. */
+static void product(float *out, const float *in, const QuantizedRows *xq, const Matrix *W, const float *bias,
+                    int n_tokens, KernelScratch *k) {
+    if (W->type == WEIGHTS_F32) {
+#if PHI2_AVX512 || PHI2_AVX2
+        if (n_tokens >= F32_PANEL_MIN_TOKENS) VECTOR_KERNEL(matmul_f32_panels)(out, in, W, bias, n_tokens, k);
+        else VECTOR_KERNEL(matmul_f32)(out, in, W, bias, n_tokens);
+#else
+        VECTOR_KERNEL(matmul_f32)(out, in, W, bias, n_tokens);
+#endif
+        return;
+    }
+#if PHI2_AMX
+    if (W->type == WEIGHTS_Q8 && n_tokens >= AMX_MIN_TOKENS && amx_available(k)) {
+        matmul_q8_amx(out, xq, W, bias, n_tokens, k);
+        return;
+    }
+#endif
+#if PHI2_PANELS
+    if (n_tokens >= PANEL_MIN_TOKENS) {
+        matmul_int8_panels(out, xq, W, bias, n_tokens, k);
+        return;
+    }
+#endif
+#if PHI2_Q8_SIMD
+    if (W->type == WEIGHTS_Q8) matmul_q8_simd(out, xq, W, bias, n_tokens);
+    else matmul_q4_simd(out, xq, W, bias, n_tokens);
+#else
+    if (W->type == WEIGHTS_Q8) matmul_q8_scalar(out, xq, W, bias, n_tokens);
+    else matmul_q4_scalar(out, xq, W, bias, n_tokens);
+#endif
+}
+
+/* One token's product, a chunk of rows at a time (a pool_run job). */
+typedef struct {
+    const float *in;       // [cols] the token's activations (f32 files)
+    const Matrix *W;
+    const float *bias;
+    KernelScratch *k;      // k->xq: the activations quantized (q8 and q4 files)
+    int rows_per_chunk;
+} RowsJob;
+
+static void product_rows(const void *args, int chunk, float *buffer, int thread) {
+    (void)thread;
+    const RowsJob *job = args;
+    const int r0 = chunk * job->rows_per_chunk, end = r0 + job->rows_per_chunk;
+    const Matrix rows = matrix_rows(job->W, r0, end < job->W->rows ? end : job->W->rows);
+    product(buffer, job->in, &job->k->xq, &rows, job->bias + r0, 1, job->k);
+}
+
+/* Rows per chunk for one token: tiles_per_chunk with tiles of 16 rows (every kernel's tile
+ * height divides 16). */
+static int rows_per_chunk(const Matrix *W, int n_threads) {
+    const int rows = 16 * tiles_per_chunk((W->rows + 15) / 16, 16 * matrix_row_bytes(W), n_threads);
+    return rows < W->rows ? rows : W->rows;
+}
+
+static void matmul(float *out, const float *in, const Matrix *W, const float *bias, int n_tokens, KernelScratch *k) {
+    if (W->type != WEIGHTS_F32) quantize_rows_q8(&k->xq, in, n_tokens, W->cols);
+    if (n_tokens > 1 || pool_threads(k->pool) == 1) {
+        product(out, in, &k->xq, W, bias, n_tokens, k);
+        return;
+    }
+    const RowsJob job = {in, W, bias, k, rows_per_chunk(W, pool_threads(k->pool))};
+    pool_run(k->pool, product_rows, &job, sizeof(job), (W->rows + job.rows_per_chunk - 1) / job.rows_per_chunk,
+             job.rows_per_chunk, out, (size_t)W->rows);
+}
+
+/* One token's attention, a head at a time (a pool_run job: chunk = head). */
+typedef struct {
+    const RunState *s;
+    const Config *c;
+    int layer, pos;
+} HeadsJob;
+
+static void attend_head(const void *args, int head, float *buffer, int thread) {
+    const HeadsJob *job = args;
+    const RunState *s = job->s;
+    attend(s, job->c, job->layer, head, job->pos, s->qkv + (size_t)head * job->c->head_dim, buffer,
+           s->scores + (size_t)thread * s->ctx);
+}
+
+/* A generated token's heads go to the pool; a prompt's batch is blocked (Appendix D) once
+ * it has ATTN_BLOCKED_MIN_BATCH positions, below which the blocks would be mostly empty
+ * vector lanes. */
+enum { ATTN_BLOCKED_MIN_BATCH = 6 };
+
+static void attention(RunState *s, const Config *c, int layer, int pos0, int n_tokens) {
+    if (n_tokens == 1 && pool_threads(s->kern->pool) > 1) {
+        const HeadsJob job = {s, c, layer, pos0};
+        pool_run(s->kern->pool, attend_head, &job, sizeof(job), c->n_heads, c->head_dim, s->att, (size_t)c->hidden_dim);
+        return;
+    }
+#ifndef PHI2_SCALAR_ONLY
+    if (n_tokens >= ATTN_BLOCKED_MIN_BATCH) {
+        attention_blocked(s, c, layer, pos0, n_tokens);
+        return;
+    }
+#endif
+    attention_scalar(s, c, layer, pos0, n_tokens);
+}
+
+static KernelScratch *kernel_scratch_create(const Config *c, int max_batch, int n_threads) {
+    const size_t H = (size_t)c->hidden_dim, F = (size_t)c->ffn_dim, B = (size_t)max_batch;
+    KernelScratch *k = xcalloc(1, sizeof(*k));
+    const size_t widest_out = (size_t)c->vocab_size > 3 * H ? (size_t)c->vocab_size : 3 * H;  // pool_run's largest job
+    k->pool = pool_create(n_threads, widest_out > F ? widest_out : F);
+    const size_t widest_in = H > F ? H : F;
+    k->xq.q = xmalloc_aligned(mul_size(B, widest_in));
+    k->xq.scale = xmalloc_aligned(mul_size(B * (widest_in / Q8_GROUP + 1), sizeof(float)));
+    k->xq.q4_offset = xmalloc_aligned(mul_size(B * (widest_in / Q4_GROUP + 1), sizeof(float)));
+    return k;
+}
+
+static void kernel_scratch_free(KernelScratch *k) {
+    if (!k) return;
+    pool_destroy(k->pool);  // first: its threads may still be reading the buffers below
+    free_aligned(k->xq.q); free_aligned(k->xq.scale); free_aligned(k->xq.q4_offset);
+    free_aligned(k->amx_pack); free_aligned(k->panel);
+    free(k);
+}
+
+static void kernel_description(char *out, size_t size, KernelScratch *k, int weight_type) {
+#if defined(__x86_64__) || defined(_M_X64)
+#define PHI2_ARCH "x86-64"
+#elif defined(__aarch64__) || defined(_M_ARM64)
+#define PHI2_ARCH "arm64"
+#else
+#define PHI2_ARCH "cpu"
+#endif
+#if PHI2_AVX512
+    const char *f32 = PHI2_ARCH " avx512";
+#elif PHI2_AVX2
+    const char *f32 = PHI2_ARCH " avx2+fma";
+#elif PHI2_NEON
+    const char *f32 = PHI2_ARCH " neon";
+#else
+    const char *f32 = PHI2_ARCH " scalar";
+#endif
+    KernelScratch probe = {0};  // -v: no model loaded, so no scratch yet
+    if (!k) k = &probe;
+    (void)k;
+    if (weight_type == WEIGHTS_F32) {
+        snprintf(out, size, "%s", f32);
+        return;
+    }
+#if PHI2_AMX
+    const char *int8 = amx_available(k) ? "vnni+amx" : "vnni";
+#elif PHI2_AVX512_VNNI
+    const char *int8 = "vnni";
+#elif PHI2_AVX2 && defined(__AVXVNNI__)
+    const char *int8 = "avx-vnni";
+#elif PHI2_AVX2
+    const char *int8 = "avx2";
+#elif PHI2_NEON_I8MM
+    const char *int8 = "dotprod+i8mm";
+#elif PHI2_NEON_DOTPROD
+    const char *int8 = "dotprod";
+#elif PHI2_NEON
+    const char *int8 = "neon";
+#else
+    const char *int8 = "scalar";
+#endif
+    snprintf(out, size, "%s, %s %s", f32, weight_type == WEIGHTS_Q4 ? "q4" : "int8", int8);
+#undef PHI2_ARCH
+}
+
+/* ------------------------------------------------------------------------------------- */
+/* Appendix F. Platform: files, memory, signals, clock; AMX permission                   */
 /* ------------------------------------------------------------------------------------- */
 /* Everything the operating system does differently, behind the functions declared in
  * sections 1 and 2: POSIX (Linux, macOS) first, then Windows (MinGW-w64). */
@@ -5148,12 +5034,10 @@ static FILE *fopen_path(const char *path, const char *mode) { return fopen(path,
  * (GCC's libgomp for about 3 ms, LLVM's libomp for 200 ms), and on a core that another
  * program is using a spinning thread burns its time slices waiting: the scheduler then lets
  * it run late, and the parallel loop waits for it. OpenMP runs the prompt's batches (a
- * generated token's steps run on the pool of Appendix C, whose threads spin for
- * POOL_SPIN_SECONDS, then sleep). Before the pool, decode ran 161 OpenMP loops per token;
- * measured then, on 2 Zen 5 cores, q4 decode idle 25.4-26.7 tok/s with a short spin
- * (GOMP_SPINCOUNT=1000, tens of microseconds), 25.8-28.0 spinning, 22.8-23.3 sleeping at
- * once; with a busy core 13.6, and 14.7 sleeping at once. So GCC builds (libgomp) spin
- * briefly, then sleep; LLVM's libomp counts in milliseconds: it sleeps at once
+ * generated token's steps run on the pool of Appendix G, whose threads spin for
+ * POOL_SPIN_SECONDS, then sleep). A short spin keeps an idle machine's speed and a busy
+ * core's (docs/PERFORMANCE.md). So GCC builds (libgomp) spin briefly, then sleep; LLVM's
+ * libomp counts in milliseconds: it sleeps at once
  * (OMP_WAIT_POLICY=passive). The runtimes read these from the environment: libomp when
  * first used, libgomp when the program starts, so with libgomp (GCC on Linux) we start the
  * program again with it set (same process, same arguments). A policy the user set wins
@@ -5392,8 +5276,8 @@ static const unsigned char *map_file(int fd, size_t size, const char *path) {
 static void unmap_file(const unsigned char *map, size_t size) { munmap((void *)map, size); }
 
 /* --no-mmap: read the file into anonymous memory, asking for 2 MB huge pages. Streaming
- * gigabytes of weights through 4 KB pages costs a TLB miss every 4 KB per stream; with
- * huge pages decoding measured ~10% faster, at the price of a slower start. */
+ * gigabytes of weights through 4 KB pages costs a TLB miss every 4 KB per stream; huge
+ * pages make decoding faster, at the price of a slower start. */
 static const unsigned char *read_into_huge_pages(int fd, size_t size, const char *path) {
     const size_t huge = (size_t)2 << 20;
     size_t capacity = (size + huge - 1) / huge * huge;

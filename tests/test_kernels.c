@@ -661,7 +661,7 @@ static void test_softmax(void) {
             if (pattern == 1) ref[n / 2] = 90.0f;
             memcpy(got, ref, (size_t)n * sizeof(float));
             softmax_scalar(ref, n);
-            softmax(got, n);
+            softmax_poly(got, n);
             double sum = 0.0;
             int wrong = 0, first_wrong = -1;
             for (int i = 0; i < n; i++) {
@@ -1019,7 +1019,7 @@ static void test_attention_one(int kv_type, int head_dim, int n_heads, int pos0,
     memcpy(qkv, s.qkv, qkv_floats * sizeof(float));
     attention_exact(exact, &s, &c, 1, qkv, pos0, n_tokens);
 
-    attention(&s, &c, 1, pos0, n_tokens);
+    attention_scalar(&s, &c, 1, pos0, n_tokens);
     memcpy(want, s.att, att_floats * sizeof(float));
     for (size_t i = 0; i < att_floats; i++) s.att[i] = NAN;
     attention_blocked(&s, &c, 1, pos0, n_tokens);
@@ -1301,7 +1301,7 @@ static void bench_attn_run(void *p) {
     const int pos0 = a->depth + 1 - a->batch;
     for (int l = 0; l < a->c.n_layers; l++) {
         if (a->blocked) attention_blocked(&a->s, &a->c, l, pos0, a->batch);
-        else attention(&a->s, &a->c, l, pos0, a->batch);
+        else attention_scalar(&a->s, &a->c, l, pos0, a->batch);
     }
 }
 
