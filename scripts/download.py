@@ -489,7 +489,7 @@ def fetch_all(repo, revision, folder, auth, retries, quiet, state):
 
 
 def offline_ok(folder, repo, revision):
-    """True when folder holds a complete earlier download of repo@revision, unchanged since."""
+    """True when folder holds a complete download of repo@revision, unchanged since it was made."""
     try:
         with open(os.path.join(folder, ".download", "complete.json"), encoding="utf-8") as f:
             rec = json.load(f)
@@ -520,7 +520,7 @@ def download(repo, revision, folder, retries=5, quiet=False):
         if isinstance(e, urllib.error.HTTPError) or not offline_ok(folder, repo, revision):
             raise
         print(f"download: warning: cannot reach {endpoint()} ({e.reason}); using the complete "
-              f"earlier download in {folder}", file=sys.stderr)
+              f"download already in {folder}", file=sys.stderr)
         return folder, False
     with open(os.path.join(folder, ".download", "complete.json"), "w", encoding="utf-8") as f:
         json.dump({"repo": repo, "revision": revision, "commit": state.get("commit"),

@@ -8,10 +8,11 @@
  *                                                                  unrolled into registers)
  *   build/peak [PASSES (default 5)]   ->   "peak f32 avx512-fma: 265.3 G MAC/s (...)"
  *
- * A prompt's matrix products need 2.78 G multiply-adds per token for Phi-2, so prompt tok/s
- * x 2.78 / this figure is the share of the machine's arithmetic the prompt uses
- * (scripts/bench.sh prints it). Thread count: OMP_NUM_THREADS, as for phi2 -t. The sums
- * are printed so the compiler cannot drop the work.
+ * A prompt token needs the layers' matrix multiply-adds, layers x (4 hidden^2 + 2 hidden x
+ * ffn) = 2.52 G for Phi-2, so prompt tok/s x 2.52 / this figure is the share of the
+ * machine's arithmetic the prompt uses (scripts/bench.sh computes it from the header).
+ * Thread count: OMP_NUM_THREADS, as for phi2 -t. The sums are printed so the compiler
+ * cannot drop the work.
  */
 #define _POSIX_C_SOURCE 200809L
 #include <stdint.h>

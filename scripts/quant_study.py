@@ -13,7 +13,7 @@ The non-uniform candidates need a 16-level codebook: it is fitted (Lloyd's algor
 group-normalized weights of --train (another checkpoint: the codebook must not be fitted to
 the weights it is judged on), or taken from convert.py's Q4_LEVELS with --train omitted.
 
-This is how phi2.c's q4 format was chosen (docs/FORMAT.md, README "Choosing a weight type").
+This is how phi2.c's q4 format was chosen (docs/FORMAT.md, "How q4 was chosen").
 """
 import argparse
 import os
