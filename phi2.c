@@ -3065,6 +3065,7 @@ static ALWAYS_INLINE void q8_tile_vnni(float *out, int out_stride, const int8_t 
  * a specialization the compiler unrolls. */
 static void q8_tile_vnni_any(float *out, int out_stride, const void *w, const void *wd, const int8_t *x,
                              const float *xd, const float *xo, int cols, int n_groups, int R, int T, const float *bias) {
+    (void)xo;  // only the x86 q4 kernels use it
 #define TILE(r, t) q8_tile_vnni(out, out_stride, w, wd, x, xd, cols, n_groups, r, t, bias)
     TILE_SWITCH("q8_tile_vnni", R, T, TOKENS_UP_TO_4(Q8_R_VNNI) TOKENS_UP_TO_4(1));
 #undef TILE
@@ -3252,6 +3253,7 @@ static ALWAYS_INLINE void q8_tile_avx2(float *out, int out_stride, const int8_t 
 
 static void q8_tile_avx2_any(float *out, int out_stride, const void *w, const void *wd, const int8_t *x,
                              const float *xd, const float *xo, int cols, int n_groups, int R, int T, const float *bias) {
+    (void)xo;  // only the x86 q4 kernels use it
 #define TILE(r, t) q8_tile_avx2(out, out_stride, w, wd, x, xd, cols, n_groups, r, t, bias)
     TILE_SWITCH("q8_tile_avx2", R, T, TOKENS_UP_TO_2(Q8_R_AVX2) TOKENS_UP_TO_2(1));
 #undef TILE
@@ -4243,6 +4245,7 @@ static ALWAYS_INLINE void q8_tile_sdot(float *out, int out_stride, const int8_t 
 _Static_assert(Q8_T_NEON == 2, "Q8_NEON_TILES lists 1 .. 2 tokens");
 static void q8_tile_neon_any(float *out, int out_stride, const void *w, const void *wd, const int8_t *x,
                              const float *xd, const float *xo, int cols, int n_groups, int R, int T, const float *bias) {
+    (void)xo;  // only the x86 q4 kernels use it
 #define TILE(r, t) q8_tile_neon(out, out_stride, w, wd, x, xd, cols, n_groups, r, t, bias)
     TILE_SWITCH("q8_tile_neon", R, T, Q8_NEON_TILES);
 #undef TILE
@@ -4250,6 +4253,7 @@ static void q8_tile_neon_any(float *out, int out_stride, const void *w, const vo
 #if PHI2_NEON_DOTPROD
 static void q8_tile_sdot_any(float *out, int out_stride, const void *w, const void *wd, const int8_t *x,
                              const float *xd, const float *xo, int cols, int n_groups, int R, int T, const float *bias) {
+    (void)xo;  // only the x86 q4 kernels use it
 #define TILE(r, t) q8_tile_sdot(out, out_stride, w, wd, x, xd, cols, n_groups, r, t, bias)
     TILE_SWITCH("q8_tile_sdot", R, T, Q8_NEON_TILES);
 #undef TILE
@@ -4323,6 +4327,7 @@ static ALWAYS_INLINE void q4_tile_sdot(float *out, int out_stride, const uint8_t
 MAYBE_UNUSED static void q4_tile_neon_any(float *out, int out_stride, const void *w, const void *wd, const int8_t *x,
                                           const float *xd, const float *xo, int cols, int n_blocks, int R, int T,
                                           const float *bias) {
+    (void)xo;  // only the x86 q4 kernels use it
 #define TILE(r, t) q4_tile_neon(out, out_stride, w, wd, x, xd, cols, n_blocks, r, t, bias)
     TILE_SWITCH("q4_tile_neon", R, T, Q8_NEON_TILES);
 #undef TILE
@@ -4330,6 +4335,7 @@ MAYBE_UNUSED static void q4_tile_neon_any(float *out, int out_stride, const void
 #if PHI2_NEON_DOTPROD
 static void q4_tile_sdot_any(float *out, int out_stride, const void *w, const void *wd, const int8_t *x,
                              const float *xd, const float *xo, int cols, int n_blocks, int R, int T, const float *bias) {
+    (void)xo;  // only the x86 q4 kernels use it
 #define TILE(r, t) q4_tile_sdot(out, out_stride, w, wd, x, xd, cols, n_blocks, r, t, bias)
     TILE_SWITCH("q4_tile_sdot", R, T, Q8_NEON_TILES);
 #undef TILE
@@ -4852,6 +4858,7 @@ static void quantize_rows_q8(QuantizedRows *out, const float *x, int n_tokens, i
  * their rows among OpenMP's threads themselves. */
 static void product(float *out, const float *in, const QuantizedRows *xq, const Matrix *W, const float *bias,
                     int n_tokens, KernelScratch *k) {
+    (void)k;  // (builds without panels or AMX)
     if (W->type == WEIGHTS_F32) {
 #if PHI2_AVX512 || PHI2_AVX2
         if (n_tokens >= F32_PANEL_MIN_TOKENS) VECTOR_KERNEL(matmul_f32_panels)(out, in, W, bias, n_tokens, k);
@@ -5107,9 +5114,19 @@ static void catch_interrupts(void (*handler)(int)) {
  *     percent apart are equal cores that boost differently);
  *   - topology/thread_siblings_list names the logical CPUs of one physical core.
  * The CPUs allowed come from /proc/self/status (the affinity mask: taskset, cgroups).
- * Tests point PHI2_SYSFS_ROOT at a fake /sys tree of another machine (tests/test_threads.py),
- * whose CPUs are then those of its devices/system/cpu/online (this machine's mask does not
+ * Test builds can read a fake /sys tree of another machine instead (test_root), whose CPUs
+ * are then those of its devices/system/cpu/online (the running process's mask does not
  * apply to it). Whatever cannot be read counts as "no information": all allowed CPUs. */
+/* Test builds only: a directory that stands in for / when reading /sys and /proc/meminfo
+ * (PHI2_SYSFS_ROOT), so tests can show the program another machine; NULL: the real ones. */
+MAYBE_UNUSED static const char *test_root(void) {
+#ifdef PHI2_TEST_HOOKS
+    return getenv("PHI2_SYSFS_ROOT");
+#else
+    return NULL;
+#endif
+}
+
 #if defined(__linux__)
 enum { MAX_CPUS = 4096 };
 
@@ -5160,7 +5177,7 @@ static long long cpu_max_freq(const char *root, int cpu) {
 }
 
 MAYBE_UNUSED static int count_fast_cores(const char **which) {
-    const char *root = getenv("PHI2_SYSFS_ROOT");
+    const char *root = test_root();
     unsigned char *cpus = xcalloc(3, MAX_CPUS), *listed = cpus + MAX_CPUS, *siblings = cpus + 2 * MAX_CPUS;
     int n = -1;
     if (root) {
@@ -5300,10 +5317,10 @@ static const unsigned char *read_into_huge_pages(int fd, size_t size, const char
 /* Linux: MemAvailable in /proc/meminfo (free memory plus the file cache the kernel can drop,
  * which includes a cached copy of the model file itself). macOS has no such figure (it
  * compresses memory and keeps files cached): half of the installed memory. Tests give a
- * fake /proc/meminfo under PHI2_SYSFS_ROOT (tests/test_threads.py). */
+ * fake /proc/meminfo (test_root). */
 static unsigned long long memory_available(void) {
 #if defined(__linux__)
-    const char *root = getenv("PHI2_SYSFS_ROOT");
+    const char *root = test_root();
     char path[PATH_MAX], line[256];
     if (snprintf(path, sizeof(path), "%s/proc/meminfo", root ? root : "") >= (int)sizeof(path)) return 0;
     FILE *f = fopen(path, "r");
