@@ -2466,6 +2466,40 @@ static Matrix matrix_rows(const Matrix *W, int r0, int r1) {
     return v;
 }
 
+/* One product of a batch by a register-tiled kernel (Appendices B and C): the arguments of
+ * its loop nest, which computes rows r0 .. r1 of it (a TiledRows function). */
+typedef struct TiledProduct TiledProduct;
+typedef void (*TiledRows)(const TiledProduct *p, int r0, int r1);
+struct TiledProduct {
+    float *out;                   // [n_tokens, W->rows]
+    const float *in;              // [n_tokens, W->cols] f32 activations (f32 kernels)
+    const QuantizedRows *xq;      // the same quantized (int8 kernels)
+    const Matrix *W;
+    const float *bias;
+    int n_tokens;
+    const void *tile;             // the tile kernel (F32Tile or Int8Tile)
+    int RT, TT;                   // its full tile: RT rows x TT tokens
+};
+
+/* All the rows of a product: one token's at once (its threads split the rows already:
+ * pool_run), a batch's in chunks of whole tiles that OpenMP's threads claim as they go. */
+MAYBE_UNUSED static void tiled_product(const TiledProduct *p, TiledRows rows_of) {
+    const int n_rows = p->W->rows, RT = p->RT;
+    if (p->n_tokens == 1) {
+        rows_of(p, 0, n_rows);
+        return;
+    }
+    const int n_tiles = (n_rows + RT - 1) / RT;
+    const int chunk_rows = RT * tiles_per_chunk(n_tiles, RT * matrix_row_bytes(p->W), max_threads());
+    const int n_chunks = (n_rows + chunk_rows - 1) / chunk_rows;
+    int next_chunk = 0;
+#pragma omp parallel
+    for (int chunk; (chunk = claim_chunk(&next_chunk)) < n_chunks;) {
+        const int r0 = chunk * chunk_rows;
+        rows_of(p, r0, n_rows - r0 < chunk_rows ? n_rows : r0 + chunk_rows);
+    }
+}
+
 /* --- Register tiles ---------------------------------------------------------------------
  * A kernel's register tile (R weight rows x T tokens of accumulators) stays in registers
  * only if the compiler knows R and T, so each tile kernel is an ALWAYS_INLINE function of
@@ -2633,8 +2667,12 @@ typedef void (*F32Tile)(float *out, int out_stride, const float *w, const float 
                         int first, const float *bias);
 
 /* Rows r0 .. r1 of the product, blocked (tile: RT rows x TT tokens). */
-static void f32_blocked_rows(float *out, const float *in, const Matrix *W, const float *bias, int n_tokens,
-                             F32Tile tile, int RT, int TT, int r0, int r1) {
+static void f32_blocked_rows(const TiledProduct *p, int r0, int r1) {
+    float *out = p->out;
+    const float *in = p->in, *bias = p->bias;
+    const Matrix *W = p->W;
+    const F32Tile tile = (F32Tile)p->tile;
+    const int n_tokens = p->n_tokens, RT = p->RT, TT = p->TT;
     const int rows = W->rows, cols = W->cols, kc = f32_col_block(cols, n_tokens);
     for (int c0 = 0; c0 < cols; c0 += kc) {
         const int k = cols - c0 < kc ? cols - c0 : kc;
@@ -2651,23 +2689,11 @@ static void f32_blocked_rows(float *out, const float *in, const Matrix *W, const
     }
 }
 
-/* The loop nest shared by the AVX-512, AVX2 and NEON f32 kernels: threads claim chunks of
- * row tiles (one token's threads split the rows already: pool_run, Appendix G). */
+/* The loop nest shared by the AVX-512, AVX2 and NEON f32 kernels. */
 static void matmul_f32_blocked(float *out, const float *in, const Matrix *W, const float *bias, int n_tokens,
                                F32Tile tile, int RT, int TT) {
-    const int rows = W->rows;
-    if (n_tokens == 1) {
-        f32_blocked_rows(out, in, W, bias, 1, tile, RT, TT, 0, rows);
-        return;
-    }
-    const int n_tiles = (rows + RT - 1) / RT, chunk_tiles = tiles_per_chunk(n_tiles, RT * matrix_row_bytes(W), max_threads());
-    const int n_chunks = (n_tiles + chunk_tiles - 1) / chunk_tiles;
-    int next_chunk = 0;
-#pragma omp parallel
-    for (int chunk; (chunk = claim_chunk(&next_chunk)) < n_chunks;) {
-        const int r0 = chunk * chunk_tiles * RT, r1 = (chunk + 1) * chunk_tiles * RT < rows ? (chunk + 1) * chunk_tiles * RT : rows;
-        f32_blocked_rows(out, in, W, bias, n_tokens, tile, RT, TT, r0, r1);
-    }
+    const TiledProduct p = {out, in, NULL, W, bias, n_tokens, (const void *)tile, RT, TT};
+    tiled_product(&p, f32_blocked_rows);
 }
 #endif
 
@@ -3388,8 +3414,13 @@ typedef void (*Int8Tile)(float *out, int out_stride, const void *w, const void *
  * bytes) and stay in L2. Decode (one token) goes one row at a time, so the matrix streams
  * strictly in address order (interleaving RT rows pays off only when the loaded weights are
  * reused across tokens). */
-static void int8_tiled_rows(float *out, const QuantizedRows *in, const Matrix *W, const float *bias, int n_tokens,
-                            Int8Tile tile, int RT, int TT, int r0, int r1) {
+static void int8_tiled_rows(const TiledProduct *p, int r0, int r1) {
+    float *out = p->out;
+    const QuantizedRows *in = p->xq;
+    const Matrix *W = p->W;
+    const float *bias = p->bias;
+    const Int8Tile tile = (Int8Tile)p->tile;
+    const int n_tokens = p->n_tokens, RT = p->RT, TT = p->TT;
     const int rows = W->rows, cols = W->cols, n_groups = cols / Q8_GROUP;
     const int tile_rows = n_tokens == 1 ? 1 : RT;
     for (int r = r0; r < r1;) {
@@ -3409,20 +3440,9 @@ static void int8_tiled_rows(float *out, const QuantizedRows *in, const Matrix *W
 }
 
 static void matmul_int8_tiled(float *out, const QuantizedRows *in, const Matrix *W, const float *bias, int n_tokens,
-                            Int8Tile tile, int RT, int TT) {
-    const int rows = W->rows;
-    if (n_tokens == 1) {  // one token: its threads split the rows already (pool_run, Appendix G)
-        int8_tiled_rows(out, in, W, bias, 1, tile, RT, TT, 0, rows);
-        return;
-    }
-    const int n_tiles = (rows + RT - 1) / RT, chunk_tiles = tiles_per_chunk(n_tiles, RT * matrix_row_bytes(W), max_threads());
-    const int n_chunks = (n_tiles + chunk_tiles - 1) / chunk_tiles;
-    int next_chunk = 0;
-#pragma omp parallel
-    for (int chunk; (chunk = claim_chunk(&next_chunk)) < n_chunks;) {
-        const int r0 = chunk * chunk_tiles * RT, r1 = (chunk + 1) * chunk_tiles * RT < rows ? (chunk + 1) * chunk_tiles * RT : rows;
-        int8_tiled_rows(out, in, W, bias, n_tokens, tile, RT, TT, r0, r1);
-    }
+                              Int8Tile tile, int RT, int TT) {
+    const TiledProduct p = {out, NULL, in, W, bias, n_tokens, (const void *)tile, RT, TT};
+    tiled_product(&p, int8_tiled_rows);
 }
 
 #endif
