@@ -34,9 +34,10 @@ FENCE_LANG = {".c": "c", ".h": "c", ".py": "python"}
 # The functions the walkthrough's steps are about: each must be quoted at least once.
 REQUIRED = {
     "tokenizer.c": {"tokenizer_encode", "pretoken_end", "bpe"},
-    "phi2.c": {"forward", "matrix_row", "layernorm", "matmul", "matmul_f32_scalar", "rotary", "init_state",
-               "kv_offset", "attention", "gelu_new_scalar", "sample", "prefill", "generate", "generate_tokens",
-               "quantize_rows_q8_scalar", "matmul_q8_scalar"},
+    "phi2.c": {"forward", "matrix_row", "layernorm", "matmul", "product", "matmul_f32_scalar", "rotary",
+               "init_state", "kv_offset", "attention_scalar", "attend", "attention", "gelu_new_scalar", "sample",
+               "prefill", "generate", "generate_tokens", "quantize_rows_q8_scalar", "matmul_q8_scalar",
+               "matmul_q4_scalar"},
     "scripts/reference.py": {"layer_norm", "rotate_half", "apply_rotary", "gelu_new", "forward"},
 }
 
