@@ -3948,69 +3948,6 @@ static void matmul_q8_amx(float *out, const QuantizedRows *in, const Matrix *W, 
 }
 #endif
 
-/* The SIMD gelu_new uses 0.5 v (1 + tanh(u)) = v / (1 + exp(-2u)) with a vector expf (the
- * Cephes polynomial, ~1 ulp), no libm call per element: the scalar tanhf was a fifth of
- * the prompt's time. Equal to the scalar version within a few float ulps (tested). */
-#if PHI2_AVX512
-static ALWAYS_INLINE __m512 exp_avx512(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(87.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
-    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(y, n);
-}
-
-MAYBE_UNUSED static void gelu_new_avx512(float *x, size_t n) {
-    const __m512 k = _mm512_set1_ps(-2.0f * 0.7978845608028654f), c = _mm512_set1_ps(0.044715f);
-    const __m512 one = _mm512_set1_ps(1.0f);
-    for (size_t i = 0; i < n; i += 16) {
-        const __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
-        __m512 v = _mm512_maskz_loadu_ps(m, x + i);
-        __m512 u = _mm512_mul_ps(k, _mm512_fmadd_ps(_mm512_mul_ps(c, v), _mm512_mul_ps(v, v), v));  // -2u
-        _mm512_mask_storeu_ps(x + i, m, _mm512_div_ps(v, _mm512_add_ps(one, exp_avx512(u))));
-    }
-}
-#endif
-
-#if PHI2_AVX2
-static ALWAYS_INLINE __m256 exp_avx2(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(87.0f));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
-    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    // 2^n from the exponent bits (|n| <= 126 after the clamp)
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
-
-MAYBE_UNUSED static void gelu_new_avx2(float *x, size_t n) {
-    const __m256 k = _mm256_set1_ps(-2.0f * 0.7978845608028654f), c = _mm256_set1_ps(0.044715f);
-    const __m256 one = _mm256_set1_ps(1.0f);
-    size_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        __m256 v = _mm256_loadu_ps(x + i);
-        __m256 u = _mm256_mul_ps(k, _mm256_fmadd_ps(_mm256_mul_ps(c, v), _mm256_mul_ps(v, v), v));
-        _mm256_storeu_ps(x + i, _mm256_div_ps(v, _mm256_add_ps(one, exp_avx2(u))));
-    }
-    gelu_new_scalar(x + i, n - i);
-}
-#endif
 
 #if PHI2_AVX512
 MAYBE_UNUSED static float dot_f32_avx512(const float *a, const float *b, int n) {
@@ -4485,37 +4422,6 @@ static void matmul_q8_simd(float *out, const QuantizedRows *in, const Matrix *W,
 #endif
 }
 
-/* gelu_new as v / (1 + exp(-2u)) with the vector expf of exp_avx2 (same clamp, same Cephes
- * polynomial), so it agrees with the scalar tanhf version within a few ulps (tested). */
-static ALWAYS_INLINE float32x4_t exp_neon(float32x4_t x) {
-    x = vminq_f32(vmaxq_f32(x, vdupq_n_f32(-87.0f)), vdupq_n_f32(87.0f));
-    const float32x4_t n = vrndnq_f32(vmulq_f32(x, vdupq_n_f32(1.44269504088896341f)));  // nearest, ties even
-    float32x4_t r = vfmsq_f32(x, n, vdupq_n_f32(0.693359375f));                      // x - n ln2 (two parts)
-    r = vfmsq_f32(r, n, vdupq_n_f32(-2.12194440e-4f));
-    float32x4_t y = vdupq_n_f32(1.9875691500e-4f);
-    y = vfmaq_f32(vdupq_n_f32(1.3981999507e-3f), y, r);
-    y = vfmaq_f32(vdupq_n_f32(8.3334519073e-3f), y, r);
-    y = vfmaq_f32(vdupq_n_f32(4.1665795894e-2f), y, r);
-    y = vfmaq_f32(vdupq_n_f32(1.6666665459e-1f), y, r);
-    y = vfmaq_f32(vdupq_n_f32(5.0000001201e-1f), y, r);
-    y = vfmaq_f32(vaddq_f32(r, vdupq_n_f32(1.0f)), y, vmulq_f32(r, r));
-    // 2^n from the exponent bits (|n| <= 126 after the clamp)
-    const int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtnq_s32_f32(n), vdupq_n_s32(127)), 23);
-    return vmulq_f32(y, vreinterpretq_f32_s32(e));
-}
-
-MAYBE_UNUSED static void gelu_new_neon(float *x, size_t n) {
-    const float32x4_t k = vdupq_n_f32(-2.0f * 0.7978845608028654f), c = vdupq_n_f32(0.044715f);
-    const float32x4_t one = vdupq_n_f32(1.0f);
-    size_t i = 0;
-    for (; i + 4 <= n; i += 4) {
-        const float32x4_t v = vld1q_f32(x + i);
-        const float32x4_t u = vmulq_f32(k, vfmaq_f32(v, vmulq_f32(c, v), vmulq_f32(v, v)));  // -2u
-        vst1q_f32(x + i, vdivq_f32(v, vaddq_f32(one, exp_neon(u))));
-    }
-    gelu_new_scalar(x + i, n - i);
-}
-
 MAYBE_UNUSED static float dot_f32_neon(const float *a, const float *b, int n) {
     float32x4_t acc0 = vdupq_n_f32(0.0f), acc1 = vdupq_n_f32(0.0f);
     int i = 0;
@@ -4653,6 +4559,18 @@ MAYBE_UNUSED static void softmax_poly(float *x, int n) {  // (a portable build r
     }
     const float inv_sum = 1.0f / sum;
     for (int i = 0; i < n; i++) x[i] *= inv_sum;
+}
+
+/* gelu_new as 0.5 v (1 + tanh(u)) = v / (1 + exp(-2u)), with exp_poly for the libm tanhf
+ * of the definition (a call per value, a large share of a prompt's time otherwise). It
+ * agrees with gelu_new_scalar within a few float ulps (tests/test_kernels.c). */
+MAYBE_UNUSED static void gelu_new_poly(float *x, size_t n) {  // (a portable build runs gelu_new_scalar)
+    const float minus_2k = -2.0f * 0.7978845608028654f;  // -2 sqrt(2 / pi)
+#pragma omp simd
+    for (size_t i = 0; i < n; i++) {
+        const float v = x[i];
+        x[i] = v / (1.0f + exp_poly(minus_2k * (v + 0.044715f * v * v * v)));
+    }
 }
 
 /* One register tile of C = C diag(c_scale) + A B: rows (a constant, <= ATTN_TILE_ROWS) rows of
@@ -4819,26 +4737,34 @@ MAYBE_UNUSED static void attention_blocked(RunState *s, const Config *c, int lay
 #endif
 
 static float dot_f32(const float *a, const float *b, int n) { return VECTOR_KERNEL(dot_f32)(a, b, n); }
-static void gelu_new_span(float *x, size_t n) { VECTOR_KERNEL(gelu_new)(x, n); }
 static void f32_to_f16_row(uint16_t *out, const float *x, int n) { F16_KERNEL(f32_to_f16_row)(out, x, n); }
 static void f16_to_f32_row(float *out, const uint16_t *x, int n) { F16_KERNEL(f16_to_f32_row)(out, x, n); }
 static float dot_f32_f16(const float *a, const uint16_t *b, int n) { return F16_KERNEL(dot_f32_f16)(a, b, n); }
 static void axpy_f16(float *out, float w, const uint16_t *v, int n) { F16_KERNEL(axpy_f16)(out, w, v, n); }
 
-/* gelu_new over n values, split over the threads for a prompt's batch. */
-static void gelu_new(float *x, size_t n) {
-    const size_t chunk = 4096;  // values per task: a few microseconds of work
-#pragma omp parallel for schedule(dynamic) if (n >= 4 * chunk)
-    for (size_t i = 0; i < n; i += chunk) gelu_new_span(x + i, n - i < chunk ? n - i : chunk);
-}
-
-/* softmax with a polynomial exp that vectorizes (Appendix D), or the definition's expf. */
+/* softmax and gelu_new with a polynomial exp that vectorizes (Appendix D), or the
+ * definitions' libm calls. */
 static void softmax(float *x, int n) {
 #ifdef PHI2_SCALAR_ONLY
     softmax_scalar(x, n);
 #else
     softmax_poly(x, n);
 #endif
+}
+
+static void gelu_new_span(float *x, size_t n) {
+#ifdef PHI2_SCALAR_ONLY
+    gelu_new_scalar(x, n);
+#else
+    gelu_new_poly(x, n);
+#endif
+}
+
+/* gelu_new over n values, split over the threads for a prompt's batch. */
+static void gelu_new(float *x, size_t n) {
+    const size_t chunk = 4096;  // values per task: a few microseconds of work
+#pragma omp parallel for schedule(dynamic) if (n >= 4 * chunk)
+    for (size_t i = 0; i < n; i += chunk) gelu_new_span(x + i, n - i < chunk ? n - i : chunk);
 }
 
 /* A head's scores and weighted sum over an f16 cache: F16C has kernels for Phi-2's head

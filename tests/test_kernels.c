@@ -603,15 +603,7 @@ static void test_gelu_one(const char *name, GeluFn fn) {
 
 static void test_gelu_dot(void) {
     test_gelu_one("gelu_new", gelu_new);
-#if PHI2_AVX512
-    test_gelu_one("gelu_new_avx512", gelu_new_avx512);
-#endif
-#if PHI2_AVX2
-    test_gelu_one("gelu_new_avx2", gelu_new_avx2);
-#endif
-#if PHI2_NEON
-    test_gelu_one("gelu_new_neon", gelu_new_neon);
-#endif
+    test_gelu_one("gelu_new_poly", gelu_new_poly);
     static const struct {
         const char *name;
         float (*fn)(const float *, const float *, int);
