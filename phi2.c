@@ -587,25 +587,26 @@ enum { SCALAR_ROWS_PER_CHUNK = 16 };
 
 /* --- float32 matrix product: out[t, r] = sum_c W[r, c] * in[t, c] + bias[r] ------------ */
 
+/* Dot product of two float vectors: a matrix row by an activation row, a query by a key.
+ * 16 independent partial sums: the compiler may keep them in SIMD lanes on any target (one
+ * running sum would force it to add strictly in order, one at a time). */
+static float dot_f32(const float *a, const float *b, int n) {
+    float part[16] = {0};
+    int i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int j = 0; j < 16; j++) part[j] += a[i + j] * b[i + j];
+    float sum = 0.0f;
+    for (int j = 0; j < 16; j++) sum += part[j];
+    for (; i < n; i++) sum += a[i] * b[i];
+    return sum;
+}
+
 MAYBE_UNUSED static void matmul_f32_scalar(float *out, const float *in, const Matrix *W, const float *bias, int n_tokens) {
     const int rows = W->rows, cols = W->cols;
 #pragma omp parallel for schedule(dynamic, SCALAR_ROWS_PER_CHUNK) if (n_tokens > 1)
-    for (int r = 0; r < rows; r++) {
-        const float *wr = W->w + (size_t)r * cols;
-        for (int t = 0; t < n_tokens; t++) {
-            const float *xt = in + (size_t)t * cols;
-            // 16 independent partial sums: the compiler may keep them in SIMD lanes on any
-            // target (one running sum would force it to add strictly in order, one at a time).
-            float part[16] = {0};
-            int c = 0;
-            for (; c + 16 <= cols; c += 16)
-                for (int j = 0; j < 16; j++) part[j] += wr[c + j] * xt[c + j];
-            float sum = 0.0f;
-            for (int j = 0; j < 16; j++) sum += part[j];
-            for (; c < cols; c++) sum += wr[c] * xt[c];
-            out[(size_t)t * rows + r] = sum + bias[r];
-        }
-    }
+    for (int r = 0; r < rows; r++)
+        for (int t = 0; t < n_tokens; t++)
+            out[(size_t)t * rows + r] = dot_f32(W->w + (size_t)r * cols, in + (size_t)t * cols, cols) + bias[r];
 }
 
 /* --- int8 (Q8_0) matrix product ------------------------------------------------------- */
@@ -780,13 +781,6 @@ MAYBE_UNUSED static void gelu_new_scalar(float *x, size_t n) {
     }
 }
 
-/* Dot product of two float vectors (attention scores). */
-MAYBE_UNUSED static float dot_f32_scalar(const float *a, const float *b, int n) {
-    float sum = 0.0f;
-    for (int i = 0; i < n; i++) sum += a[i] * b[i];
-    return sum;
-}
-
 /* --- float16 rows: the half-size KV cache (--kv-type f16) --------------------------- */
 
 /* A row of floats to f16 (a head's key or value on its way into the cache). */
@@ -861,7 +855,6 @@ static void kernel_scratch_free(KernelScratch *k);
 static void matmul(float *out, const float *in, const Matrix *W, const float *bias, int n_tokens, KernelScratch *k);
 static void gelu_new(float *x, size_t n);
 static void softmax(float *x, int n);
-static float dot_f32(const float *a, const float *b, int n);
 static void f32_to_f16_row(uint16_t *out, const float *x, int n);  // bit-identical to the definition
 static void f16_to_f32_row(float *out, const uint16_t *x, int n);  // exact
 static void scores_f16(float *score, const float *q, const uint16_t *keys, int n_pos, int hd, float scale);
@@ -3950,23 +3943,9 @@ static void matmul_q8_amx(float *out, const QuantizedRows *in, const Matrix *W, 
 
 
 #if PHI2_AVX512
-MAYBE_UNUSED static float dot_f32_avx512(const float *a, const float *b, int n) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int i = 0; i < n; i += 16) {
-        const __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
-        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
-    }
-    return _mm512_reduce_add_ps(acc);
-}
 #endif
 
 #if PHI2_AVX2
-MAYBE_UNUSED static float dot_f32_avx2(const float *a, const float *b, int n) {
-    __m256 acc = _mm256_setzero_ps();
-    int i = 0;
-    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-    return hsum256(acc) + dot_f32_scalar(a + i, b + i, n - i);
-}
 #endif
 
 /* The f16 KV cache with F16C: vcvtps2ph rounds 8 floats to f16 (immediate 0: to nearest,
@@ -4422,20 +4401,6 @@ static void matmul_q8_simd(float *out, const QuantizedRows *in, const Matrix *W,
 #endif
 }
 
-MAYBE_UNUSED static float dot_f32_neon(const float *a, const float *b, int n) {
-    float32x4_t acc0 = vdupq_n_f32(0.0f), acc1 = vdupq_n_f32(0.0f);
-    int i = 0;
-    for (; i + 8 <= n; i += 8) {
-        acc0 = vfmaq_f32(acc0, vld1q_f32(a + i), vld1q_f32(b + i));
-        acc1 = vfmaq_f32(acc1, vld1q_f32(a + i + 4), vld1q_f32(b + i + 4));
-    }
-    if (i + 4 <= n) {
-        acc0 = vfmaq_f32(acc0, vld1q_f32(a + i), vld1q_f32(b + i));
-        i += 4;
-    }
-    return vaddvq_f32(vaddq_f32(acc0, acc1)) + dot_f32_scalar(a + i, b + i, n - i);
-}
-
 /* The f16 KV cache: FCVTN/FCVTL (vcvt_f16_f32, vcvt_f32_f16) convert 4 values, part of
  * Armv8-A; with the default FPCR (round to nearest even, IEEE half, no flush to zero) they
  * round exactly as f16_from_f32 does. */
@@ -4736,7 +4701,6 @@ MAYBE_UNUSED static void attention_blocked(RunState *s, const Config *c, int lay
 #define F16_KERNEL(name) name##_scalar
 #endif
 
-static float dot_f32(const float *a, const float *b, int n) { return VECTOR_KERNEL(dot_f32)(a, b, n); }
 static void f32_to_f16_row(uint16_t *out, const float *x, int n) { F16_KERNEL(f32_to_f16_row)(out, x, n); }
 static void f16_to_f32_row(float *out, const uint16_t *x, int n) { F16_KERNEL(f16_to_f32_row)(out, x, n); }
 static float dot_f32_f16(const float *a, const uint16_t *b, int n) { return F16_KERNEL(dot_f32_f16)(a, b, n); }

@@ -609,9 +609,6 @@ static void test_gelu_dot(void) {
         float (*fn)(const float *, const float *, int);
     } dots[] = {
         {"dot_f32", dot_f32},
-#if PHI2_NEON
-        {"dot_f32_neon", dot_f32_neon},
-#endif
     };
     for (size_t d = 0; d < sizeof(dots) / sizeof(*dots); d++) {
         int before = g_failed;
