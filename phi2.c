@@ -12,8 +12,9 @@
  *   6. the command line   prompt in, streamed text out; a conversation (-i); perplexity
  * Appendices, for speed and portability only:
  *   A. work sharing       which kernels this build has; how threads split a product's rows
- *   B. x86 kernels        AVX-512, AVX2, VNNI and AMX versions of the section 3 kernels
- *   C. Arm kernels        NEON, dotprod (SDOT) and i8mm (SMMLA) versions
+ *   B. vector kernels     float32 over this build's vector (AVX-512, AVX2, NEON); x86 int8
+ *                         (AVX-512 VNNI, AVX2, AMX) and the f16 KV cache (F16C)
+ *   C. Arm kernels        int8 with NEON, dotprod (SDOT) and i8mm (SMMLA); the f16 KV cache
  *   D. batch attention    section 4's attention blocked over queries and keys, with an
  *                         online softmax (flash-attention style), for prompts
  *   E. dispatch           the one place that picks each operation's kernel and threads
@@ -2543,10 +2544,13 @@ struct KernelScratch {
 };
 
 /* ------------------------------------------------------------------------------------- */
-/* Appendix B. x86 kernels: AVX-512, AVX2, VNNI, AMX                                     */
+/* Appendix B. Vector kernels: float32 (AVX-512, AVX2, NEON); x86 int8 and f16            */
 /* ------------------------------------------------------------------------------------- */
 /* Each kernel here computes a section 3 definition for the instruction sets of Appendix A;
- * tests/test_kernels.c checks it against that definition. */
+ * tests/test_kernels.c checks it against that definition. The float32 kernels are written
+ * once over this build's float vector (VecF: AVX-512, AVX2 or NEON, and a few operations on
+ * it); the int8 kernels differ by instruction set (VNNI's vpdpbusd, AVX2's vpmaddubsw, AMX
+ * tiles) and come one per family. */
 
 /* Fast f32 kernels. The product is a set of dot products along the columns, where both a
  * weight row and an activation row are contiguous. Register tile: R weight rows x T tokens
@@ -2575,84 +2579,42 @@ MAYBE_UNUSED static ALWAYS_INLINE void f32_store(float *o, float s, int first, c
     *o = bias ? v + *bias : v;
 }
 
-#if PHI2_AVX512
-enum { F32_R_AVX512 = 4, F32_T_AVX512 = 6 };  // 24 accumulators + 4 weights + 1 activation <= 32 zmm
-
-static ALWAYS_INLINE void f32_tile_avx512(float *out, int out_stride, const float *w, const float *x, int cols,
-                                          int kc, int R, int T, int first, const float *bias) {
-    __m512 acc[F32_R_AVX512][F32_T_AVX512];
-    for (int r = 0; r < R; r++)
-        for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_ps();
-    int c = 0;
-    for (; c + 16 <= kc; c += 16) {
-        __m512 wv[F32_R_AVX512];
-        for (int r = 0; r < R; r++) wv[r] = _mm512_loadu_ps(w + (size_t)r * cols + c);
-        for (int t = 0; t < T; t++) {
-            __m512 xv = _mm512_loadu_ps(x + (size_t)t * cols + c);
-            for (int r = 0; r < R; r++) acc[r][t] = _mm512_fmadd_ps(wv[r], xv, acc[r][t]);
-        }
-    }
-    if (c < kc) {  // column tail: masked loads read nothing past the row
-        const __mmask16 m = (__mmask16)((1u << (kc - c)) - 1);
-        __m512 wv[F32_R_AVX512];
-        for (int r = 0; r < R; r++) wv[r] = _mm512_maskz_loadu_ps(m, w + (size_t)r * cols + c);
-        for (int t = 0; t < T; t++) {
-            __m512 xv = _mm512_maskz_loadu_ps(m, x + (size_t)t * cols + c);
-            for (int r = 0; r < R; r++) acc[r][t] = _mm512_fmadd_ps(wv[r], xv, acc[r][t]);
-        }
-    }
-    for (int r = 0; r < R; r++)
-        for (int t = 0; t < T; t++)
-            f32_store(out + (size_t)t * out_stride + r, _mm512_reduce_add_ps(acc[r][t]), first, bias ? bias + r : NULL);
-}
-
-/* The tile with compile-time R and T (so the accumulators live in registers). */
-static void f32_tile_avx512_any(float *out, int out_stride, const float *w, const float *x, int cols, int kc, int R,
-                                int T, int first, const float *bias) {
-#define TILE(r, t) f32_tile_avx512(out, out_stride, w, x, cols, kc, r, t, first, bias)
-    TILE_SWITCH("f32_tile_avx512", R, T, TOKENS_UP_TO_6(F32_R_AVX512) TOKENS_UP_TO_6(1));
-#undef TILE
-}
-#endif
-
 #if PHI2_AVX2
-enum { F32_R_AVX2 = 4, F32_T_AVX2 = 2 };  // 8 accumulators + 4 weights + 1 activation <= 16 ymm
-
 static ALWAYS_INLINE float hsum256(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
+#endif
 
-static ALWAYS_INLINE void f32_tile_avx2(float *out, int out_stride, const float *w, const float *x, int cols, int kc,
-                                        int R, int T, int first, const float *bias) {
-    __m256 acc[F32_R_AVX2][F32_T_AVX2];
-    for (int r = 0; r < R; r++)
-        for (int t = 0; t < T; t++) acc[r][t] = _mm256_setzero_ps();
-    int c = 0;
-    for (; c + 8 <= kc; c += 8) {
-        __m256 wv[F32_R_AVX2];
-        for (int r = 0; r < R; r++) wv[r] = _mm256_loadu_ps(w + (size_t)r * cols + c);
-        for (int t = 0; t < T; t++) {
-            __m256 xv = _mm256_loadu_ps(x + (size_t)t * cols + c);
-            for (int r = 0; r < R; r++) acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
-        }
-    }
-    for (int r = 0; r < R; r++)
-        for (int t = 0; t < T; t++) {
-            float s = hsum256(acc[r][t]);
-            for (int cc = c; cc < kc; cc++) s += w[(size_t)r * cols + cc] * x[(size_t)t * cols + cc];  // tail
-            f32_store(out + (size_t)t * out_stride + r, s, first, bias ? bias + r : NULL);
-        }
-}
-
-static void f32_tile_avx2_any(float *out, int out_stride, const float *w, const float *x, int cols, int kc, int R,
-                              int T, int first, const float *bias) {
-#define TILE(r, t) f32_tile_avx2(out, out_stride, w, x, cols, kc, r, t, first, bias)
-    TILE_SWITCH("f32_tile_avx2", R, T, TOKENS_UP_TO_2(F32_R_AVX2) TOKENS_UP_TO_2(1));
-#undef TILE
-}
+/* The float vector of this build (the widest it has) and what the f32 kernels do with it;
+ * the tile: F32_TILE_ROWS x F32_TILE_TOKENS accumulators, as many as the registers hold
+ * beside the tile's weight vectors and one activation vector. */
+#if PHI2_AVX512
+typedef __m512 VecF;
+enum { VEC_FLOATS = 16, F32_TILE_ROWS = 4, F32_TILE_TOKENS = 6 };  // 24 + 4 + 1 of 32 zmm
+#define F32_TILE_SHAPES TOKENS_UP_TO_6(F32_TILE_ROWS) TOKENS_UP_TO_6(1)
+static ALWAYS_INLINE VecF vecf_zero(void) { return _mm512_setzero_ps(); }
+static ALWAYS_INLINE VecF vecf_load(const float *p) { return _mm512_loadu_ps(p); }
+static ALWAYS_INLINE VecF vecf_fma(VecF a, VecF b, VecF acc) { return _mm512_fmadd_ps(a, b, acc); }
+static ALWAYS_INLINE float vecf_sum(VecF v) { return _mm512_reduce_add_ps(v); }
+#elif PHI2_AVX2
+typedef __m256 VecF;
+enum { VEC_FLOATS = 8, F32_TILE_ROWS = 4, F32_TILE_TOKENS = 2 };  // 8 + 4 + 1 of 16 ymm
+#define F32_TILE_SHAPES TOKENS_UP_TO_2(F32_TILE_ROWS) TOKENS_UP_TO_2(1)
+static ALWAYS_INLINE VecF vecf_zero(void) { return _mm256_setzero_ps(); }
+static ALWAYS_INLINE VecF vecf_load(const float *p) { return _mm256_loadu_ps(p); }
+static ALWAYS_INLINE VecF vecf_fma(VecF a, VecF b, VecF acc) { return _mm256_fmadd_ps(a, b, acc); }
+static ALWAYS_INLINE float vecf_sum(VecF v) { return hsum256(v); }
+#elif PHI2_NEON
+typedef float32x4_t VecF;
+enum { VEC_FLOATS = 4, F32_TILE_ROWS = 4, F32_TILE_TOKENS = 4 };  // 16 + 4 + 1 of 32 q registers
+#define F32_TILE_SHAPES TOKENS_UP_TO_4(F32_TILE_ROWS) TOKENS_UP_TO_4(1)
+static ALWAYS_INLINE VecF vecf_zero(void) { return vdupq_n_f32(0.0f); }
+static ALWAYS_INLINE VecF vecf_load(const float *p) { return vld1q_f32(p); }
+static ALWAYS_INLINE VecF vecf_fma(VecF a, VecF b, VecF acc) { return vfmaq_f32(acc, a, b); }
+static ALWAYS_INLINE float vecf_sum(VecF v) { return vaddvq_f32(v); }
 #endif
 
 #if PHI2_AVX512 || PHI2_AVX2 || PHI2_NEON
@@ -2690,14 +2652,39 @@ static void matmul_f32_blocked(float *out, const float *in, const Matrix *W, con
 }
 #endif
 
-#if PHI2_AVX512
-MAYBE_UNUSED static void matmul_f32_avx512(float *out, const float *in, const Matrix *W, const float *bias, int n_tokens) {
-    matmul_f32_blocked(out, in, W, bias, n_tokens, f32_tile_avx512_any, F32_R_AVX512, F32_T_AVX512);
+#if PHI2_AVX512 || PHI2_AVX2 || PHI2_NEON
+static ALWAYS_INLINE void f32_tile(float *out, int out_stride, const float *w, const float *x, int cols, int kc, int R,
+                                   int T, int first, const float *bias) {
+    VecF acc[F32_TILE_ROWS][F32_TILE_TOKENS];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) acc[r][t] = vecf_zero();
+    int c = 0;
+    for (; c + VEC_FLOATS <= kc; c += VEC_FLOATS) {
+        VecF wv[F32_TILE_ROWS];
+        for (int r = 0; r < R; r++) wv[r] = vecf_load(w + (size_t)r * cols + c);
+        for (int t = 0; t < T; t++) {
+            const VecF xv = vecf_load(x + (size_t)t * cols + c);
+            for (int r = 0; r < R; r++) acc[r][t] = vecf_fma(wv[r], xv, acc[r][t]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) {
+            float s = vecf_sum(acc[r][t]);
+            for (int cc = c; cc < kc; cc++) s += w[(size_t)r * cols + cc] * x[(size_t)t * cols + cc];  // tail
+            f32_store(out + (size_t)t * out_stride + r, s, first, bias ? bias + r : NULL);
+        }
 }
-#endif
-#if PHI2_AVX2
-MAYBE_UNUSED static void matmul_f32_avx2(float *out, const float *in, const Matrix *W, const float *bias, int n_tokens) {
-    matmul_f32_blocked(out, in, W, bias, n_tokens, f32_tile_avx2_any, F32_R_AVX2, F32_T_AVX2);
+
+static void f32_tile_any(float *out, int out_stride, const float *w, const float *x, int cols, int kc, int R, int T,
+                         int first, const float *bias) {
+#define TILE(r, t) f32_tile(out, out_stride, w, x, cols, kc, r, t, first, bias)
+    TILE_SWITCH("f32_tile", R, T, F32_TILE_SHAPES);
+#undef TILE
+}
+
+/* Decode and batches too small for panels (below). */
+MAYBE_UNUSED static void matmul_f32_tiles(float *out, const float *in, const Matrix *W, const float *bias, int n_tokens) {
+    matmul_f32_blocked(out, in, W, bias, n_tokens, f32_tile_any, F32_TILE_ROWS, F32_TILE_TOKENS);
 }
 #endif
 
@@ -2789,7 +2776,7 @@ enum { F32_PANEL_PREFETCH_STEPS = 8 };  // the tiles prefetch some lines every t
 
 /* The whole product for a batch, panels of PR rows, tiles of up to PT tokens. Scratch
  * (KernelScratch.panel): the activations in tile order, then one panel block per thread. */
-static void matmul_f32_panels(float *out, const float *in, const Matrix *W, const float *bias, int n_tokens,
+static void f32_panel_product(float *out, const float *in, const Matrix *W, const float *bias, int n_tokens,
                               KernelScratch *k, int PR, int PT, F32PanelBuild build, F32PanelTile tile) {
     const int rows = W->rows, cols = W->cols, n_threads = max_threads();
     const int n_blocks = (cols + F32_PANEL_COL_BLOCK - 1) / F32_PANEL_COL_BLOCK;
@@ -2856,119 +2843,97 @@ static void matmul_f32_panels(float *out, const float *in, const Matrix *W, cons
 }
 #endif
 
+/* What the panels need of the float vector besides the tile's operations: a panel is
+ * VEC_FLOATS rows, F32_PANEL_TOKENS accumulators fill the registers beside the panel vector
+ * (and AVX2's broadcast); the first n lanes of a vector as loads and stores that touch
+ * nothing past them; a broadcast; the transpose of VEC_FLOATS vectors. */
 #if PHI2_AVX512
-enum { F32_PANEL_T_AVX512 = 24 };  // tokens per tile: 24 accumulators + the panel vector of 32 zmm
+enum { F32_PANEL_TOKENS = 24 };  // + the panel vector of 32 zmm
+#define F32_PANEL_SHAPES TOKENS_UP_TO_24(1)
+static ALWAYS_INLINE __mmask16 first_lanes16(int n) { return (__mmask16)(n >= 16 ? 0xFFFFu : (1u << n) - 1); }
+static ALWAYS_INLINE VecF vecf_load_first(const float *p, int n) { return _mm512_maskz_loadu_ps(first_lanes16(n), p); }
+static ALWAYS_INLINE void vecf_store_first(float *p, VecF v, int n) { _mm512_mask_storeu_ps(p, first_lanes16(n), v); }
+static ALWAYS_INLINE VecF vecf_broadcast(const float *p) { return _mm512_set1_ps(*p); }
+static ALWAYS_INLINE VecF vecf_add(VecF a, VecF b) { return _mm512_add_ps(a, b); }
+static ALWAYS_INLINE void vecf_store_aligned(float *p, VecF v) { _mm512_store_ps(p, v); }
+static ALWAYS_INLINE VecF vecf_load_aligned(const float *p) { return _mm512_load_ps(p); }
+static ALWAYS_INLINE void vecf_transpose(VecF v[16]) {
+    __m512i u[16];
+    for (int i = 0; i < 16; i++) u[i] = _mm512_castps_si512(v[i]);
+    transpose16_epi32(u);
+    for (int i = 0; i < 16; i++) v[i] = _mm512_castsi512_ps(u[i]);
+}
+#elif PHI2_AVX2
+enum { F32_PANEL_TOKENS = 12 };  // + the panel vector + a broadcast of 16 ymm
+#define F32_PANEL_SHAPES TOKENS_UP_TO_12(1)
+static ALWAYS_INLINE __m256i first_lanes8(int n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+static ALWAYS_INLINE VecF vecf_load_first(const float *p, int n) {
+    return n >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, first_lanes8(n));
+}
+static ALWAYS_INLINE void vecf_store_first(float *p, VecF v, int n) { _mm256_maskstore_ps(p, first_lanes8(n), v); }
+static ALWAYS_INLINE VecF vecf_broadcast(const float *p) { return _mm256_broadcast_ss(p); }
+static ALWAYS_INLINE VecF vecf_add(VecF a, VecF b) { return _mm256_add_ps(a, b); }
+static ALWAYS_INLINE void vecf_store_aligned(float *p, VecF v) { _mm256_store_ps(p, v); }
+static ALWAYS_INLINE VecF vecf_load_aligned(const float *p) { return _mm256_load_ps(p); }
+static ALWAYS_INLINE void vecf_transpose(VecF v[8]) {
+    __m256i u[8];
+    for (int i = 0; i < 8; i++) u[i] = _mm256_castps_si256(v[i]);
+    transpose8_epi32(u);
+    for (int i = 0; i < 8; i++) v[i] = _mm256_castsi256_ps(u[i]);
+}
+#endif
 
-/* Panel block of n_rows <= 16 rows from w (row stride cols), kc columns: vector c at
- * panel + 16 c (rows past n_rows, and a last partial 16 columns' missing ones, are zeros). */
-static void f32_panel_build_avx512(float *panel, const float *w, int cols, int kc, int n_rows) {
-    __m512i v[16];
-    for (int c = 0; c < kc; c += 16) {
-        const __mmask16 m = (__mmask16)(kc - c >= 16 ? 0xFFFFu : (1u << (kc - c)) - 1);
-        for (int i = 0; i < 16; i++)
-            v[i] = i < n_rows ? _mm512_castps_si512(_mm512_maskz_loadu_ps(m, w + (size_t)i * cols + c)) : _mm512_setzero_si512();
-        transpose16_epi32(v);
-        for (int j = 0; j < 16; j++) _mm512_store_si512((void *)(panel + (size_t)(c + j) * 16), v[j]);
+#if PHI2_AVX512 || PHI2_AVX2
+/* Panel block of n_rows <= VEC_FLOATS rows from w (row stride cols), kc columns: vector c at
+ * panel + VEC_FLOATS c (rows past n_rows, and a last partial vector's missing columns, are
+ * zeros). */
+static void f32_panel_build(float *panel, const float *w, int cols, int kc, int n_rows) {
+    VecF v[VEC_FLOATS];
+    for (int c = 0; c < kc; c += VEC_FLOATS) {
+        for (int i = 0; i < VEC_FLOATS; i++) v[i] = i < n_rows ? vecf_load_first(w + (size_t)i * cols + c, kc - c) : vecf_zero();
+        vecf_transpose(v);
+        for (int j = 0; j < VEC_FLOATS; j++) vecf_store_aligned(panel + (size_t)(c + j) * VEC_FLOATS, v[j]);
     }
 }
 
 /* out[t][0 .. n_rows - 1] (+)= panel x token t's kc activations (x: [kc][T]), + bias if given.
- * Without the unroll pragmas gcc 12 swaps the loops and keeps the accumulators in memory. */
-static ALWAYS_INLINE void f32_panel_tile_avx512(float *out, int out_stride, const float *panel, const float *x, int kc,
-                                                int T, int n_rows, int first, const float *bias, PanelPrefetch *pf) {
-    __m512 acc[F32_PANEL_T_AVX512];
+ * Without the unroll pragmas gcc 12 swaps the loops and keeps the accumulators in memory;
+ * with the store loop rolled, it stores every accumulator at every step. */
+static ALWAYS_INLINE void f32_panel_tile(float *out, int out_stride, const float *panel, const float *x, int kc, int T,
+                                         int n_rows, int first, const float *bias, PanelPrefetch *pf) {
+    VecF acc[F32_PANEL_TOKENS];
 #pragma GCC unroll 24
-    for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
+    for (int t = 0; t < T; t++) acc[t] = vecf_zero();
     for (int c0 = 0; c0 < kc; c0 += F32_PANEL_PREFETCH_STEPS) {
         const int c1 = kc - c0 < F32_PANEL_PREFETCH_STEPS ? kc : c0 + F32_PANEL_PREFETCH_STEPS;
         for (int c = c0; c < c1; c++) {
-            const __m512 wv = _mm512_load_ps(panel + (size_t)c * 16);
+            const VecF wv = vecf_load_aligned(panel + (size_t)c * VEC_FLOATS);
 #pragma GCC unroll 24
-            for (int t = 0; t < T; t++) acc[t] = _mm512_fmadd_ps(wv, _mm512_set1_ps(x[(size_t)c * T + t]), acc[t]);
+            for (int t = 0; t < T; t++) acc[t] = vecf_fma(wv, vecf_broadcast(x + (size_t)c * T + t), acc[t]);
         }
         panel_prefetch(pf);
     }
-    const __mmask16 m = (__mmask16)(n_rows >= 16 ? 0xFFFFu : (1u << n_rows) - 1);
-    const __m512 b = bias ? _mm512_maskz_loadu_ps(m, bias) : _mm512_setzero_ps();
+    const VecF b = bias ? vecf_load_first(bias, n_rows) : vecf_zero();
 #pragma GCC unroll 24
     for (int t = 0; t < T; t++) {
-        __m512 v = first ? acc[t] : _mm512_add_ps(_mm512_maskz_loadu_ps(m, out + (size_t)t * out_stride), acc[t]);
-        if (bias) v = _mm512_add_ps(v, b);
-        _mm512_mask_storeu_ps(out + (size_t)t * out_stride, m, v);
+        VecF v = first ? acc[t] : vecf_add(vecf_load_first(out + (size_t)t * out_stride, n_rows), acc[t]);
+        if (bias) v = vecf_add(v, b);
+        vecf_store_first(out + (size_t)t * out_stride, v, n_rows);
     }
 }
 
-static void f32_panel_tile_avx512_any(float *out, int out_stride, const float *panel, const float *x, int kc, int T,
-                                      int n_rows, int first, const float *bias, PanelPrefetch *pf) {
-#define TILE(r, t) f32_panel_tile_avx512(out, out_stride, panel, x, kc, t, n_rows, first, bias, pf)
-    TILE_SWITCH("f32_panel_tile_avx512", 1, T, TOKENS_UP_TO_24(1));
+static void f32_panel_tile_any(float *out, int out_stride, const float *panel, const float *x, int kc, int T,
+                               int n_rows, int first, const float *bias, PanelPrefetch *pf) {
+#define TILE(r, t) f32_panel_tile(out, out_stride, panel, x, kc, t, n_rows, first, bias, pf)
+    TILE_SWITCH("f32_panel_tile", 1, T, F32_PANEL_SHAPES);
 #undef TILE
 }
 
-MAYBE_UNUSED static void matmul_f32_panels_avx512(float *out, const float *in, const Matrix *W, const float *bias,
-                                                  int n_tokens, KernelScratch *k) {
-    matmul_f32_panels(out, in, W, bias, n_tokens, k, 16, F32_PANEL_T_AVX512, f32_panel_build_avx512,
-                      f32_panel_tile_avx512_any);
-}
-#endif
-
-#if PHI2_AVX2
-enum { F32_PANEL_T_AVX2 = 12 };  // 12 accumulators + the panel vector + a broadcast of 16 ymm
-
-/* As f32_panel_build_avx512, 8 rows: vector c at panel + 8 c. */
-static void f32_panel_build_avx2(float *panel, const float *w, int cols, int kc, int n_rows) {
-    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    __m256i v[8];
-    for (int c = 0; c < kc; c += 8) {
-        const int n = kc - c < 8 ? kc - c : 8;
-        const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane);
-        for (int i = 0; i < 8; i++) {
-            const float *src = w + (size_t)i * cols + c;
-            v[i] = i >= n_rows ? _mm256_setzero_si256()
-                   : n == 8    ? _mm256_castps_si256(_mm256_loadu_ps(src))
-                               : _mm256_castps_si256(_mm256_maskload_ps(src, m));  // reads nothing past the row
-        }
-        transpose8_epi32(v);
-        for (int j = 0; j < 8; j++) _mm256_store_si256((__m256i *)(panel + (size_t)(c + j) * 8), v[j]);
-    }
-}
-
-/* As f32_panel_tile_avx512. The unrolled store loop at the end matters: with it rolled, gcc 12
- * keeps the accumulators in memory and stores every one at every step. */
-static ALWAYS_INLINE void f32_panel_tile_avx2(float *out, int out_stride, const float *panel, const float *x, int kc,
-                                              int T, int n_rows, int first, const float *bias, PanelPrefetch *pf) {
-    __m256 acc[F32_PANEL_T_AVX2];
-#pragma GCC unroll 12
-    for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
-    for (int c0 = 0; c0 < kc; c0 += F32_PANEL_PREFETCH_STEPS) {
-        const int c1 = kc - c0 < F32_PANEL_PREFETCH_STEPS ? kc : c0 + F32_PANEL_PREFETCH_STEPS;
-        for (int c = c0; c < c1; c++) {
-            const __m256 wv = _mm256_load_ps(panel + (size_t)c * 8);
-#pragma GCC unroll 12
-            for (int t = 0; t < T; t++) acc[t] = _mm256_fmadd_ps(wv, _mm256_broadcast_ss(x + (size_t)c * T + t), acc[t]);
-        }
-        panel_prefetch(pf);
-    }
-    const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(n_rows), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    const __m256 b = bias ? _mm256_maskload_ps(bias, m) : _mm256_setzero_ps();
-#pragma GCC unroll 12
-    for (int t = 0; t < T; t++) {
-        __m256 v = first ? acc[t] : _mm256_add_ps(_mm256_maskload_ps(out + (size_t)t * out_stride, m), acc[t]);
-        if (bias) v = _mm256_add_ps(v, b);
-        _mm256_maskstore_ps(out + (size_t)t * out_stride, m, v);
-    }
-}
-
-static void f32_panel_tile_avx2_any(float *out, int out_stride, const float *panel, const float *x, int kc, int T,
-                                    int n_rows, int first, const float *bias, PanelPrefetch *pf) {
-#define TILE(r, t) f32_panel_tile_avx2(out, out_stride, panel, x, kc, t, n_rows, first, bias, pf)
-    TILE_SWITCH("f32_panel_tile_avx2", 1, T, TOKENS_UP_TO_12(1));
-#undef TILE
-}
-
-MAYBE_UNUSED static void matmul_f32_panels_avx2(float *out, const float *in, const Matrix *W, const float *bias,
-                                                int n_tokens, KernelScratch *k) {
-    matmul_f32_panels(out, in, W, bias, n_tokens, k, 8, F32_PANEL_T_AVX2, f32_panel_build_avx2, f32_panel_tile_avx2_any);
+MAYBE_UNUSED static void matmul_f32_panels(float *out, const float *in, const Matrix *W, const float *bias,
+                                           int n_tokens, KernelScratch *k) {
+    f32_panel_product(out, in, W, bias, n_tokens, k, VEC_FLOATS, F32_PANEL_TOKENS, f32_panel_build, f32_panel_tile_any);
 }
 #endif
 
@@ -4038,14 +4003,14 @@ MAYBE_UNUSED static void weighted_sum_f16_f16c(float *out, const float *weight, 
 #endif
 
 /* ------------------------------------------------------------------------------------- */
-/* Appendix C. Arm kernels: NEON, dotprod, i8mm                                           */
+/* Appendix C. Arm kernels: int8 (NEON, dotprod, i8mm) and f16                            */
 /* ------------------------------------------------------------------------------------- */
 /* The section 3 kernels for 64-bit Arm (Apple M-series, Snapdragon X, Graviton, Raspberry
  * Pi), chosen at compile time from the target (make: -mcpu=native or -march=...). The
- * macros are defined in Appendix A, beside the x86 ones, so that the loop nests of Appendix B
- * shared with the x86 kernels (matmul_f32_blocked, matmul_int8_tiled) serve these too:
- *   PHI2_NEON          any aarch64 (NEON is part of Armv8-A): f32 matmul, quantization,
- *                      gelu, dot, int8 matmul (widening multiplies, vmull_s8 + vpadalq_s16)
+ * float32 products are Appendix B's, over NEON vectors; the int8 ones share its loop nest
+ * (matmul_int8_tiled):
+ *   PHI2_NEON          any aarch64 (NEON is part of Armv8-A): quantization, the f16 cache,
+ *                      int8 matmul (widening multiplies, vmull_s8 + vpadalq_s16)
  *   PHI2_NEON_DOTPROD  Armv8.2 dotprod (all Apple M, Snapdragon X, Graviton2+): int8 matmul
  *                      with SDOT, four int8 products summed into each int32 lane
  *   PHI2_NEON_I8MM     Armv8.6 i8mm (Apple M2+, Graviton3+): int8 matmul for batches with
@@ -4054,43 +4019,6 @@ MAYBE_UNUSED static void weighted_sum_f16_f16c(float *out, const float *weight, 
  * kernel is checked against its scalar twin by tests/test_kernels.c (make test-arm runs it
  * under qemu-aarch64 for every level). */
 #if PHI2_NEON
-
-/* f32: the x86 register tile (R weight rows x T tokens of vector accumulators, one FMA per
- * pair) in 4-float vectors. 32 NEON registers: 16 accumulators + 4 weights + 4 tokens. */
-enum { F32_R_NEON = 4, F32_T_NEON = 4 };
-
-static ALWAYS_INLINE void f32_tile_neon(float *out, int out_stride, const float *w, const float *x, int cols, int kc,
-                                        int R, int T, int first, const float *bias) {
-    float32x4_t acc[F32_R_NEON][F32_T_NEON];
-    for (int r = 0; r < R; r++)
-        for (int t = 0; t < T; t++) acc[r][t] = vdupq_n_f32(0.0f);
-    int c = 0;
-    for (; c + 4 <= kc; c += 4) {
-        float32x4_t wv[F32_R_NEON];
-        for (int r = 0; r < R; r++) wv[r] = vld1q_f32(w + (size_t)r * cols + c);
-        for (int t = 0; t < T; t++) {
-            const float32x4_t xv = vld1q_f32(x + (size_t)t * cols + c);
-            for (int r = 0; r < R; r++) acc[r][t] = vfmaq_f32(acc[r][t], wv[r], xv);
-        }
-    }
-    for (int r = 0; r < R; r++)
-        for (int t = 0; t < T; t++) {
-            float s = vaddvq_f32(acc[r][t]);
-            for (int cc = c; cc < kc; cc++) s += w[(size_t)r * cols + cc] * x[(size_t)t * cols + cc];  // tail
-            f32_store(out + (size_t)t * out_stride + r, s, first, bias ? bias + r : NULL);
-        }
-}
-
-static void f32_tile_neon_any(float *out, int out_stride, const float *w, const float *x, int cols, int kc, int R,
-                              int T, int first, const float *bias) {
-#define TILE(r, t) f32_tile_neon(out, out_stride, w, x, cols, kc, r, t, first, bias)
-    TILE_SWITCH("f32_tile_neon", R, T, TOKENS_UP_TO_4(F32_R_NEON) TOKENS_UP_TO_4(1));
-#undef TILE
-}
-
-MAYBE_UNUSED static void matmul_f32_neon(float *out, const float *in, const Matrix *W, const float *bias, int n_tokens) {
-    matmul_f32_blocked(out, in, W, bias, n_tokens, f32_tile_neon_any, F32_R_NEON, F32_T_NEON);
-}
 
 /* Quantization, bit-identical to the scalar version: max |x| (order-free), one scalar
  * division, then per element one multiply and vcvtnq (round to nearest, ties to even, like
@@ -4771,10 +4699,12 @@ static void product(float *out, const float *in, const QuantizedRows *xq, const 
     (void)k;  // (builds without panels or AMX)
     if (W->type == WEIGHTS_F32) {
 #if PHI2_AVX512 || PHI2_AVX2
-        if (n_tokens >= F32_PANEL_MIN_TOKENS) VECTOR_KERNEL(matmul_f32_panels)(out, in, W, bias, n_tokens, k);
-        else VECTOR_KERNEL(matmul_f32)(out, in, W, bias, n_tokens);
+        if (n_tokens >= F32_PANEL_MIN_TOKENS) matmul_f32_panels(out, in, W, bias, n_tokens, k);
+        else matmul_f32_tiles(out, in, W, bias, n_tokens);
+#elif PHI2_NEON
+        matmul_f32_tiles(out, in, W, bias, n_tokens);
 #else
-        VECTOR_KERNEL(matmul_f32)(out, in, W, bias, n_tokens);
+        matmul_f32_scalar(out, in, W, bias, n_tokens);
 #endif
         return;
     }

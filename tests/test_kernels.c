@@ -204,14 +204,9 @@ static void test_f32_one(const char *name, F32Fn fn, int rows, int cols, int n_t
 #if PHI2_AVX512 || PHI2_AVX2
 static KernelScratch g_f32_panel_kern;  // matmul_f32_panels' scratch
 #endif
-#if PHI2_AVX512
-static void matmul_f32_panels_avx512_checked(float *out, const float *in, const Matrix *W, const float *bias, int n) {
-    matmul_f32_panels_avx512(out, in, W, bias, n, &g_f32_panel_kern);
-}
-#endif
-#if PHI2_AVX2
-static void matmul_f32_panels_avx2_checked(float *out, const float *in, const Matrix *W, const float *bias, int n) {
-    matmul_f32_panels_avx2(out, in, W, bias, n, &g_f32_panel_kern);
+#if PHI2_AVX512 || PHI2_AVX2
+static void matmul_f32_panels_checked(float *out, const float *in, const Matrix *W, const float *bias, int n) {
+    matmul_f32_panels(out, in, W, bias, n, &g_f32_panel_kern);
 }
 #endif
 
@@ -224,16 +219,11 @@ static void test_f32(void) {
         F32Fn fn;
     } kernels[] = {
         {"matmul_f32_scalar", matmul_f32_scalar},
-#if PHI2_AVX512
-        {"matmul_f32_avx512", matmul_f32_avx512},
-        {"matmul_f32_panels_avx512", matmul_f32_panels_avx512_checked},
+#if PHI2_AVX512 || PHI2_AVX2 || PHI2_NEON
+        {"matmul_f32_tiles", matmul_f32_tiles},
 #endif
-#if PHI2_AVX2
-        {"matmul_f32_avx2", matmul_f32_avx2},
-        {"matmul_f32_panels_avx2", matmul_f32_panels_avx2_checked},
-#endif
-#if PHI2_NEON
-        {"matmul_f32_neon", matmul_f32_neon},
+#if PHI2_AVX512 || PHI2_AVX2
+        {"matmul_f32_panels", matmul_f32_panels_checked},
 #endif
     };
     for (size_t k = 0; k < sizeof(kernels) / sizeof(*kernels); k++) {
@@ -1249,16 +1239,11 @@ typedef struct {
 static void bench_run(void *p) {
     BenchArgs *a = p;
     if (!strcmp(a->kernel, "f32_scalar")) matmul_f32_scalar(a->out, a->x, &a->W, a->bias, a->n);
-#if PHI2_AVX512
-    else if (!strcmp(a->kernel, "f32_avx512")) matmul_f32_avx512(a->out, a->x, &a->W, a->bias, a->n);
-    else if (!strcmp(a->kernel, "f32_panels")) matmul_f32_panels_avx512(a->out, a->x, &a->W, a->bias, a->n, &g_f32_panel_kern);
+#if PHI2_AVX512 || PHI2_AVX2 || PHI2_NEON
+    else if (!strcmp(a->kernel, "f32_tiles")) matmul_f32_tiles(a->out, a->x, &a->W, a->bias, a->n);
 #endif
-#if PHI2_AVX2
-    else if (!strcmp(a->kernel, "f32_avx2")) matmul_f32_avx2(a->out, a->x, &a->W, a->bias, a->n);
-    else if (!strcmp(a->kernel, "f32_panels_avx2")) matmul_f32_panels_avx2(a->out, a->x, &a->W, a->bias, a->n, &g_f32_panel_kern);
-#endif
-#if PHI2_NEON
-    else if (!strcmp(a->kernel, "f32_neon")) matmul_f32_neon(a->out, a->x, &a->W, a->bias, a->n);
+#if PHI2_AVX512 || PHI2_AVX2
+    else if (!strcmp(a->kernel, "f32_panels")) matmul_f32_panels(a->out, a->x, &a->W, a->bias, a->n, &g_f32_panel_kern);
 #endif
     else if (!strcmp(a->kernel, "q8_scalar")) matmul_q8_scalar(a->out, a->xq, &a->W, a->bias, a->n);
 #if PHI2_Q8_SIMD
@@ -1335,7 +1320,7 @@ static void bench(int argc, char **argv) {
     // decode attention with an f32 and an f16 cache (attn_f32, attn_f16; BENCH_DEPTH=1900).
     // (The first shape's weights fit in L2 as q4 or q8: the kernels' speed without DRAM.)
     // Batches of 1 and 64 tokens, or 1 and BENCH_TOKENS.
-    static const char *all[] = {"attn_f32", "attn_f16", "attn_batch_f32", "attn_batch_f16", "f32_avx512", "f32_panels", "f32_avx2", "f32_panels_avx2", "f32_neon", "q8_simd", "q8_panels", "q8_amx",
+    static const char *all[] = {"attn_f32", "attn_f16", "attn_batch_f32", "attn_batch_f16", "f32_tiles", "f32_panels", "q8_simd", "q8_panels", "q8_amx",
                                 "q4_simd", "q4_panels", "quantize"};
     static const int shapes[][2] = {{256, 2560}, {7680, 2560}, {10240, 2560}, {2560, 10240}};
     const char *env_tokens = getenv("BENCH_TOKENS");
@@ -1376,14 +1361,11 @@ static void bench(int argc, char **argv) {
                 else if (is_q4) a.W.type = WEIGHTS_Q4, a.W.codes = codes, a.W.scale16 = wd16;
                 else a.W.w = w;
                 if (!strcmp(kernels[k], "quantize")) a.W.w = NULL;
-#if !PHI2_AVX512
-                if (!strcmp(kernels[k], "f32_avx512") || !strcmp(kernels[k], "f32_panels")) continue;
+#if !(PHI2_AVX512 || PHI2_AVX2 || PHI2_NEON)
+                if (!strcmp(kernels[k], "f32_tiles")) continue;
 #endif
-#if !PHI2_AVX2
-                if (!strcmp(kernels[k], "f32_avx2") || !strcmp(kernels[k], "f32_panels_avx2")) continue;
-#endif
-#if !PHI2_NEON
-                if (!strcmp(kernels[k], "f32_neon")) continue;
+#if !(PHI2_AVX512 || PHI2_AVX2)
+                if (!strcmp(kernels[k], "f32_panels")) continue;
 #endif
 #if !PHI2_Q8_SIMD
                 if (!strcmp(kernels[k], "q8_simd") || !strcmp(kernels[k], "q4_simd")) continue;
