@@ -2599,6 +2599,13 @@ static ALWAYS_INLINE VecF vecf_zero(void) { return _mm512_setzero_ps(); }
 static ALWAYS_INLINE VecF vecf_load(const float *p) { return _mm512_loadu_ps(p); }
 static ALWAYS_INLINE VecF vecf_fma(VecF a, VecF b, VecF acc) { return _mm512_fmadd_ps(a, b, acc); }
 static ALWAYS_INLINE float vecf_sum(VecF v) { return _mm512_reduce_add_ps(v); }
+static ALWAYS_INLINE VecF vecf_set(float f) { return _mm512_set1_ps(f); }
+static ALWAYS_INLINE VecF vecf_mul(VecF a, VecF b) { return _mm512_mul_ps(a, b); }
+static ALWAYS_INLINE VecF vecf_max_abs(VecF m, VecF v) { return _mm512_max_ps(m, _mm512_abs_ps(v)); }
+static ALWAYS_INLINE float vecf_max_lanes(VecF v) { return _mm512_reduce_max_ps(v); }
+static ALWAYS_INLINE void vecf_store_int8(int8_t *q, VecF v) {  // rounded to nearest even, saturated
+    _mm_storeu_si128((__m128i *)q, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
+}
 #elif PHI2_AVX2
 typedef __m256 VecF;
 enum { VEC_FLOATS = 8, F32_TILE_ROWS = 4, F32_TILE_TOKENS = 2 };  // 8 + 4 + 1 of 16 ymm
@@ -2607,6 +2614,21 @@ static ALWAYS_INLINE VecF vecf_zero(void) { return _mm256_setzero_ps(); }
 static ALWAYS_INLINE VecF vecf_load(const float *p) { return _mm256_loadu_ps(p); }
 static ALWAYS_INLINE VecF vecf_fma(VecF a, VecF b, VecF acc) { return _mm256_fmadd_ps(a, b, acc); }
 static ALWAYS_INLINE float vecf_sum(VecF v) { return hsum256(v); }
+static ALWAYS_INLINE VecF vecf_set(float f) { return _mm256_set1_ps(f); }
+static ALWAYS_INLINE VecF vecf_mul(VecF a, VecF b) { return _mm256_mul_ps(a, b); }
+static ALWAYS_INLINE VecF vecf_max_abs(VecF m, VecF v) {
+    return _mm256_max_ps(m, _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff))));
+}
+static ALWAYS_INLINE float vecf_max_lanes(VecF v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+static ALWAYS_INLINE void vecf_store_int8(int8_t *q, VecF v) {  // rounded to nearest even, saturated
+    const __m256i q32 = _mm256_cvtps_epi32(v);
+    const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q32), _mm256_extracti128_si256(q32, 1));
+    _mm_storel_epi64((__m128i *)q, _mm_packs_epi16(q16, q16));
+}
 #elif PHI2_NEON
 typedef float32x4_t VecF;
 enum { VEC_FLOATS = 4, F32_TILE_ROWS = 4, F32_TILE_TOKENS = 4 };  // 16 + 4 + 1 of 32 q registers
@@ -2615,6 +2637,15 @@ static ALWAYS_INLINE VecF vecf_zero(void) { return vdupq_n_f32(0.0f); }
 static ALWAYS_INLINE VecF vecf_load(const float *p) { return vld1q_f32(p); }
 static ALWAYS_INLINE VecF vecf_fma(VecF a, VecF b, VecF acc) { return vfmaq_f32(acc, a, b); }
 static ALWAYS_INLINE float vecf_sum(VecF v) { return vaddvq_f32(v); }
+static ALWAYS_INLINE VecF vecf_set(float f) { return vdupq_n_f32(f); }
+static ALWAYS_INLINE VecF vecf_mul(VecF a, VecF b) { return vmulq_f32(a, b); }
+static ALWAYS_INLINE VecF vecf_max_abs(VecF m, VecF v) { return vmaxq_f32(m, vabsq_f32(v)); }
+static ALWAYS_INLINE float vecf_max_lanes(VecF v) { return vmaxvq_f32(v); }
+static ALWAYS_INLINE void vecf_store_int8(int8_t *q, VecF v) {  // rounded to nearest even, saturated
+    const int16x4_t q16 = vqmovn_s32(vcvtnq_s32_f32(v));
+    const int8x8_t q8 = vqmovn_s16(vcombine_s16(q16, q16));
+    vst1_lane_s32((int32_t *)(void *)q, vreinterpret_s32_s8(q8), 0);
+}
 #endif
 
 #if PHI2_AVX512 || PHI2_AVX2 || PHI2_NEON
@@ -2688,6 +2719,27 @@ MAYBE_UNUSED static void matmul_f32_tiles(float *out, const float *in, const Mat
 }
 #endif
 
+/* quantize_rows_q8_scalar over VecF: the same arithmetic in the same order (max of |x| is
+ * order-free, then one scalar division, one multiply and a round-to-nearest-even
+ * conversion per element), so the int8 values and scales are bit-identical to it. */
+#if PHI2_AVX512 || PHI2_AVX2 || PHI2_NEON
+_Static_assert(Q8_GROUP % VEC_FLOATS == 0, "a group is whole vectors");
+MAYBE_UNUSED static void quantize_rows_q8_vec(QuantizedRows *out, const float *x, int n_tokens, int cols) {
+    const int n_groups = cols / Q8_GROUP;
+    for (int t = 0; t < n_tokens; t++)
+        for (int g = 0; g < n_groups; g++) {
+            const float *xg = x + (size_t)t * cols + (size_t)g * Q8_GROUP;
+            int8_t *qg = out->q + (size_t)t * cols + (size_t)g * Q8_GROUP;
+            VecF vmax = vecf_zero();
+            for (int i = 0; i < Q8_GROUP; i += VEC_FLOATS) vmax = vecf_max_abs(vmax, vecf_load(xg + i));
+            float inv_d;
+            out->scale[(size_t)t * n_groups + g] = q8_group_scale(vecf_max_lanes(vmax), &inv_d);
+            const VecF vinv = vecf_set(inv_d);
+            for (int i = 0; i < Q8_GROUP; i += VEC_FLOATS) vecf_store_int8(qg + i, vecf_mul(vecf_load(xg + i), vinv));
+        }
+}
+#endif
+
 /* --- f32 prompt batches: the weights in row panels ---------------------------------------
  * The tiles above reload R weight vectors and T activation vectors for every R x T FMAs and
  * end with a horizontal sum per (row, token). A panel (as for int8 below: "Prompt batches:
@@ -2705,7 +2757,7 @@ MAYBE_UNUSED static void matmul_f32_tiles(float *out, const float *in, const Mat
  * Panels win from F32_PANEL_MIN_TOKENS tokens on; decode keeps the tiles. */
 #if PHI2_AVX512
 /* v[i] holds 16 int32 of row i; afterwards v[c] holds element c of every row (lane i: row i). */
-static ALWAYS_INLINE void transpose16_epi32(__m512i v[16]) {
+MAYBE_UNUSED static ALWAYS_INLINE void transpose16_epi32(__m512i v[16]) {
     __m512i t[16], u[16];
     for (int i = 0; i < 16; i += 2) {  // in each 128-bit lane j: rows i, i+1 of elements 4j .. 4j+3
         t[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]);
@@ -2729,7 +2781,7 @@ static ALWAYS_INLINE void transpose16_epi32(__m512i v[16]) {
 #endif
 #if PHI2_AVX2
 /* v[i] holds 8 int32 of row i; afterwards v[c] holds element c of every row (lane i: row i). */
-static ALWAYS_INLINE void transpose8_epi32(__m256i v[8]) {
+MAYBE_UNUSED static ALWAYS_INLINE void transpose8_epi32(__m256i v[8]) {
     __m256i t[8], u[8];
     for (int i = 0; i < 8; i += 2) {  // in each 128-bit lane j: rows i, i+1 of elements 4j .. 4j+3
         t[i] = _mm256_unpacklo_epi32(v[i], v[i + 1]);
@@ -2934,66 +2986,6 @@ static void f32_panel_tile_any(float *out, int out_stride, const float *panel, c
 MAYBE_UNUSED static void matmul_f32_panels(float *out, const float *in, const Matrix *W, const float *bias,
                                            int n_tokens, KernelScratch *k) {
     f32_panel_product(out, in, W, bias, n_tokens, k, VEC_FLOATS, F32_PANEL_TOKENS, f32_panel_build, f32_panel_tile_any);
-}
-#endif
-
-/* Fast quantization: the same arithmetic as the scalar version in the same order (max of
- * |x| is order-free, then one scalar division, one multiply and a round-to-nearest-even
- * conversion per element), so the int8 values and scales are bit-identical to it. */
-#if PHI2_AVX512
-MAYBE_UNUSED static void quantize_rows_q8_avx512(QuantizedRows *out, const float *x, int n_tokens, int cols) {
-    const int n_groups = cols / Q8_GROUP, group = Q8_GROUP;
-    for (int t = 0; t < n_tokens; t++) {
-        for (int g = 0; g < n_groups; g++) {
-            const float *xg = x + (size_t)t * cols + (size_t)g * group;
-            int8_t *qg = out->q + (size_t)t * cols + (size_t)g * group;
-            __m512 vmax = _mm512_setzero_ps();
-            int i = 0;
-            for (; i + 16 <= group; i += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(xg + i)));
-            float amax = _mm512_reduce_max_ps(vmax);
-            for (; i < group; i++) amax = fmaxf(amax, fabsf(xg[i]));
-            float inv_d;
-            const float d = q8_group_scale(amax, &inv_d);
-            const __m512 vinv = _mm512_set1_ps(inv_d);
-            for (i = 0; i + 16 <= group; i += 16) {  // cvtps rounds to nearest even, like lrintf
-                __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xg + i), vinv));
-                _mm_storeu_si128((__m128i *)(qg + i), _mm512_cvtsepi32_epi8(q));
-            }
-            for (; i < group; i++) qg[i] = (int8_t)lrintf(xg[i] * inv_d);
-            out->scale[(size_t)t * n_groups + g] = d;
-        }
-    }
-}
-#endif
-
-#if PHI2_AVX2
-MAYBE_UNUSED static void quantize_rows_q8_avx2(QuantizedRows *out, const float *x, int n_tokens, int cols) {
-    const int n_groups = cols / Q8_GROUP, group = Q8_GROUP;
-    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    for (int t = 0; t < n_tokens; t++) {
-        for (int g = 0; g < n_groups; g++) {
-            const float *xg = x + (size_t)t * cols + (size_t)g * group;
-            int8_t *qg = out->q + (size_t)t * cols + (size_t)g * group;
-            __m256 vmax = _mm256_setzero_ps();
-            int i = 0;
-            for (; i + 8 <= group; i += 8) vmax = _mm256_max_ps(vmax, _mm256_and_ps(_mm256_loadu_ps(xg + i), abs_mask));
-            float lanes[8];
-            _mm256_storeu_ps(lanes, vmax);
-            float amax = 0.0f;
-            for (int l = 0; l < 8; l++) amax = fmaxf(amax, lanes[l]);
-            for (; i < group; i++) amax = fmaxf(amax, fabsf(xg[i]));
-            float inv_d;
-            const float d = q8_group_scale(amax, &inv_d);
-            const __m256 vinv = _mm256_set1_ps(inv_d);
-            for (i = 0; i + 8 <= group; i += 8) {
-                __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xg + i), vinv));
-                __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
-                _mm_storel_epi64((__m128i *)(qg + i), _mm_packs_epi16(q16, q16));
-            }
-            for (; i < group; i++) qg[i] = (int8_t)lrintf(xg[i] * inv_d);
-            out->scale[(size_t)t * n_groups + g] = d;
-        }
-    }
 }
 #endif
 
@@ -4023,30 +4015,6 @@ MAYBE_UNUSED static void weighted_sum_f16_f16c(float *out, const float *weight, 
 /* Quantization, bit-identical to the scalar version: max |x| (order-free), one scalar
  * division, then per element one multiply and vcvtnq (round to nearest, ties to even, like
  * lrintf), narrowed with saturation (the values are within [-127, 127] anyway). */
-MAYBE_UNUSED static void quantize_rows_q8_neon(QuantizedRows *out, const float *x, int n_tokens, int cols) {
-    const int n_groups = cols / Q8_GROUP, group = Q8_GROUP;
-    for (int t = 0; t < n_tokens; t++) {
-        for (int g = 0; g < n_groups; g++) {
-            const float *xg = x + (size_t)t * cols + (size_t)g * group;
-            int8_t *qg = out->q + (size_t)t * cols + (size_t)g * group;
-            float32x4_t vmax = vdupq_n_f32(0.0f);
-            int i = 0;
-            for (; i + 4 <= group; i += 4) vmax = vmaxq_f32(vmax, vabsq_f32(vld1q_f32(xg + i)));
-            float amax = vmaxvq_f32(vmax);
-            for (; i < group; i++) amax = fmaxf(amax, fabsf(xg[i]));
-            float inv_d;
-            const float d = q8_group_scale(amax, &inv_d);
-            const float32x4_t vinv = vdupq_n_f32(inv_d);
-            for (i = 0; i + 8 <= group; i += 8) {
-                const int32x4_t q0 = vcvtnq_s32_f32(vmulq_f32(vld1q_f32(xg + i), vinv));
-                const int32x4_t q1 = vcvtnq_s32_f32(vmulq_f32(vld1q_f32(xg + i + 4), vinv));
-                vst1_s8(qg + i, vqmovn_s16(vcombine_s16(vqmovn_s32(q0), vqmovn_s32(q1))));
-            }
-            for (; i < group; i++) qg[i] = (int8_t)lrintf(xg[i] * inv_d);
-            out->scale[(size_t)t * n_groups + g] = d;
-        }
-    }
-}
 
 /* int8 kernels (group == 64: four 16-byte vectors). Each group's int32 sum is exact, as in
  * the scalar kernel; it is then scaled by d_w * d_x and accumulated in float lanes, summed
@@ -4609,18 +4577,8 @@ MAYBE_UNUSED static void attention_blocked(RunState *s, const Config *c, int lay
 /* ------------------------------------------------------------------------------------- */
 /* The operations declared at the end of section 3, defined once: which kernel runs is
  * decided here and nowhere else, by the build's instruction sets (Appendix A), and so is
- * how the work is shared among threads. VECTOR_KERNEL(name) is the float32 vector kernel
- * of this build (name_avx512, name_avx2 or name_neon), else the definition (name_scalar);
- * F16_KERNEL(name) likewise for the f16 conversions (F16C or NEON). */
-#if PHI2_AVX512
-#define VECTOR_KERNEL(name) name##_avx512
-#elif PHI2_AVX2
-#define VECTOR_KERNEL(name) name##_avx2
-#elif PHI2_NEON
-#define VECTOR_KERNEL(name) name##_neon
-#else
-#define VECTOR_KERNEL(name) name##_scalar
-#endif
+ * how the work is shared among threads. F16_KERNEL(name) is the f16 cache's kernel of
+ * this build (name_f16c or name_neon), else the definition (name_scalar). */
 #if PHI2_F16C
 #define F16_KERNEL(name) name##_f16c
 #elif PHI2_NEON
@@ -4687,7 +4645,11 @@ static void quantize_rows_q8(QuantizedRows *out, const float *x, int n_tokens, i
 #pragma omp parallel for if (n_tokens > 1)
     for (int t = 0; t < n_tokens; t++) {
         QuantizedRows row = {out->q + (size_t)t * cols, out->scale + (size_t)t * (cols / Q8_GROUP), NULL};
-        VECTOR_KERNEL(quantize_rows_q8)(&row, x + (size_t)t * cols, 1, cols);
+#if PHI2_AVX512 || PHI2_AVX2 || PHI2_NEON
+        quantize_rows_q8_vec(&row, x + (size_t)t * cols, 1, cols);
+#else
+        quantize_rows_q8_scalar(&row, x + (size_t)t * cols, 1, cols);
+#endif
     }
 }
 

@@ -148,14 +148,8 @@ static void test_quantize(void) {
     for (size_t a = 0; a < sizeof(tokens) / sizeof(*tokens); a++)
         for (size_t b = 0; b < sizeof(colss) / sizeof(*colss); b++) {
             test_quantize_one("quantize_rows_q8", quantize_rows_q8, tokens[a], colss[b]);
-#if PHI2_AVX512
-            test_quantize_one("quantize_rows_q8_avx512", quantize_rows_q8_avx512, tokens[a], colss[b]);
-#endif
-#if PHI2_AVX2
-            test_quantize_one("quantize_rows_q8_avx2", quantize_rows_q8_avx2, tokens[a], colss[b]);
-#endif
-#if PHI2_NEON
-            test_quantize_one("quantize_rows_q8_neon", quantize_rows_q8_neon, tokens[a], colss[b]);
+#if PHI2_AVX512 || PHI2_AVX2 || PHI2_NEON
+            test_quantize_one("quantize_rows_q8_vec", quantize_rows_q8_vec, tokens[a], colss[b]);
 #endif
         }
     printf("%s quantization: bit-identical to the scalar version\n", g_failed == before ? "ok  " : "FAIL");
