@@ -3005,18 +3005,20 @@ enum { Q4_DECODE_CHAINS = 4 };
  * weight vector, shared by all tokens of the tile), so each lane holds an exact int32 sum of
  * 4 products q_w * q_x. Each lane is then scaled by d_w * d_x and accumulated in float.
  * Register tile: 4 rows x 4 tokens; a weight vector loaded once serves 4 tokens. */
-enum { Q8_R_VNNI = 4, Q8_T_VNNI = 4 };
+enum { Q8_TILE_ROWS = 4, Q8_TILE_TOKENS = 4, Q4_TILE_ROWS = 4, Q4_TILE_TOKENS = 4 };
+#define Q8_TILE_SHAPES TOKENS_UP_TO_4(Q8_TILE_ROWS) TOKENS_UP_TO_4(1)
+#define Q4_TILE_SHAPES TOKENS_UP_TO_4(Q4_TILE_ROWS) TOKENS_UP_TO_4(1)
 enum { Q8_PREFETCH_BYTES = 1024 };  // prefetch distance along each weight row: the hardware's alone lags
 
-static ALWAYS_INLINE void q8_tile_vnni(float *out, int out_stride, const int8_t *w, const float *wd, const int8_t *x,
+static ALWAYS_INLINE void q8_tile(float *out, int out_stride, const int8_t *w, const float *wd, const int8_t *x,
                                        const float *xd, int cols, int n_groups, int R, int T, const float *bias) {
-    __m512 acc[Q8_R_VNNI][Q8_T_VNNI];
+    __m512 acc[Q8_TILE_ROWS][Q8_TILE_TOKENS];
     for (int r = 0; r < R; r++)
         for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_ps();
     const __m512i offset = _mm512_set1_epi8((char)0x80), zero = _mm512_setzero_si512();
     for (int g = 0; g < n_groups; g++) {
-        __m512i wv[Q8_R_VNNI], neg_corr[Q8_R_VNNI];
-        __m512 ws[Q8_R_VNNI];
+        __m512i wv[Q8_TILE_ROWS], neg_corr[Q8_TILE_ROWS];
+        __m512 ws[Q8_TILE_ROWS];
         for (int r = 0; r < R; r++) {
             wv[r] = _mm512_loadu_si512((const void *)(w + (size_t)r * cols + (size_t)g * 64));
             _mm_prefetch((const char *)(w + (size_t)r * cols + (size_t)g * 64 + Q8_PREFETCH_BYTES), _MM_HINT_T0);
@@ -3037,16 +3039,6 @@ static ALWAYS_INLINE void q8_tile_vnni(float *out, int out_stride, const int8_t 
         for (int t = 0; t < T; t++) out[(size_t)t * out_stride + r] = _mm512_reduce_add_ps(acc[r][t]) + bias[r];
 }
 
-/* The tile shapes q8_rows_simd asks for (Q8_R_VNNI or 1 rows, 1 .. Q8_T_VNNI tokens), each
- * a specialization the compiler unrolls. */
-static void q8_tile_vnni_any(float *out, int out_stride, const void *w, const void *wd, const int8_t *x,
-                             const float *xd, const float *xo, int cols, int n_groups, int R, int T, const float *bias) {
-    (void)xo;  // only the x86 q4 kernels use it
-#define TILE(r, t) q8_tile_vnni(out, out_stride, w, wd, x, xd, cols, n_groups, r, t, bias)
-    TILE_SWITCH("q8_tile_vnni", R, T, TOKENS_UP_TO_4(Q8_R_VNNI) TOKENS_UP_TO_4(1));
-#undef TILE
-}
-
 /* q4 with VNNI: each block's 64 weights decoded into one 512-bit vector (the 32 code bytes
  * and the same bytes shifted right by 4, masked to nibbles, looked up in the levels: weights
  * 0..63 in order) of unsigned bytes level + 64, which vpdpbusd multiplies by the signed
@@ -3055,10 +3047,10 @@ static void q8_tile_vnni_any(float *out, int out_stride, const void *w, const vo
  * group), lanes 8..15 weights 32..63 (its second): the float16 scales of 8 blocks (16
  * groups) of a row become floats with one vcvtph2ps, and one permute spreads a block's pair
  * over the lanes. */
-static ALWAYS_INLINE void q4_tile_vnni(float *out, int out_stride, const uint8_t *w, const uint16_t *wd,
+static ALWAYS_INLINE void q4_tile(float *out, int out_stride, const uint8_t *w, const uint16_t *wd,
                                        const int8_t *x, const float *xd, const float *xo, int cols, int n_blocks,
                                        int R, int T, const float *bias) {
-    __m512 acc[Q8_R_VNNI][Q8_T_VNNI];
+    __m512 acc[Q4_TILE_ROWS][Q4_TILE_TOKENS];
     for (int r = 0; r < R; r++)
         for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_ps();
     const __m512i zero = _mm512_setzero_si512(), nibble = _mm512_set1_epi8(15);
@@ -3071,7 +3063,7 @@ static ALWAYS_INLINE void q4_tile_vnni(float *out, int out_stride, const uint8_t
         // Masked loads only for a row's last few blocks: they never read past the row's scales,
         // but cost more than plain loads.
         const __mmask16 present = (__mmask16)((1u << (2 * nb)) - 1);
-        __m512 d[Q8_R_VNNI];
+        __m512 d[Q4_TILE_ROWS];
         for (int r = 0; r < R; r++) {
             const uint16_t *scales = wd + (size_t)r * n_groups + 2 * (size_t)b0;
             d[r] = _mm512_cvtph_ps(nb == 8 ? _mm256_loadu_si256((const __m256i *)scales)
@@ -3084,8 +3076,8 @@ static ALWAYS_INLINE void q4_tile_vnni(float *out, int out_stride, const uint8_t
         }
         __m512i pair = first_pair;
         for (int b = b0; b < b0 + nb; b++, pair = _mm512_add_epi32(pair, two)) {
-            __m512i wv[Q8_R_VNNI];
-            __m512 ws[Q8_R_VNNI];
+            __m512i wv[Q4_TILE_ROWS];
+            __m512 ws[Q4_TILE_ROWS];
             for (int r = 0; r < R; r++) {
                 const uint8_t *codes = w + (size_t)r * row_bytes + (size_t)b * (Q4_BLOCK / 2);
                 const __m256i bytes = _mm256_loadu_si256((const __m256i *)codes);
@@ -3108,11 +3100,11 @@ static ALWAYS_INLINE void q4_tile_vnni(float *out, int out_stride, const uint8_t
         for (int t = 0; t < T; t++) out[(size_t)t * out_stride + r] = _mm512_reduce_add_ps(acc[r][t]) + bias[r];
 }
 
-/* Decode: one row, one token. The same arithmetic as q4_tile_vnni, but its blocks go to
+/* Decode: one row, one token. The same arithmetic as q4_tile, but its blocks go to
  * Q4_DECODE_CHAINS accumulators in turn, and the activation scales of 8 blocks are folded
  * into the weight scales once, not per block. */
 
-static void q4_row_vnni(float *out, const uint8_t *w, const uint16_t *wd, const int8_t *x, const float *xd,
+static void q4_row(float *out, const uint8_t *w, const uint16_t *wd, const int8_t *x, const float *xd,
                         const float *xo, int n_blocks, const float *bias) {
     __m512 acc[Q4_DECODE_CHAINS];
     for (int i = 0; i < Q4_DECODE_CHAINS; i++) acc[i] = _mm512_setzero_ps();
@@ -3150,17 +3142,6 @@ static void q4_row_vnni(float *out, const uint8_t *w, const uint16_t *wd, const 
     *out = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]))) + *bias;
 }
 
-static void q4_tile_vnni_any(float *out, int out_stride, const void *w, const void *wd, const int8_t *x,
-                             const float *xd, const float *xo, int cols, int n_blocks, int R, int T, const float *bias) {
-    if (R == 1 && T == 1) {
-        q4_row_vnni(out, w, wd, x, xd, xo, n_blocks, bias);
-        return;
-    }
-#define TILE(r, t) q4_tile_vnni(out, out_stride, w, wd, x, xd, xo, cols, n_blocks, r, t, bias)
-    TILE_SWITCH("q4_tile_vnni", R, T, TOKENS_UP_TO_4(Q8_R_VNNI) TOKENS_UP_TO_4(1));
-#undef TILE
-}
-
 #elif PHI2_AVX2
 /* AVX2: maddubs multiplies unsigned by signed bytes into saturating int16 pairs. The sign
  * moves from the weight onto the activation (|w| as unsigned, sign(w) * x as signed), so
@@ -3168,7 +3149,8 @@ static void q4_tile_vnni_any(float *out, int out_stride, const void *w, const vo
  * (activations are in [-127, 127]). madd with ones widens to exact int32 lanes; with
  * AVX-VNNI (dot_u8s8_avx2) one vpdpbusd does both steps.
  * Register tile: 2 rows x 2 tokens (16 ymm registers). */
-enum { Q8_R_AVX2 = 2, Q8_T_AVX2 = 2 };
+enum { Q8_TILE_ROWS = 2, Q8_TILE_TOKENS = 2 };
+#define Q8_TILE_SHAPES TOKENS_UP_TO_2(Q8_TILE_ROWS) TOKENS_UP_TO_2(1)
 
 /* acc plus the sums of 4 adjacent products u[i] * s[i] (u unsigned, s signed bytes) per
  * int32 lane: one vpdpbusd with AVX-VNNI (Intel laptops since 12th gen, AMD Zen 5), else
@@ -3199,13 +3181,13 @@ static ALWAYS_INLINE __m256i q4_levels_avx2(void) {
  * per two q4 blocks): the hardware prefetcher alone leaves the cores waiting on memory. */
 enum { AVX2_PREFETCH_BYTES = 4096 };
 
-static ALWAYS_INLINE void q8_tile_avx2(float *out, int out_stride, const int8_t *w, const float *wd, const int8_t *x,
+static ALWAYS_INLINE void q8_tile(float *out, int out_stride, const int8_t *w, const float *wd, const int8_t *x,
                                        const float *xd, int cols, int n_groups, int R, int T, const float *bias) {
-    __m256 acc[Q8_R_AVX2][Q8_T_AVX2];
+    __m256 acc[Q8_TILE_ROWS][Q8_TILE_TOKENS];
     for (int r = 0; r < R; r++)
         for (int t = 0; t < T; t++) acc[r][t] = _mm256_setzero_ps();
     for (int g = 0; g < n_groups; g++) {
-        __m256i w0[Q8_R_AVX2], w1[Q8_R_AVX2];
+        __m256i w0[Q8_TILE_ROWS], w1[Q8_TILE_ROWS];
         for (int r = 0; r < R; r++) {
             w0[r] = _mm256_loadu_si256((const __m256i *)(w + (size_t)r * cols + (size_t)g * 64));
             w1[r] = _mm256_loadu_si256((const __m256i *)(w + (size_t)r * cols + (size_t)g * 64 + 32));
@@ -3227,15 +3209,8 @@ static ALWAYS_INLINE void q8_tile_avx2(float *out, int out_stride, const int8_t 
         for (int t = 0; t < T; t++) out[(size_t)t * out_stride + r] = hsum256(acc[r][t]) + bias[r];
 }
 
-static void q8_tile_avx2_any(float *out, int out_stride, const void *w, const void *wd, const int8_t *x,
-                             const float *xd, const float *xo, int cols, int n_groups, int R, int T, const float *bias) {
-    (void)xo;  // only the x86 q4 kernels use it
-#define TILE(r, t) q8_tile_avx2(out, out_stride, w, wd, x, xd, cols, n_groups, r, t, bias)
-    TILE_SWITCH("q8_tile_avx2", R, T, TOKENS_UP_TO_2(Q8_R_AVX2) TOKENS_UP_TO_2(1));
-#undef TILE
-}
-
-enum { Q4_R_AVX2 = 1, Q4_T_AVX2 = 4 };  // 1 row x 4 tokens: a row's decoded block serves 4 tokens
+enum { Q4_TILE_ROWS = 1, Q4_TILE_TOKENS = 4 };  // 1 row x 4 tokens: a row's decoded block serves 4 tokens
+#define Q4_TILE_SHAPES TOKENS_UP_TO_4(Q4_TILE_ROWS)
 
 /* q4 on AVX2: each block's codes decoded to unsigned bytes level + 64 (q4_decode_avx2 with
  * the table shifted), which vpmaddubsw multiplies by the signed activations: a pair of
@@ -3243,10 +3218,10 @@ enum { Q4_R_AVX2 = 1, Q4_T_AVX2 = 4 };  // 1 row x 4 tokens: a row's decoded blo
  * The 64 * (sum of the group's q_x) this adds is taken off once per 4 blocks, scaled
  * (q4_activation_offsets). The float16 scales of 4 blocks (8 groups) of a row become floats
  * with one vcvtph2ps; a permute spreads a block's pair over the lanes its sums land in. */
-static ALWAYS_INLINE void q4_tile_avx2(float *out, int out_stride, const uint8_t *w, const uint16_t *wd,
+static ALWAYS_INLINE void q4_tile(float *out, int out_stride, const uint8_t *w, const uint16_t *wd,
                                        const int8_t *x, const float *xd, const float *xo, int cols, int n_blocks,
                                        int R, int T, const float *bias) {
-    __m256 acc[Q4_R_AVX2][Q4_T_AVX2];
+    __m256 acc[Q4_TILE_ROWS][Q4_TILE_TOKENS];
     for (int r = 0; r < R; r++)
         for (int t = 0; t < T; t++) acc[r][t] = _mm256_setzero_ps();
     const __m256i levels = _mm256_add_epi8(q4_levels_avx2(), _mm256_set1_epi8(64));
@@ -3255,7 +3230,7 @@ static ALWAYS_INLINE void q4_tile_avx2(float *out, int out_stride, const uint8_t
     const size_t row_bytes = (size_t)cols / 2, n_groups = (size_t)cols / Q4_GROUP;
     for (int b0 = 0; b0 < n_blocks; b0 += 4) {
         const int nb = n_blocks - b0 < 4 ? n_blocks - b0 : 4;
-        __m256 d[Q4_R_AVX2];
+        __m256 d[Q4_TILE_ROWS];
         for (int r = 0; r < R; r++) {
             const uint16_t *src = wd + (size_t)r * n_groups + 2 * (size_t)b0;
             uint16_t tail[8] = {0};
@@ -3270,8 +3245,8 @@ static ALWAYS_INLINE void q4_tile_avx2(float *out, int out_stride, const uint8_t
         }
         __m256i pair = first_pair;
         for (int b = b0; b < b0 + nb; b++, pair = _mm256_add_epi32(pair, two)) {
-            __m256i w0[Q4_R_AVX2], w1[Q4_R_AVX2];
-            __m256 ws[Q4_R_AVX2];
+            __m256i w0[Q4_TILE_ROWS], w1[Q4_TILE_ROWS];
+            __m256 ws[Q4_TILE_ROWS];
             for (int r = 0; r < R; r++) {
                 q4_decode_avx2(w + (size_t)r * row_bytes + (size_t)b * (Q4_BLOCK / 2), levels, &w0[r], &w1[r]);
                 ws[r] = _mm256_permutevar8x32_ps(d[r], pair);
@@ -3297,7 +3272,7 @@ static ALWAYS_INLINE void q4_tile_avx2(float *out, int out_stride, const uint8_t
  * add, so a block costs one conversion and one FMA, with its two scales broadcast as one
  * 64-bit pair from a small array that 4 blocks at a time fill (weight scale times activation
  * scale), instead of an FMA and a lane permute per group. */
-static void q4_row_avx2(float *out, const uint8_t *w, const uint16_t *wd, const int8_t *x, const float *xd,
+static void q4_row(float *out, const uint8_t *w, const uint16_t *wd, const int8_t *x, const float *xd,
                         const float *xo, int n_blocks, const float *bias) {
     __m256 acc[Q4_DECODE_CHAINS];
     for (int i = 0; i < Q4_DECODE_CHAINS; i++) acc[i] = _mm256_setzero_ps();
@@ -3339,14 +3314,28 @@ static void q4_row_avx2(float *out, const uint8_t *w, const uint16_t *wd, const 
     *out = hsum256(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]))) + *bias;
 }
 
-static void q4_tile_avx2_any(float *out, int out_stride, const void *w, const void *wd, const int8_t *x,
-                             const float *xd, const float *xo, int cols, int n_blocks, int R, int T, const float *bias) {
+#endif
+
+#if PHI2_AVX512_VNNI || PHI2_AVX2
+/* The tile shapes matmul_int8_tiled asks for (Q8_TILE_ROWS or 1 rows, 1 .. Q8_TILE_TOKENS
+ * tokens), each a specialization the compiler unrolls, of this build's kernels above; q4
+ * decode (one row, one token) has a kernel of its own. */
+static void q8_tile_any(float *out, int out_stride, const void *w, const void *wd, const int8_t *x, const float *xd,
+                        const float *xo, int cols, int n_groups, int R, int T, const float *bias) {
+    (void)xo;  // only the q4 kernels use it
+#define TILE(r, t) q8_tile(out, out_stride, w, wd, x, xd, cols, n_groups, r, t, bias)
+    TILE_SWITCH("q8_tile", R, T, Q8_TILE_SHAPES);
+#undef TILE
+}
+
+static void q4_tile_any(float *out, int out_stride, const void *w, const void *wd, const int8_t *x, const float *xd,
+                        const float *xo, int cols, int n_blocks, int R, int T, const float *bias) {
     if (R == 1 && T == 1) {
-        q4_row_avx2(out, w, wd, x, xd, xo, n_blocks, bias);
+        q4_row(out, w, wd, x, xd, xo, n_blocks, bias);
         return;
     }
-#define TILE(r, t) q4_tile_avx2(out, out_stride, w, wd, x, xd, xo, cols, n_blocks, r, t, bias)
-    TILE_SWITCH("q4_tile_avx2", R, T, TOKENS_UP_TO_4(Q4_R_AVX2));
+#define TILE(r, t) q4_tile(out, out_stride, w, wd, x, xd, xo, cols, n_blocks, r, t, bias)
+    TILE_SWITCH("q4_tile", R, T, Q4_TILE_SHAPES);
 #undef TILE
 }
 #endif
@@ -3458,7 +3447,7 @@ static void panel_build(const Panel *p, const Matrix *W, int r0, int n_rows) {
         for (int i = 0; i < 16; i++) {
             if (i >= n_rows) {
                 v[i] = zero;
-            } else if (q4) {  // as in q4_tile_vnni, but signed levels
+            } else if (q4) {  // as in the VNNI q4_tile, but signed levels
                 const __m256i bytes = _mm256_loadu_si256((const __m256i *)(W->codes + (size_t)(r0 + i) * (cols / 2) + (size_t)b * 32));
                 const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(bytes), _mm256_srli_epi16(bytes, 4), 1);
                 v[i] = _mm512_shuffle_epi8(levels, _mm512_and_si512(both, nibble));
@@ -3721,11 +3710,7 @@ static void matmul_int8_panels(float *out, const QuantizedRows *in, const Matrix
 /* matmul_q8_simd: the VNNI kernel on AVX512-VNNI builds, the maddubs one on AVX2 builds
  * (Arm: Appendix C). */
 static void matmul_q8_simd(float *out, const QuantizedRows *in, const Matrix *W, const float *bias, int n_tokens) {
-#if PHI2_AVX512_VNNI
-    matmul_int8_tiled(out, in, W, bias, n_tokens, q8_tile_vnni_any, Q8_R_VNNI, Q8_T_VNNI);
-#else
-    matmul_int8_tiled(out, in, W, bias, n_tokens, q8_tile_avx2_any, Q8_R_AVX2, Q8_T_AVX2);
-#endif
+    matmul_int8_tiled(out, in, W, bias, n_tokens, q8_tile_any, Q8_TILE_ROWS, Q8_TILE_TOKENS);
 }
 
 /* The x86 q4 kernels multiply unsigned bytes level + 64 by the activations, which adds
@@ -3746,11 +3731,7 @@ static void q4_activation_offsets(const QuantizedRows *in, int n_tokens, int col
 /* matmul_q4_simd: the same for 4-bit weights. */
 static void matmul_q4_simd(float *out, const QuantizedRows *in, const Matrix *W, const float *bias, int n_tokens) {
     q4_activation_offsets(in, n_tokens, W->cols);
-#if PHI2_AVX512_VNNI
-    matmul_int8_tiled(out, in, W, bias, n_tokens, q4_tile_vnni_any, Q8_R_VNNI, Q8_T_VNNI);
-#else
-    matmul_int8_tiled(out, in, W, bias, n_tokens, q4_tile_avx2_any, Q4_R_AVX2, Q4_T_AVX2);
-#endif
+    matmul_int8_tiled(out, in, W, bias, n_tokens, q4_tile_any, Q4_TILE_ROWS, Q4_TILE_TOKENS);
 }
 #endif
 
