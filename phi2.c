@@ -2282,7 +2282,12 @@ int main(int argc, char **argv) {
     if (opt.version) {  // which kernels this build has, and which int8 one it uses here
         char kernels[96];
         kernel_description(kernels, sizeof(kernels), NULL, WEIGHTS_Q8);
-        printf("phi2 (model format %d): %s\n", MODEL_VERSION, kernels);
+#ifdef PHI2_TEST_HOOKS
+        const char *test_build = ", test build";  // tests/test_threads.py looks for it
+#else
+        const char *test_build = "";
+#endif
+        printf("phi2 (model format %d%s): %s\n", MODEL_VERSION, test_build, kernels);
         flush_stdout();
         return 0;
     }
@@ -2523,12 +2528,13 @@ MAYBE_UNUSED static void bad_tile(const char *kernel, int R, int T) {
 /* The pool of a generated token's threads (Appendix G). pool_run splits a step into
  * n_chunks chunks that the threads claim as they go; chunk c writes out[c * chunk_len ..],
  * at most out_len values in all: run(args, chunk, buffer, thread) computes one chunk into
- * buffer, and may use scratch row `thread` (0 .. threads - 1). args is copied. */
+ * buffer, and may use scratch row `thread` (0 .. threads - 1). When pool_run returns, no
+ * thread is still at work: the caller may overwrite what args points to at once. */
 typedef struct ThreadPool ThreadPool;
 typedef void (*ChunkFunction)(const void *args, int chunk, float *buffer, int thread);
 static ThreadPool *pool_create(int n_threads, size_t max_chunk_len);  // n_threads - 1 new threads
 static void pool_destroy(ThreadPool *pool);
-static void pool_run(ThreadPool *pool, ChunkFunction run, const void *args, size_t args_size, int n_chunks,
+static void pool_run(ThreadPool *pool, ChunkFunction run, const void *args, int n_chunks,
                      int chunk_len, float *out, size_t out_len);
 static int pool_threads(const ThreadPool *pool);  // 1 for NULL
 
@@ -4703,7 +4709,7 @@ static void matmul(float *out, const float *in, const Matrix *W, const float *bi
         return;
     }
     const RowsJob job = {in, W, bias, k, rows_per_chunk(W, pool_threads(k->pool))};
-    pool_run(k->pool, product_rows, &job, sizeof(job), (W->rows + job.rows_per_chunk - 1) / job.rows_per_chunk,
+    pool_run(k->pool, product_rows, &job, (W->rows + job.rows_per_chunk - 1) / job.rows_per_chunk,
              job.rows_per_chunk, out, (size_t)W->rows);
 }
 
@@ -4729,7 +4735,7 @@ enum { ATTN_BLOCKED_MIN_BATCH = 6 };
 static void attention(RunState *s, const Config *c, int layer, int pos0, int n_tokens) {
     if (n_tokens == 1 && pool_threads(s->kern->pool) > 1) {
         const HeadsJob job = {s, c, layer, pos0};
-        pool_run(s->kern->pool, attend_head, &job, sizeof(job), c->n_heads, c->head_dim, s->att, (size_t)c->hidden_dim);
+        pool_run(s->kern->pool, attend_head, &job, c->n_heads, c->head_dim, s->att, (size_t)c->hidden_dim);
         return;
     }
 #ifndef PHI2_SCALAR_ONLY
@@ -4755,7 +4761,7 @@ static KernelScratch *kernel_scratch_create(const Config *c, int max_batch, int 
 
 static void kernel_scratch_free(KernelScratch *k) {
     if (!k) return;
-    pool_destroy(k->pool);  // first: its threads may still be reading the buffers below
+    pool_destroy(k->pool);  // (joins the pool's threads)
     free_aligned(k->xq.q); free_aligned(k->xq.scale); free_aligned(k->xq.q4_offset);
     free_aligned(k->amx_pack); free_aligned(k->panel);
     free(k);
@@ -5387,49 +5393,50 @@ static int request_amx_permission(void) {
 #endif
 
 /* ------------------------------------------------------------------------------------- */
-/* Appendix C. The thread pool of a generated token                                        */
+/* Appendix G. The thread pool of a generated token                                        */
 /* ------------------------------------------------------------------------------------- */
-/* pool_run (section 3, "Threads for one token") in C11 atomics and POSIX threads (MinGW's
+/* pool_run (its interface: Appendix A) in C11 atomics and POSIX threads (MinGW's
  * winpthreads on Windows). The calling thread is thread 0 and works too; the pool's own
- * threads are 1 .. n_threads - 1.
+ * threads are 1 .. n_threads - 1. No plain memory is read by one thread while another may
+ * be writing it: what orders them is an atomic, as C11 requires (make test-tsan checks it
+ * with ThreadSanitizer).
  *
- * Publishing a job. The caller writes the job (the function, a copy of its arguments, the
- * sizes) and then advances `sequence`, a sequence lock: odd while the job is being written,
- * so a thread that copies the job can check that the sequence did not move meanwhile. A
- * job's generation (sequence / 2) tags the shared words its threads update, so a thread
- * that wakes up late, still working on an old job, finds its tag stale and drops its work:
- *   next_chunk      generation << 32 | the next chunk nobody has claimed. A claim is a
- *                   compare-and-swap, which fails once a newer job has replaced the tag.
- *   chunk_state[c]  generation << 2 | CHUNK_COMMITTING or CHUNK_DONE. An older generation
- *                   means: not done yet.
- * Committing. A thread computes a chunk into its own buffer, then swaps the chunk's state
- * from not-done to COMMITTING (only one thread can), copies the buffer to the output and
- * stores DONE. A job is over when all its chunks are DONE, that is, after their copies: no
- * late thread can write into an output once pool_run has returned. What a late thread read
- * while computing may have changed under it (the next step's activations); that result is
- * thrown away unread.
- *
- * Waiting. When no chunk is left to claim, a thread waits for the others' chunks. A chunk
- * not committed after POOL_PATIENCE times as long as this thread took per chunk belongs to
- * a stalled thread (descheduled, or on a slow core): the waiting thread computes it too,
- * and the first to finish commits it. Between jobs a thread spins for POOL_SPIN_SECONDS
- * (a token's next step comes within microseconds), then sleeps on a condition variable:
- * asleep it uses none of the time its core's other programs could use, and Linux runs a
- * thread that slept soon after it is woken. */
-enum { CHUNK_COMMITTING = 1, CHUNK_DONE = 2 };
-enum { POOL_ARGS_MAX = 64 };  // bytes of a job's arguments (RowsJob, HeadsJob)
-static const double POOL_SPIN_SECONDS = 20e-6;       // a step's gap: a LayerNorm, a quantization
-                                                     // (1 ms and 10 ms measured slower, busy core)
-static const double POOL_PATIENCE = 2.0;             // times this thread's time per chunk
-static const double POOL_MIN_WAIT_SECONDS = 20e-6;   // ... but at least this long
-static const double POOL_DEFAULT_WAIT_SECONDS = 200e-6;  // a thread that computed no chunk itself
+ * Publishing. pool_run writes `job` with plain stores while no pool thread can be reading
+ * it, then opens the job by storing an even `sequence`; a thread that loads that value sees
+ * the whole job (the store is a release, the load an acquire).
+ * Entering and closing. A thread that sees an open job first adds itself to `active`, then
+ * loads `sequence` again, and works only if the same job is still open. Once every chunk is
+ * claimed, pool_run closes the job (an odd `sequence`), then waits until `active` is 0.
+ * Each side stores, then loads what the other stores, all sequentially consistent; in the
+ * single order of such operations one of the two stores comes first, so at least one load
+ * sees the other side: the thread sees the job closed and leaves without reading it, or
+ * pool_run sees the thread and waits for it. So a thread reads the job, its arguments and
+ * the activations they point to only while pool_run runs, and when pool_run returns no
+ * thread is inside: the caller may overwrite its activations, and the next pool_run the
+ * job, at once. (Arguments are read in place, not copied, for the same reason.)
+ * Working. The threads claim chunks from an atomic counter and compute each straight into
+ * its part of the output: chunks are disjoint, and each is computed once, by a thread that
+ * `active` counts until it has finished; its release decrement, which pool_run's wait
+ * reads, makes the chunk's values visible to the caller. A thread stalled while holding a
+ * chunk (descheduled, or on a slow core) delays the step by the rest of that chunk; one
+ * stalled anywhere else delays nothing, since the others claim the chunks it would have.
+ * Waiting. Between jobs a thread spins for POOL_SPIN_SECONDS (a token's next step comes
+ * within microseconds), then sleeps on a condition variable: asleep it uses none of the
+ * time its core's other programs could use, and Linux runs a thread that slept soon after
+ * it is woken. pool_run wakes the sleepers when `n_sleeping` says there are any: its store
+ * of `sequence` and a sleeper's increment of n_sleeping pair up as above, so no wake-up is
+ * lost. Waiting for the others to leave a job, pool_run spins as long, then yields its core
+ * at each look, in case a thread still inside is waiting to run on it. */
+#include <sched.h>  // sched_yield
+static const double POOL_SPIN_SECONDS = 20e-6;  // a step's gap (a LayerNorm, a quantization); a longer spin
+                                                // takes time slices from a busy core's other programs, and
+                                                // the scheduler then runs this thread late
 
 typedef struct {
     ChunkFunction run;
-    _Alignas(16) unsigned char args[POOL_ARGS_MAX];  // a copy of the caller's arguments
+    const void *args;  // the caller's: they outlive every read, since pool_run waits for the threads
     int n_chunks, chunk_len;
     float *out;
-    size_t out_len;
 } PoolJob;
 
 typedef struct {
@@ -5437,20 +5444,19 @@ typedef struct {
     int thread;
 } PoolThread;
 
-struct ThreadPool {
+struct ThreadPool {  // the three groups of shared words on cache lines of their own
     int n_threads;                      // the calling thread and n_threads - 1 of the pool's own
-    size_t max_len;                     // the most values a job writes (so also chunks per job)
+    size_t max_len;                     // the most values a job writes
     pthread_t *threads;                 // [n_threads - 1]
     PoolThread *starts;                 // [n_threads - 1] each thread's number
-    float *buffers;                     // [n_threads, max_len] a chunk before it is committed
-    _Atomic uint64_t *chunk_state;      // [max_len] generation << 2 | CHUNK_COMMITTING or CHUNK_DONE
-    _Atomic uint64_t next_chunk;        // generation << 32 | the next unclaimed chunk
-    _Atomic uint64_t sequence;          // odd while `job` is being written; generation = sequence / 2
-    PoolJob job;
     pthread_mutex_t mutex;              // with `wake`: threads asleep between jobs
     pthread_cond_t wake;
     _Atomic int n_sleeping;
     _Atomic int stopping;
+    _Alignas(64) _Atomic uint64_t sequence;  // even: `job` is open; odd: closed (between jobs)
+    PoolJob job;                        // written only while closed and no thread is inside
+    _Alignas(64) _Atomic int next_chunk;  // the next chunk of the job nobody has claimed
+    _Alignas(64) _Atomic int active;    // pool threads inside the job
 };
 
 static int pool_threads(const ThreadPool *pool) { return pool ? pool->n_threads : 1; }
@@ -5464,66 +5470,28 @@ static void cpu_relax(void) {
 #endif
 }
 
-/* The next unclaimed chunk of the job of this generation; -1: none left, or a newer job. */
-static int pool_claim(ThreadPool *pool, uint64_t generation, int n_chunks) {
-    const uint64_t tag = generation & 0xffffffffu;
-    uint64_t next = atomic_load_explicit(&pool->next_chunk, memory_order_relaxed);
-    for (;;) {
-        if (next >> 32 != tag || (int64_t)(next & 0xffffffffu) >= n_chunks) return -1;
-        if (atomic_compare_exchange_weak_explicit(&pool->next_chunk, &next, next + 1, memory_order_relaxed,
-                                                  memory_order_relaxed))
-            return (int)(next & 0xffffffffu);
-    }
+/* Claim chunks of the open job and compute each into its place in the output, until none is
+ * left. (The counter only grows during a job: pool_run resets it while no thread is inside.) */
+static void pool_work(ThreadPool *pool, int thread) {
+    const PoolJob *job = &pool->job;
+    for (int c; (c = atomic_fetch_add_explicit(&pool->next_chunk, 1, memory_order_relaxed)) < job->n_chunks;)
+        job->run(job->args, c, job->out + (size_t)c * (size_t)job->chunk_len, thread);
 }
 
-/* Compute chunk c into this thread's buffer; commit it unless another thread did first. */
-static void pool_compute(ThreadPool *pool, const PoolJob *job, uint64_t generation, int c, int thread) {
-    float *buffer = pool->buffers + (size_t)thread * pool->max_len;
-    job->run(job->args, c, buffer, thread);
-    _Atomic uint64_t *state = &pool->chunk_state[c];
-    uint64_t now = atomic_load_explicit(state, memory_order_relaxed);
-    do {
-        if (now >> 2 >= generation) return;  // committed by another thread (or a newer job's)
-    } while (!atomic_compare_exchange_weak_explicit(state, &now, generation << 2 | CHUNK_COMMITTING,
-                                                    memory_order_acquire, memory_order_relaxed));
-    const size_t first = (size_t)c * (size_t)job->chunk_len;
-    const size_t len = job->out_len - first < (size_t)job->chunk_len ? job->out_len - first : (size_t)job->chunk_len;
-    memcpy(job->out + first, buffer, len * sizeof(float));
-    atomic_store_explicit(state, generation << 2 | CHUNK_DONE, memory_order_release);
-}
-
-/* One thread's part of a job: claim and compute chunks while there are any, then wait until
- * all are committed, computing any that takes too long. A pool thread that got no chunk
- * leaves at once (the others are ahead of it); a late one leaves when it sees a newer job. */
-static void pool_work(ThreadPool *pool, const PoolJob *job, uint64_t generation, int thread) {
-    const double start = now_seconds();
-    int mine = 0;
-    for (int c; (c = pool_claim(pool, generation, job->n_chunks)) >= 0; mine++) pool_compute(pool, job, generation, c, thread);
-    if (mine == 0 && thread != 0) return;
-    double patience = mine ? POOL_PATIENCE * (now_seconds() - start) / mine : POOL_DEFAULT_WAIT_SECONDS;
-    if (patience < POOL_MIN_WAIT_SECONDS) patience = POOL_MIN_WAIT_SECONDS;
-    const double wait_start = now_seconds();
-    for (int c = 0; c < job->n_chunks;) {  // chunks before c are done
-        const uint64_t state = atomic_load_explicit(&pool->chunk_state[c], memory_order_acquire);
-        if (state >> 2 > generation) return;  // a newer job: this one is over
-        if (state == (generation << 2 | CHUNK_DONE)) c++;
-        else if (state >> 2 < generation && now_seconds() - wait_start > patience) pool_compute(pool, job, generation, c, thread);
-        else cpu_relax();
-    }
-}
-
-/* Wait for a job newer than `seen`: spin a little, then sleep. Its sequence, or 0: stopping. */
+/* Wait for an open job other than `seen`: spin a little, then sleep. Its sequence, or 0:
+ * stopping. (Relaxed loads: the caller looks again, sequentially consistent, before it reads
+ * the job.) */
 static uint64_t pool_wait(ThreadPool *pool, uint64_t seen) {
     const double start = now_seconds();
     for (;;) {
-        if (atomic_load(&pool->stopping)) return 0;
-        const uint64_t seq = atomic_load_explicit(&pool->sequence, memory_order_acquire);
+        if (atomic_load_explicit(&pool->stopping, memory_order_relaxed)) return 0;
+        const uint64_t seq = atomic_load_explicit(&pool->sequence, memory_order_relaxed);
         if (seq != seen && seq % 2 == 0) return seq;
         if (now_seconds() - start > POOL_SPIN_SECONDS) break;
         cpu_relax();
     }
     pthread_mutex_lock(&pool->mutex);
-    atomic_fetch_add(&pool->n_sleeping, 1);  // pool_run reads this after publishing: no lost wake-up
+    atomic_fetch_add(&pool->n_sleeping, 1);  // then the look at `sequence`: see "Waiting" above
     uint64_t seq = 0;
     while (!atomic_load(&pool->stopping) && ((seq = atomic_load(&pool->sequence)) == seen || seq % 2))
         pthread_cond_wait(&pool->wake, &pool->mutex);
@@ -5535,31 +5503,25 @@ static uint64_t pool_wait(ThreadPool *pool, uint64_t seen) {
 static void *pool_thread_main(void *arg) {
     const PoolThread *me = arg;
     ThreadPool *pool = me->pool;
-    uint64_t seen = 0;
-    for (uint64_t seq; (seq = pool_wait(pool, seen)) != 0;) {
-        PoolJob job;
-        memcpy(&job, &pool->job, sizeof(job));  // a sequence-lock read: checked just below
-        atomic_thread_fence(memory_order_acquire);
-        if (atomic_load_explicit(&pool->sequence, memory_order_relaxed) != seq) continue;  // rewritten meanwhile
-        seen = seq;
-        pool_work(pool, &job, seq / 2, me->thread);
+    for (uint64_t seen = 0, seq; (seq = pool_wait(pool, seen)) != 0; seen = seq) {
+        atomic_fetch_add(&pool->active, 1);  // in, then the second look: see "Entering" above
+        if (atomic_load(&pool->sequence) == seq) pool_work(pool, me->thread);
+        atomic_fetch_sub_explicit(&pool->active, 1, memory_order_release);  // out: the chunks are written
     }
     return NULL;
 }
 
 static ThreadPool *pool_create(int n_threads, size_t max_len) {
-    ThreadPool *pool = xmalloc(sizeof(*pool));
+    ThreadPool *pool = xmalloc_aligned(sizeof(*pool));
     memset(pool, 0, sizeof(*pool));
     pool->n_threads = n_threads > 1 ? n_threads : 1;
     pool->max_len = max_len;
+    atomic_init(&pool->sequence, 1);  // closed
     atomic_init(&pool->next_chunk, 0);
-    atomic_init(&pool->sequence, 0);
+    atomic_init(&pool->active, 0);
     atomic_init(&pool->n_sleeping, 0);
     atomic_init(&pool->stopping, 0);
     if (pool->n_threads == 1) return pool;  // pool_run runs everything on the caller
-    pool->buffers = xmalloc_aligned(mul_size(mul_size((size_t)pool->n_threads, max_len), sizeof(float)));
-    pool->chunk_state = xmalloc(mul_size(max_len, sizeof(*pool->chunk_state)));
-    for (size_t c = 0; c < max_len; c++) atomic_init(&pool->chunk_state[c], 0);
     if (pthread_mutex_init(&pool->mutex, NULL) != 0 || pthread_cond_init(&pool->wake, NULL) != 0)
         die("cannot create the threads' lock");
     pool->threads = xmalloc(mul_size((size_t)pool->n_threads - 1, sizeof(pthread_t)));
@@ -5593,36 +5555,34 @@ static void pool_destroy(ThreadPool *pool) {
     }
     free(pool->threads);
     free(pool->starts);
-    free(pool->chunk_state);
-    free_aligned(pool->buffers);
-    free(pool);
+    free_aligned(pool);
 }
 
-static void pool_run(ThreadPool *pool, ChunkFunction run, const void *args, size_t args_size, int n_chunks,
+static void pool_run(ThreadPool *pool, ChunkFunction run, const void *args, int n_chunks,
                      int chunk_len, float *out, size_t out_len) {
-    if (args_size > POOL_ARGS_MAX || n_chunks < 0 || chunk_len < 1 || (size_t)n_chunks > out_len)
-        die("internal error: pool_run(%zu bytes of arguments, %d chunks of %d)", args_size, n_chunks, chunk_len);
-    if (pool_threads(pool) == 1 || n_chunks == 1) {  // no other thread: straight into the output
+    if (n_chunks < 0 || chunk_len < 1 || (size_t)n_chunks > out_len)
+        die("internal error: pool_run(%d chunks of %d, %zu values)", n_chunks, chunk_len, out_len);
+    if (pool_threads(pool) == 1 || n_chunks == 1) {  // no other thread
         for (int c = 0; c < n_chunks; c++) run(args, c, out + (size_t)c * chunk_len, 0);
         return;
     }
-    if (out_len > pool->max_len || (size_t)chunk_len > pool->max_len)
-        die("internal error: pool_run writes %zu values, the pool holds %zu", out_len, pool->max_len);
-    const uint64_t seq = atomic_load_explicit(&pool->sequence, memory_order_relaxed), generation = seq / 2 + 1;
-    atomic_store_explicit(&pool->sequence, seq + 1, memory_order_relaxed);  // odd: the job is changing
-    atomic_thread_fence(memory_order_release);
-    pool->job.run = run;
-    memcpy(pool->job.args, args, args_size);
-    pool->job.n_chunks = n_chunks;
-    pool->job.chunk_len = chunk_len;
-    pool->job.out = out;
-    pool->job.out_len = out_len;
-    atomic_store_explicit(&pool->next_chunk, (generation & 0xffffffffu) << 32, memory_order_relaxed);
-    atomic_store(&pool->sequence, seq + 2);  // even: published (sequentially consistent, then ...)
-    if (atomic_load(&pool->n_sleeping) > 0) {  // ... n_sleeping: a thread going to sleep sees one or the other
+    if (out_len > pool->max_len)
+        die("internal error: pool_run writes %zu values, the pool was made for %zu", out_len, pool->max_len);
+    pool->job = (PoolJob){run, args, n_chunks, chunk_len, out};
+    atomic_store_explicit(&pool->next_chunk, 0, memory_order_relaxed);  // published by the release below
+    const uint64_t seq = atomic_load_explicit(&pool->sequence, memory_order_relaxed) + 1;
+    atomic_store(&pool->sequence, seq);  // open (then the look at n_sleeping: see "Waiting" above)
+    if (atomic_load(&pool->n_sleeping) > 0) {
         pthread_mutex_lock(&pool->mutex);
         pthread_cond_broadcast(&pool->wake);
         pthread_mutex_unlock(&pool->mutex);
     }
-    pool_work(pool, &pool->job, generation, 0);
+    pool_work(pool, 0);
+    atomic_store(&pool->sequence, seq + 1);  // closed (then the look at `active`: see "Entering" above)
+    if (atomic_load(&pool->active) == 0) return;
+    const double start = now_seconds();
+    while (atomic_load(&pool->active) > 0) {
+        if (now_seconds() - start > POOL_SPIN_SECONDS) sched_yield();
+        else cpu_relax();
+    }
 }

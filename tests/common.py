@@ -71,6 +71,11 @@ def remove_work():
     _persistent.clear()
 
 
+class Skip(Exception):
+    """Raised by a test that cannot run on this host (say why): tests/run.py reports it as
+    skipped, counted apart from the passed ones and named in its summary line."""
+
+
 def same_for_every_build(test):
     """Marks a test whose outcome cannot depend on the build under test (PHI2_BIN,
     KERNEL_TEST_BIN): it runs only Python scripts, or binaries that every build's run shares

@@ -2,10 +2,11 @@
 """Minimal test runner: runs every `test_*` function of every `tests/test_*.py` module.
 
 Usage: tests/run.py [-k SUBSTRING] [--skip MODULE.TEST ...] [--engine-only] [MODULE ...]
-Each test is a plain function that raises (usually AssertionError) on failure. The last
-line printed is "N passed, N failed". Exit status is non-zero if any test failed or if no
-test ran. --skip (repeatable) leaves out one test by its full name, e.g. for a platform it
-cannot apply to; each one left out is printed as "skip". --engine-only leaves out the tests
+Each test is a plain function that raises (usually AssertionError) on failure, or
+common.Skip when it cannot run on this host. The last line printed is "N passed, N failed,
+N skipped", followed by the skipped tests' names, if any. Exit status is non-zero if any
+test failed or if none passed. --skip (repeatable) leaves out one test by its full name,
+e.g. for a platform it cannot apply to; it counts as skipped. --engine-only leaves out the tests
 whose outcome cannot depend on the build under test (common.same_for_every_build): for the
 runs of further builds after `make test`; their count is printed. Environment: PHI2_BIN selects the engine
 binary (default ./phi2); PHI2_TEST_WORK the test-data folder; PHI2_TEST_KEEP=1 keeps that folder
@@ -40,6 +41,7 @@ def main():
         args = args[2:]
     modules = args or sorted(f[:-3] for f in os.listdir(HERE) if f.startswith("test_") and f.endswith(".py"))
     passed = failed = same_for_every_build = 0
+    skipped = []  # full names, in order
     t_start = time.time()
     for mod_name in modules:
         mod_name = os.path.basename(mod_name)
@@ -59,11 +61,15 @@ def main():
                 continue
             if full in skip:
                 skip.discard(full)
+                skipped.append(full)
                 print(f"skip {full} (--skip)", flush=True)
                 continue
             t0 = time.time()
             try:
                 fn()
+            except common.Skip as e:
+                skipped.append(full)
+                print(f"skip {full} ({time.time() - t0:.1f}s): {e}", flush=True)
             except Exception as e:  # noqa: BLE001 -- report every failure and go on
                 failed += 1
                 print(f"FAIL {full} ({time.time() - t0:.1f}s): {type(e).__name__}: {e}", flush=True)
@@ -80,7 +86,7 @@ def main():
         print(f"# --engine-only: left out {same_for_every_build} tests that do not depend on the build "
               "(make test runs them)")
     print(f"# {time.time() - t_start:.0f}s in all")
-    print(f"{passed} passed, {failed} failed")
+    print(f"{passed} passed, {failed} failed, {len(skipped)} skipped" + (f": {' '.join(skipped)}" if skipped else ""))
     if not failed and not os.environ.get("PHI2_TEST_KEEP"):
         common.remove_work()   # a run that passed leaves no test data behind (see common.py)
     return 1 if failed or passed == 0 else 0

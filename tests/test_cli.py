@@ -126,10 +126,17 @@ def test_prompt_longer_than_context():
 
 
 def test_dump_logits_leaves_nothing_half_written():
+    """A dump that fails leaves no file behind: not at the start (its folder is missing), and
+    not at the end, when the complete temporary cannot be renamed over the target (here a
+    folder): the temporary is removed. A dump that succeeds leaves exactly the target."""
     m = tiny_model()
     target = os.path.join(WORK, "no-such-dir", "logits.f32")
-    expect_error(m, "--ids", SHORT, "--dump-logits", target)
-    assert not os.path.exists(os.path.dirname(target))
+    expect_error(m, "--ids", SHORT, "--dump-logits", target, contains="no-such-dir")
+    folder = os.path.join(WORK, "dump-onto-a-folder")
+    os.makedirs(os.path.join(folder, "inside"))
+    expect_error(m, "--ids", SHORT, "--dump-logits", folder, contains="cannot rename")
+    assert not os.path.exists(folder + ".tmp"), "the temporary of a failed dump was left behind"
+    assert os.listdir(folder) == ["inside"], os.listdir(folder)
     out = os.path.join(WORK, "dump-ok.f32")
     phi2(m, "--ids", SHORT, "--dump-logits", out)
     assert os.path.getsize(out) == 10 * 51200 * 4

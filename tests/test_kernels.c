@@ -2,6 +2,7 @@
  * Kernel tests: every fast kernel compiled into this build against its scalar twin.
  *
  *   build/test_kernels            run the checks; last line "test_kernels: N checks, N failed"
+ *   build/test_kernels --pool     only the thread pool's (Appendix C), for make test-tsan
  *   build/test_kernels --bench    time the kernels on Phi-2's full-size shapes, and decode
  *                                 attention with an f32 and an f16 KV cache (BENCH_DEPTH),
  *                                 batches of 64 tokens (BENCH_TOKENS)
@@ -1064,36 +1065,47 @@ static int same_top_k(Candidate *cand, const Candidate *sorted, int k) {
 
 /* ---- the thread pool of a generated token (Appendix C) ------------------------------- */
 
-/* A pool_run job for the tests: chunk c of out_len values holds base + its indices. With
- * stall set, the first chunk thread 1 takes stops until the caller's pool_run has returned
- * (and then produces NaNs, which must never reach the output); the caller's first chunk
- * waits until thread 1 is stalled, so a stalled chunk is there to be taken over. */
+/* A pool_run job for the tests: chunk c of out_len values holds base + input (input[i] = i,
+ * or NULL: i itself), and counts its runs in g_pool_runs[c]. With stall set, the first chunk
+ * thread 1 takes stops until every other chunk is done, and 20 ms more, before it writes:
+ * pool_run must wait for it. The caller's first chunk waits until thread 1 has stalled, so a
+ * stalled chunk is there to wait for. */
 typedef struct {
     float base;
     int chunk_len, stall;
     size_t out_len;
+    const float *input;
 } PoolTestJob;
 
-static _Atomic int g_pool_stalled, g_pool_released, g_pool_late_done;
+enum { POOL_MAX_CHUNKS = 5000 };
+static _Atomic int g_pool_runs[POOL_MAX_CHUNKS], g_pool_stalled, g_pool_late_done;
 
 static void sleep_ms(int ms) {
     struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
     nanosleep(&ts, NULL);
 }
 
+static int pool_chunks_done(int n_chunks) {
+    int done = 0;
+    for (int c = 0; c < n_chunks; c++) done += atomic_load(&g_pool_runs[c]) > 0;
+    return done;
+}
+
 static void pool_test_chunk(const void *args, int chunk, float *buffer, int thread) {
     const PoolTestJob *job = args;
     const size_t first = (size_t)chunk * job->chunk_len;
     const size_t len = job->out_len - first < (size_t)job->chunk_len ? job->out_len - first : (size_t)job->chunk_len;
-    if (job->stall && thread == 1 && !atomic_exchange(&g_pool_stalled, 1)) {
-        for (int i = 0; i < 10000 && !atomic_load(&g_pool_released); i++) sleep_ms(1);  // 10 s at most
-        for (size_t i = 0; i < len; i++) buffer[i] = NAN;
-        atomic_store(&g_pool_late_done, 1);
-        return;
+    const int n_chunks = (int)((job->out_len + job->chunk_len - 1) / job->chunk_len);
+    const int stalls = job->stall && thread == 1 && !atomic_exchange(&g_pool_stalled, 1);
+    if (stalls) {
+        for (int i = 0; i < 10000 && pool_chunks_done(n_chunks) < n_chunks - 1; i++) sleep_ms(1);  // 10 s at most
+        sleep_ms(20);  // time for a pool_run that does not wait to return
     }
     if (job->stall && thread == 0)
         for (int i = 0; i < 10000 && !atomic_load(&g_pool_stalled); i++) sleep_ms(1);
-    for (size_t i = 0; i < len; i++) buffer[i] = job->base + (float)(first + i);
+    for (size_t i = 0; i < len; i++) buffer[i] = job->base + (job->input ? job->input[first + i] : (float)(first + i));
+    atomic_fetch_add(&g_pool_runs[chunk], 1);
+    if (stalls) atomic_store(&g_pool_late_done, 1);
 }
 
 /* Whether out[0 .. n) holds base + its indices. */
@@ -1103,49 +1115,73 @@ static int pool_output_ok(const float *out, size_t n, float base) {
     return 1;
 }
 
+/* Whether each of the n_chunks chunks ran exactly once, and the one after none (and resets
+ * the counts). */
+static int pool_each_chunk_once(int n_chunks) {
+    int ok = 1;
+    for (int c = 0; c <= n_chunks && c < POOL_MAX_CHUNKS; c++) ok &= atomic_exchange(&g_pool_runs[c], 0) == (c < n_chunks);
+    return ok;
+}
+
 static void test_pool(void) {
     const int before = g_failed;
     enum { MAX_LEN = 5000 };
     float *out = xmalloc(MAX_LEN * sizeof(float)), *other = xmalloc(MAX_LEN * sizeof(float));
+    float *input = xmalloc(MAX_LEN * sizeof(float));
     // Every chunk lands once, whatever the threads, chunk counts and a short last chunk.
     for (int n_threads = 1; n_threads <= 4; n_threads++) {
         ThreadPool *pool = pool_create(n_threads, MAX_LEN);
         static const int lens[] = {1, 3, 16, 80, 999, 5000};
         for (size_t li = 0; li < sizeof(lens) / sizeof(lens[0]); li++)
             for (int chunk_len = 1; chunk_len <= lens[li]; chunk_len = chunk_len * 3 + 1) {
-                const PoolTestJob job = {(float)(li * 7 + chunk_len), chunk_len, 0, (size_t)lens[li]};
+                const int n_chunks = (lens[li] + chunk_len - 1) / chunk_len;
+                const PoolTestJob job = {(float)(li * 7 + chunk_len), chunk_len, 0, (size_t)lens[li], NULL};
                 for (int i = 0; i < MAX_LEN; i++) out[i] = -1.0f;
-                pool_run(pool, pool_test_chunk, &job, sizeof(job), (lens[li] + chunk_len - 1) / chunk_len, chunk_len,
-                         out, (size_t)lens[li]);
+                pool_run(pool, pool_test_chunk, &job, n_chunks, chunk_len, out, (size_t)lens[li]);
                 check(pool_output_ok(out, (size_t)lens[li], job.base) && out[lens[li] < MAX_LEN ? lens[li] : 0] ==
-                      (lens[li] < MAX_LEN ? -1.0f : job.base), "pool_run: %d threads, %d values in chunks of %d",
-                      n_threads, lens[li], chunk_len);
+                      (lens[li] < MAX_LEN ? -1.0f : job.base) && pool_each_chunk_once(n_chunks),
+                      "pool_run: %d threads, %d values in chunks of %d", n_threads, lens[li], chunk_len);
             }
+        // Many short jobs in a row, each reading an input that the caller rewrites as soon as
+        // pool_run returns (as the engine does its activations): threads that wake up late,
+        // or arrive as a job closes, must neither miss a chunk nor read a later job's input.
+        int wrong = 0;
+        for (int rep = 0; rep < 2000; rep++) {
+            for (int i = 0; i < 64; i++) input[i] = (float)(i + rep);
+            const PoolTestJob job = {0.0f, 4, 0, 64, input};
+            pool_run(pool, pool_test_chunk, &job, 16, 4, out, 64);
+            wrong += !pool_output_ok(out, 64, (float)rep) || !pool_each_chunk_once(16);
+        }
+        check(wrong == 0, "pool_run: %d threads, %d of 2000 short jobs in a row wrong", n_threads, wrong);
         pool_destroy(pool);
     }
     check(pool_threads(NULL) == 1, "pool_threads(NULL) is 1");
-    // A stalled thread: pool_run returns without it, and its late result never lands.
+    // A stalled thread: pool_run waits for its chunk, and returns with every chunk computed
+    // once; no thread writes into the output after pool_run has returned.
     ThreadPool *pool = pool_create(2, MAX_LEN);
-    const PoolTestJob stalled = {0.5f, 100, 1, 4000};
-    pool_run(pool, pool_test_chunk, &stalled, sizeof(stalled), 40, 100, out, 4000);
-    check(atomic_load(&g_pool_stalled) && !atomic_load(&g_pool_late_done),
-          "pool_run returned while thread 1 was stalled holding a chunk (stalled %d, late result %d)",
+    const PoolTestJob stalled = {0.5f, 100, 1, 4000, NULL};
+    for (int i = 0; i < MAX_LEN; i++) out[i] = -1.0f;
+    pool_run(pool, pool_test_chunk, &stalled, 40, 100, out, 4000);
+    check(atomic_load(&g_pool_stalled) && atomic_load(&g_pool_late_done),
+          "pool_run returned while thread 1 was stalled holding a chunk (stalled %d, its chunk done %d)",
           atomic_load(&g_pool_stalled), atomic_load(&g_pool_late_done));
-    check(pool_output_ok(out, 4000, 0.5f), "pool_run: a stalled thread's chunk was computed by another");
-    atomic_store(&g_pool_released, 1);
-    for (int i = 0; i < 10000 && !atomic_load(&g_pool_late_done); i++) sleep_ms(1);
-    check(atomic_load(&g_pool_late_done), "the stalled thread went on after its release");
-    const PoolTestJob next = {2.0f, 7, 0, 3000};  // the late thread rejoins for the next job
+    check(pool_output_ok(out, 4000, 0.5f) && pool_each_chunk_once(40),
+          "pool_run with a stalled thread: every chunk once, in the output");
+    for (int i = 0; i < MAX_LEN; i++) out[i] = -2.0f;  // the caller reuses the output at once
+    const PoolTestJob next = {2.0f, 7, 0, 3000, NULL};  // the stalled thread rejoins for the next job
     for (int rep = 0; rep < 50; rep++) {
-        pool_run(pool, pool_test_chunk, &next, sizeof(next), 429, 7, other, 3000);
-        check(pool_output_ok(other, 3000, 2.0f), "pool_run after a stall, run %d", rep);
+        pool_run(pool, pool_test_chunk, &next, 429, 7, other, 3000);
+        check(pool_output_ok(other, 3000, 2.0f) && pool_each_chunk_once(429), "pool_run after a stall, run %d", rep);
     }
     pool_destroy(pool);  // joins the threads: nothing can write after this
-    check(pool_output_ok(out, 4000, 0.5f), "the stalled thread's late (NaN) result did not reach the output");
+    int untouched = 1;
+    for (int i = 0; i < MAX_LEN; i++) untouched &= out[i] == -2.0f;
+    check(untouched, "no thread wrote into the output after pool_run returned");
     free(out);
     free(other);
-    printf("%s thread pool: every chunk once, for 1-4 threads; a stalled thread's chunk taken over, its late "
-           "result dropped\n", g_failed == before ? "ok  " : "FAIL");
+    free(input);
+    printf("%s thread pool: every chunk once, for 1-4 threads and 2000 short jobs in a row; a stalled thread "
+           "delays pool_run, which returns with its chunk done\n", g_failed == before ? "ok  " : "FAIL");
 }
 
 /* select_top_k against a full qsort with compare_candidates on arrays with many ties
@@ -1385,6 +1421,11 @@ static void bench(int argc, char **argv) {
 }
 
 int main(int argc, char **argv) {
+    if (argc > 1 && !strcmp(argv[1], "--pool")) {  // the pool's checks alone (make test-tsan)
+        test_pool();
+        printf("test_kernels: %d checks, %d failed\n", g_checks, g_failed);
+        return g_failed ? 1 : 0;
+    }
     if (argc > 1 && !strcmp(argv[1], "--bench")) {
         bench(argc - 2, argv + 2);
         return 0;

@@ -12,37 +12,66 @@ import shutil
 import subprocess
 import sys
 
-from common import PHI2, WORK, checkpoint, converted
+from common import PHI2, WORK, Skip, checkpoint, converted
 
 
-def linux():
-    if sys.platform.startswith("linux"):
-        return True
-    print("     (not Linux: the /sys layouts do not apply)")
-    return False
+LINUX = sys.platform.startswith("linux")
 
 
-def run_threads(*flags, sysfs=None, env=None, prefix=()):
-    """Generate one token with the tiny model; return (threads, reason) from the timings line."""
+def require_linux():
+    if not LINUX:
+        raise Skip("not Linux: the /sys layouts do not apply")
+
+
+NO_OPENMP = "prompts on 1: built without OpenMP"
+
+_test_build = []
+
+
+def require_test_build():
+    """The fake /sys needs the test-only hooks (-DPHI2_TEST_HOOKS), which -v names."""
+    if not _test_build:
+        p = subprocess.run([PHI2, "-v"], capture_output=True, timeout=60)
+        _test_build.append(b", test build)" in p.stdout)
+    if not _test_build[0]:
+        raise Skip("not a test build (no PHI2_SYSFS_ROOT): make test runs build/phi2-test")
+
+
+def run_threads(*flags, sysfs=None, env=None, cpus=None, note=None):
+    """Generate one token with the tiny model; return (threads, reason) from the timings line.
+    cpus: the affinity mask to start it with (Linux); note: a list to append the line's note
+    to (a build without OpenMP says NO_OPENMP after the reason, when it has threads)."""
     e = dict(os.environ)
     for name in ("OMP_NUM_THREADS", "PHI2_SYSFS_ROOT"):
         e.pop(name, None)
     if sysfs is not None:
         e["PHI2_SYSFS_ROOT"] = sysfs
     e.update(env or {})
-    cmd = [*prefix, PHI2, converted(checkpoint()), "--ids", "1,2", "-n", "1", *map(str, flags)]
-    p = subprocess.run(cmd, capture_output=True, env=e, timeout=120)
+    cmd = [PHI2, converted(checkpoint()), "--ids", "1,2", "-n", "1", *map(str, flags)]
+    p = subprocess.run(cmd, capture_output=True, env=e, timeout=120,
+                       preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus))
     err = p.stderr.decode("utf-8", "replace")
     assert p.returncode == 0, err[-1000:]
     m = re.search(r"\| (\d+) (threads?) \(([^)]*)\) \|", err)
     assert m, err[-500:]
     assert (m.group(2) == "thread") == (m.group(1) == "1"), m.group(0)  # "1 thread", "2 threads"
-    return int(m.group(1)), m.group(3)
+    reason, _, said = m.group(3).partition("; ")
+    assert said in ("", NO_OPENMP) and (said == "" or m.group(1) != "1"), m.group(0)
+    if note is not None:
+        note.append(said)
+    return int(m.group(1)), reason
+
+
+def built_with_openmp():
+    note = []
+    run_threads("-t", 2, note=note)
+    return note != [NO_OPENMP]
 
 
 def fake_sysfs(name, cpus, siblings=None, max_freq=None, files=None):
     """A /sys tree under WORK: cpus online, siblings[cpu] its thread_siblings_list, max_freq[cpu]
     in kHz, files: other paths (relative to the root) and their contents."""
+    require_test_build()
     root = os.path.join(WORK, "sysfs-" + name)
     shutil.rmtree(root, ignore_errors=True)
 
@@ -66,8 +95,7 @@ def fake_sysfs(name, cpus, siblings=None, max_freq=None, files=None):
 def test_hybrid_intel_counts_physical_performance_cores():
     """A 16-thread hybrid part: 4 performance cores with SMT (CPUs 0-7, siblings 0-1, 2-3, ...)
     listed in /sys/devices/cpu_core/cpus, 8 efficiency cores (8-15): 4 threads."""
-    if not linux():
-        return
+    require_linux()
     siblings = {c: f"{c & ~1}-{c | 1}" for c in range(8)}
     siblings.update({c: str(c) for c in range(8, 16)})
     root = fake_sysfs("hybrid", 16, siblings, files={"sys/devices/cpu_core/cpus": "0-7",
@@ -77,8 +105,7 @@ def test_hybrid_intel_counts_physical_performance_cores():
 
 def test_smt_machine_counts_physical_cores():
     """8 logical CPUs on 4 cores (siblings 0,4  1,5  2,6  3,7, as Linux numbers them): 4."""
-    if not linux():
-        return
+    require_linux()
     root = fake_sysfs("smt", 8, {c: f"{c % 4},{c % 4 + 4}" for c in range(8)})
     assert run_threads(sysfs=root) == (4, "physical cores")
 
@@ -86,8 +113,7 @@ def test_smt_machine_counts_physical_cores():
 def test_big_little_counts_the_fast_cores():
     """Arm big.LITTLE: 4 cores at 2.0 GHz and 4 at 3.0 GHz (by cpuinfo_max_freq), no SMT: 4.
     Cores whose top clocks differ by a few percent (boost bins) are all fast ones."""
-    if not linux():
-        return
+    require_linux()
     freq = {c: 2000000 if c < 4 else 3000000 for c in range(8)}
     root = fake_sysfs("biglittle", 8, {c: str(c) for c in range(8)}, freq)
     assert run_threads(sysfs=root) == (4, "performance cores")
@@ -98,21 +124,26 @@ def test_big_little_counts_the_fast_cores():
 
 def test_machine_without_topology_uses_every_cpu():
     """No topology or clock information: every online CPU (here 6). On this machine, with
-    the real /sys, the affinity mask limits the count (taskset -c 0: 1 thread)."""
-    if not linux():
-        return
+    the real /sys, the affinity mask limits the count (one CPU: 1 thread)."""
+    require_linux()
     assert run_threads(sysfs=fake_sysfs("plain", 6)) == (6, "all cores")
-    if shutil.which("taskset"):
-        n, why = run_threads(prefix=("taskset", "-c", "0"))
-        assert n == 1, (n, why)
+    n, why = run_threads(cpus={min(os.sched_getaffinity(0))})
+    assert n == 1, (n, why)
     n, _ = run_threads()
     assert 1 <= n <= len(os.sched_getaffinity(0)), n
 
 
-def test_threads_flag_and_omp_num_threads_win():
-    """-t, then OMP_NUM_THREADS, decide over the detection."""
-    root = fake_sysfs("smt-override", 8, {c: f"{c % 4},{c % 4 + 4}" for c in range(8)}) if linux() else None
+def test_threads_flag_wins():
+    """-t decides over the detection."""
+    root = fake_sysfs("smt-override", 8, {c: f"{c % 4},{c % 4 + 4}" for c in range(8)}) if LINUX else None
     assert run_threads("-t", 3, sysfs=root) == (3, "-t")
+
+
+def test_omp_num_threads_wins_over_detection_not_over_the_flag():
+    """OMP_NUM_THREADS decides over the detection, -t over OMP_NUM_THREADS."""
+    if not built_with_openmp():
+        raise Skip("built without OpenMP: OMP_NUM_THREADS is not read")
+    root = fake_sysfs("smt-override", 8, {c: f"{c % 4},{c % 4 + 4}" for c in range(8)}) if LINUX else None
     assert run_threads(sysfs=root, env={"OMP_NUM_THREADS": "3"}) == (3, "OMP_NUM_THREADS")
     assert run_threads("-t", 2, sysfs=root, env={"OMP_NUM_THREADS": "3"}) == (2, "-t")
 
@@ -143,8 +174,8 @@ def test_idle_threads_sleep_unless_the_user_says_otherwise():
     every parallel loop. A policy the user sets is kept."""
     got = spin_settings({})
     if got is None:
-        print("     (this OpenMP runtime does not print its settings, or no OpenMP)")
-        return
+        raise Skip("this OpenMP runtime does not print its settings" if built_with_openmp() else
+                   "built without OpenMP")
     assert got == ("GOMP_SPINCOUNT", "1000") or got == ("KMP_BLOCKTIME", "0"), got
     active = spin_settings({"OMP_WAIT_POLICY": "active"})
     assert int(active[1]) > 1000, active
@@ -173,8 +204,7 @@ def load_mode(*flags, available_kb=None):
 def test_model_is_read_into_memory_when_it_fits():
     """By default the weights are read into memory (huge pages: faster decode) when they fit
     with room to spare, else mapped; --mmap and --no-mmap decide regardless."""
-    if not linux():
-        return
+    require_linux()
     assert load_mode() == "in memory"  # a few MB, on a machine with at least a GB free
     assert load_mode("--mmap") == "mapped"
     size_kb = os.path.getsize(converted(checkpoint())) // 1024
