@@ -2825,7 +2825,10 @@ static ALWAYS_INLINE void panel_prefetch(PanelPrefetch *pf) {
                      _MM_HINT_T1);
 }
 
-enum { F32_PANEL_COL_BLOCK = 512, F32_PANEL_MIN_TOKENS = 8 };
+enum {
+    F32_PANEL_COL_BLOCK = 512,  // columns of a panel block: 16 rows of them (32 KB) stay in L1
+    F32_PANEL_MIN_TOKENS = 8,   // below this many tokens the tiles (no transposing) are faster
+};
 
 typedef void (*F32PanelBuild)(float *panel, const float *w, int cols, int kc, int n_rows);
 typedef void (*F32PanelTile)(float *out, int out_stride, const float *panel, const float *x, int kc, int T, int n_rows,
