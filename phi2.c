@@ -2476,7 +2476,7 @@ struct TiledProduct {
     const Matrix *W;
     const float *bias;
     int n_tokens;
-    const void *tile;             // the tile kernel (F32Tile or Int8Tile)
+    const void *tile;             // the tile kernel (int8: an Int8Tile; f32: its one tile, NULL)
     int RT, TT;                   // its full tile: RT rows x TT tokens
 };
 
@@ -2655,41 +2655,6 @@ static ALWAYS_INLINE void vecf_store_int8(int8_t *q, VecF v) {  // rounded to ne
 #endif
 
 #if PHI2_AVX512 || PHI2_AVX2 || PHI2_NEON
-typedef void (*F32Tile)(float *out, int out_stride, const float *w, const float *x, int cols, int kc, int R, int T,
-                        int first, const float *bias);
-
-/* Rows r0 .. r1 of the product, blocked (tile: RT rows x TT tokens). */
-static void f32_blocked_rows(const TiledProduct *p, int r0, int r1) {
-    float *out = p->out;
-    const float *in = p->in, *bias = p->bias;
-    const Matrix *W = p->W;
-    const F32Tile tile = (F32Tile)p->tile;
-    const int n_tokens = p->n_tokens, RT = p->RT, TT = p->TT;
-    const int rows = W->rows, cols = W->cols, kc = f32_col_block(cols, n_tokens);
-    for (int c0 = 0; c0 < cols; c0 += kc) {
-        const int k = cols - c0 < kc ? cols - c0 : kc;
-        const float *last_bias = c0 + k >= cols ? bias : NULL;
-        for (int r = r0; r < r1;) {
-            const int R = r1 - r >= RT ? RT : 1;  // the few leftover rows go one at a time
-            for (int t = 0; t < n_tokens; t += TT) {
-                const int T = n_tokens - t < TT ? n_tokens - t : TT;
-                tile(out + (size_t)t * rows + r, rows, W->w + (size_t)r * cols + c0, in + (size_t)t * cols + c0,
-                     cols, k, R, T, c0 == 0, last_bias ? last_bias + r : NULL);
-            }
-            r += R;
-        }
-    }
-}
-
-/* The loop nest shared by the AVX-512, AVX2 and NEON f32 kernels. */
-static void matmul_f32_blocked(float *out, const float *in, const Matrix *W, const float *bias, int n_tokens,
-                               F32Tile tile, int RT, int TT) {
-    const TiledProduct p = {out, in, NULL, W, bias, n_tokens, (const void *)tile, RT, TT};
-    tiled_product(&p, f32_blocked_rows);
-}
-#endif
-
-#if PHI2_AVX512 || PHI2_AVX2 || PHI2_NEON
 static ALWAYS_INLINE void f32_tile(float *out, int out_stride, const float *w, const float *x, int cols, int kc, int R,
                                    int T, int first, const float *bias) {
     VecF acc[F32_TILE_ROWS][F32_TILE_TOKENS];
@@ -2719,9 +2684,32 @@ static void f32_tile_any(float *out, int out_stride, const float *w, const float
 #undef TILE
 }
 
+/* Rows r0 .. r1 of the product, blocked into tiles of F32_TILE_ROWS x F32_TILE_TOKENS. */
+static void f32_blocked_rows(const TiledProduct *p, int r0, int r1) {
+    float *out = p->out;
+    const float *in = p->in, *bias = p->bias;
+    const Matrix *W = p->W;
+    const int n_tokens = p->n_tokens, RT = F32_TILE_ROWS, TT = F32_TILE_TOKENS;
+    const int rows = W->rows, cols = W->cols, kc = f32_col_block(cols, n_tokens);
+    for (int c0 = 0; c0 < cols; c0 += kc) {
+        const int k = cols - c0 < kc ? cols - c0 : kc;
+        const float *last_bias = c0 + k >= cols ? bias : NULL;
+        for (int r = r0; r < r1;) {
+            const int R = r1 - r >= RT ? RT : 1;  // the few leftover rows go one at a time
+            for (int t = 0; t < n_tokens; t += TT) {
+                const int T = n_tokens - t < TT ? n_tokens - t : TT;
+                f32_tile_any(out + (size_t)t * rows + r, rows, W->w + (size_t)r * cols + c0, in + (size_t)t * cols + c0,
+                             cols, k, R, T, c0 == 0, last_bias ? last_bias + r : NULL);
+            }
+            r += R;
+        }
+    }
+}
+
 /* Decode and batches too small for panels (below). */
 MAYBE_UNUSED static void matmul_f32_tiles(float *out, const float *in, const Matrix *W, const float *bias, int n_tokens) {
-    matmul_f32_blocked(out, in, W, bias, n_tokens, f32_tile_any, F32_TILE_ROWS, F32_TILE_TOKENS);
+    const TiledProduct p = {out, in, NULL, W, bias, n_tokens, NULL, F32_TILE_ROWS, F32_TILE_TOKENS};
+    tiled_product(&p, f32_blocked_rows);
 }
 #endif
 
@@ -2826,82 +2814,11 @@ static ALWAYS_INLINE void panel_prefetch(PanelPrefetch *pf) {
 }
 
 enum {
-    F32_PANEL_COL_BLOCK = 512,  // columns of a panel block: 16 rows of them (32 KB) stay in L1
-    F32_PANEL_MIN_TOKENS = 8,   // below this many tokens the tiles (no transposing) are faster
+    F32_PANEL_COL_BLOCK = 512,     // columns of a panel block: 16 rows of them (32 KB) stay in L1
+    F32_PANEL_MIN_TOKENS = 8,      // below this many tokens the tiles (no transposing) are faster
+    F32_PANEL_PREFETCH_STEPS = 8,  // the tiles prefetch some lines every this many columns
 };
 
-typedef void (*F32PanelBuild)(float *panel, const float *w, int cols, int kc, int n_rows);
-typedef void (*F32PanelTile)(float *out, int out_stride, const float *panel, const float *x, int kc, int T, int n_rows,
-                             int first, const float *bias, PanelPrefetch *pf);
-enum { F32_PANEL_PREFETCH_STEPS = 8 };  // the tiles prefetch some lines every this many columns
-
-/* The whole product for a batch, panels of PR rows, tiles of up to PT tokens. Scratch
- * (KernelScratch.panel): the activations in tile order, then one panel block per thread. */
-static void f32_panel_product(float *out, const float *in, const Matrix *W, const float *bias, int n_tokens,
-                              KernelScratch *k, int PR, int PT, F32PanelBuild build, F32PanelTile tile) {
-    const int rows = W->rows, cols = W->cols, n_threads = max_threads();
-    const int n_blocks = (cols + F32_PANEL_COL_BLOCK - 1) / F32_PANEL_COL_BLOCK;
-    const int kc = ((cols + n_blocks - 1) / n_blocks + 15) / 16 * 16, n_tiles = (n_tokens + PT - 1) / PT;
-    const size_t x_bytes = (mul_size(mul_size((size_t)n_tokens, (size_t)cols), sizeof(float)) + 63) / 64 * 64;
-    const size_t one_panel = (size_t)PR * kc * sizeof(float), need = x_bytes + mul_size((size_t)n_threads, one_panel);
-    if (need > k->panel_size) {
-        free_aligned(k->panel);
-        k->panel = xmalloc_aligned(need);
-        k->panel_size = need;
-    }
-    // Tile j: tokens j * PT onwards (full tiles, the last one shorter: clang 14 keeps a tile's
-    // accumulators in registers only when it is full), at xt + t_j * cols as [cols][T_j].
-    float *xt = (float *)k->panel;
-    const int c_step = 256;
-#pragma omp parallel for schedule(static)
-    for (int c0 = 0; c0 < cols; c0 += c_step) {
-        const int c1 = cols - c0 < c_step ? cols : c0 + c_step;
-        for (int j = 0; j < n_tiles; j++) {
-            const int t0 = j * PT, T = n_tokens - t0 < PT ? n_tokens - t0 : PT;
-            float *dst = xt + (size_t)t0 * cols;
-            for (int t = 0; t < T; t++)
-                for (int c = c0; c < c1; c++) dst[(size_t)c * T + t] = in[(size_t)(t0 + t) * cols + c];
-        }
-    }
-    const int n_panels = (rows + PR - 1) / PR, chunk_panels = tiles_per_chunk(n_panels, PR * matrix_row_bytes(W), max_threads());
-    const int n_chunks = (n_panels + chunk_panels - 1) / chunk_panels;
-    int next_chunk = 0;
-#pragma omp parallel
-    {
-#ifdef _OPENMP
-        const int thread = omp_get_thread_num();
-#else
-        const int thread = 0;
-#endif
-        float *panel = (float *)(k->panel + x_bytes + (size_t)thread * one_panel);
-        for (int chunk; (chunk = claim_chunk(&next_chunk)) < n_chunks;) {
-            const int p0 = chunk * chunk_panels, p1 = p0 + chunk_panels < n_panels ? p0 + chunk_panels : n_panels;
-            for (int c0 = 0; c0 < cols; c0 += kc) {
-                const int kk = cols - c0 < kc ? cols - c0 : kc;
-                const float *last_bias = c0 + kk >= cols ? bias : NULL;
-                for (int pi = p0; pi < p1; pi++) {
-                    const int r0 = pi * PR, n_rows = rows - r0 < PR ? rows - r0 : PR;
-                    build(panel, W->w + (size_t)r0 * cols + c0, cols, kk, n_rows);
-                    // the next panel block this thread builds: the next panel's, else the chunk's first at the next block
-                    const int next_r0 = pi + 1 < p1 ? r0 + PR : p0 * PR, next_c0 = pi + 1 < p1 ? c0 : c0 + kc;
-                    const int next_rows = next_c0 >= cols ? 0 : rows - next_r0 < PR ? rows - next_r0 : PR;
-                    const int next_kk = cols - next_c0 < kc ? cols - next_c0 : kc;
-                    const int lines_per_row = (int)(((size_t)next_kk * sizeof(float) + 63) / 64);
-                    const int steps = n_tiles * ((kk + F32_PANEL_PREFETCH_STEPS - 1) / F32_PANEL_PREFETCH_STEPS);
-                    PanelPrefetch pf = {next_rows ? (const char *)(W->w + (size_t)next_r0 * cols + next_c0) : NULL,
-                                        (size_t)cols * sizeof(float),
-                                        lines_per_row, 0, next_rows * lines_per_row,
-                                        (next_rows * lines_per_row + steps - 1) / steps};
-                    for (int j = 0; j < n_tiles; j++) {
-                        const int t0 = j * PT, T = n_tokens - t0 < PT ? n_tokens - t0 : PT;
-                        tile(out + (size_t)t0 * rows + r0, rows, panel, xt + (size_t)t0 * cols + (size_t)c0 * T, kk, T,
-                             n_rows, c0 == 0, last_bias ? last_bias + r0 : NULL, &pf);
-                    }
-                }
-            }
-        }
-    }
-}
 #endif
 
 /* What the panels need of the float vector besides the tile's operations: a panel is
@@ -2992,9 +2909,73 @@ static void f32_panel_tile_any(float *out, int out_stride, const float *panel, c
 #undef TILE
 }
 
+/* The whole product for a batch, panels of PR rows, tiles of up to PT tokens. Scratch
+ * (KernelScratch.panel): the activations in tile order, then one panel block per thread. */
 MAYBE_UNUSED static void matmul_f32_panels(float *out, const float *in, const Matrix *W, const float *bias,
                                            int n_tokens, KernelScratch *k) {
-    f32_panel_product(out, in, W, bias, n_tokens, k, VEC_FLOATS, F32_PANEL_TOKENS, f32_panel_build, f32_panel_tile_any);
+    const int PR = VEC_FLOATS, PT = F32_PANEL_TOKENS;
+    const int rows = W->rows, cols = W->cols, n_threads = max_threads();
+    const int n_blocks = (cols + F32_PANEL_COL_BLOCK - 1) / F32_PANEL_COL_BLOCK;
+    const int kc = ((cols + n_blocks - 1) / n_blocks + 15) / 16 * 16, n_tiles = (n_tokens + PT - 1) / PT;
+    const size_t x_bytes = (mul_size(mul_size((size_t)n_tokens, (size_t)cols), sizeof(float)) + 63) / 64 * 64;
+    const size_t one_panel = (size_t)PR * kc * sizeof(float), need = x_bytes + mul_size((size_t)n_threads, one_panel);
+    if (need > k->panel_size) {
+        free_aligned(k->panel);
+        k->panel = xmalloc_aligned(need);
+        k->panel_size = need;
+    }
+    // Tile j: tokens j * PT onwards (full tiles, the last one shorter: clang 14 keeps a tile's
+    // accumulators in registers only when it is full), at xt + t_j * cols as [cols][T_j].
+    float *xt = (float *)k->panel;
+    const int c_step = 256;
+#pragma omp parallel for schedule(static)
+    for (int c0 = 0; c0 < cols; c0 += c_step) {
+        const int c1 = cols - c0 < c_step ? cols : c0 + c_step;
+        for (int j = 0; j < n_tiles; j++) {
+            const int t0 = j * PT, T = n_tokens - t0 < PT ? n_tokens - t0 : PT;
+            float *dst = xt + (size_t)t0 * cols;
+            for (int t = 0; t < T; t++)
+                for (int c = c0; c < c1; c++) dst[(size_t)c * T + t] = in[(size_t)(t0 + t) * cols + c];
+        }
+    }
+    const int n_panels = (rows + PR - 1) / PR, chunk_panels = tiles_per_chunk(n_panels, PR * matrix_row_bytes(W), max_threads());
+    const int n_chunks = (n_panels + chunk_panels - 1) / chunk_panels;
+    int next_chunk = 0;
+#pragma omp parallel
+    {
+#ifdef _OPENMP
+        const int thread = omp_get_thread_num();
+#else
+        const int thread = 0;
+#endif
+        float *panel = (float *)(k->panel + x_bytes + (size_t)thread * one_panel);
+        for (int chunk; (chunk = claim_chunk(&next_chunk)) < n_chunks;) {
+            const int p0 = chunk * chunk_panels, p1 = p0 + chunk_panels < n_panels ? p0 + chunk_panels : n_panels;
+            for (int c0 = 0; c0 < cols; c0 += kc) {
+                const int kk = cols - c0 < kc ? cols - c0 : kc;
+                const float *last_bias = c0 + kk >= cols ? bias : NULL;
+                for (int pi = p0; pi < p1; pi++) {
+                    const int r0 = pi * PR, n_rows = rows - r0 < PR ? rows - r0 : PR;
+                    f32_panel_build(panel, W->w + (size_t)r0 * cols + c0, cols, kk, n_rows);
+                    // the next panel block this thread builds: the next panel's, else the chunk's first at the next block
+                    const int next_r0 = pi + 1 < p1 ? r0 + PR : p0 * PR, next_c0 = pi + 1 < p1 ? c0 : c0 + kc;
+                    const int next_rows = next_c0 >= cols ? 0 : rows - next_r0 < PR ? rows - next_r0 : PR;
+                    const int next_kk = cols - next_c0 < kc ? cols - next_c0 : kc;
+                    const int lines_per_row = (int)(((size_t)next_kk * sizeof(float) + 63) / 64);
+                    const int steps = n_tiles * ((kk + F32_PANEL_PREFETCH_STEPS - 1) / F32_PANEL_PREFETCH_STEPS);
+                    PanelPrefetch pf = {next_rows ? (const char *)(W->w + (size_t)next_r0 * cols + next_c0) : NULL,
+                                        (size_t)cols * sizeof(float),
+                                        lines_per_row, 0, next_rows * lines_per_row,
+                                        (next_rows * lines_per_row + steps - 1) / steps};
+                    for (int j = 0; j < n_tiles; j++) {
+                        const int t0 = j * PT, T = n_tokens - t0 < PT ? n_tokens - t0 : PT;
+                        f32_panel_tile_any(out + (size_t)t0 * rows + r0, rows, panel, xt + (size_t)t0 * cols + (size_t)c0 * T,
+                                           kk, T, n_rows, c0 == 0, last_bias ? last_bias + r0 : NULL, &pf);
+                    }
+                }
+            }
+        }
+    }
 }
 #endif
 
