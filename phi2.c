@@ -13,8 +13,8 @@
  * Appendices, for speed and portability only:
  *   A. work sharing       which kernels this build has; how threads split a product's rows
  *   B. vector kernels     float32 over this build's vector (AVX-512, AVX2, NEON); x86 int8
- *                         (AVX-512 VNNI, AVX2, AMX) and the f16 KV cache (F16C)
- *   C. Arm kernels        int8 with NEON, dotprod (SDOT) and i8mm (SMMLA); the f16 KV cache
+ *                         (AVX-512 VNNI, AVX2, AMX); the f16 KV cache (F16C, NEON)
+ *   C. Arm kernels        int8 with NEON, dotprod (SDOT) and i8mm (SMMLA)
  *   D. batch attention    section 4's attention blocked over queries and keys, with an
  *                         online softmax (flash-attention style), for prompts
  *   E. dispatch           the one place that picks each operation's kernel and threads
@@ -928,6 +928,15 @@ static int max_threads(void) {
 #endif
 }
 
+/* The calling thread's number in an OpenMP team (0 .. threads - 1; 0 without OpenMP). */
+static int team_thread(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
 static void init_state(RunState *s, const Config *c, int ctx, int max_batch, int kv_type, int all_logits,
                        int n_threads) {
     const size_t H = (size_t)c->hidden_dim, F = (size_t)c->ffn_dim, B = (size_t)max_batch;
@@ -1027,11 +1036,7 @@ static void attention_scalar(RunState *s, const Config *c, int layer, int pos0, 
 #pragma omp parallel for schedule(dynamic, 1)
     for (int th = 0; th < n_tokens * n_heads; th++) {
         const int t = th / n_heads, head = th % n_heads;
-#ifdef _OPENMP
-        float *score = s->scores + (size_t)omp_get_thread_num() * s->ctx;
-#else
-        float *score = s->scores;
-#endif
+        float *score = s->scores + (size_t)team_thread() * s->ctx;
         attend(s, c, layer, head, pos0 + t, s->qkv + (size_t)t * 3 * H + (size_t)head * hd,
                s->att + (size_t)t * H + (size_t)head * hd, score);
     }
@@ -2385,9 +2390,10 @@ int main(int argc, char **argv) {
  *   PHI2_AMX     AMX-INT8 (Sapphire Rapids and later, Linux): int8 matmul for batches, used
  *                only if the OS grants the tile state at run time (amx_available)
  *   PHI2_F16C    F16C with AVX2 + FMA (every AVX2 CPU so far, and -march=x86-64-v3): the f16
- *                KV cache's conversion, dot and axpy, 8 values at a time (AVX-512 CPUs too)
- *   PHI2_NEON    Arm NEON (every aarch64 CPU); PHI2_NEON_DOTPROD with SDOT, PHI2_NEON_I8MM
- *                with SMMLA as well (Appendix C)
+ *                KV cache's kernels, 8 values at a time (AVX-512 CPUs too)
+ *   PHI2_NEON    Arm NEON (every aarch64 CPU): f32 matmul, quantization, the f16 KV cache;
+ *                int8 matmul, with SDOT (PHI2_NEON_DOTPROD) and SMMLA (PHI2_NEON_I8MM) where
+ *                the target has them (Appendix C)
  * -DPHI2_SCALAR_ONLY (make portable) leaves only the definitions. */
 #if !defined(PHI2_SCALAR_ONLY) && defined(__AVX512F__) && defined(__AVX512BW__)
 #define PHI2_AVX512 1
@@ -2548,6 +2554,17 @@ struct KernelScratch {
     int amx_state;             // AMX only: 0 = not asked yet, 1 = granted by the OS, -1 = refused
     ThreadPool *pool;          // one token's threads (pool_run); NULL: the calling thread alone
 };
+
+/* A scratch buffer of at least need bytes (64-byte aligned): grown as needed, kept for the
+ * next product. */
+MAYBE_UNUSED static unsigned char *scratch_at_least(unsigned char **buffer, size_t *size, size_t need) {
+    if (need > *size) {
+        free_aligned(*buffer);
+        *buffer = xmalloc_aligned(need);
+        *size = need;
+    }
+    return *buffer;
+}
 
 /* ------------------------------------------------------------------------------------- */
 /* Appendix B. Vector kernels: float32 (AVX-512, AVX2, NEON); x86 int8 and f16            */
@@ -2919,11 +2936,7 @@ MAYBE_UNUSED static void matmul_f32_panels(float *out, const float *in, const Ma
     const int kc = ((cols + n_blocks - 1) / n_blocks + 15) / 16 * 16, n_tiles = (n_tokens + PT - 1) / PT;
     const size_t x_bytes = (mul_size(mul_size((size_t)n_tokens, (size_t)cols), sizeof(float)) + 63) / 64 * 64;
     const size_t one_panel = (size_t)PR * kc * sizeof(float), need = x_bytes + mul_size((size_t)n_threads, one_panel);
-    if (need > k->panel_size) {
-        free_aligned(k->panel);
-        k->panel = xmalloc_aligned(need);
-        k->panel_size = need;
-    }
+    scratch_at_least(&k->panel, &k->panel_size, need);
     // Tile j: tokens j * PT onwards (full tiles, the last one shorter: clang 14 keeps a tile's
     // accumulators in registers only when it is full), at xt + t_j * cols as [cols][T_j].
     float *xt = (float *)k->panel;
@@ -2943,11 +2956,7 @@ MAYBE_UNUSED static void matmul_f32_panels(float *out, const float *in, const Ma
     int next_chunk = 0;
 #pragma omp parallel
     {
-#ifdef _OPENMP
-        const int thread = omp_get_thread_num();
-#else
-        const int thread = 0;
-#endif
+        const int thread = team_thread();
         float *panel = (float *)(k->panel + x_bytes + (size_t)thread * one_panel);
         for (int chunk; (chunk = claim_chunk(&next_chunk)) < n_chunks;) {
             const int p0 = chunk * chunk_panels, p1 = p0 + chunk_panels < n_panels ? p0 + chunk_panels : n_panels;
@@ -3646,11 +3655,7 @@ static void matmul_int8_panels(float *out, const QuantizedRows *in, const Matrix
     const int wgroup = q4 ? Q4_GROUP : Q8_GROUP, n_wg = cols / wgroup, n_threads = max_threads();
     const size_t x_bytes = (mul_size((size_t)n_tokens, (size_t)cols) + 63) / 64 * 64, one_panel = panel_bytes(cols, wgroup);
     const size_t need = x_bytes + mul_size((size_t)n_threads, one_panel);
-    if (need > k->panel_size) {
-        free_aligned(k->panel);
-        k->panel = xmalloc_aligned(need);
-        k->panel_size = need;
-    }
+    scratch_at_least(&k->panel, &k->panel_size, need);
     const uint8_t *x = (const uint8_t *)in->q;
     if (q4 || !PANEL_Q8_SIGNED_X) {
         uint8_t *xu = k->panel;
@@ -3665,11 +3670,7 @@ static void matmul_int8_panels(float *out, const QuantizedRows *in, const Matrix
     int next_chunk = 0;
 #pragma omp parallel
     {
-#ifdef _OPENMP
-        const int thread = omp_get_thread_num();
-#else
-        const int thread = 0;
-#endif
+        const int thread = team_thread();
         unsigned char *mine = k->panel + x_bytes + (size_t)thread * one_panel;
         const Panel p = {(int8_t *)mine, (float *)(mine + (size_t)PANEL_ROWS * cols),
                          (int32_t *)(mine + (size_t)PANEL_ROWS * cols + (size_t)n_wg * PANEL_ROWS * sizeof(float))};
@@ -3826,11 +3827,7 @@ static void matmul_q8_amx(float *out, const QuantizedRows *in, const Matrix *W, 
     const int rows = W->rows, cols = W->cols, n_groups = cols / 64, n_tb = (n_tokens + 15) / 16;
     const size_t tiles = (size_t)n_tb * n_groups;
     size_t need = tiles * 1024 + tiles * 16 * sizeof(float);
-    if (need > k->amx_pack_size) {  // repacked activations: grown as needed, kept for the next call
-        free_aligned(k->amx_pack);
-        k->amx_pack = xmalloc_aligned(need);
-        k->amx_pack_size = need;
-    }
+    scratch_at_least(&k->amx_pack, &k->amx_pack_size, need);
     int8_t *packed = (int8_t *)k->amx_pack;                    // [n_tb][n_groups][16 k4][16 t][4]
     float *xs_packed = (float *)(k->amx_pack + tiles * 1024);  // [n_tb][n_groups][16 t]
     for (int tb = 0; tb < n_tb; tb++)
@@ -3870,110 +3867,136 @@ static void matmul_q8_amx(float *out, const QuantizedRows *in, const Matrix *W, 
 #endif
 
 
-#if PHI2_AVX512
-#endif
-
-#if PHI2_AVX2
-#endif
-
-/* The f16 KV cache with F16C: vcvtps2ph rounds 8 floats to f16 (immediate 0: to nearest,
- * ties to even, whatever MXCSR says), bit for bit what f16_from_f32 does, NaN included;
- * vcvtph2ps widens 8 exactly. Tails (head_dim 80 has none) go through the scalar twins. */
+/* --- The f16 KV cache ------------------------------------------------------------------
+ * Its conversions, dot and axpy, and a head's scores and weighted sum, written once over
+ * VecH: HALF_LANES floats that load and store as f16. F16C (x86, 8 lanes: AVX-512 builds
+ * too) and NEON (4 lanes) convert exactly: widening is exact, and narrowing rounds to
+ * nearest even, bit for bit as f16_from_f32 does, NaN included (F16C's immediate 0
+ * whatever MXCSR says; NEON's FCVTN under the default FPCR). Tails go through the scalar
+ * twins; head_dim 80 has none. */
 #if PHI2_F16C
-static ALWAYS_INLINE __m256 load8_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+#define PHI2_F16_VEC 1
+typedef __m256 VecH;
+enum { HALF_LANES = 8 };
+static ALWAYS_INLINE VecH vech_load_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+static ALWAYS_INLINE void vech_store_f16(uint16_t *p, VecH v) {
+    _mm_storeu_si128((__m128i *)p, _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+static ALWAYS_INLINE VecH vech_load(const float *p) { return _mm256_loadu_ps(p); }
+static ALWAYS_INLINE void vech_store(float *p, VecH v) { _mm256_storeu_ps(p, v); }
+static ALWAYS_INLINE VecH vech_set(float f) { return _mm256_set1_ps(f); }
+static ALWAYS_INLINE VecH vech_fma(VecH a, VecH b, VecH acc) { return _mm256_fmadd_ps(a, b, acc); }
+static ALWAYS_INLINE VecH vech_mul(VecH a, VecH b) { return _mm256_mul_ps(a, b); }
+static ALWAYS_INLINE float vech_sum(VecH v) { return hsum256(v); }
+static ALWAYS_INLINE VecH vech_sums(const VecH v[8]) {  // lane j: the sum of v[j]'s lanes
+    // per 128-bit half: the sums of v[0 .. 3] and of v[4 .. 7], then the halves added
+    const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+    const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+    return _mm256_add_ps(_mm256_blend_ps(s0123, s4567, 0xF0), _mm256_permute2f128_ps(s0123, s4567, 0x21));
+}
+#elif PHI2_NEON
+#define PHI2_F16_VEC 1
+typedef float32x4_t VecH;
+enum { HALF_LANES = 4 };
+static ALWAYS_INLINE VecH vech_load_f16(const uint16_t *p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
+static ALWAYS_INLINE void vech_store_f16(uint16_t *p, VecH v) { vst1_u16(p, vreinterpret_u16_f16(vcvt_f16_f32(v))); }
+static ALWAYS_INLINE VecH vech_load(const float *p) { return vld1q_f32(p); }
+static ALWAYS_INLINE void vech_store(float *p, VecH v) { vst1q_f32(p, v); }
+static ALWAYS_INLINE VecH vech_set(float f) { return vdupq_n_f32(f); }
+static ALWAYS_INLINE VecH vech_fma(VecH a, VecH b, VecH acc) { return vfmaq_f32(acc, a, b); }
+static ALWAYS_INLINE VecH vech_mul(VecH a, VecH b) { return vmulq_f32(a, b); }
+static ALWAYS_INLINE float vech_sum(VecH v) { return vaddvq_f32(v); }
+static ALWAYS_INLINE VecH vech_sums(const VecH v[4]) {  // lane j: the sum of v[j]'s lanes
+    return vpaddq_f32(vpaddq_f32(v[0], v[1]), vpaddq_f32(v[2], v[3]));
+}
+#endif
 
-MAYBE_UNUSED static void f32_to_f16_row_f16c(uint16_t *out, const float *x, int n) {
+#if PHI2_F16_VEC
+MAYBE_UNUSED static void f32_to_f16_row_vec(uint16_t *out, const float *x, int n) {
     int i = 0;
-    for (; i + 8 <= n; i += 8)
-        _mm_storeu_si128((__m128i *)(out + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i + HALF_LANES <= n; i += HALF_LANES) vech_store_f16(out + i, vech_load(x + i));
     f32_to_f16_row_scalar(out + i, x + i, n - i);
 }
 
-MAYBE_UNUSED static void f16_to_f32_row_f16c(float *out, const uint16_t *x, int n) {
+MAYBE_UNUSED static void f16_to_f32_row_vec(float *out, const uint16_t *x, int n) {
     int i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, load8_f16(x + i));
+    for (; i + HALF_LANES <= n; i += HALF_LANES) vech_store(out + i, vech_load_f16(x + i));
     f16_to_f32_row_scalar(out + i, x + i, n - i);
 }
 
-/* Two accumulators: a head's 80 values are 10 FMAs, which one chain would serialize. */
-MAYBE_UNUSED static float dot_f32_f16_f16c(const float *a, const uint16_t *b, int n) {
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+/* Two accumulators: a head's 80 values are 10 FMAs (F16C), which one chain would serialize. */
+MAYBE_UNUSED static float dot_f32_f16_vec(const float *a, const uint16_t *b, int n) {
+    VecH acc0 = vech_set(0.0f), acc1 = vech_set(0.0f);
     int i = 0;
-    for (; i + 16 <= n; i += 16) {
-        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8_f16(b + i), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), load8_f16(b + i + 8), acc1);
+    for (; i + 2 * HALF_LANES <= n; i += 2 * HALF_LANES) {
+        acc0 = vech_fma(vech_load(a + i), vech_load_f16(b + i), acc0);
+        acc1 = vech_fma(vech_load(a + i + HALF_LANES), vech_load_f16(b + i + HALF_LANES), acc1);
     }
-    if (i + 8 <= n) {
-        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8_f16(b + i), acc0);
-        i += 8;
+    if (i + HALF_LANES <= n) {
+        acc0 = vech_fma(vech_load(a + i), vech_load_f16(b + i), acc0);
+        i += HALF_LANES;
     }
-    return hsum256(_mm256_add_ps(acc0, acc1)) + dot_f32_f16_scalar(a + i, b + i, n - i);
+    return vech_sum(acc0) + vech_sum(acc1) + dot_f32_f16_scalar(a + i, b + i, n - i);
 }
 
-MAYBE_UNUSED static void axpy_f16_f16c(float *out, float w, const uint16_t *v, int n) {
-    const __m256 wv = _mm256_set1_ps(w);
+MAYBE_UNUSED static void axpy_f16_vec(float *out, float w, const uint16_t *v, int n) {
+    const VecH wv = vech_set(w);
     int i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_fmadd_ps(wv, load8_f16(v + i), _mm256_loadu_ps(out + i)));
+    for (; i + HALF_LANES <= n; i += HALF_LANES) vech_store(out + i, vech_fma(wv, vech_load_f16(v + i), vech_load(out + i)));
     axpy_f16_scalar(out + i, w, v + i, n - i);
 }
 
 /* A generated token's attention deep in the context, a head at a time, for Phi-2's head of
- * 80 numbers (10 vectors). Scores: 8 keys at a time, each with its own accumulator, the 8
- * sums reduced together (3 levels of hadd) instead of one horizontal sum per key. Weighted
- * sum: the head's 80 outputs stay in 10 registers across all positions instead of being
- * loaded and stored once per position. */
-enum { F16C_HEAD_VECTORS = 10 };  // head_dim 80: the head kernels' one shape (others: per row)
+ * 80 numbers (HEAD_VECTORS vectors). Scores: HALF_LANES keys at a time, each with its own
+ * accumulator, reduced together (vech_sums) instead of one horizontal sum per key.
+ * Weighted sum: the head's 80 outputs stay in registers across all positions instead of
+ * being loaded and stored once per position. */
+enum { HEAD_VECTORS = 80 / HALF_LANES };  // head_dim 80: the head kernels' one shape (others: per row)
 enum { KV_PREFETCH_BYTES = 2048 };  // both prefetch this far ahead in the head's keys or values
 
-MAYBE_UNUSED static void scores_f16_f16c(float *score, const float *q, const uint16_t *keys, int n_pos, float scale) {
-    const int hd = 8 * F16C_HEAD_VECTORS;
-    const __m256 scale8 = _mm256_set1_ps(scale);
+MAYBE_UNUSED static void scores_f16_vec(float *score, const float *q, const uint16_t *keys, int n_pos, float scale) {
+    const int hd = HALF_LANES * HEAD_VECTORS;
     int p = 0;
-    for (; p + 8 <= n_pos; p += 8) {
-        __m256 acc[8];
-        for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+    for (; p + HALF_LANES <= n_pos; p += HALF_LANES) {
+        VecH acc[HALF_LANES];
+        for (int j = 0; j < HALF_LANES; j++) acc[j] = vech_set(0.0f);
         const char *block = (const char *)(keys + (size_t)p * hd);
-        for (int line = 0; line < 8 * hd * 2; line += 64) _mm_prefetch(block + KV_PREFETCH_BYTES + line, _MM_HINT_T0);
-        for (int i = 0; i < F16C_HEAD_VECTORS; i++) {
-            const __m256 qi = _mm256_loadu_ps(q + 8 * i);
-            for (int j = 0; j < 8; j++)
-                acc[j] = _mm256_fmadd_ps(qi, load8_f16(keys + (size_t)(p + j) * hd + 8 * i), acc[j]);
+        for (int line = 0; line < HALF_LANES * hd * 2; line += 64) __builtin_prefetch(block + KV_PREFETCH_BYTES + line);
+        for (int i = 0; i < HEAD_VECTORS; i++) {
+            const VecH qi = vech_load(q + HALF_LANES * i);
+            for (int j = 0; j < HALF_LANES; j++)
+                acc[j] = vech_fma(qi, vech_load_f16(keys + (size_t)(p + j) * hd + HALF_LANES * i), acc[j]);
         }
-        // per 128-bit half: [key 0, 1, 2, 3] and [4, 5, 6, 7], then the halves added
-        const __m256 k0123 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
-        const __m256 k4567 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
-        const __m256 sums = _mm256_add_ps(_mm256_blend_ps(k0123, k4567, 0xF0), _mm256_permute2f128_ps(k0123, k4567, 0x21));
-        _mm256_storeu_ps(score + p, _mm256_mul_ps(sums, scale8));
+        vech_store(score + p, vech_mul(vech_sums(acc), vech_set(scale)));
     }
-    for (; p < n_pos; p++) score[p] = dot_f32_f16_f16c(q, keys + (size_t)p * hd, hd) * scale;
+    for (; p < n_pos; p++) score[p] = dot_f32_f16_vec(q, keys + (size_t)p * hd, hd) * scale;
 }
 
-MAYBE_UNUSED static void weighted_sum_f16_f16c(float *out, const float *weight, const uint16_t *values, int n_pos) {
-    const int hd = 8 * F16C_HEAD_VECTORS;
-    __m256 acc[F16C_HEAD_VECTORS];
-    for (int i = 0; i < F16C_HEAD_VECTORS; i++) acc[i] = _mm256_setzero_ps();
+MAYBE_UNUSED static void weighted_sum_f16_vec(float *out, const float *weight, const uint16_t *values, int n_pos) {
+    const int hd = HALF_LANES * HEAD_VECTORS;
+    VecH acc[HEAD_VECTORS];
+    for (int i = 0; i < HEAD_VECTORS; i++) acc[i] = vech_set(0.0f);
     for (int p = 0; p < n_pos; p++) {
-        const __m256 w = _mm256_broadcast_ss(weight + p);
+        const VecH w = vech_set(weight[p]);
         if (p % 2 == 0) {  // two positions' values: 320 bytes, 5 lines
             const char *pair = (const char *)(values + (size_t)p * hd);
-            for (int line = 0; line < 2 * hd * 2; line += 64) _mm_prefetch(pair + KV_PREFETCH_BYTES + line, _MM_HINT_T0);
+            for (int line = 0; line < 2 * hd * 2; line += 64) __builtin_prefetch(pair + KV_PREFETCH_BYTES + line);
         }
-        for (int i = 0; i < F16C_HEAD_VECTORS; i++)
-            acc[i] = _mm256_fmadd_ps(w, load8_f16(values + (size_t)p * hd + 8 * i), acc[i]);
+        for (int i = 0; i < HEAD_VECTORS; i++) acc[i] = vech_fma(w, vech_load_f16(values + (size_t)p * hd + HALF_LANES * i), acc[i]);
     }
-    for (int i = 0; i < F16C_HEAD_VECTORS; i++) _mm256_storeu_ps(out + 8 * i, acc[i]);
+    for (int i = 0; i < HEAD_VECTORS; i++) vech_store(out + HALF_LANES * i, acc[i]);
 }
 #endif
 
 /* ------------------------------------------------------------------------------------- */
-/* Appendix C. Arm kernels: int8 (NEON, dotprod, i8mm) and f16                            */
+/* Appendix C. Arm kernels: int8 with NEON, dotprod and i8mm                             */
 /* ------------------------------------------------------------------------------------- */
 /* The section 3 kernels for 64-bit Arm (Apple M-series, Snapdragon X, Graviton, Raspberry
  * Pi), chosen at compile time from the target (make: -mcpu=native or -march=...). The
  * float32 products are Appendix B's, over NEON vectors; the int8 ones share its loop nest
  * (matmul_int8_tiled):
- *   PHI2_NEON          any aarch64 (NEON is part of Armv8-A): quantization, the f16 cache,
- *                      int8 matmul (widening multiplies, vmull_s8 + vpadalq_s16)
+ *   PHI2_NEON          any aarch64 (NEON is part of Armv8-A): int8 matmul with widening
+ *                      multiplies (vmull_s8 + vpadalq_s16)
  *   PHI2_NEON_DOTPROD  Armv8.2 dotprod (all Apple M, Snapdragon X, Graviton2+): int8 matmul
  *                      with SDOT, four int8 products summed into each int32 lane
  *   PHI2_NEON_I8MM     Armv8.6 i8mm (Apple M2+, Graviton3+): int8 matmul for batches with
@@ -3983,85 +4006,59 @@ MAYBE_UNUSED static void weighted_sum_f16_f16c(float *out, const float *weight, 
  * under qemu-aarch64 for every level). */
 #if PHI2_NEON
 
-/* Quantization, bit-identical to the scalar version: max |x| (order-free), one scalar
- * division, then per element one multiply and vcvtnq (round to nearest, ties to even, like
- * lrintf), narrowed with saturation (the values are within [-127, 127] anyway). */
-
 /* int8 kernels (group == 64: four 16-byte vectors). Each group's int32 sum is exact, as in
  * the scalar kernel; it is then scaled by d_w * d_x and accumulated in float lanes, summed
  * at the end (the only difference from the scalar kernel: the order of the float sum).
  * Register tile: 4 rows x 2 tokens (8 int32 group sums + 8 float accumulators). The tiles
- * go through matmul_int8_tiled (Appendix B): decode streams one row at a time. */
+ * go through matmul_int8_tiled (Appendix B): decode streams one row at a time. A build has
+ * one family: SDOT where the target has dotprod, else widening multiplies (the Armv8.0
+ * builds test those). */
 enum { Q8_R_NEON = 4, Q8_T_NEON = 2 };
+#define NEON_TILE_SHAPES TOKENS_UP_TO_2(Q8_R_NEON) TOKENS_UP_TO_2(1)
 
-/* The int32 sum of 16 products w[i] * x[i] added to acc: plain NEON widens to int16 (a pair
- * of products is at most 2 * 128 * 127 < 32767: exact) and pairwise-adds into int32. */
-static ALWAYS_INLINE int32x4_t dot16_neon(int32x4_t acc, int8x16_t w, int8x16_t x) {
-    int16x8_t p = vmull_s8(vget_low_s8(w), vget_low_s8(x));
-    p = vmlal_high_s8(p, w, x);
-    return vpadalq_s16(acc, p);
-}
-
+/* acc plus the int32 sums of 4 adjacent products w[i] * x[i] per lane (16 products): one
+ * SDOT, or with plain NEON a widening multiply to int16 (a pair of products is at most
+ * 2 * 128 * 127 < 32767: exact) and a pairwise add into int32 (other lanes, same total). */
+static ALWAYS_INLINE int32x4_t dot16(int32x4_t acc, int8x16_t w, int8x16_t x) {
 #if PHI2_NEON_DOTPROD
-static ALWAYS_INLINE int32x4_t dot16_sdot(int32x4_t acc, int8x16_t w, int8x16_t x) { return vdotq_s32(acc, w, x); }
+    return vdotq_s32(acc, w, x);
+#else
+    return vpadalq_s16(acc, vmlal_high_s8(vmull_s8(vget_low_s8(w), vget_low_s8(x)), w, x));
 #endif
-
-/* One tile with the 16-byte dot product DOT16 (dot16_neon or dot16_sdot). */
-#define Q8_TILE_NEON_BODY(DOT16)                                                                                  \
-    float32x4_t acc[Q8_R_NEON][Q8_T_NEON];                                                                      \
-    for (int r = 0; r < R; r++)                                                                                  \
-        for (int t = 0; t < T; t++) acc[r][t] = vdupq_n_f32(0.0f);                                               \
-    for (int g = 0; g < n_groups; g++) {                                                                         \
-        int32x4_t isum[Q8_R_NEON][Q8_T_NEON];                                                                    \
-        for (int r = 0; r < R; r++)                                                                              \
-            for (int t = 0; t < T; t++) isum[r][t] = vdupq_n_s32(0);                                             \
-        for (int k = 0; k < 64; k += 16) {                                                                       \
-            int8x16_t wv[Q8_R_NEON], xv[Q8_T_NEON];                                                              \
-            for (int r = 0; r < R; r++) wv[r] = vld1q_s8(w + (size_t)r * cols + (size_t)g * 64 + k);             \
-            for (int t = 0; t < T; t++) xv[t] = vld1q_s8(x + (size_t)t * cols + (size_t)g * 64 + k);             \
-            for (int r = 0; r < R; r++)                                                                          \
-                for (int t = 0; t < T; t++) isum[r][t] = DOT16(isum[r][t], wv[r], xv[t]);                        \
-        }                                                                                                        \
-        for (int r = 0; r < R; r++)                                                                              \
-            for (int t = 0; t < T; t++)                                                                          \
-                acc[r][t] = vfmaq_f32(acc[r][t], vcvtq_f32_s32(isum[r][t]),                                      \
-                                      vdupq_n_f32(wd[(size_t)r * n_groups + g] * xd[(size_t)t * n_groups + g])); \
-    }                                                                                                            \
-    for (int r = 0; r < R; r++)                                                                                  \
-        for (int t = 0; t < T; t++) out[(size_t)t * out_stride + r] = vaddvq_f32(acc[r][t]) + bias[r];
+}
 
 static ALWAYS_INLINE void q8_tile_neon(float *out, int out_stride, const int8_t *w, const float *wd, const int8_t *x,
                                        const float *xd, int cols, int n_groups, int R, int T, const float *bias) {
-    Q8_TILE_NEON_BODY(dot16_neon)
+    float32x4_t acc[Q8_R_NEON][Q8_T_NEON];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) acc[r][t] = vdupq_n_f32(0.0f);
+    for (int g = 0; g < n_groups; g++) {
+        int32x4_t isum[Q8_R_NEON][Q8_T_NEON];
+        for (int r = 0; r < R; r++)
+            for (int t = 0; t < T; t++) isum[r][t] = vdupq_n_s32(0);
+        for (int k = 0; k < 64; k += 16) {
+            int8x16_t wv[Q8_R_NEON], xv[Q8_T_NEON];
+            for (int r = 0; r < R; r++) wv[r] = vld1q_s8(w + (size_t)r * cols + (size_t)g * 64 + k);
+            for (int t = 0; t < T; t++) xv[t] = vld1q_s8(x + (size_t)t * cols + (size_t)g * 64 + k);
+            for (int r = 0; r < R; r++)
+                for (int t = 0; t < T; t++) isum[r][t] = dot16(isum[r][t], wv[r], xv[t]);
+        }
+        for (int r = 0; r < R; r++)
+            for (int t = 0; t < T; t++)
+                acc[r][t] = vfmaq_f32(acc[r][t], vcvtq_f32_s32(isum[r][t]),
+                                      vdupq_n_f32(wd[(size_t)r * n_groups + g] * xd[(size_t)t * n_groups + g]));
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) out[(size_t)t * out_stride + r] = vaddvq_f32(acc[r][t]) + bias[r];
 }
 
-#if PHI2_NEON_DOTPROD
-static ALWAYS_INLINE void q8_tile_sdot(float *out, int out_stride, const int8_t *w, const float *wd, const int8_t *x,
-                                       const float *xd, int cols, int n_groups, int R, int T, const float *bias) {
-    Q8_TILE_NEON_BODY(dot16_sdot)
-}
-#endif
-#undef Q8_TILE_NEON_BODY
-
-/* The tile shapes matmul_int8_tiled asks for (Q8_R_NEON or 1 rows, 1 .. Q8_T_NEON tokens). */
-#define Q8_NEON_TILES TOKENS_UP_TO_2(Q8_R_NEON) TOKENS_UP_TO_2(1)
-_Static_assert(Q8_T_NEON == 2, "Q8_NEON_TILES lists 1 .. 2 tokens");
 static void q8_tile_neon_any(float *out, int out_stride, const void *w, const void *wd, const int8_t *x,
                              const float *xd, const float *xo, int cols, int n_groups, int R, int T, const float *bias) {
     (void)xo;  // only the x86 q4 kernels use it
 #define TILE(r, t) q8_tile_neon(out, out_stride, w, wd, x, xd, cols, n_groups, r, t, bias)
-    TILE_SWITCH("q8_tile_neon", R, T, Q8_NEON_TILES);
+    TILE_SWITCH("q8_tile_neon", R, T, NEON_TILE_SHAPES);
 #undef TILE
 }
-#if PHI2_NEON_DOTPROD
-static void q8_tile_sdot_any(float *out, int out_stride, const void *w, const void *wd, const int8_t *x,
-                             const float *xd, const float *xo, int cols, int n_groups, int R, int T, const float *bias) {
-    (void)xo;  // only the x86 q4 kernels use it
-#define TILE(r, t) q8_tile_sdot(out, out_stride, w, wd, x, xd, cols, n_groups, r, t, bias)
-    TILE_SWITCH("q8_tile_sdot", R, T, Q8_NEON_TILES);
-#undef TILE
-}
-#endif
 
 /* q4: the 32 bytes of codes of one block as four vectors of 16 int8 weights (0..15, 16..31
  * from the low nibbles, 32..47, 48..63 from the high ones), looked up in Q4_LEVELS by tbl. */
@@ -4080,93 +4077,50 @@ static ALWAYS_INLINE float f32_from_f16_fcvt(uint16_t bits) {
     return (float)h;
 }
 
-/* One q4 tile with DOT16: each block's two groups get their own int32 sums and scales. */
-#define Q4_TILE_NEON_BODY(DOT16)                                                                                  \
-    float32x4_t acc[Q8_R_NEON][Q8_T_NEON];                                                                      \
-    for (int r = 0; r < R; r++)                                                                                  \
-        for (int t = 0; t < T; t++) acc[r][t] = vdupq_n_f32(0.0f);                                               \
-    const int8x16_t levels = vld1q_s8(Q4_LEVELS);                                                                \
-    const size_t row_bytes = (size_t)cols / 2, row_scales = (size_t)cols / Q4_GROUP;                             \
-    for (int b = 0; b < n_blocks; b++) {                                                                         \
-        int8x16_t wv[Q8_R_NEON][4];                                                                              \
-        float d0[Q8_R_NEON], d1[Q8_R_NEON];                                                                      \
-        for (int r = 0; r < R; r++) {                                                                            \
-            q4_decode_neon(w + (size_t)r * row_bytes + (size_t)b * (Q4_BLOCK / 2), levels, wv[r]);               \
-            d0[r] = f32_from_f16_fcvt(wd[(size_t)r * row_scales + 2 * (size_t)b]);                                \
-            d1[r] = f32_from_f16_fcvt(wd[(size_t)r * row_scales + 2 * (size_t)b + 1]);                            \
-        }                                                                                                        \
-        for (int t = 0; t < T; t++) {                                                                            \
-            const int8_t *xb = x + (size_t)t * cols + (size_t)b * Q4_BLOCK;                                      \
-            const int8x16_t x0 = vld1q_s8(xb), x1 = vld1q_s8(xb + 16), x2 = vld1q_s8(xb + 32),                   \
-                            x3 = vld1q_s8(xb + 48);                                                              \
-            const float xs = xd[(size_t)t * n_blocks + b];                                                       \
-            for (int r = 0; r < R; r++) {                                                                        \
-                int32x4_t s0 = DOT16(DOT16(vdupq_n_s32(0), wv[r][0], x0), wv[r][1], x1);                         \
-                int32x4_t s1 = DOT16(DOT16(vdupq_n_s32(0), wv[r][2], x2), wv[r][3], x3);                         \
-                acc[r][t] = vfmaq_f32(acc[r][t], vcvtq_f32_s32(s0), vdupq_n_f32(d0[r] * xs));                    \
-                acc[r][t] = vfmaq_f32(acc[r][t], vcvtq_f32_s32(s1), vdupq_n_f32(d1[r] * xs));                    \
-            }                                                                                                    \
-        }                                                                                                        \
-    }                                                                                                            \
-    for (int r = 0; r < R; r++)                                                                                  \
-        for (int t = 0; t < T; t++) out[(size_t)t * out_stride + r] = vaddvq_f32(acc[r][t]) + bias[r];
-
+/* The q4 tile: each block's two groups get their own int32 sums and scales. */
 static ALWAYS_INLINE void q4_tile_neon(float *out, int out_stride, const uint8_t *w, const uint16_t *wd,
                                        const int8_t *x, const float *xd, int cols, int n_blocks, int R, int T,
                                        const float *bias) {
-    Q4_TILE_NEON_BODY(dot16_neon)
+    float32x4_t acc[Q8_R_NEON][Q8_T_NEON];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) acc[r][t] = vdupq_n_f32(0.0f);
+    const int8x16_t levels = vld1q_s8(Q4_LEVELS);
+    const size_t row_bytes = (size_t)cols / 2, row_scales = (size_t)cols / Q4_GROUP;
+    for (int b = 0; b < n_blocks; b++) {
+        int8x16_t wv[Q8_R_NEON][4];
+        float d0[Q8_R_NEON], d1[Q8_R_NEON];
+        for (int r = 0; r < R; r++) {
+            q4_decode_neon(w + (size_t)r * row_bytes + (size_t)b * (Q4_BLOCK / 2), levels, wv[r]);
+            d0[r] = f32_from_f16_fcvt(wd[(size_t)r * row_scales + 2 * (size_t)b]);
+            d1[r] = f32_from_f16_fcvt(wd[(size_t)r * row_scales + 2 * (size_t)b + 1]);
+        }
+        for (int t = 0; t < T; t++) {
+            const int8_t *xb = x + (size_t)t * cols + (size_t)b * Q4_BLOCK;
+            const int8x16_t x0 = vld1q_s8(xb), x1 = vld1q_s8(xb + 16), x2 = vld1q_s8(xb + 32), x3 = vld1q_s8(xb + 48);
+            const float xs = xd[(size_t)t * n_blocks + b];
+            for (int r = 0; r < R; r++) {
+                const int32x4_t s0 = dot16(dot16(vdupq_n_s32(0), wv[r][0], x0), wv[r][1], x1);
+                const int32x4_t s1 = dot16(dot16(vdupq_n_s32(0), wv[r][2], x2), wv[r][3], x3);
+                acc[r][t] = vfmaq_f32(acc[r][t], vcvtq_f32_s32(s0), vdupq_n_f32(d0[r] * xs));
+                acc[r][t] = vfmaq_f32(acc[r][t], vcvtq_f32_s32(s1), vdupq_n_f32(d1[r] * xs));
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) out[(size_t)t * out_stride + r] = vaddvq_f32(acc[r][t]) + bias[r];
 }
 
-#if PHI2_NEON_DOTPROD
-static ALWAYS_INLINE void q4_tile_sdot(float *out, int out_stride, const uint8_t *w, const uint16_t *wd,
-                                       const int8_t *x, const float *xd, int cols, int n_blocks, int R, int T,
-                                       const float *bias) {
-    Q4_TILE_NEON_BODY(dot16_sdot)
-}
-#endif
-#undef Q4_TILE_NEON_BODY
-
-/* (A dotprod build calls only the SDOT one; its plain NEON twin is tested by the v8 builds.) */
-MAYBE_UNUSED static void q4_tile_neon_any(float *out, int out_stride, const void *w, const void *wd, const int8_t *x,
-                                          const float *xd, const float *xo, int cols, int n_blocks, int R, int T,
-                                          const float *bias) {
-    (void)xo;  // only the x86 q4 kernels use it
-#define TILE(r, t) q4_tile_neon(out, out_stride, w, wd, x, xd, cols, n_blocks, r, t, bias)
-    TILE_SWITCH("q4_tile_neon", R, T, Q8_NEON_TILES);
-#undef TILE
-}
-#if PHI2_NEON_DOTPROD
-static void q4_tile_sdot_any(float *out, int out_stride, const void *w, const void *wd, const int8_t *x,
+static void q4_tile_neon_any(float *out, int out_stride, const void *w, const void *wd, const int8_t *x,
                              const float *xd, const float *xo, int cols, int n_blocks, int R, int T, const float *bias) {
     (void)xo;  // only the x86 q4 kernels use it
-#define TILE(r, t) q4_tile_sdot(out, out_stride, w, wd, x, xd, cols, n_blocks, r, t, bias)
-    TILE_SWITCH("q4_tile_sdot", R, T, Q8_NEON_TILES);
+#define TILE(r, t) q4_tile_neon(out, out_stride, w, wd, x, xd, cols, n_blocks, r, t, bias)
+    TILE_SWITCH("q4_tile_neon", R, T, NEON_TILE_SHAPES);
 #undef TILE
 }
-#endif
 
-/* matmul_q4_simd: SDOT where the build has it, else plain NEON (i8mm builds: SDOT too). */
 static void matmul_q4_simd(float *out, const QuantizedRows *in, const Matrix *W, const float *bias, int n_tokens) {
-#if PHI2_NEON_DOTPROD
-    matmul_int8_tiled(out, in, W, bias, n_tokens, q4_tile_sdot_any, Q8_R_NEON, Q8_T_NEON);
-#else
     matmul_int8_tiled(out, in, W, bias, n_tokens, q4_tile_neon_any, Q8_R_NEON, Q8_T_NEON);
-#endif
 }
-
-/* Plain NEON int8 (Armv8.0). */
-MAYBE_UNUSED static void matmul_q8_neon(float *out, const QuantizedRows *in, const Matrix *W, const float *bias,
-                                        int n_tokens) {
-    matmul_int8_tiled(out, in, W, bias, n_tokens, q8_tile_neon_any, Q8_R_NEON, Q8_T_NEON);
-}
-
-#if PHI2_NEON_DOTPROD
-/* SDOT (Armv8.2 dotprod). */
-MAYBE_UNUSED static void matmul_q8_dotprod(float *out, const QuantizedRows *in, const Matrix *W, const float *bias,
-                                           int n_tokens) {
-    matmul_int8_tiled(out, in, W, bias, n_tokens, q8_tile_sdot_any, Q8_R_NEON, Q8_T_NEON);
-}
-#endif
 
 #if PHI2_NEON_I8MM
 /* SMMLA (Armv8.6 i8mm) for batches: vmmlaq_s32(acc, a, b) adds to the 2x2 int32 block acc
@@ -4237,73 +4191,32 @@ static void q8_tile_i8mm_any(float *out, int out_stride, const void *w, const vo
         else q8_tile_smmla(out, out_stride, w, wd, x, xd, cols, n_groups, 4, 2, bias);
         const int done = T & ~1;
         if (T > done)  // an odd last token
-            q8_tile_sdot(out + (size_t)done * out_stride, out_stride, w, wd, x + (size_t)done * cols,
+            q8_tile_neon(out + (size_t)done * out_stride, out_stride, w, wd, x + (size_t)done * cols,
                          xd + (size_t)done * n_groups, cols, n_groups, 4, 1, bias);
         return;
     }
     if (R != 1 && R != 4) bad_tile("q8_tile_i8mm", R, T);
     for (int t = 0; t < T; t += 2) {  // one row (or 4 rows, 1 token): SDOT
         const int n = T - t < 2 ? T - t : 2;
-        q8_tile_sdot_any(out + (size_t)t * out_stride, out_stride, w, wd, x + (size_t)t * cols,
+        q8_tile_neon_any(out + (size_t)t * out_stride, out_stride, w, wd, x + (size_t)t * cols,
                          xd + (size_t)t * n_groups, xo, cols, n_groups, R, n, bias);
     }
 }
 
-/* SMMLA for batches; decode (one token) is the SDOT kernel (memory-bound: nothing to gain). */
-MAYBE_UNUSED static void matmul_q8_i8mm(float *out, const QuantizedRows *in, const Matrix *W, const float *bias,
-                                        int n_tokens) {
-    if (n_tokens == 1) matmul_q8_dotprod(out, in, W, bias, n_tokens);
-    else matmul_int8_tiled(out, in, W, bias, n_tokens, q8_tile_i8mm_any, Q8_R_I8MM, Q8_T_I8MM);
-}
 #endif
 
-/* matmul_q8_simd: the best int8 kernel of this build (i8mm, else dotprod, else plain NEON). */
+/* matmul_q8_simd: SMMLA for batches where the build has i8mm; else, and for decode (one
+ * token, memory-bound: nothing to gain), the SDOT or plain NEON tiles. */
 static void matmul_q8_simd(float *out, const QuantizedRows *in, const Matrix *W, const float *bias, int n_tokens) {
 #if PHI2_NEON_I8MM
-    matmul_q8_i8mm(out, in, W, bias, n_tokens);
-#elif PHI2_NEON_DOTPROD
-    matmul_q8_dotprod(out, in, W, bias, n_tokens);
-#else
-    matmul_q8_neon(out, in, W, bias, n_tokens);
+    if (n_tokens > 1) {
+        matmul_int8_tiled(out, in, W, bias, n_tokens, q8_tile_i8mm_any, Q8_R_I8MM, Q8_T_I8MM);
+        return;
+    }
 #endif
+    matmul_int8_tiled(out, in, W, bias, n_tokens, q8_tile_neon_any, Q8_R_NEON, Q8_T_NEON);
 }
 
-/* The f16 KV cache: FCVTN/FCVTL (vcvt_f16_f32, vcvt_f32_f16) convert 4 values, part of
- * Armv8-A; with the default FPCR (round to nearest even, IEEE half, no flush to zero) they
- * round exactly as f16_from_f32 does. */
-static ALWAYS_INLINE float32x4_t load4_f16(const uint16_t *p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
-
-MAYBE_UNUSED static void f32_to_f16_row_neon(uint16_t *out, const float *x, int n) {
-    int i = 0;
-    for (; i + 4 <= n; i += 4) vst1_u16(out + i, vreinterpret_u16_f16(vcvt_f16_f32(vld1q_f32(x + i))));
-    f32_to_f16_row_scalar(out + i, x + i, n - i);
-}
-
-MAYBE_UNUSED static void f16_to_f32_row_neon(float *out, const uint16_t *x, int n) {
-    int i = 0;
-    for (; i + 4 <= n; i += 4) vst1q_f32(out + i, load4_f16(x + i));
-    f16_to_f32_row_scalar(out + i, x + i, n - i);
-}
-
-MAYBE_UNUSED static float dot_f32_f16_neon(const float *a, const uint16_t *b, int n) {
-    float32x4_t acc0 = vdupq_n_f32(0.0f), acc1 = vdupq_n_f32(0.0f);
-    int i = 0;
-    for (; i + 8 <= n; i += 8) {
-        acc0 = vfmaq_f32(acc0, vld1q_f32(a + i), load4_f16(b + i));
-        acc1 = vfmaq_f32(acc1, vld1q_f32(a + i + 4), load4_f16(b + i + 4));
-    }
-    if (i + 4 <= n) {
-        acc0 = vfmaq_f32(acc0, vld1q_f32(a + i), load4_f16(b + i));
-        i += 4;
-    }
-    return vaddvq_f32(vaddq_f32(acc0, acc1)) + dot_f32_f16_scalar(a + i, b + i, n - i);
-}
-
-MAYBE_UNUSED static void axpy_f16_neon(float *out, float w, const uint16_t *v, int n) {
-    int i = 0;
-    for (; i + 4 <= n; i += 4) vst1q_f32(out + i, vfmaq_n_f32(vld1q_f32(out + i), load4_f16(v + i), w));
-    axpy_f16_scalar(out + i, w, v + i, n - i);
-}
 #endif /* PHI2_NEON */
 
 /* ------------------------------------------------------------------------------------- */
@@ -4533,11 +4446,7 @@ MAYBE_UNUSED static void attention_blocked(RunState *s, const Config *c, int lay
 #pragma omp parallel for schedule(dynamic, 1)
     for (int w = 0; w < n_blocks * n_heads; w++) {
         const int block = n_blocks - 1 - w / n_heads, head = w % n_heads, t0 = block * ATTN_QUERY_BLOCK;
-#ifdef _OPENMP
-        float *scratch = s->attn_scratch + (size_t)omp_get_thread_num() * s->attn_scratch_floats;
-#else
-        float *scratch = s->attn_scratch;
-#endif
+        float *scratch = s->attn_scratch + (size_t)team_thread() * s->attn_scratch_floats;
         attention_block(s, c, layer, head, pos0, t0, n_tokens - t0 < ATTN_QUERY_BLOCK ? n_tokens - t0 : ATTN_QUERY_BLOCK,
                         scratch);
     }
@@ -4548,20 +4457,18 @@ MAYBE_UNUSED static void attention_blocked(RunState *s, const Config *c, int lay
 /* ------------------------------------------------------------------------------------- */
 /* The operations declared at the end of section 3, defined once: which kernel runs is
  * decided here and nowhere else, by the build's instruction sets (Appendix A), and so is
- * how the work is shared among threads. F16_KERNEL(name) is the f16 cache's kernel of
- * this build (name_f16c or name_neon), else the definition (name_scalar). */
-#if PHI2_F16C
-#define F16_KERNEL(name) name##_f16c
-#elif PHI2_NEON
-#define F16_KERNEL(name) name##_neon
+ * how the work is shared among threads. */
+#if PHI2_F16_VEC
+static void f32_to_f16_row(uint16_t *out, const float *x, int n) { f32_to_f16_row_vec(out, x, n); }
+static void f16_to_f32_row(float *out, const uint16_t *x, int n) { f16_to_f32_row_vec(out, x, n); }
+static float dot_f32_f16(const float *a, const uint16_t *b, int n) { return dot_f32_f16_vec(a, b, n); }
+static void axpy_f16(float *out, float w, const uint16_t *v, int n) { axpy_f16_vec(out, w, v, n); }
 #else
-#define F16_KERNEL(name) name##_scalar
+static void f32_to_f16_row(uint16_t *out, const float *x, int n) { f32_to_f16_row_scalar(out, x, n); }
+static void f16_to_f32_row(float *out, const uint16_t *x, int n) { f16_to_f32_row_scalar(out, x, n); }
+static float dot_f32_f16(const float *a, const uint16_t *b, int n) { return dot_f32_f16_scalar(a, b, n); }
+static void axpy_f16(float *out, float w, const uint16_t *v, int n) { axpy_f16_scalar(out, w, v, n); }
 #endif
-
-static void f32_to_f16_row(uint16_t *out, const float *x, int n) { F16_KERNEL(f32_to_f16_row)(out, x, n); }
-static void f16_to_f32_row(float *out, const uint16_t *x, int n) { F16_KERNEL(f16_to_f32_row)(out, x, n); }
-static float dot_f32_f16(const float *a, const uint16_t *b, int n) { return F16_KERNEL(dot_f32_f16)(a, b, n); }
-static void axpy_f16(float *out, float w, const uint16_t *v, int n) { F16_KERNEL(axpy_f16)(out, w, v, n); }
 
 /* softmax and gelu_new with a polynomial exp that vectorizes (Appendix D), or the
  * definitions' libm calls. */
@@ -4588,12 +4495,12 @@ static void gelu_new(float *x, size_t n) {
     for (size_t i = 0; i < n; i += chunk) gelu_new_span(x + i, n - i < chunk ? n - i : chunk);
 }
 
-/* A head's scores and weighted sum over an f16 cache: F16C has kernels for Phi-2's head
- * size; elsewhere the definitions' loops, over this build's dot and axpy. */
+/* A head's scores and weighted sum over an f16 cache: the vector kernels for Phi-2's head
+ * size; other sizes, and portable builds, the definitions' loops over dot and axpy. */
 static void scores_f16(float *score, const float *q, const uint16_t *keys, int n_pos, int hd, float scale) {
-#if PHI2_F16C
-    if (hd == 8 * F16C_HEAD_VECTORS) {
-        scores_f16_f16c(score, q, keys, n_pos, scale);
+#if PHI2_F16_VEC
+    if (hd == HALF_LANES * HEAD_VECTORS) {
+        scores_f16_vec(score, q, keys, n_pos, scale);
         return;
     }
 #endif
@@ -4601,9 +4508,9 @@ static void scores_f16(float *score, const float *q, const uint16_t *keys, int n
 }
 
 static void weighted_sum_f16(float *out, const float *weight, const uint16_t *values, int n_pos, int hd) {
-#if PHI2_F16C
-    if (hd == 8 * F16C_HEAD_VECTORS) {
-        weighted_sum_f16_f16c(out, weight, values, n_pos);
+#if PHI2_F16_VEC
+    if (hd == HALF_LANES * HEAD_VECTORS) {
+        weighted_sum_f16_vec(out, weight, values, n_pos);
         return;
     }
 #endif

@@ -322,15 +322,6 @@ static void test_q8(void) {
 #if PHI2_PANELS
         {"matmul_q8_panels", matmul_q8_panels, 0},
 #endif
-#if PHI2_NEON  // every Arm int8 kernel of the build, not only the one matmul_q8_simd picks
-        {"matmul_q8_neon", matmul_q8_neon, 0},
-#endif
-#if PHI2_NEON_DOTPROD
-        {"matmul_q8_dotprod", matmul_q8_dotprod, 0},
-#endif
-#if PHI2_NEON_I8MM
-        {"matmul_q8_i8mm", matmul_q8_i8mm, 0},
-#endif
 #if PHI2_AMX
         {"matmul_q8_amx", matmul_q8_amx_checked, 1},
 #endif
@@ -764,11 +755,8 @@ static void test_f16(void) {
         F16RowFn fn;
     } rows[] = {
         {"f32_to_f16_row", f32_to_f16_row},
-#if PHI2_F16C
-        {"f32_to_f16_row_f16c", f32_to_f16_row_f16c},
-#endif
-#if PHI2_NEON
-        {"f32_to_f16_row_neon", f32_to_f16_row_neon},
+#if PHI2_F16_VEC
+        {"f32_to_f16_row_vec", f32_to_f16_row_vec},
 #endif
     };
     static const int lengths[] = {1, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 33, 80, 257, 4096};
@@ -798,11 +786,8 @@ static void test_f16(void) {
         F32RowFn fn;
     } widen[] = {
         {"f16_to_f32_row", f16_to_f32_row},
-#if PHI2_F16C
-        {"f16_to_f32_row_f16c", f16_to_f32_row_f16c},
-#endif
-#if PHI2_NEON
-        {"f16_to_f32_row_neon", f16_to_f32_row_neon},
+#if PHI2_F16_VEC
+        {"f16_to_f32_row_vec", f16_to_f32_row_vec},
 #endif
     };
     for (size_t k = 0; k < sizeof(widen) / sizeof(*widen); k++) {
@@ -834,11 +819,8 @@ static void test_f16(void) {
     } kernels[] = {
         {"dot_f32_f16_scalar / axpy_f16_scalar", dot_f32_f16_scalar, axpy_f16_scalar},
         {"dot_f32_f16 / axpy_f16", dot_f32_f16, axpy_f16},
-#if PHI2_F16C
-        {"dot_f32_f16_f16c / axpy_f16_f16c", dot_f32_f16_f16c, axpy_f16_f16c},
-#endif
-#if PHI2_NEON
-        {"dot_f32_f16_neon / axpy_f16_neon", dot_f32_f16_neon, axpy_f16_neon},
+#if PHI2_F16_VEC
+        {"dot_f32_f16_vec / axpy_f16_vec", dot_f32_f16_vec, axpy_f16_vec},
 #endif
     };
     for (size_t k = 0; k < sizeof(kernels) / sizeof(*kernels); k++) {
@@ -878,7 +860,7 @@ static void test_f16(void) {
     }
 
     // A head's scores and weighted sum over n_pos f16 rows (head_dim 80, Phi-2's, takes the
-    // F16C head kernels; 64 the per-row loop), against double precision.
+    // vector head kernels; 64 the per-row loop), against double precision.
     static const int head_dims[] = {80, 64}, positions[] = {1, 7, 8, 9, 16, 17, 100, 1901};
     before = g_failed;
     for (size_t hi = 0; hi < sizeof(head_dims) / sizeof(*head_dims); hi++)
