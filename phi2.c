@@ -2789,6 +2789,8 @@ MAYBE_UNUSED static ALWAYS_INLINE void transpose16_epi32(__m512i v[16]) {
         v[12 + b] = _mm512_shuffle_i32x4(a1, a3, 0xDD);
     }
 }
+/* A mask of the first n of 16 lanes (all for n >= 16). */
+MAYBE_UNUSED static ALWAYS_INLINE __mmask16 first_lanes16(int n) { return (__mmask16)(n >= 16 ? 0xFFFFu : (1u << n) - 1); }
 #endif
 #if PHI2_AVX2
 /* v[i] holds 8 int32 of row i; afterwards v[c] holds element c of every row (lane i: row i). */
@@ -2808,6 +2810,10 @@ MAYBE_UNUSED static ALWAYS_INLINE void transpose8_epi32(__m256i v[8]) {
         v[b] = _mm256_permute2x128_si256(u[b], u[4 + b], 0x20);
         v[4 + b] = _mm256_permute2x128_si256(u[b], u[4 + b], 0x31);
     }
+}
+/* A mask of the first n of 8 lanes (all for n >= 8). */
+MAYBE_UNUSED static ALWAYS_INLINE __m256i first_lanes8(int n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 #endif
 
@@ -2845,7 +2851,6 @@ enum {
 #if PHI2_AVX512
 enum { F32_PANEL_TOKENS = 24 };  // + the panel vector of 32 zmm
 #define F32_PANEL_SHAPES TOKENS_UP_TO_24(1)
-static ALWAYS_INLINE __mmask16 first_lanes16(int n) { return (__mmask16)(n >= 16 ? 0xFFFFu : (1u << n) - 1); }
 static ALWAYS_INLINE VecF vecf_load_first(const float *p, int n) { return _mm512_maskz_loadu_ps(first_lanes16(n), p); }
 static ALWAYS_INLINE void vecf_store_first(float *p, VecF v, int n) { _mm512_mask_storeu_ps(p, first_lanes16(n), v); }
 static ALWAYS_INLINE VecF vecf_broadcast(const float *p) { return _mm512_set1_ps(*p); }
@@ -2861,9 +2866,6 @@ static ALWAYS_INLINE void vecf_transpose(VecF v[16]) {
 #elif PHI2_AVX2
 enum { F32_PANEL_TOKENS = 12 };  // + the panel vector + a broadcast of 16 ymm
 #define F32_PANEL_SHAPES TOKENS_UP_TO_12(1)
-static ALWAYS_INLINE __m256i first_lanes8(int n) {
-    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
 static ALWAYS_INLINE VecF vecf_load_first(const float *p, int n) {
     return n >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, first_lanes8(n));
 }
@@ -3046,15 +3048,25 @@ static ALWAYS_INLINE void q8_tile(float *out, int out_stride, const int8_t *w, c
  * group), lanes 8..15 weights 32..63 (its second): the float16 scales of 8 blocks (16
  * groups) of a row become floats with one vcvtph2ps, and one permute spreads a block's pair
  * over the lanes. */
+/* Q4_LEVELS + offset in each 128-bit lane (a table for vpshufb). */
+static ALWAYS_INLINE __m512i q4_levels_vnni(int offset) {
+    return _mm512_add_epi8(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)Q4_LEVELS)), _mm512_set1_epi8((char)offset));
+}
+
+/* The 32 bytes of codes of one block as its 64 weights in order, looked up in levels. */
+static ALWAYS_INLINE __m512i q4_decode_vnni(const uint8_t *codes, __m512i levels) {
+    const __m256i bytes = _mm256_loadu_si256((const __m256i *)codes);
+    const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(bytes), _mm256_srli_epi16(bytes, 4), 1);
+    return _mm512_shuffle_epi8(levels, _mm512_and_si512(both, _mm512_set1_epi8(15)));
+}
+
 static ALWAYS_INLINE void q4_tile(float *out, int out_stride, const uint8_t *w, const uint16_t *wd,
                                        const int8_t *x, const float *xd, const float *xo, int cols, int n_blocks,
                                        int R, int T, const float *bias) {
     __m512 acc[Q4_TILE_ROWS][Q4_TILE_TOKENS];
     for (int r = 0; r < R; r++)
         for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_ps();
-    const __m512i zero = _mm512_setzero_si512(), nibble = _mm512_set1_epi8(15);
-    const __m512i levels = _mm512_add_epi8(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)Q4_LEVELS)),
-                                           _mm512_set1_epi8(64));
+    const __m512i zero = _mm512_setzero_si512(), levels = q4_levels_vnni(64);
     const __m512i first_pair = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0), two = _mm512_set1_epi32(2);
     const size_t row_bytes = (size_t)cols / 2, n_groups = (size_t)cols / Q4_GROUP;
     for (int b0 = 0; b0 < n_blocks; b0 += 8) {
@@ -3079,10 +3091,8 @@ static ALWAYS_INLINE void q4_tile(float *out, int out_stride, const uint8_t *w, 
             __m512 ws[Q4_TILE_ROWS];
             for (int r = 0; r < R; r++) {
                 const uint8_t *codes = w + (size_t)r * row_bytes + (size_t)b * (Q4_BLOCK / 2);
-                const __m256i bytes = _mm256_loadu_si256((const __m256i *)codes);
                 _mm_prefetch((const char *)(codes + Q8_PREFETCH_BYTES), _MM_HINT_T0);
-                const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(bytes), _mm256_srli_epi16(bytes, 4), 1);
-                wv[r] = _mm512_shuffle_epi8(levels, _mm512_and_si512(both, nibble));
+                wv[r] = q4_decode_vnni(codes, levels);
                 ws[r] = _mm512_permutexvar_ps(pair, d[r]);
             }
             for (int t = 0; t < T; t++) {
@@ -3107,9 +3117,7 @@ static void q4_row(float *out, const uint8_t *w, const uint16_t *wd, const int8_
                         const float *xo, int n_blocks, const float *bias) {
     __m512 acc[Q4_DECODE_CHAINS];
     for (int i = 0; i < Q4_DECODE_CHAINS; i++) acc[i] = _mm512_setzero_ps();
-    const __m512i zero = _mm512_setzero_si512(), nibble = _mm512_set1_epi8(15);
-    const __m512i levels = _mm512_add_epi8(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)Q4_LEVELS)),
-                                           _mm512_set1_epi8(64));
+    const __m512i zero = _mm512_setzero_si512(), levels = q4_levels_vnni(64);
     const __m512i block_of_lane = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
     const __m512i first_pair = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0), two = _mm512_set1_epi32(2);
     for (int b0 = 0; b0 < n_blocks; b0 += 8) {
@@ -3129,10 +3137,8 @@ static void q4_row(float *out, const uint8_t *w, const uint16_t *wd, const int8_
             if (i >= nb) break;
             const size_t b = (size_t)b0 + (size_t)i;
             const uint8_t *codes = w + b * (Q4_BLOCK / 2);
-            const __m256i bytes = _mm256_loadu_si256((const __m256i *)codes);
             _mm_prefetch((const char *)(codes + Q8_PREFETCH_BYTES), _MM_HINT_T0);
-            const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(bytes), _mm256_srli_epi16(bytes, 4), 1);
-            const __m512i wv = _mm512_shuffle_epi8(levels, _mm512_and_si512(both, nibble));
+            const __m512i wv = q4_decode_vnni(codes, levels);
             const __m512i dot = _mm512_dpbusd_epi32(zero, wv, _mm512_loadu_si512((const void *)(x + b * Q4_BLOCK)));
             acc[i % Q4_DECODE_CHAINS] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(pair, scales),
                                                         acc[i % Q4_DECODE_CHAINS]);
@@ -3404,25 +3410,99 @@ static void matmul_int8_tiled(float *out, const QuantizedRows *in, const Matrix 
  * q_x + 128 (q_x ^ 0x80, once per product) and each group's sum starts at that correction.
  * The group sums are exact, as in the scalar kernel; only the float rounding differs.
  * Float32 batches use panels too (matmul_f32_panels, above: whole floats, no groups). */
-#if PHI2_AVX512_VNNI
-enum { PANEL_ROWS = 16, PANEL_TOKENS = 12, PANEL_MIN_TOKENS = 8, PANEL_Q8_SIGNED_X = 0 };
-#else
-/* AVX2 (one ymm: 8 rows x 4 bytes). With AVX-VNNI, 256-bit vpdpbusd does as above. Plain
+/* The panel's vectors: PanelVec has one int32 lane (4 int8 weights) per panel row, PanelVecF
+ * one float lane per row; AVX-512 VNNI: 16 rows, AVX2 (and AVX-VNNI): 8 (one ymm). Plain
  * AVX2 has only vpmaddubsw + vpmaddwd (dot_u8s8_avx2), whose int16 pairs saturate past
  * 32767: fine for q4 (levels within +-61: 2 * 255 * 61 < 32767), not for q8 weights up to
  * +-127 times q_x + 128. There q8 panels take the signed activations and move the sign onto
- * them, as q8_tile_avx2 does (|w| once per panel vector, shared by the tokens, times
+ * them, as the AVX2 q8_tile does (|w| once per panel vector, shared by the tokens, times
  * sign(q_x, w)), with no correction: PANEL_Q8_SIGNED_X.
- * Tokens per tile: 6 int32 sums + 6 float accumulators + the weight vector, its |w|, the
- * broadcast and vpmaddwd's ones fill the 16 ymm registers (4 to 8 tokens run alike: the
- * largest without spills). Panels beat the tiles from 4-6 tokens on: the same minimum as
- * AVX-512. */
+ * Tokens per tile: as many int32 sums and float accumulators as fill the registers beside
+ * the weight vector (AVX2: also its |w|, the broadcast and vpmaddwd's ones). */
+#if PHI2_AVX512_VNNI
+enum { PANEL_ROWS = 16, PANEL_TOKENS = 12, PANEL_MIN_TOKENS = 8, PANEL_Q8_SIGNED_X = 0 };
+#define PANEL_TILE_SHAPES TOKENS_UP_TO_12(1)
+typedef __m512i PanelVec;
+typedef __m512 PanelVecF;
+static ALWAYS_INLINE PanelVec pv_zero(void) { return _mm512_setzero_si512(); }
+static ALWAYS_INLINE PanelVec pv_load(const void *p) { return _mm512_load_si512(p); }
+static ALWAYS_INLINE void pv_store(void *p, PanelVec v) { _mm512_store_si512(p, v); }
+static ALWAYS_INLINE PanelVec pv_set4(int32_t four) { return _mm512_set1_epi32(four); }
+static ALWAYS_INLINE PanelVec pv_times(PanelVec v, int32_t k) { return _mm512_mullo_epi32(v, _mm512_set1_epi32(k)); }
+static ALWAYS_INLINE PanelVec pv_from_f16(const uint16_t *p) {
+    return _mm512_castps_si512(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)));
+}
+static ALWAYS_INLINE PanelVec pv_from_f32(const float *p) { return _mm512_castps_si512(_mm512_loadu_ps(p)); }
+static ALWAYS_INLINE void pv_transpose(PanelVec v[16]) { transpose16_epi32(v); }
+/* v[0][i]: the weights 64 * b .. 64 * b + 63 of row `row` of W (q4: its signed levels). */
+static ALWAYS_INLINE void pv_load_block(PanelVec v[1][16], int i, const Matrix *W, int row, int b) {
+    if (W->type == WEIGHTS_Q4) v[0][i] = q4_decode_vnni(W->codes + (size_t)row * (W->cols / 2) + (size_t)b * 32, q4_levels_vnni(0));
+    else v[0][i] = _mm512_loadu_si512((const void *)(W->q + (size_t)row * W->cols + (size_t)b * 64));
+}
+/* acc + the products of the 4 unsigned bytes of u by the 4 signed bytes of w in each lane;
+ * signed_x (never on VNNI): x signed, as |w| * sign(x, w). */
+static ALWAYS_INLINE PanelVec pv_abs8(PanelVec w) { return _mm512_abs_epi8(w); }
+static ALWAYS_INLINE PanelVec pv_dot(PanelVec acc, PanelVec x, PanelVec w, PanelVec w_abs, int signed_x) {
+    (void)w_abs, (void)signed_x;
+    return _mm512_dpbusd_epi32(acc, x, w);
+}
+static ALWAYS_INLINE PanelVecF pvf_load(const float *p) { return _mm512_load_ps(p); }
+static ALWAYS_INLINE PanelVecF pvf_set(float f) { return _mm512_set1_ps(f); }
+static ALWAYS_INLINE PanelVecF pvf_mul(PanelVecF a, PanelVecF b) { return _mm512_mul_ps(a, b); }
+static ALWAYS_INLINE PanelVecF pvf_add(PanelVecF a, PanelVecF b) { return _mm512_add_ps(a, b); }
+static ALWAYS_INLINE PanelVecF pvf_fma_i32(PanelVec a, PanelVecF b, PanelVecF acc) {
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), b, acc);
+}
+static ALWAYS_INLINE PanelVecF pvf_load_first(const float *p, int n) { return _mm512_maskz_loadu_ps(first_lanes16(n), p); }
+static ALWAYS_INLINE void pvf_store_first(float *p, PanelVecF v, int n) { _mm512_mask_storeu_ps(p, first_lanes16(n), v); }
+#else
 #if defined(__AVXVNNI__)
 enum { PANEL_ROWS = 8, PANEL_TOKENS = 6, PANEL_MIN_TOKENS = 8, PANEL_Q8_SIGNED_X = 0 };
 #else
 enum { PANEL_ROWS = 8, PANEL_TOKENS = 6, PANEL_MIN_TOKENS = 8, PANEL_Q8_SIGNED_X = 1 };
 #endif
+#define PANEL_TILE_SHAPES TOKENS_UP_TO_6(1)
+typedef __m256i PanelVec;
+typedef __m256 PanelVecF;
+static ALWAYS_INLINE PanelVec pv_zero(void) { return _mm256_setzero_si256(); }
+static ALWAYS_INLINE PanelVec pv_load(const void *p) { return _mm256_load_si256((const __m256i *)p); }
+static ALWAYS_INLINE void pv_store(void *p, PanelVec v) { _mm256_store_si256((__m256i *)p, v); }
+static ALWAYS_INLINE PanelVec pv_set4(int32_t four) { return _mm256_set1_epi32(four); }
+static ALWAYS_INLINE PanelVec pv_times(PanelVec v, int32_t k) { return _mm256_mullo_epi32(v, _mm256_set1_epi32(k)); }
+static ALWAYS_INLINE PanelVec pv_from_f16(const uint16_t *p) {
+    return _mm256_castps_si256(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)));
+}
+static ALWAYS_INLINE PanelVec pv_from_f32(const float *p) { return _mm256_castps_si256(_mm256_loadu_ps(p)); }
+static ALWAYS_INLINE void pv_transpose(PanelVec v[8]) { transpose8_epi32(v); }
+/* v[0][i], v[1][i]: the weights 64 * b .. 64 * b + 63 of row `row` of W (q4: its signed levels). */
+static ALWAYS_INLINE void pv_load_block(PanelVec v[2][8], int i, const Matrix *W, int row, int b) {
+    if (W->type == WEIGHTS_Q4) {
+        q4_decode_avx2(W->codes + (size_t)row * (W->cols / 2) + (size_t)b * 32, q4_levels_avx2(), &v[0][i], &v[1][i]);
+    } else {
+        v[0][i] = _mm256_loadu_si256((const __m256i *)(W->q + (size_t)row * W->cols + (size_t)b * 64));
+        v[1][i] = _mm256_loadu_si256((const __m256i *)(W->q + (size_t)row * W->cols + (size_t)b * 64 + 32));
+    }
+}
+static ALWAYS_INLINE PanelVec pv_abs8(PanelVec w) { return _mm256_abs_epi8(w); }
+static ALWAYS_INLINE PanelVec pv_dot(PanelVec acc, PanelVec x, PanelVec w, PanelVec w_abs, int signed_x) {
+    return signed_x ? dot_u8s8_avx2(acc, w_abs, _mm256_sign_epi8(x, w)) : dot_u8s8_avx2(acc, x, w);
+}
+static ALWAYS_INLINE PanelVecF pvf_load(const float *p) { return _mm256_load_ps(p); }
+static ALWAYS_INLINE PanelVecF pvf_set(float f) { return _mm256_set1_ps(f); }
+static ALWAYS_INLINE PanelVecF pvf_mul(PanelVecF a, PanelVecF b) { return _mm256_mul_ps(a, b); }
+static ALWAYS_INLINE PanelVecF pvf_add(PanelVecF a, PanelVecF b) { return _mm256_add_ps(a, b); }
+static ALWAYS_INLINE PanelVecF pvf_fma_i32(PanelVec a, PanelVecF b, PanelVecF acc) {
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), b, acc);
+}
+static ALWAYS_INLINE PanelVecF pvf_load_first(const float *p, int n) {
+    return n >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, first_lanes8(n));
+}
+static ALWAYS_INLINE void pvf_store_first(float *p, PanelVecF v, int n) {
+    if (n >= 8) _mm256_storeu_ps(p, v);
+    else _mm256_maskstore_ps(p, first_lanes8(n), v);
+}
 #endif
+enum { PANEL_BLOCK_PARTS = 64 / (4 * PANEL_ROWS) };  // vectors per row and 64 weights: 1 or 2
 
 typedef struct {
     int8_t *w;       // [cols / 4][PANEL_ROWS][4] the rows' weights (q4: their levels), 4 at a time
@@ -3435,215 +3515,97 @@ static size_t panel_bytes(int cols, int wgroup) {
     return (size_t)PANEL_ROWS * cols + (size_t)(cols / wgroup) * PANEL_ROWS * (sizeof(float) + sizeof(int32_t));
 }
 
-#if PHI2_AVX512_VNNI
-/* The panel of rows r0 .. r0 + n_rows - 1 of W (n_rows <= 16; missing rows are zeros). */
+/* The panel of rows r0 .. r0 + n_rows - 1 of W (n_rows <= PANEL_ROWS; missing rows are
+ * zeros). Each 64 weights of a row are PANEL_BLOCK_PARTS vectors (q4: a block, whose first
+ * and second 32 weights are one group each), and part j of the PANEL_ROWS rows, transposed,
+ * is the panel's next PANEL_ROWS vectors. A row's last scales (fewer than PANEL_ROWS groups)
+ * go through a small copy: nothing may be read past the row. */
 static void panel_build(const Panel *p, const Matrix *W, int r0, int n_rows) {
     const int cols = W->cols, q4 = W->type == WEIGHTS_Q4, n_wg = cols / (q4 ? Q4_GROUP : Q8_GROUP);
-    const __m512i zero = _mm512_setzero_si512(), ones = _mm512_set1_epi8(1), nibble = _mm512_set1_epi8(15);
-    const __m512i levels = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)Q4_LEVELS));
-    __m512i v[16];
+    const int need_corr = q4 || !PANEL_Q8_SIGNED_X;
+    const PanelVec ones = pv_set4(0x01010101);
+    PanelVec v[PANEL_BLOCK_PARTS][PANEL_ROWS];
     for (int b = 0; b < cols / 64; b++) {  // 64 weights of each row: 16 vectors of the panel
-        for (int i = 0; i < 16; i++) {
-            if (i >= n_rows) {
-                v[i] = zero;
-            } else if (q4) {  // as in the VNNI q4_tile, but signed levels
-                const __m256i bytes = _mm256_loadu_si256((const __m256i *)(W->codes + (size_t)(r0 + i) * (cols / 2) + (size_t)b * 32));
-                const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(bytes), _mm256_srli_epi16(bytes, 4), 1);
-                v[i] = _mm512_shuffle_epi8(levels, _mm512_and_si512(both, nibble));
-            } else {
-                v[i] = _mm512_loadu_si512((const void *)(W->q + (size_t)(r0 + i) * cols + (size_t)b * 64));
+#pragma GCC unroll 16
+        for (int i = 0; i < PANEL_ROWS; i++) {  // v[j][i]: part j of row i
+            if (i < n_rows) pv_load_block(v, i, W, r0 + i, b);
+            else for (int j = 0; j < PANEL_BLOCK_PARTS; j++) v[j][i] = pv_zero();
+        }
+        PanelVec sum = pv_zero(), sum_hi = pv_zero();  // per row: its group's sum of weights (q4: two groups)
+        for (int j = 0; j < PANEL_BLOCK_PARTS; j++) {
+            pv_transpose(v[j]);
+            for (int c = 0; c < PANEL_ROWS; c++) {
+                const int k = j * PANEL_ROWS + c;  // vector k of the block's 16: weights 4k .. 4k+3
+                pv_store(p->w + ((size_t)b * 16 + k) * 4 * PANEL_ROWS, v[j][c]);
+                if (q4 && k >= 8) sum_hi = pv_dot(sum_hi, ones, v[j][c], v[j][c], 0);
+                else if (need_corr) sum = pv_dot(sum, ones, v[j][c], v[j][c], 0);
             }
         }
-        transpose16_epi32(v);
-        __m512i sum_lo = zero, sum_hi = zero;  // per row: weights 0..31 and 32..63 of the block
-        for (int c = 0; c < 16; c++) {
-            _mm512_store_si512((void *)(p->w + ((size_t)b * 16 + c) * 64), v[c]);
-            if (c < 8) sum_lo = _mm512_dpbusd_epi32(sum_lo, ones, v[c]);
-            else sum_hi = _mm512_dpbusd_epi32(sum_hi, ones, v[c]);
-        }
-        if (q4) {
-            _mm512_store_si512((void *)(p->corr + (size_t)(2 * b) * 16), _mm512_slli_epi32(_mm512_sub_epi32(zero, sum_lo), 7));
-            _mm512_store_si512((void *)(p->corr + (size_t)(2 * b + 1) * 16), _mm512_slli_epi32(_mm512_sub_epi32(zero, sum_hi), 7));
-        } else {
-            _mm512_store_si512((void *)(p->corr + (size_t)b * 16),
-                               _mm512_slli_epi32(_mm512_sub_epi32(zero, _mm512_add_epi32(sum_lo, sum_hi)), 7));
-        }
+        if (q4) pv_store(p->corr + (size_t)(2 * b + 1) * PANEL_ROWS, pv_times(sum_hi, -128));
+        if (need_corr) pv_store(p->corr + (size_t)(q4 ? 2 * b : b) * PANEL_ROWS, pv_times(sum, -128));
     }
-    for (int g0 = 0; g0 < n_wg; g0 += 16) {  // the scales, 16 groups x 16 rows at a time, transposed
-        const int ng = n_wg - g0 < 16 ? n_wg - g0 : 16;
-        const __mmask16 present = (__mmask16)((1u << ng) - 1);
-        for (int i = 0; i < 16; i++) {
+    for (int g0 = 0; g0 < n_wg; g0 += PANEL_ROWS) {  // the scales, PANEL_ROWS groups x rows at a time, transposed
+        const int ng = n_wg - g0 < PANEL_ROWS ? n_wg - g0 : PANEL_ROWS;
+        for (int i = 0; i < PANEL_ROWS; i++) {
             const size_t at = (size_t)(r0 + i) * n_wg + g0;
-            if (i >= n_rows) v[i] = zero;
-            else if (q4) v[i] = _mm512_castps_si512(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(present, W->scale16 + at)));
-            else v[i] = _mm512_maskz_loadu_epi32(present, W->scale + at);
+            float tail[PANEL_ROWS] = {0};
+            uint16_t tail16[PANEL_ROWS] = {0};
+            if (i < n_rows && ng < PANEL_ROWS && q4) memcpy(tail16, W->scale16 + at, (size_t)ng * sizeof(uint16_t));
+            if (i < n_rows && ng < PANEL_ROWS && !q4) memcpy(tail, W->scale + at, (size_t)ng * sizeof(float));
+            const int whole = i < n_rows && ng == PANEL_ROWS;
+            v[0][i] = q4 ? pv_from_f16(whole ? W->scale16 + at : tail16) : pv_from_f32(whole ? W->scale + at : tail);
         }
-        transpose16_epi32(v);
-        for (int c = 0; c < ng; c++) _mm512_store_si512((void *)(p->scale + (size_t)(g0 + c) * 16), v[c]);
+        pv_transpose(v[0]);
+        for (int c = 0; c < ng; c++) pv_store(p->scale + (size_t)(g0 + c) * PANEL_ROWS, v[0][c]);
     }
 }
 
 /* Panel rows x T tokens (T <= PANEL_TOKENS): out[t][i] = sum over groups of the exact group
- * sum times both scales, + bias[i], for the panel's n_rows rows. xu: the tokens' q_x + 128. */
-static ALWAYS_INLINE void panel_tile_vnni(float *out, int out_stride, const Panel *p, const uint8_t *xu,
-                                          const float *xd, int cols, int wgroup, int T, int n_rows, const float *bias,
-                                          PanelPrefetch *pf) {
-    const int steps = wgroup / 4, n_wg = cols / wgroup, n_xg = cols / Q8_GROUP;
-    __m512 acc[PANEL_TOKENS];
-    for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
-    for (int g = 0; g < n_wg; g++) {
-        __m512i isum[PANEL_TOKENS];
-        const __m512i corr = _mm512_load_si512((const void *)(p->corr + (size_t)g * 16));
-        for (int t = 0; t < T; t++) isum[t] = corr;
-        const int8_t *wg = p->w + (size_t)g * steps * 64;
-        const uint8_t *xg = xu + (size_t)g * wgroup;
-#pragma GCC unroll 16
-        for (int s = 0; s < steps; s++) {
-            const __m512i wv = _mm512_load_si512((const void *)(wg + (size_t)s * 64));
-            for (int t = 0; t < T; t++) {
-                int32_t four;
-                memcpy(&four, xg + (size_t)t * cols + 4 * s, 4);
-                isum[t] = _mm512_dpbusd_epi32(isum[t], _mm512_set1_epi32(four), wv);
-            }
-        }
-        panel_prefetch(pf);
-        const __m512 ws = _mm512_load_ps(p->scale + (size_t)g * 16);
-        const size_t xs_at = (size_t)g * wgroup / Q8_GROUP;
-        for (int t = 0; t < T; t++)
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]), _mm512_mul_ps(ws, _mm512_set1_ps(xd[(size_t)t * n_xg + xs_at])),
-                                     acc[t]);
-    }
-    const __mmask16 present = (__mmask16)(n_rows >= 16 ? 0xFFFFu : (1u << n_rows) - 1);
-    const __m512 b = _mm512_maskz_loadu_ps(present, bias);
-    for (int t = 0; t < T; t++) _mm512_mask_storeu_ps(out + (size_t)t * out_stride, present, _mm512_add_ps(acc[t], b));
-}
-
-/* The specializations (1 .. PANEL_TOKENS tokens, q8 or q4 groups) the compiler unrolls. */
-static void panel_tile_any(float *out, int out_stride, const Panel *p, const uint8_t *xu, const float *xd, int cols,
-                           int wgroup, int T, int n_rows, const float *bias, PanelPrefetch *pf) {
-#define TILE(r, t)                                                                            \
-    (wgroup == Q8_GROUP ? panel_tile_vnni(out, out_stride, p, xu, xd, cols, Q8_GROUP, t, n_rows, bias, pf) \
-                       : panel_tile_vnni(out, out_stride, p, xu, xd, cols, Q4_GROUP, t, n_rows, bias, pf))
-    TILE_SWITCH("panel_tile_vnni", 1, T, TOKENS_UP_TO_12(1));
-#undef TILE
-}
-#else
-/* The panel of rows r0 .. r0 + n_rows - 1 of W (n_rows <= 8; missing rows are zeros). Each
- * 64 weights of a row are two vectors (q4: a block's low and high nibbles, each one group),
- * transposed 8 x 8. A row's last scales (fewer than 8 groups) go through a small copy: AVX2
- * has no masked 16-bit load, and nothing may be read past the row. */
-static void panel_build(const Panel *p, const Matrix *W, int r0, int n_rows) {
-    const int cols = W->cols, q4 = W->type == WEIGHTS_Q4, n_wg = cols / (q4 ? Q4_GROUP : Q8_GROUP);
-    const int need_corr = q4 || !PANEL_Q8_SIGNED_X;
-    const __m256i zero = _mm256_setzero_si256(), ones = _mm256_set1_epi8(1), levels = q4_levels_avx2();
-    __m256i lo[8], hi[8];
-    for (int b = 0; b < cols / 64; b++) {  // 64 weights of each row: 16 vectors of the panel
-        for (int i = 0; i < 8; i++) {
-            if (i >= n_rows) {
-                lo[i] = hi[i] = zero;
-            } else if (q4) {
-                q4_decode_avx2(W->codes + (size_t)(r0 + i) * (cols / 2) + (size_t)b * 32, levels, &lo[i], &hi[i]);
-            } else {
-                lo[i] = _mm256_loadu_si256((const __m256i *)(W->q + (size_t)(r0 + i) * cols + (size_t)b * 64));
-                hi[i] = _mm256_loadu_si256((const __m256i *)(W->q + (size_t)(r0 + i) * cols + (size_t)b * 64 + 32));
-            }
-        }
-        transpose8_epi32(lo);
-        transpose8_epi32(hi);
-        __m256i sum_lo = zero, sum_hi = zero;  // per row: weights 0..31 and 32..63 of the block
-        for (int c = 0; c < 8; c++) {
-            _mm256_store_si256((__m256i *)(p->w + ((size_t)b * 16 + c) * 32), lo[c]);
-            _mm256_store_si256((__m256i *)(p->w + ((size_t)b * 16 + 8 + c) * 32), hi[c]);
-            if (need_corr) {
-                sum_lo = dot_u8s8_avx2(sum_lo, ones, lo[c]);
-                sum_hi = dot_u8s8_avx2(sum_hi, ones, hi[c]);
-            }
-        }
-        if (q4) {
-            _mm256_store_si256((__m256i *)(p->corr + (size_t)(2 * b) * 8), _mm256_slli_epi32(_mm256_sub_epi32(zero, sum_lo), 7));
-            _mm256_store_si256((__m256i *)(p->corr + (size_t)(2 * b + 1) * 8), _mm256_slli_epi32(_mm256_sub_epi32(zero, sum_hi), 7));
-        } else if (need_corr) {
-            _mm256_store_si256((__m256i *)(p->corr + (size_t)b * 8),
-                               _mm256_slli_epi32(_mm256_sub_epi32(zero, _mm256_add_epi32(sum_lo, sum_hi)), 7));
-        }
-    }
-    for (int g0 = 0; g0 < n_wg; g0 += 8) {  // the scales, 8 groups x 8 rows at a time, transposed
-        const int ng = n_wg - g0 < 8 ? n_wg - g0 : 8;
-        for (int i = 0; i < 8; i++) {
-            const size_t at = (size_t)(r0 + i) * n_wg + g0;
-            if (i >= n_rows) {
-                lo[i] = zero;
-            } else if (q4) {
-                uint16_t tail[8] = {0};
-                if (ng < 8) memcpy(tail, W->scale16 + at, (size_t)ng * sizeof(uint16_t));
-                lo[i] = _mm256_castps_si256(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ng < 8 ? tail : W->scale16 + at))));
-            } else {
-                float tail[8] = {0};
-                if (ng < 8) memcpy(tail, W->scale + at, (size_t)ng * sizeof(float));
-                lo[i] = _mm256_castps_si256(_mm256_loadu_ps(ng < 8 ? tail : W->scale + at));
-            }
-        }
-        transpose8_epi32(lo);
-        for (int c = 0; c < ng; c++) _mm256_store_si256((__m256i *)(p->scale + (size_t)(g0 + c) * 8), lo[c]);
-    }
-}
-
-/* 8 panel rows x T tokens (T <= PANEL_TOKENS), as panel_tile_vnni. x: the tokens' q_x + 128,
- * or with signed_x (plain AVX2 q8) q_x itself, each product then |w| * sign(q_x, w).
+ * sum times both scales, + bias[i], for the panel's n_rows rows. x: the tokens' q_x + 128,
+ * or with signed_x (plain AVX2 q8) q_x itself.
  * The empty asm keeps each token's int32 sum in its register from step to step: without
- * it gcc reassociates the unrolled chain of vpaddd (integer adds, unlike vpdpbusd), keeps
- * every step's products on the stack and adds them up at the end. */
-static ALWAYS_INLINE void panel_tile_avx2(float *out, int out_stride, const Panel *p, const uint8_t *x, const float *xd,
-                                          int cols, int wgroup, int signed_x, int T, int n_rows, const float *bias,
-                                          PanelPrefetch *pf) {
+ * it gcc reassociates AVX2's unrolled chain of vpaddd (integer adds, unlike vpdpbusd),
+ * keeps every step's products on the stack and adds them up at the end. */
+static ALWAYS_INLINE void panel_tile(float *out, int out_stride, const Panel *p, const uint8_t *x, const float *xd,
+                                     int cols, int wgroup, int signed_x, int T, int n_rows, const float *bias,
+                                     PanelPrefetch *pf) {
     const int steps = wgroup / 4, n_wg = cols / wgroup, n_xg = cols / Q8_GROUP;
-    __m256 acc[PANEL_TOKENS];
-    for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
+    PanelVecF acc[PANEL_TOKENS];
+    for (int t = 0; t < T; t++) acc[t] = pvf_set(0.0f);
     for (int g = 0; g < n_wg; g++) {
-        __m256i isum[PANEL_TOKENS];
-        const __m256i start = signed_x ? _mm256_setzero_si256() : _mm256_load_si256((const __m256i *)(p->corr + (size_t)g * 8));
+        PanelVec isum[PANEL_TOKENS];
+        const PanelVec start = signed_x ? pv_zero() : pv_load(p->corr + (size_t)g * PANEL_ROWS);
         for (int t = 0; t < T; t++) isum[t] = start;
-        const int8_t *wg = p->w + (size_t)g * steps * 32;
+        const int8_t *wg = p->w + (size_t)g * steps * 4 * PANEL_ROWS;
         const uint8_t *xg = x + (size_t)g * wgroup;
 #pragma GCC unroll 16
         for (int s = 0; s < steps; s++) {
-            const __m256i wv = _mm256_load_si256((const __m256i *)(wg + (size_t)s * 32));
-            const __m256i wabs = signed_x ? _mm256_abs_epi8(wv) : wv;
+            const PanelVec wv = pv_load(wg + (size_t)s * 4 * PANEL_ROWS), w_abs = signed_x ? pv_abs8(wv) : wv;
             for (int t = 0; t < T; t++) {
                 int32_t four;
                 memcpy(&four, xg + (size_t)t * cols + 4 * s, 4);
-                const __m256i xv = _mm256_set1_epi32(four);
-                isum[t] = signed_x ? dot_u8s8_avx2(isum[t], wabs, _mm256_sign_epi8(xv, wv)) : dot_u8s8_avx2(isum[t], xv, wv);
-                __asm__("" : "+x"(isum[t]));
+                isum[t] = pv_dot(isum[t], pv_set4(four), wv, w_abs, signed_x);
+                __asm__("" : "+v"(isum[t]));
             }
         }
         panel_prefetch(pf);
-        const __m256 ws = _mm256_load_ps(p->scale + (size_t)g * 8);
+        const PanelVecF ws = pvf_load(p->scale + (size_t)g * PANEL_ROWS);
         const size_t xs_at = (size_t)g * wgroup / Q8_GROUP;
-        for (int t = 0; t < T; t++)
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_mul_ps(ws, _mm256_set1_ps(xd[(size_t)t * n_xg + xs_at])),
-                                     acc[t]);
+        for (int t = 0; t < T; t++) acc[t] = pvf_fma_i32(isum[t], pvf_mul(ws, pvf_set(xd[(size_t)t * n_xg + xs_at])), acc[t]);
     }
-    if (n_rows == 8) {
-        const __m256 b = _mm256_loadu_ps(bias);
-        for (int t = 0; t < T; t++) _mm256_storeu_ps(out + (size_t)t * out_stride, _mm256_add_ps(acc[t], b));
-    } else {  // masked: nothing read or written past the last row
-        const __m256i present = _mm256_cmpgt_epi32(_mm256_set1_epi32(n_rows), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-        const __m256 b = _mm256_maskload_ps(bias, present);
-        for (int t = 0; t < T; t++) _mm256_maskstore_ps(out + (size_t)t * out_stride, present, _mm256_add_ps(acc[t], b));
-    }
+    const PanelVecF b = pvf_load_first(bias, n_rows);
+    for (int t = 0; t < T; t++) pvf_store_first(out + (size_t)t * out_stride, pvf_add(acc[t], b), n_rows);
 }
 
 /* The specializations (1 .. PANEL_TOKENS tokens, q8 or q4 groups) the compiler unrolls. */
 static void panel_tile_any(float *out, int out_stride, const Panel *p, const uint8_t *x, const float *xd, int cols,
                            int wgroup, int T, int n_rows, const float *bias, PanelPrefetch *pf) {
-#define TILE(r, t)                                                                                          \
-    (wgroup == Q8_GROUP ? panel_tile_avx2(out, out_stride, p, x, xd, cols, Q8_GROUP, PANEL_Q8_SIGNED_X, t, n_rows, bias, pf) \
-                        : panel_tile_avx2(out, out_stride, p, x, xd, cols, Q4_GROUP, 0, t, n_rows, bias, pf))
-    TILE_SWITCH("panel_tile_avx2", 1, T, TOKENS_UP_TO_6(1));
+#define TILE(r, t)                                                                                     \
+    (wgroup == Q8_GROUP ? panel_tile(out, out_stride, p, x, xd, cols, Q8_GROUP, PANEL_Q8_SIGNED_X, t, n_rows, bias, pf) \
+                        : panel_tile(out, out_stride, p, x, xd, cols, Q4_GROUP, 0, t, n_rows, bias, pf))
+    TILE_SWITCH("panel_tile", 1, T, PANEL_TILE_SHAPES);
 #undef TILE
 }
-#endif
 
 /* The whole product for a batch: each thread claims chunks of panels (16 rows; 8 on AVX2),
  * builds each panel once and runs every token of the batch through it, PANEL_TOKENS at a
