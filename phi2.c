@@ -293,7 +293,8 @@ typedef struct {
     Tokenizer tokenizer;
     const unsigned char *map;            // the whole file, read-only
     size_t map_size;
-    int mapped;                          // map is an mmap (else a malloc'd copy, --no-mmap)
+    int mapped;                          // map is an mmap (else a malloc'd copy in huge pages)
+    const char *load_why;                // which of the two, and why ("mapped, a short run", ...)
     size_t weight_bytes;                 // bytes of weights streamed per generated token
 } Model;
 
@@ -436,12 +437,17 @@ static void show_read_progress(size_t done, size_t size, int is_terminal) {
     fflush(stderr);
 }
 
-/* Whether to copy the weights into memory rather than map them, by default. Decode streams
- * every weight once per token; from huge pages it runs faster than from the mapped file
- * (fewer TLB misses: docs/PERFORMANCE.md) at the cost of reading it at start: half a second from the OS file cache, several when the kernel must
- * first free and compact memory for the huge pages. Only if the copy fits comfortably: with a quarter
- * of the model and 1 GB to spare, for the KV cache, buffers and everything else running;
- * otherwise the map, which the OS can page in and out as it needs. */
+/* Map the file, or copy it into memory? Decode streams every weight once per token, and
+ * from huge pages it runs faster than from the mapped file (fewer TLB misses), but the copy
+ * reads the whole file before the first token: seconds, more when the kernel must first
+ * free and compact memory for the huge pages. A map starts at once. So by default a run
+ * that will generate COPY_MIN_TOKENS tokens or more, or has no such end (-i, --perplexity,
+ * -n -1), copies the file, and a shorter one maps it (docs/PERFORMANCE.md, "Loading": the
+ * crossover). The copy is made only if it fits comfortably: with a quarter of the model and
+ * 1 GB to spare, for the KV cache, buffers and everything else running; otherwise the map,
+ * which the OS can page in and out as it needs. */
+enum { COPY_MIN_TOKENS = 512 };
+
 static int copy_fits_in_memory(size_t file_size) {
     const unsigned long long available = memory_available(), margin = (unsigned long long)file_size / 4 + (1ull << 30);
     return available > margin && (unsigned long long)file_size <= available - margin;
@@ -449,8 +455,11 @@ static int copy_fits_in_memory(size_t file_size) {
 
 /* The weights section's two checksums (docs/FORMAT.md): the plain sum of its little-endian
  * u64 words, which changes with any flipped bit, and the sum of (i+1) * word_i, which also
- * changes when words trade places; both mod 2^64. Reading every weight once costs about as
- * much as generating one token, and catches a damaged download before it produces garbage. */
+ * changes when words trade places; both mod 2^64. They are checked where that costs next to
+ * nothing, after a copy into memory, and on request (--verify): from a fresh map, reading
+ * every weight costs more than the first token. A download is checked against its SHA-256
+ * already; a damaged weight section gives wrong numbers, never a crash (non-finite logits
+ * stop the run with an error). */
 static void weights_checksums(const unsigned char *p, size_t n_words, uint64_t *sum, uint64_t *weighted) {
     uint64_t s = 0, w = 0;
 #pragma omp parallel for schedule(dynamic, 1 << 15) reduction(+ : s, w)  // 256 KB chunks: a busy core takes fewer
@@ -520,29 +529,40 @@ static void parse_model(Model *m, const unsigned char *data, size_t size, const 
     if (end != w_size)
         die("'%s' is corrupt: weights section is %llu bytes, the header's shapes need %zu", path,
             (unsigned long long)w_size, end);
-    uint64_t sum, weighted;
-    weights_checksums(data + w_off, w_size / 8, &sum, &weighted);
-    if (sum != read_u64(data + 120) || weighted != read_u64(data + 128))
-        die("'%s' is corrupt: weights checksum mismatch (a damaged or incomplete copy?)", path);
     // Everything but the embedding table (of which one row is read) streams through per token.
     m->weight_bytes = w_size - (size_t)((const unsigned char *)m->layers[0].ln_weight - cur.base);
 }
 
-/* Open the file, read it into memory or map it (use_mmap: 1 map, 0 read, -1 read if it
- * fits, else map), then validate it completely. */
-static void load_model(Model *m, const char *path, int use_mmap) {
+/* The weights checksums of a parsed model file against its header's; dies on a mismatch. */
+static void verify_weights(const unsigned char *data, const char *path) {
+    uint64_t sum, weighted;
+    weights_checksums(data + read_u64(data + 88), read_u64(data + 96) / 8, &sum, &weighted);
+    if (sum != read_u64(data + 120) || weighted != read_u64(data + 128))
+        die("'%s' is corrupt: weights checksum mismatch (a damaged or incomplete copy?)", path);
+}
+
+/* Open the file, read it into memory or map it (use_mmap: 1 map, 0 copy, -1 the default
+ * for a run that is long or not: copy_fits_in_memory), then validate it: its structure
+ * always, its weights checksums after a copy or with verify. */
+static void load_model(Model *m, const char *path, int use_mmap, int long_run, int verify) {
     memset(m, 0, sizeof(*m));
     uint64_t file_size = 0;
     int fd = open_model_file(path, &file_size);
     if (file_size < HEADER_SIZE) die("'%s' is too small (%llu bytes) to be a phi2.c model file", path, (unsigned long long)file_size);
     if (file_size > SIZE_MAX) die("'%s' is too large to map on this system", path);
     size_t size = (size_t)file_size;
-    if (use_mmap < 0) use_mmap = !copy_fits_in_memory(size);
+    m->load_why = use_mmap > 0 ? "mapped, --mmap" : use_mmap == 0 ? "in memory, --no-mmap" : NULL;
+    if (use_mmap < 0) {
+        const int fits = copy_fits_in_memory(size);
+        use_mmap = !long_run || !fits;
+        m->load_why = !long_run ? "mapped, a short run" : fits ? "in memory, a long run" : "mapped, too little free memory to copy";
+    }
     m->map = use_mmap ? map_file(fd, size, path) : read_into_huge_pages(fd, size, path);
     m->mapped = use_mmap;
     m->map_size = size;
     close(fd);  // a mapping keeps the file alive
     parse_model(m, m->map, size, path);
+    if (verify || !m->mapped) verify_weights(m->map, path);
 }
 
 static void free_model(Model *m) {
@@ -1366,12 +1386,14 @@ static void usage(FILE *f) {
             "  -c, --ctx-size N       context length (default and maximum: the model's, 2048)\n"
             "  -t, --threads N        threads (default: one per performance core, not counting\n"
             "                         SMT siblings; OMP_NUM_THREADS if set)\n"
+            "      --mmap             map the model file: instant start, pages shared with\n"
+            "                         other runs through the OS file cache (default for\n"
+            "                         -n below 512)\n"
             "      --no-mmap          read the model into memory (huge pages): slower to\n"
-            "                         start, faster generation (default when it fits in\n"
-            "                         free memory with room to spare)\n"
-            "      --mmap             map the model file instead: instant start, pages shared\n"
-            "                         with other runs through the OS file cache (default when\n"
-            "                         the model does not fit)\n"
+            "                         start, faster generation (default for -n 512 or more,\n"
+            "                         -n -1, -i and --perplexity, where it fits in memory)\n"
+            "      --verify           check the weights checksums before running (a mapped\n"
+            "                         file is otherwise checked only for its structure)\n"
             "  -b, --batch N          prompt positions processed together (default 256; 1 = one\n"
             "                         at a time through the KV cache, as during generation)\n"
             "      --kv-type T        KV cache numbers: f32 or f16 (half the memory and reads);\n"
@@ -1468,7 +1490,8 @@ typedef struct {
     int batch;                  // prompt positions per forward pass
     int n_threads;              // -t; then main sets the default (count_fast_cores)
     const char *threads_why;    // set by main: why this many threads ("-t", "performance cores", ...)
-    int use_mmap;               // 1: --mmap, 0: --no-mmap, -1: read into memory if it fits, else map
+    int use_mmap;               // 1: --mmap, 0: --no-mmap, -1: by the run's length (load_model)
+    int verify;                 // --verify: check the weights checksums even when mapped
     int kv_type;                // KV_F32, KV_F16, or -1: the model's default (default_kv_type)
     int tokenize, print_ids, no_display_prompt, ignore_eos, help, version;
     float min_p;                // --min-p (0: off)
@@ -1503,6 +1526,7 @@ static Options parse_args(int argc, char **argv) {
         if (!strcmp(a, "--ignore-eos")) { o.ignore_eos = 1; continue; }
         if (!strcmp(a, "--no-mmap")) { o.use_mmap = 0; continue; }
         if (!strcmp(a, "--mmap")) { o.use_mmap = 1; continue; }
+        if (!strcmp(a, "--verify")) { o.verify = 1; continue; }
         if (!strcmp(a, "-i") || !strcmp(a, "--interactive")) { o.interactive = 1; continue; }
         if (!strcmp(a, "--verbose")) { o.verbose = 1; continue; }
         if (a[0] != '-' || a[1] == '\0') {
@@ -1981,7 +2005,7 @@ static void print_timings(Generator *g, const char *stop_reason, double t_load) 
     kernel_description(kernels, sizeof(kernels), g->s->kern, m->config.weight_type);
     fprintf(stderr, "phi2: load %.2f s (%s) | prompt %d tokens, %.2f tok/s | generated %d tokens, %.2f tok/s "
             "(%.1f GB/s of weights) | %d thread%s (%s%s) | KV cache %s, %.1f MB | %s\n",
-            t_load, m->mapped ? "mapped" : "in memory", g->n_prefilled,
+            t_load, m->load_why, g->n_prefilled,
             g->t_prefill > 0 ? g->n_prefilled / g->t_prefill : 0.0, g->n_generated, gen_tps,
             gen_tps * (double)m->weight_bytes * 1e-9, g->s->n_threads, g->s->n_threads == 1 ? "" : "s",
             g->opt->threads_why, prompts_on_one_thread(g->s->n_threads), kv_type_name(g->s->kv_type),
@@ -2318,7 +2342,8 @@ int main(int argc, char **argv) {
 
     double t_load = now_seconds();
     Model model;
-    load_model(&model, opt.model_path, opt.use_mmap);
+    const int long_run = opt.interactive || opt.perplexity || opt.n_predict < 0 || opt.n_predict >= COPY_MIN_TOKENS;
+    load_model(&model, opt.model_path, opt.use_mmap, long_run, opt.verify);
     const Config *c = &model.config;
 
     if (opt.perplexity) {

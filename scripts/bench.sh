@@ -3,7 +3,7 @@
 # comes to the machine's own memory read bandwidth.
 #
 #   scripts/bench.sh MODEL.bin [THREADS]        (default THREADS: all cores)
-#   REPS=5 PROMPT=128 GEN=64 FLAGS=--no-mmap scripts/bench.sh MODEL.bin 2
+#   REPS=5 PROMPT=128 GEN=64 FLAGS=--mmap scripts/bench.sh MODEL.bin 2
 #   DEPTH=1900 GEN=32 FLAGS='--kv-type f16' scripts/bench.sh MODEL.bin 2
 #   MARCH=haswell LONG=1900 scripts/bench.sh MODEL.bin 2
 #
@@ -46,7 +46,9 @@ REPS=${REPS:-3}
 DEPTH=${DEPTH:-}
 PROMPT=${DEPTH:-${PROMPT:-128}}
 GEN=${GEN:-64}
-FLAGS=${FLAGS:-}   # extra phi2 flags, e.g. --no-mmap
+# Extra phi2 flags, e.g. --mmap. They come after --no-mmap: the runs measure the steady
+# state of a long run, weights in huge pages, which phi2 chooses itself only from -n 512 on.
+FLAGS="--no-mmap ${FLAGS:-}"
 LONG=${LONG:-1024}
 MARCH=${MARCH:-}
 [ -f "$MODEL" ] || { echo "bench: no such model file: $MODEL" >&2; exit 1; }

@@ -51,7 +51,7 @@ def expect_error(*args, contains=None):
 def test_help_lists_every_flag():
     out = phi2("-h").out
     for flag in ("--prompt", "--file", "--ids", "--n-predict", "--temp", "--top-k", "--top-p", "--seed",
-                 "--ctx-size", "--threads", "--batch", "--kv-type", "--no-mmap", "--mmap", "--ignore-eos", "--tokenize",
+                 "--ctx-size", "--threads", "--batch", "--kv-type", "--no-mmap", "--mmap", "--verify", "--ignore-eos", "--tokenize",
                  "--print-ids", "--dump-logits", "--stop", "--help", "--min-p", "--repeat-penalty", "--repeat-last-n",
                  "--presence-penalty", "--frequency-penalty", "--perplexity", "--save-logprobs", "--kl-base",
                  "--interactive", "--format", "--system", "--verbose"):

@@ -1,10 +1,14 @@
 """A corrupt-file matrix: damaged or crafted copies of the tiny model (f32 and q8).
 
-Every case runs `phi2 FILE -p hi -n 2` (the default reads these small files into memory; a
-subset also runs with --mmap) and must end with exit status 1, exactly one non-empty stderr
-line starting "phi2: error: ", nothing on stdout, no sanitizer report, within RUN_TIMEOUT seconds. The only exceptions are the
-BENIGN header mutations listed below: with the header checksum recomputed they describe a
-different but valid model, and must run (exit 0, finite logits).
+Every case runs `phi2 FILE -p hi -n 2` (the default maps the file for so short a run; a
+subset also runs with --no-mmap, which copies it) and must end with exit status 1, exactly
+one non-empty stderr line starting "phi2: error: ", nothing on stdout, no sanitizer report,
+within RUN_TIMEOUT seconds. The exceptions: the BENIGN header mutations listed below, which
+with the header checksum recomputed describe a different but valid model, and must run
+(exit 0, finite logits); and flipped weight bytes, which only the weights checksums see:
+with --verify (and after a copy, --no-mmap) they must fail on it, and mapped without
+--verify the run must end cleanly either way (exit 0, or the one-line error of non-finite
+logits).
 
 Groups (one test function each, so a failure names its group; every failing case of a group
 is listed, not only the first):
@@ -38,7 +42,7 @@ from test_cli import fnv1a64
 
 RUN_TIMEOUT = 20          # seconds per engine run (a timeout is a failure: a hang)
 WORKERS = 2               # engine runs in parallel
-NO_MMAP_EVERY = 4         # header-field and flip cases: every 4th also runs with --mmap
+NO_MMAP_EVERY = 4         # header-field and flip cases: every 4th also runs with --no-mmap
 HEADER_SIZE = 256
 ALIGN = 64
 U64 = (1 << 64) - 1
@@ -160,16 +164,22 @@ class Case:
     content from build(data))."""
 
     def __init__(self, dtype, desc, patches=(), length=None, append=b"", build=None, benign=None,
-                 contains=None, avoid=None, no_mmap=False):
+                 contains=None, avoid=None, no_mmap=False, weights_flip=False):
         self.dtype, self.desc, self.patches = dtype, desc, list(patches)
         self.length, self.append, self.build = length, append, build
         self.benign = benign            # reason the file is valid (must run), or None (must fail)
         self.contains = contains        # the error line must contain one of these strings
         self.avoid = avoid              # ... and must not contain this one
-        self.no_mmap = no_mmap          # also run with --mmap (the default, for these small files, reads them)
+        self.no_mmap = no_mmap          # also run with --no-mmap (the default maps so short a run)
+        self.weights_flip = weights_flip  # damaged weights: an error with --verify, a clean end without
 
     def runs(self):
-        return 2 if self.no_mmap else 1
+        return len(self.flag_sets())
+
+    def flag_sets(self):
+        """The flags of each run: [] (the default), then --verify for damaged weights, then
+        --no-mmap where asked."""
+        return [[]] + ([["--verify"]] if self.weights_flip else []) + ([["--no-mmap"]] if self.no_mmap else [])
 
 
 def header_patch(data, off, raw, fix):
@@ -217,6 +227,20 @@ def check_error(p, case):
     return ""
 
 
+def check_clean_end(p):
+    """'' if p ended cleanly, as a mapped run over damaged weights must: exit 0, or exit 1
+    with the one-line error of non-finite logits."""
+    err = p.stderr.decode("utf-8", "replace")
+    if "Sanitizer" in err or "runtime error:" in err:
+        return f"sanitizer report: {err.strip()[-600:]!r}"
+    if p.returncode == 0:
+        return ""
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    if p.returncode == 1 and len(lines) == 1 and lines[0].startswith("phi2: error: logits are not finite"):
+        return ""
+    return f"exit {p.returncode}, stderr {err.strip()[-400:]!r}"
+
+
 def check_benign(p, path, case, extra, logits_path):
     """'' if the (valid) file ran and gives finite logits, else what is wrong."""
     err = p.stderr.decode("utf-8", "replace")
@@ -261,16 +285,21 @@ def run_case(case, copies, stats):
                     f.seek(len(data))
                     f.write(case.append)
         problems = []
-        for extra in ([], ["--mmap"]) if case.no_mmap else ([],):
+        for extra in case.flag_sets():
             p, secs = run_engine(target, extra)
             with _lock:
                 stats["runs"] += 1
                 stats["max_s"] = max(stats["max_s"], secs)
-            label = case.desc + (" [--mmap]" if extra else "")
+            label = case.desc + (f" [{' '.join(extra)}]" if extra else "")
             if p is None:
                 problems.append(f"{label}: no answer within {RUN_TIMEOUT} s (hang)")
                 continue
-            why = check_benign(p, target, case, extra, path + ".logits") if case.benign else check_error(p, case)
+            if case.benign:
+                why = check_benign(p, target, case, extra, path + ".logits")
+            elif case.weights_flip and not extra:
+                why = check_clean_end(p)
+            else:
+                why = check_error(p, case)
             if why:
                 problems.append(f"{label}: {why}")
         return problems
@@ -378,8 +407,13 @@ def test_header_fields():
                         # for a file that is not ours / from another version)
                         contains = ("checksum", "magic") if name == "magic" else \
                             ("checksum", "version") if name == "version" else ("checksum",)
+                    # a wrong weights sum with a valid header: only the weights check sees it
+                    weights_sum = fix and name in ("weights_sum", "weights_sum2")
+                    if weights_sum:
+                        contains, avoid = ("weights checksum",), None
                     cases.append(Case(dtype, desc, header_patch(data, off, raw, fix), benign=benign,
-                                      contains=contains, avoid=avoid, no_mmap=len(cases) % NO_MMAP_EVERY == 0))
+                                      contains=contains, avoid=avoid, no_mmap=len(cases) % NO_MMAP_EVERY == 0,
+                                      weights_flip=weights_sum))
     assert set(BENIGN) <= used, f"BENIGN lists cases the matrix no longer makes: {set(BENIGN) - used}"
     run_matrix("header fields", cases)
 
@@ -461,5 +495,5 @@ def test_byte_flips():
                     contains = ("magic", "version", "checksum")
                 cases.append(Case(dtype, f"{dtype} {region} byte {off} ^= {x:#04x}",
                                   [(off, bytes([data[off] ^ x]))], contains=contains,
-                                  no_mmap=len(cases) % NO_MMAP_EVERY == 0))
+                                  no_mmap=len(cases) % NO_MMAP_EVERY == 0, weights_flip=region == "weights"))
     run_matrix("flips", cases)

@@ -182,8 +182,8 @@ def test_idle_threads_sleep_unless_the_user_says_otherwise():
 
 
 def load_mode(*flags, available_kb=None):
-    """'in memory' or 'mapped', from the timings line ("phi2: load 0.01 s (mapped) | ...");
-    available_kb: MemAvailable of a fake /proc/meminfo."""
+    """'in memory, WHY' or 'mapped, WHY', from the timings line ("phi2: load 0.01 s (mapped,
+    a short run) | ..."); available_kb: MemAvailable of a fake /proc/meminfo."""
     env = {}
     if available_kb is not None:
         root = fake_sysfs(f"meminfo-{available_kb}", 2, files={"proc/meminfo": f"MemTotal: 99999999 kB\nMemFree: 1 kB\n"
@@ -196,20 +196,25 @@ def load_mode(*flags, available_kb=None):
                        timeout=120)
     err = p.stderr.decode("utf-8", "replace")
     assert p.returncode == 0, err[-1000:]
-    m = re.search(r"^phi2: load [0-9.]+ s \(([a-z ]+)\)", err, re.M)
+    m = re.search(r"^phi2: load [0-9.]+ s \(([a-z ]+, [^)]+)\)", err, re.M)
     assert m, err[-500:]
     return m.group(1)
 
 
-def test_model_is_read_into_memory_when_it_fits():
-    """By default the weights are read into memory (huge pages: faster decode) when they fit
-    with room to spare, else mapped; --mmap and --no-mmap decide regardless."""
+def test_load_path_follows_the_run_length():
+    """By default a short run maps the weights (instant start) and a long one (-n 512 or
+    more, -n -1) reads them into memory (huge pages: faster decode) when they fit with room
+    to spare, else maps them; --mmap and --no-mmap decide regardless. (The tiny model's
+    context ends a long run after a few tokens.)"""
     require_linux()
-    assert load_mode() == "in memory"  # a few MB, on a machine with at least a GB free
-    assert load_mode("--mmap") == "mapped"
     size_kb = os.path.getsize(converted(checkpoint())) // 1024
-    assert load_mode(available_kb=size_kb + (4 << 20)) == "in memory"  # 4 GB to spare
-    assert load_mode(available_kb=size_kb + 1024) == "mapped"  # fits, but not comfortably
-    assert load_mode(available_kb=0) == "mapped"
-    assert load_mode("--no-mmap", available_kb=1024) == "in memory"
-    assert load_mode("--no-mmap", "--mmap", available_kb=size_kb + (4 << 20)) == "mapped"  # the last one wins
+    roomy = size_kb + (4 << 20)  # 4 GB to spare
+    assert load_mode() == "mapped, a short run"
+    assert load_mode("-n", "511", available_kb=roomy) == "mapped, a short run"
+    assert load_mode("-n", "512", available_kb=roomy) == "in memory, a long run"
+    assert load_mode("-n", "-1", available_kb=roomy) == "in memory, a long run"
+    assert load_mode("-n", "-1", available_kb=size_kb + 1024) == "mapped, too little free memory to copy"
+    assert load_mode("-n", "-1", available_kb=0) == "mapped, too little free memory to copy"
+    assert load_mode("-n", "-1", "--mmap", available_kb=roomy) == "mapped, --mmap"
+    assert load_mode("--no-mmap", available_kb=1024) == "in memory, --no-mmap"
+    assert load_mode("--no-mmap", "--mmap", available_kb=roomy) == "mapped, --mmap"  # the last one wins

@@ -5,7 +5,9 @@
  *   build/fuzz/fuzz_model CRASH_FILE   replay one input (die() messages are shown)
  *
  * Each input goes through parse_model() (phi2.c, included below) three times:
- *   1. as it is: the checksums must reject almost every mutation, cleanly;
+ *   1. as it is: the header and tokenizer checksums must reject almost every mutation
+ *      outside the weights, cleanly (the weights sums are checked only after a copy or
+ *      with --verify, not by parse_model: a mutated weight section loads and must run);
  *   2. with its version set to MODEL_VERSION and its checksums recomputed (header,
  *      tokenizer section, and from version 2 on the weights sums), wherever the header's
  *      section bounds allow: otherwise the fuzzer
