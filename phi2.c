@@ -87,6 +87,8 @@ static void catch_termination_signals(void (*handler)(int));  // Ctrl-C, kill, h
 static double now_seconds(void);        // monotonic clock
 static void *xmalloc_aligned(size_t n); // 64-byte aligned, released with free_aligned (not free)
 static void free_aligned(void *p);
+static void *xmalloc_prefaulted(size_t n);  // zeroed, its pages in place already; released with free_prefaulted
+static void free_prefaulted(void *p, size_t n);
 static FILE *create_partial_file(const char *path);  // "wb", removable while still open
 static int replace_file(const char *from, const char *to);  // rename over an existing file: 0, or -1 and errno
 static int reader_gone(int err);        // whether a failed write (errno err) met a closed pipe
@@ -981,8 +983,8 @@ static void init_state(RunState *s, const Config *c, int ctx, int max_batch, int
     const size_t elem_size = kv_type == KV_F16 ? sizeof(uint16_t) : sizeof(float);
     const size_t cache_bytes = mul_size(mul_size(mul_size((size_t)c->n_layers, (size_t)ctx), H), elem_size);
     s->kv_bytes = mul_size(2, cache_bytes);
-    s->key_cache = xmalloc_aligned(cache_bytes);
-    s->value_cache = xmalloc_aligned(cache_bytes);
+    s->key_cache = xmalloc_prefaulted(s->kv_bytes);  // (written soon: a prompt's positions at once)
+    s->value_cache = (unsigned char *)s->key_cache + cache_bytes;
 
     // Rotary angles depend only on the position: compute them once, in double precision.
     const int half = c->rot_dim / 2;
@@ -1002,7 +1004,7 @@ static void free_state(RunState *s) {
     free_aligned(s->x); free_aligned(s->h); free_aligned(s->qkv); free_aligned(s->att); free_aligned(s->att_proj);
     free_aligned(s->ffn); free_aligned(s->mlp_out); free_aligned(s->scores); free_aligned(s->logits);
     free_aligned(s->attn_scratch);
-    free_aligned(s->key_cache); free_aligned(s->value_cache);
+    free_prefaulted(s->key_cache, s->kv_bytes);
     free(s->rope_cos); free(s->rope_sin);
 }
 
@@ -1394,6 +1396,10 @@ static void usage(FILE *f) {
             "                         -n -1, -i and --perplexity, where it fits in memory)\n"
             "      --verify           check the weights checksums before running (a mapped\n"
             "                         file is otherwise checked only for its structure)\n"
+            "      --prompt-cache F   keep the prompt's keys and values in file F: a later run\n"
+            "                         whose prompt begins with the same tokens processes only\n"
+            "                         the rest (the cache is rewritten for each new prompt)\n"
+            "      --prompt-cache-ro  use the --prompt-cache file, but never write it\n"
             "  -b, --batch N          prompt positions processed together (default 256; 1 = one\n"
             "                         at a time through the KV cache, as during generation)\n"
             "      --kv-type T        KV cache numbers: f32 or f16 (half the memory and reads);\n"
@@ -1492,6 +1498,9 @@ typedef struct {
     const char *threads_why;    // set by main: why this many threads ("-t", "performance cores", ...)
     int use_mmap;               // 1: --mmap, 0: --no-mmap, -1: by the run's length (load_model)
     int verify;                 // --verify: check the weights checksums even when mapped
+    const char *prompt_cache;   // --prompt-cache FILE (NULL: none)
+    int prompt_cache_ro;        // --prompt-cache-ro: read the cache, never write it
+    double t_start;             // set by main: when the program started (time to first token)
     int kv_type;                // KV_F32, KV_F16, or -1: the model's default (default_kv_type)
     int tokenize, print_ids, no_display_prompt, ignore_eos, help, version;
     float min_p;                // --min-p (0: off)
@@ -1527,6 +1536,7 @@ static Options parse_args(int argc, char **argv) {
         if (!strcmp(a, "--no-mmap")) { o.use_mmap = 0; continue; }
         if (!strcmp(a, "--mmap")) { o.use_mmap = 1; continue; }
         if (!strcmp(a, "--verify")) { o.verify = 1; continue; }
+        if (!strcmp(a, "--prompt-cache-ro")) { o.prompt_cache_ro = 1; continue; }
         if (!strcmp(a, "-i") || !strcmp(a, "--interactive")) { o.interactive = 1; continue; }
         if (!strcmp(a, "--verbose")) { o.verbose = 1; continue; }
         if (a[0] != '-' || a[1] == '\0') {
@@ -1541,6 +1551,7 @@ static Options parse_args(int argc, char **argv) {
         else if (!strcmp(a, "-f") || !strcmp(a, "--file")) o.prompt_file = v;
         else if (!strcmp(a, "--ids")) o.ids = v;
         else if (!strcmp(a, "--dump-logits")) o.dump_logits = v;
+        else if (!strcmp(a, "--prompt-cache")) o.prompt_cache = v;
         else if (!strcmp(a, "--trace")) o.trace = v;
         else if (!strcmp(a, "--stop")) {
             if (o.n_stops == MAX_STOP_STRINGS) die("at most %d --stop strings", MAX_STOP_STRINGS);
@@ -1593,6 +1604,9 @@ static Options parse_args(int argc, char **argv) {
         die("--perplexity reads its own text: give no prompt, --dump-logits, --trace or --tokenize with it");
     if ((o.save_logprobs || o.kl_base) && !o.perplexity) die("--save-logprobs and --kl-base need --perplexity");
     if (o.dump_logits && o.trace) die("give only one of --dump-logits and --trace");
+    if (o.prompt_cache_ro && !o.prompt_cache) die("--prompt-cache-ro needs --prompt-cache FILE");
+    if (o.prompt_cache && (o.interactive || o.perplexity || o.trace || o.tokenize))
+        die("--prompt-cache is for a prompt's completion (or --dump-logits): not with -i, --perplexity, --trace or --tokenize");
     return o;
 }
 
@@ -1622,6 +1636,139 @@ static int *parse_ids(const char *s, int vocab_size, int *n_out) {
     return ids;
 }
 
+/* --- The prompt cache (--prompt-cache FILE) ---------------------------------------------
+ * A prompt's keys and values, saved after it is processed, so that a later run whose
+ * prompt begins with the same tokens (a long preamble, a code file, few-shot examples)
+ * processes only the rest. The file (docs/FORMAT.md), little-endian:
+ *   0   8 bytes "PHI2PCA1"      24  u64 the model file's header checksum (its bytes 248..255)
+ *   8   u32 version (1)         32  u64 the model file's size
+ *   12  u32 KV type             40  u32 n_layers, u32 hidden_dim
+ *   16  u32 context size (-c)   48  u64 sum, u64 weighted sum of the payload's u64 words
+ *   20  u32 n_tokens                (as the model file's weights checksums)
+ *   64  the payload: n_tokens u32 ids, zeros up to a multiple of 8 bytes; then for each layer
+ *       and head the keys of positions 0 .. n_tokens-1 (head_dim numbers each, as the KV
+ *       type), then the values in the same order; zeros up to a multiple of 8 bytes.
+ * A file that is missing, of another model, KV type or context size, or damaged gives one
+ * warning line and a normal run: the cache can only save time, never change the answer. */
+enum { PROMPT_CACHE_HEADER = 64, PROMPT_CACHE_VERSION = 1 };
+
+static void warn(const char *fmt, ...) {
+    va_list ap;
+    fflush(stdout);
+    fprintf(stderr, "phi2: warning: ");
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "\n");
+}
+
+static size_t pad8(size_t n) { return (n + 7) / 8 * 8; }
+
+/* Bytes of one of the two caches' positions 0 .. n-1, all layers and heads. */
+static size_t prompt_cache_kv_bytes(const RunState *s, const Config *c, int n) {
+    const size_t elem = s->kv_type == KV_F16 ? 2 : 4;
+    return mul_size(mul_size((size_t)c->n_layers * (size_t)c->n_heads, (size_t)n), (size_t)c->head_dim * elem);
+}
+
+/* Where one layer's and head's cached keys (kv 0) or values (kv 1) start, in bytes. */
+static unsigned char *kv_head_bytes(const RunState *s, const Config *c, int kv, size_t layer_head) {
+    const size_t elem = s->kv_type == KV_F16 ? 2 : 4;
+    return (unsigned char *)(kv ? s->value_cache : s->key_cache) +
+           kv_offset(s, c, (int)(layer_head / (size_t)c->n_heads), (int)(layer_head % (size_t)c->n_heads), 0) * elem;
+}
+
+static void put_u32(unsigned char *p, uint32_t v) { for (int i = 0; i < 4; i++) p[i] = (unsigned char)(v >> (8 * i)); }
+static void put_u64(unsigned char *p, uint64_t v) { for (int i = 0; i < 8; i++) p[i] = (unsigned char)(v >> (8 * i)); }
+
+/* Loads what the cache at path holds of this prompt into the KV cache: returns how many
+ * of the prompt's first positions it filled (0: none). At least the prompt's last token is
+ * left to process, as its logits are needed. */
+static int prompt_cache_load(const char *path, const Model *m, RunState *s, int ctx, const int *prompt, int n_prompt) {
+    const Config *c = &m->config;
+    FILE *f = fopen_path(path, "rb");
+    if (!f) {
+        if (errno != ENOENT) warn("cannot read the prompt cache '%s': %s; the whole prompt is processed", path, strerror(errno));
+        return 0;
+    }
+    unsigned char h[PROMPT_CACHE_HEADER];
+    const char *problem = NULL;
+    int reused = 0;
+    struct stat st;
+    if (fread(h, 1, sizeof(h), f) != sizeof(h) || memcmp(h, "PHI2PCA1", 8) != 0) {
+        problem = "not a prompt cache, or truncated";
+    } else if (read_u32(h + 8) != PROMPT_CACHE_VERSION) {
+        problem = "another version";
+    } else if (read_u64(h + 24) != read_u64(m->map + 248) || read_u64(h + 32) != m->map_size ||
+               read_u32(h + 40) != (uint32_t)c->n_layers || read_u32(h + 44) != (uint32_t)c->hidden_dim) {
+        problem = "made with another model file";
+    } else if (read_u32(h + 12) != (uint32_t)s->kv_type || read_u32(h + 16) != (uint32_t)ctx) {
+        problem = "made with another --kv-type or --ctx-size";
+    } else if (read_u32(h + 20) == 0 || read_u32(h + 20) > (uint32_t)ctx) {
+        problem = "damaged (token count)";
+    } else {
+        const int n = (int)read_u32(h + 20);
+        const size_t size = pad8(pad8((size_t)n * 4) + 2 * prompt_cache_kv_bytes(s, c, n));
+        if (fstat(fileno(f), &st) != 0 || (uint64_t)st.st_size != PROMPT_CACHE_HEADER + (uint64_t)size) {
+            problem = "truncated, or longer than it says";
+        } else {
+            // Mapped: the file's pages straight from the OS's cache, no copy. The whole file
+            // is checked, then the positions this prompt shares are copied into the KV cache.
+            const unsigned char *file = map_file(fileno(f), PROMPT_CACHE_HEADER + size, path);
+            const unsigned char *payload = file + PROMPT_CACHE_HEADER, *kv = payload + pad8((size_t)n * 4);
+            uint64_t sum, weighted;
+            weights_checksums(payload, size / 8, &sum, &weighted);
+            if (sum != read_u64(h + 48) || weighted != read_u64(h + 56)) {
+                problem = "damaged (checksum mismatch)";
+            } else {
+                while (reused < n && reused < n_prompt - 1 && read_u32(payload + 4 * (size_t)reused) == (uint32_t)prompt[reused])
+                    reused++;
+                // reused < n_prompt <= the positions the KV cache holds
+                const size_t heads = (size_t)c->n_layers * c->n_heads, per_head = prompt_cache_kv_bytes(s, c, n) / heads;
+                for (int kvi = 0; kvi < 2; kvi++)
+                    for (size_t lh = 0; lh < heads; lh++)
+                        memcpy(kv_head_bytes(s, c, kvi, lh), kv + ((size_t)kvi * heads + lh) * per_head,
+                               per_head / (size_t)n * (size_t)reused);
+            }
+            unmap_file(file, PROMPT_CACHE_HEADER + size);
+        }
+    }
+    fclose(f);
+    if (problem) warn("ignoring the prompt cache '%s': %s; the whole prompt is processed", path, problem);
+    return problem ? 0 : reused;
+}
+
+/* Saves the KV cache's positions 0 .. n-1 (tokens[0..n)) to path, through a temporary file
+ * renamed when complete. A failure (a full disk) is a warning: the answer does not need it. */
+static void prompt_cache_save(const char *path, const Model *m, const RunState *s, int ctx, const int *tokens, int n) {
+    const Config *c = &m->config;
+    const size_t ids = pad8((size_t)n * 4), size = pad8(ids + 2 * prompt_cache_kv_bytes(s, c, n));
+    unsigned char *file = xcalloc(PROMPT_CACHE_HEADER + size, 1), *payload = file + PROMPT_CACHE_HEADER;
+    for (int i = 0; i < n; i++) put_u32(payload + 4 * (size_t)i, (uint32_t)tokens[i]);
+    const size_t heads = (size_t)c->n_layers * c->n_heads, per_head = prompt_cache_kv_bytes(s, c, n) / heads;
+    for (int kv = 0; kv < 2; kv++)
+        for (size_t lh = 0; lh < heads; lh++)
+            memcpy(payload + ids + ((size_t)kv * heads + lh) * per_head, kv_head_bytes(s, c, kv, lh), per_head);
+    uint64_t sum, weighted;
+    weights_checksums(payload, size / 8, &sum, &weighted);
+    memcpy(file, "PHI2PCA1", 8);
+    put_u32(file + 8, PROMPT_CACHE_VERSION), put_u32(file + 12, (uint32_t)s->kv_type), put_u32(file + 16, (uint32_t)ctx);
+    put_u32(file + 20, (uint32_t)n), put_u64(file + 24, read_u64(m->map + 248)), put_u64(file + 32, m->map_size);
+    put_u32(file + 40, (uint32_t)c->n_layers), put_u32(file + 44, (uint32_t)c->hidden_dim);
+    put_u64(file + 48, sum), put_u64(file + 56, weighted);
+    begin_partial_file(path);
+    FILE *f = create_partial_file(g_partial_file);
+    int err = f ? 0 : errno;
+    if (f && fwrite(file, 1, PROMPT_CACHE_HEADER + size, f) != PROMPT_CACHE_HEADER + size) err = errno ? errno : EIO;
+    if (f && fclose(f) != 0 && !err) err = errno;
+    if (!err && replace_file(g_partial_file, path) != 0) err = errno;
+    if (err) {
+        warn("cannot write the prompt cache '%s': %s", path, strerror(err));
+        remove_path(g_partial_file);
+    }
+    g_partial_file[0] = '\0';
+    free(file);
+}
+
 static void print_ids(FILE *f, const int *ids, int n) {
     for (int i = 0; i < n; i++) fprintf(f, i ? ",%d" : "%d", ids[i]);
     fprintf(f, "\n");
@@ -1629,7 +1776,11 @@ static void print_ids(FILE *f, const int *ids, int n) {
 
 /* --dump-logits (every prompt position's logits) or --trace (every named intermediate of
  * every prompt position), written to a temporary file that is renamed when complete. */
-static void dump_prompt(const Model *m, RunState *s, const int *tokens, int n_tokens, const char *path, int trace) {
+static void dump_prompt(const Model *m, RunState *s, const Options *opt, const int *tokens, int n_tokens,
+                        const char *path, int trace, int ctx) {
+    // With --prompt-cache the positions it holds are not computed again: the file then has
+    // the logits of the others only.
+    const int reused = opt->prompt_cache ? prompt_cache_load(opt->prompt_cache, m, s, ctx, tokens, n_tokens) : 0;
     begin_partial_file(path);
     FILE *f = create_partial_file(g_partial_file);
     if (!f) die("cannot create '%s': %s", g_partial_file, strerror(errno));
@@ -1639,11 +1790,13 @@ static void dump_prompt(const Model *m, RunState *s, const int *tokens, int n_to
         prefill(m, s, tokens, n_tokens, 0, NULL, NULL);
         s->trace = NULL;
     } else {
-        prefill(m, s, tokens, n_tokens, 0, f, g_partial_file);
+        prefill(m, s, tokens + reused, n_tokens - reused, reused, f, g_partial_file);
     }
     if (fclose(f) != 0) die("cannot write '%s': %s", g_partial_file, strerror(errno));
     if (replace_file(g_partial_file, path) != 0) die("cannot rename '%s' to '%s': %s", g_partial_file, path, strerror(errno));
     g_partial_file[0] = '\0';
+    if (opt->prompt_cache && !opt->prompt_cache_ro && reused < n_tokens - 1)
+        prompt_cache_save(opt->prompt_cache, m, s, ctx, tokens, n_tokens);
 }
 
 /* --save-logprobs / --kl-base files: a header of 24 bytes,
@@ -1906,6 +2059,8 @@ typedef struct {
     Candidate *cand;        // [n_vocab_real] scratch of sample()
     int *penalty_counts;    // [n_vocab_real] zeros, scratch of apply_penalties()
     int n_prefilled;        // prompt positions processed (all turns, re-read ones included)
+    int n_from_cache;       // prompt positions the --prompt-cache file held (not processed)
+    double t_first_token;   // seconds from the program's start to the first generated token (0: none yet)
     int n_generated;        // tokens sampled
     int n_decoded;          // of those, the ones fed back through the model
     double t_prefill, t_generate;  // seconds spent on each
@@ -1971,6 +2126,7 @@ static const char *generate_tokens(Generator *g, int *tokens, int *n_tokens, int
         if (text_out_push(out, bytes, len)) stop_reason = "found a stop string";
         text_out_id(out, next);  // (the token with the stop string in it too, as it is in tokens)
         if (out->print || out->ids) *reader_alive = flush_stdout();
+        if (g->t_first_token == 0.0) g->t_first_token = now_seconds() - g->opt->t_start;
         if (!stop_reason && n_gen < n_limit && pos + 1 < ctx) {
             forward(m, s, &next, 1, pos, 0);
             check_logits_finite(s->logits, c->vocab_size, pos);
@@ -2003,10 +2159,12 @@ static void print_timings(Generator *g, const char *stop_reason, double t_load) 
     double gen_tps = g->t_generate > 0 ? g->n_decoded / g->t_generate : 0.0;
     char kernels[96];
     kernel_description(kernels, sizeof(kernels), g->s->kern, m->config.weight_type);
-    fprintf(stderr, "phi2: load %.2f s (%s) | prompt %d tokens, %.2f tok/s | generated %d tokens, %.2f tok/s "
-            "(%.1f GB/s of weights) | %d thread%s (%s%s) | KV cache %s, %.1f MB | %s\n",
-            t_load, m->load_why, g->n_prefilled,
-            g->t_prefill > 0 ? g->n_prefilled / g->t_prefill : 0.0, g->n_generated, gen_tps,
+    char from_cache[48] = "";
+    if (g->opt->prompt_cache) snprintf(from_cache, sizeof(from_cache), " (%d from the cache)", g->n_from_cache);
+    fprintf(stderr, "phi2: load %.2f s (%s) | first token at %.2f s | prompt %d tokens, %.2f tok/s%s | generated %d "
+            "tokens, %.2f tok/s (%.1f GB/s of weights) | %d thread%s (%s%s) | KV cache %s, %.1f MB | %s\n",
+            t_load, m->load_why, g->t_first_token, g->n_prefilled,
+            g->t_prefill > 0 ? g->n_prefilled / g->t_prefill : 0.0, from_cache, g->n_generated, gen_tps,
             gen_tps * (double)m->weight_bytes * 1e-9, g->s->n_threads, g->s->n_threads == 1 ? "" : "s",
             g->opt->threads_why, prompts_on_one_thread(g->s->n_threads), kv_type_name(g->s->kv_type),
             (double)g->s->kv_bytes * 1e-6, kernels);
@@ -2029,9 +2187,15 @@ static int generate(const Model *m, RunState *s, const Options *opt, const int *
     g_interrupted = 0;
     signal(SIGINT, on_interrupt);  // Ctrl-C: stop, print what we have and the timings, exit 130
 
-    // The prompt: all positions in batches, logits of the last one only; then one token per
-    // forward pass.
-    if (reader_alive) generator_prefill(&g, tokens, n_prompt, 0);
+    // The prompt: all positions in batches (but those the prompt cache holds), logits of the
+    // last one only; then one token per forward pass.
+    if (opt->prompt_cache) g.n_from_cache = prompt_cache_load(opt->prompt_cache, m, s, ctx, tokens, n_prompt);
+    const int n_new = n_prompt - g.n_from_cache;
+    if (reader_alive && generator_prefill(&g, tokens + g.n_from_cache, n_new, g.n_from_cache) == n_new &&
+        opt->prompt_cache && !opt->prompt_cache_ro && n_new > 1) {
+        prompt_cache_save(opt->prompt_cache, m, s, ctx, tokens, n_prompt);
+        signal(SIGINT, on_interrupt);  // (saving set it to remove the temporary file)
+    }
     int n_tokens = n_prompt;
     const char *stop_reason = generate_tokens(&g, tokens, &n_tokens, ctx, opt->n_predict < 0 ? LLONG_MAX : opt->n_predict,
                                               &out, &reader_alive);
@@ -2302,7 +2466,9 @@ static int interactive(const Model *m, RunState *s, const Options *opt, const in
 int main(int argc, char **argv) {
     use_sleeping_thread_wait(argv);  // before OpenMP starts any thread
     setup_process(&argc, &argv);  // e.g. SIGPIPE ignored: a closed stdout becomes EPIPE, handled in flush_stdout
+    const double t_start = now_seconds();
     Options opt = parse_args(argc, argv);
+    opt.t_start = t_start;
     if (opt.help) {
         usage(stdout);
         flush_stdout();
@@ -2388,8 +2554,8 @@ int main(int argc, char **argv) {
                    opt.dump_logits || opt.trace, opt.n_threads);
         t_load = now_seconds() - t_load;
 
-        if (opt.dump_logits) dump_prompt(&model, &state, prompt, n_prompt, opt.dump_logits, 0);
-        else if (opt.trace) dump_prompt(&model, &state, prompt, n_prompt, opt.trace, 1);
+        if (opt.dump_logits) dump_prompt(&model, &state, &opt, prompt, n_prompt, opt.dump_logits, 0, ctx);
+        else if (opt.trace) dump_prompt(&model, &state, &opt, prompt, n_prompt, opt.trace, 1, ctx);
         else status = generate(&model, &state, &opt, prompt, n_prompt, text, text_len, ctx, t_load);
         free_state(&state);
     }
@@ -4754,6 +4920,28 @@ static void *xmalloc_aligned(size_t n) {
 
 static void free_aligned(void *p) { free(p); }
 
+/* The KV cache: mapped with MAP_POPULATE, its pages are put in place by one call, not by a
+ * page fault per 4 KB page as a prompt's keys and values (or a --prompt-cache file) first
+ * land there, which costs microseconds each on a virtual machine. */
+static void *xmalloc_prefaulted(size_t n) {
+#if defined(MAP_POPULATE) && defined(MAP_ANONYMOUS)
+    void *p = mmap(NULL, n ? n : 1, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+    if (p == MAP_FAILED) die("out of memory allocating %zu bytes", n);
+    return p;
+#else
+    return xcalloc(1, n ? n : 1);  // (64-byte aligned by glibc and macOS for large blocks)
+#endif
+}
+
+static void free_prefaulted(void *p, size_t n) {
+#if defined(MAP_POPULATE) && defined(MAP_ANONYMOUS)
+    if (p) munmap(p, n ? n : 1);
+#else
+    (void)n;
+    free(p);
+#endif
+}
+
 static FILE *create_partial_file(const char *path) { return fopen(path, "wb"); }
 
 static int replace_file(const char *from, const char *to) { return rename(from, to); }
@@ -5146,6 +5334,18 @@ static void *xmalloc_aligned(size_t n) {
 }
 
 static void free_aligned(void *p) { _aligned_free(p); }
+
+/* The KV cache (Windows commits zeroed pages as they are first touched). */
+static void *xmalloc_prefaulted(size_t n) {
+    void *p = xmalloc_aligned(n);
+    memset(p, 0, n);
+    return p;
+}
+
+static void free_prefaulted(void *p, size_t n) {
+    (void)n;
+    free_aligned(p);
+}
 
 /* Windows cannot delete a file that is open unless it was opened with FILE_SHARE_DELETE:
  * so open the temporary that way, for die() and the Ctrl-C handler to be able to remove it
