@@ -263,7 +263,7 @@ build/wine/prefix/system.reg:
 	$(WIN_ENV) $(WINE) wineboot --init </dev/null >/dev/null 2>&1; $(WIN_ENV) wineserver -w
 	test -f $@
 
-# test-windows: the engine, CLI, sampling, trace, Unicode and interactive tests against phi2.exe under
+# test-windows: the engine, CLI, sampling, trace, Unicode, interactive and prompt-cache tests against phi2.exe under
 # Wine, about 1 minute (Wine maps / to Z:, so the tests' Linux paths work as arguments).
 # Not the kernel tests: tests/test_kernels.c guards its buffers with POSIX mmap pages; the
 # kernels are the same source as Linux's, and test_model checks the exe's logits against
@@ -297,7 +297,7 @@ test-windows: $(TEST_NEEDS) phi2.exe $(TEST_BINS) build/wine/prefix/system.reg
 	$(WIN_ENV) wineserver -p 60 </dev/null >/dev/null 2>&1; $(WIN_ENV) $(WINE) wineboot </dev/null >/dev/null 2>&1; \
 	PHI2_BIN=build/wine/phi2 PHI2_TEST_WORK=build/testdata-windows \
 	    $(PYTHON) tests/run.py $(WIN_SKIP:%=--skip %) test_model test_cli test_q8 test_robust test_sampling \
-	    test_determinism test_trace test_unicode_args test_interactive; \
+	    test_determinism test_trace test_unicode_args test_interactive test_prompt_cache; \
 	status=$$?; $(WIN_ENV) wineserver -k; exit $$status
 
 clean:
