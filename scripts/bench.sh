@@ -30,6 +30,10 @@
 # does not measure, can exceed it).
 # LONG=N (default 1024; 0: skip): also a long prompt of N tokens (REPS runs, one generated
 # token each), its tok/s, share of the peak, and ratio to the PROMPT-token prompt's.
+# ONESHOT=1 (the default; 0: skip): what a person waits for, exec to exit, with phi2's own
+# defaults (no --no-mmap: a short run maps the weights) for a 12-token prompt and 32
+# generated tokens, REPS runs: the wall time, the time to first token, and the ratio of the
+# wall time to the engine's own prompt + generation time.
 # MARCH=TARGET: benchmark a build for another x86 target instead of this CPU's own, e.g.
 # MARCH=haswell (AVX2 + FMA: a laptop without AVX-512) or MARCH=alderlake (AVX2 + AVX-VNNI);
 # phi2 and the peak probe are both built with -march=TARGET (build/phi2-TARGET,
@@ -48,7 +52,8 @@ PROMPT=${DEPTH:-${PROMPT:-128}}
 GEN=${GEN:-64}
 # Extra phi2 flags, e.g. --mmap. They come after --no-mmap: the runs measure the steady
 # state of a long run, weights in huge pages, which phi2 chooses itself only from -n 512 on.
-FLAGS="--no-mmap ${FLAGS:-}"
+USER_FLAGS=${FLAGS:-}
+FLAGS="--no-mmap $USER_FLAGS"
 LONG=${LONG:-1024}
 MARCH=${MARCH:-}
 [ -f "$MODEL" ] || { echo "bench: no such model file: $MODEL" >&2; exit 1; }
@@ -208,6 +213,36 @@ if [ "$LONG" -gt 0 ] && [ "$LONG" -ne "$PROMPT" ]; then
         printf "  prompt      %8.2f tok/s for %d tokens = %.0f%% of the %.1f G MAC/s %s peak, %.0f%% of the %d-token rate\n",
             lp, n, (peak > 0 ? 100 * lp * gmac / peak : 0), peak, peakkind, (pp > 0 ? 100 * lp / pp : 0), short
     }'
+fi
+
+# One-shot: exec to exit with the defaults.
+if [ "${ONESHOT:-1}" = 1 ]; then
+    SHORT_IDS=$(echo "$IDS" | cut -d, -f1-12)
+    for r in $(seq 1 "$REPS"); do
+        t0=$(date +%s.%N)
+        # shellcheck disable=SC2086
+        "$PHI2" "$MODEL" --ids "$SHORT_IDS" -n 32 --temp 0 --ignore-eos -t "$THREADS" --print-ids $USER_FLAGS \
+            >/dev/null 2>"$TMP/err"
+        t1=$(date +%s.%N)
+        line=$(grep '^phi2: load' "$TMP/err") || { cat "$TMP/err" >&2; exit 1; }
+        # compute = prompt tokens / prompt tok/s + the tokens fed back / generation tok/s
+        echo "$line" | awk -v wall="$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')" '{
+            for (i = 1; i <= NF; i++) {
+                if ($i == "prompt") { np = $(i + 1); pp = $(i + 3) }
+                if ($i == "generated") { ng = $(i + 1); tg = $(i + 3) }
+                if ($i == "first" && $(i + 1) == "token") ft = $(i + 3)
+            }
+            compute = (pp > 0 ? np / pp : 0) + (tg > 0 ? (ng - 1) / tg : 0)
+            printf "%.3f %.3f %.3f\n", wall, compute, ft
+        }' >>"$TMP/oneshot"
+        echo "  one-shot run $r: $line"
+    done
+    awk -v reps="$REPS" '{ w[NR] = $1; c[NR] = $2; f[NR] = $3; r[NR] = ($2 > 0 ? $1 / $2 : 0) }
+        function med(a,   n, i, j, t) { n = NR; for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++)
+            if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t } return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2 }
+        END { printf "one-shot (12-token prompt, 32 generated, default load path), median of %d runs:\n", reps
+              printf "  wall        %8.2f s exec to exit = %.2fx the engine'"'"'s prompt + generation time (%.2f s); first token at %.2f s\n",
+                     med(w), med(r), med(c), med(f) }' "$TMP/oneshot"
 fi
 
 # Busy-core mode, BUSY=1 scripts/bench.sh MODEL.bin 2: how generation holds up when another program keeps one core
