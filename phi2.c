@@ -2758,7 +2758,7 @@ MAYBE_UNUSED static unsigned char *scratch_at_least(unsigned char **buffer, size
 }
 
 /* ------------------------------------------------------------------------------------- */
-/* Appendix B. Vector kernels: float32 (AVX-512, AVX2, NEON); x86 int8 and f16            */
+/* Appendix B. Vector kernels: float32 and f16 (AVX-512, AVX2, NEON); x86 int8            */
 /* ------------------------------------------------------------------------------------- */
 /* Each kernel here computes a section 3 definition for the instruction sets of Appendix A;
  * tests/test_kernels.c checks it against that definition. The float32 kernels are written
