@@ -192,8 +192,9 @@ def load_mode(*flags, available_kb=None):
     e = dict(os.environ, **env)
     if available_kb is None:
         e.pop("PHI2_SYSFS_ROOT", None)
-    p = subprocess.run([PHI2, converted(checkpoint()), "--ids", "1,2", "-n", "1", *flags], capture_output=True, env=e,
-                       timeout=120)
+    # -c 8: a long run (-n 512, -n -1) ends when these few positions are full
+    p = subprocess.run([PHI2, converted(checkpoint()), "--ids", "1,2", "-c", "8", "-n", "1", *flags], capture_output=True,
+                       env=e, timeout=120)
     err = p.stderr.decode("utf-8", "replace")
     assert p.returncode == 0, err[-1000:]
     m = re.search(r"^phi2: load [0-9.]+ s \(([a-z ]+, [^)]+)\)", err, re.M)
@@ -204,8 +205,7 @@ def load_mode(*flags, available_kb=None):
 def test_load_path_follows_the_run_length():
     """By default a short run maps the weights (instant start) and a long one (-n 512 or
     more, -n -1) reads them into memory (huge pages: faster decode) when they fit with room
-    to spare, else maps them; --mmap and --no-mmap decide regardless. (The tiny model's
-    context ends a long run after a few tokens.)"""
+    to spare, else maps them; --mmap and --no-mmap decide regardless."""
     require_linux()
     size_kb = os.path.getsize(converted(checkpoint())) // 1024
     roomy = size_kb + (4 << 20)  # 4 GB to spare
