@@ -1670,6 +1670,11 @@ static size_t prompt_cache_kv_bytes(const RunState *s, const Config *c, int n) {
     return mul_size(mul_size((size_t)c->n_layers * (size_t)c->n_heads, (size_t)n), (size_t)c->head_dim * elem);
 }
 
+/* Bytes of a cache file's payload for n positions: the ids, then the keys and values. */
+static size_t prompt_cache_payload_bytes(const RunState *s, const Config *c, int n) {
+    return pad8(pad8((size_t)n * 4) + mul_size(2, prompt_cache_kv_bytes(s, c, n)));
+}
+
 /* Where one layer's and head's cached keys (kv 0) or values (kv 1) start, in bytes. */
 static unsigned char *kv_head_bytes(const RunState *s, const Config *c, int kv, size_t layer_head) {
     const size_t elem = s->kv_type == KV_F16 ? 2 : 4;
@@ -1707,7 +1712,7 @@ static int prompt_cache_load(const char *path, const Model *m, RunState *s, int 
         problem = "damaged (token count)";
     } else {
         const int n = (int)read_u32(h + 20);
-        const size_t size = pad8(pad8((size_t)n * 4) + 2 * prompt_cache_kv_bytes(s, c, n));
+        const size_t size = prompt_cache_payload_bytes(s, c, n);
         if (fstat(fileno(f), &st) != 0 || (uint64_t)st.st_size != PROMPT_CACHE_HEADER + (uint64_t)size) {
             problem = "truncated, or longer than it says";
         } else {
@@ -1741,7 +1746,7 @@ static int prompt_cache_load(const char *path, const Model *m, RunState *s, int 
  * renamed when complete. A failure (a full disk) is a warning: the answer does not need it. */
 static void prompt_cache_save(const char *path, const Model *m, const RunState *s, int ctx, const int *tokens, int n) {
     const Config *c = &m->config;
-    const size_t ids = pad8((size_t)n * 4), size = pad8(ids + 2 * prompt_cache_kv_bytes(s, c, n));
+    const size_t ids = pad8((size_t)n * 4), size = prompt_cache_payload_bytes(s, c, n);
     unsigned char *file = xcalloc(PROMPT_CACHE_HEADER + size, 1), *payload = file + PROMPT_CACHE_HEADER;
     for (int i = 0; i < n; i++) put_u32(payload + 4 * (size_t)i, (uint32_t)tokens[i]);
     const size_t heads = (size_t)c->n_layers * c->n_heads, per_head = prompt_cache_kv_bytes(s, c, n) / heads;
