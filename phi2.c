@@ -3635,8 +3635,8 @@ static ALWAYS_INLINE void pv_load_block(PanelVec v[1][16], int i, const Matrix *
     if (W->type == WEIGHTS_Q4) v[0][i] = q4_decode_vnni(W->codes + (size_t)row * (W->cols / 2) + (size_t)b * 32, q4_levels_vnni(0));
     else v[0][i] = _mm512_loadu_si512((const void *)(W->q + (size_t)row * W->cols + (size_t)b * 64));
 }
-/* acc + the products of the 4 unsigned bytes of u by the 4 signed bytes of w in each lane;
- * signed_x (never on VNNI): x signed, as |w| * sign(x, w). */
+/* acc + the products of the 4 unsigned bytes of x by the 4 signed bytes of w in each lane;
+ * signed_x (plain AVX2 q8 only, never here): x signed, taken as |w| (w_abs) * sign(x, w). */
 static ALWAYS_INLINE PanelVec pv_abs8(PanelVec w) { return _mm512_abs_epi8(w); }
 static ALWAYS_INLINE PanelVec pv_dot(PanelVec acc, PanelVec x, PanelVec w, PanelVec w_abs, int signed_x) {
     (void)w_abs, (void)signed_x;
