@@ -1685,9 +1685,54 @@ static unsigned char *kv_head_bytes(const RunState *s, const Config *c, int kv, 
 static void put_u32(unsigned char *p, uint32_t v) { for (int i = 0; i < 4; i++) p[i] = (unsigned char)(v >> (8 * i)); }
 static void put_u64(unsigned char *p, uint64_t v) { for (int i = 0; i < 8; i++) p[i] = (unsigned char)(v >> (8 * i)); }
 
+/* The payload's checksums, over a stream of 8-byte words read or written a chunk at a time:
+ * the chunk's weighted sum counts its words from 1, so it gains words_before * its sum. */
+typedef struct {
+    uint64_t sum, weighted, words;
+} StreamSums;
+
+static void stream_sums_add(StreamSums *ss, const unsigned char *p, size_t n_bytes) {  // n_bytes: a multiple of 8
+    uint64_t sum, weighted;
+    weights_checksums(p, n_bytes / 8, &sum, &weighted);
+    ss->weighted += weighted + ss->words * sum;
+    ss->sum += sum;
+    ss->words += n_bytes / 8;
+}
+
+/* Bytes [at, at + len) of a cache file's keys and values (the payload after the ids), to or
+ * from the KV cache: a load (to_kv) keeps the positions below `positions` and skips the
+ * rest; a save (positions = n) gathers them all, and zeros for the final padding. */
+static void prompt_cache_chunk(const RunState *s, const Config *c, int n, int positions, unsigned char *chunk,
+                               size_t at, size_t len, int to_kv) {
+    const size_t heads = (size_t)c->n_layers * c->n_heads, per_head = prompt_cache_kv_bytes(s, c, n) / heads;
+    const size_t used = per_head / (size_t)n * (size_t)positions;
+    while (len > 0) {
+        const size_t block = at / per_head, within = at % per_head;
+        const size_t take = per_head - within < len ? per_head - within : len;
+        if (block >= 2 * heads) {
+            if (!to_kv) memset(chunk, 0, take);
+        } else if (within < used) {
+            const size_t part = used - within < take ? used - within : take;
+            unsigned char *kv = kv_head_bytes(s, c, (int)(block / heads), block % heads) + within;
+            memcpy(to_kv ? kv : chunk, to_kv ? chunk : kv, part);
+        }
+        chunk += take, at += take, len -= take;
+    }
+}
+
+/* Bytes read or written at a time (a multiple of 8). Test builds take chunks smaller than a
+ * head's positions, so that the tiny test models cross every kind of boundary. */
+#ifdef PHI2_TEST_HOOKS
+enum { PROMPT_CACHE_CHUNK = 200 };
+#else
+enum { PROMPT_CACHE_CHUNK = 4 << 20 };
+#endif
+
 /* Loads what the cache at path holds of this prompt into the KV cache: returns how many
  * of the prompt's first positions it filled (0: none). At least the prompt's last token is
- * left to process, as its logits are needed. */
+ * left to process, as its logits are needed. The file is read once, in chunks that are
+ * checksummed and copied straight into place: a damaged file has then written positions
+ * that the prompt's processing writes again, as it does when nothing was cached. */
 static int prompt_cache_load(const char *path, const Model *m, RunState *s, int ctx, const int *prompt, int n_prompt) {
     const Config *c = &m->config;
     FILE *f = fopen_path(path, "rb");
@@ -1712,30 +1757,26 @@ static int prompt_cache_load(const char *path, const Model *m, RunState *s, int 
         problem = "damaged (token count)";
     } else {
         const int n = (int)read_u32(h + 20);
-        const size_t size = prompt_cache_payload_bytes(s, c, n);
-        if (fstat(fileno(f), &st) != 0 || (uint64_t)st.st_size != PROMPT_CACHE_HEADER + (uint64_t)size) {
+        const size_t ids = pad8((size_t)n * 4), size = prompt_cache_payload_bytes(s, c, n);
+        unsigned char *chunk = xmalloc(PROMPT_CACHE_CHUNK > ids ? PROMPT_CACHE_CHUNK : ids);
+        StreamSums ss = {0, 0, 0};
+        if (fstat(fileno(f), &st) != 0 || (uint64_t)st.st_size != PROMPT_CACHE_HEADER + (uint64_t)size ||
+            fread(chunk, 1, ids, f) != ids) {
             problem = "truncated, or longer than it says";
         } else {
-            // Mapped: the file's pages straight from the OS's cache, no copy. The whole file
-            // is checked, then the positions this prompt shares are copied into the KV cache.
-            const unsigned char *file = map_file(fileno(f), PROMPT_CACHE_HEADER + size, path);
-            const unsigned char *payload = file + PROMPT_CACHE_HEADER, *kv = payload + pad8((size_t)n * 4);
-            uint64_t sum, weighted;
-            weights_checksums(payload, size / 8, &sum, &weighted);
-            if (sum != read_u64(h + 48) || weighted != read_u64(h + 56)) {
-                problem = "damaged (checksum mismatch)";
-            } else {
-                while (reused < n && reused < n_prompt - 1 && read_u32(payload + 4 * (size_t)reused) == (uint32_t)prompt[reused])
-                    reused++;
-                // reused < n_prompt <= the positions the KV cache holds
-                const size_t heads = (size_t)c->n_layers * c->n_heads, per_head = prompt_cache_kv_bytes(s, c, n) / heads;
-                for (int kvi = 0; kvi < 2; kvi++)
-                    for (size_t lh = 0; lh < heads; lh++)
-                        memcpy(kv_head_bytes(s, c, kvi, lh), kv + ((size_t)kvi * heads + lh) * per_head,
-                               per_head / (size_t)n * (size_t)reused);
+            stream_sums_add(&ss, chunk, ids);
+            while (reused < n && reused < n_prompt - 1 && read_u32(chunk + 4 * (size_t)reused) == (uint32_t)prompt[reused])
+                reused++;  // reused < n_prompt <= the positions the KV cache holds
+            for (size_t at = 0; at < size - ids && !problem; at += PROMPT_CACHE_CHUNK) {
+                const size_t len = size - ids - at < PROMPT_CACHE_CHUNK ? size - ids - at : PROMPT_CACHE_CHUNK;
+                if (fread(chunk, 1, len, f) != len) problem = "truncated, or longer than it says";
+                stream_sums_add(&ss, chunk, len);
+                prompt_cache_chunk(s, c, n, reused, chunk, at, len, 1);
             }
-            unmap_file(file, PROMPT_CACHE_HEADER + size);
+            if (!problem && (ss.sum != read_u64(h + 48) || ss.weighted != read_u64(h + 56)))
+                problem = "damaged (checksum mismatch)";
         }
+        free(chunk);
     }
     fclose(f);
     if (problem) warn("ignoring the prompt cache '%s': %s; the whole prompt is processed", path, problem);
@@ -1743,27 +1784,32 @@ static int prompt_cache_load(const char *path, const Model *m, RunState *s, int 
 }
 
 /* Saves the KV cache's positions 0 .. n-1 (tokens[0..n)) to path, through a temporary file
- * renamed when complete. A failure (a full disk) is a warning: the answer does not need it. */
+ * renamed when complete, a chunk at a time; the header, with the checksums, goes in last.
+ * A failure (a full disk) is a warning: the answer does not need it. */
 static void prompt_cache_save(const char *path, const Model *m, const RunState *s, int ctx, const int *tokens, int n) {
     const Config *c = &m->config;
     const size_t ids = pad8((size_t)n * 4), size = prompt_cache_payload_bytes(s, c, n);
-    unsigned char *file = xcalloc(PROMPT_CACHE_HEADER + size, 1), *payload = file + PROMPT_CACHE_HEADER;
-    for (int i = 0; i < n; i++) put_u32(payload + 4 * (size_t)i, (uint32_t)tokens[i]);
-    const size_t heads = (size_t)c->n_layers * c->n_heads, per_head = prompt_cache_kv_bytes(s, c, n) / heads;
-    for (int kv = 0; kv < 2; kv++)
-        for (size_t lh = 0; lh < heads; lh++)
-            memcpy(payload + ids + ((size_t)kv * heads + lh) * per_head, kv_head_bytes(s, c, kv, lh), per_head);
-    uint64_t sum, weighted;
-    weights_checksums(payload, size / 8, &sum, &weighted);
-    memcpy(file, "PHI2PCA1", 8);
-    put_u32(file + 8, PROMPT_CACHE_VERSION), put_u32(file + 12, (uint32_t)s->kv_type), put_u32(file + 16, (uint32_t)ctx);
-    put_u32(file + 20, (uint32_t)n), put_u64(file + 24, read_u64(m->map + 248)), put_u64(file + 32, m->map_size);
-    put_u32(file + 40, (uint32_t)c->n_layers), put_u32(file + 44, (uint32_t)c->hidden_dim);
-    put_u64(file + 48, sum), put_u64(file + 56, weighted);
+    unsigned char *chunk = xcalloc(PROMPT_CACHE_CHUNK > ids ? PROMPT_CACHE_CHUNK : ids, 1);
+    unsigned char h[PROMPT_CACHE_HEADER] = {0};
+    StreamSums ss = {0, 0, 0};
     begin_partial_file(path);
     FILE *f = create_partial_file(g_partial_file);
     int err = f ? 0 : errno;
-    if (f && fwrite(file, 1, PROMPT_CACHE_HEADER + size, f) != PROMPT_CACHE_HEADER + size) err = errno ? errno : EIO;
+    for (int i = 0; i < n; i++) put_u32(chunk + 4 * (size_t)i, (uint32_t)tokens[i]);
+    stream_sums_add(&ss, chunk, ids);
+    if (!err && (fwrite(h, 1, sizeof(h), f) != sizeof(h) || fwrite(chunk, 1, ids, f) != ids)) err = errno ? errno : EIO;
+    for (size_t at = 0; at < size - ids && !err; at += PROMPT_CACHE_CHUNK) {
+        const size_t len = size - ids - at < PROMPT_CACHE_CHUNK ? size - ids - at : PROMPT_CACHE_CHUNK;
+        prompt_cache_chunk(s, c, n, n, chunk, at, len, 0);
+        stream_sums_add(&ss, chunk, len);
+        if (fwrite(chunk, 1, len, f) != len) err = errno ? errno : EIO;
+    }
+    memcpy(h, "PHI2PCA1", 8);
+    put_u32(h + 8, PROMPT_CACHE_VERSION), put_u32(h + 12, (uint32_t)s->kv_type), put_u32(h + 16, (uint32_t)ctx);
+    put_u32(h + 20, (uint32_t)n), put_u64(h + 24, read_u64(m->map + 248)), put_u64(h + 32, m->map_size);
+    put_u32(h + 40, (uint32_t)c->n_layers), put_u32(h + 44, (uint32_t)c->hidden_dim);
+    put_u64(h + 48, ss.sum), put_u64(h + 56, ss.weighted);
+    if (!err && (fseek(f, 0, SEEK_SET) != 0 || fwrite(h, 1, sizeof(h), f) != sizeof(h))) err = errno ? errno : EIO;
     if (f && fclose(f) != 0 && !err) err = errno;
     if (!err && replace_file(g_partial_file, path) != 0) err = errno;
     if (err) {
@@ -1771,7 +1817,7 @@ static void prompt_cache_save(const char *path, const Model *m, const RunState *
         remove_path(g_partial_file);
     }
     g_partial_file[0] = '\0';
-    free(file);
+    free(chunk);
 }
 
 static void print_ids(FILE *f, const int *ids, int n) {
@@ -4925,13 +4971,26 @@ static void *xmalloc_aligned(size_t n) {
 
 static void free_aligned(void *p) { free(p); }
 
-/* The KV cache: mapped with MAP_POPULATE, its pages are put in place by one call, not by a
- * page fault per 4 KB page as a prompt's keys and values (or a --prompt-cache file) first
- * land there, which costs microseconds each on a virtual machine. */
+/* The KV cache: in huge pages where the kernel has them (2 MB: one page fault, one TLB entry
+ * and, on a virtual machine, one shadow mapping where 4 KB pages need 512), put in place
+ * now rather than as a prompt's keys and values (or a --prompt-cache file) first land there.
+ * MADV_POPULATE_WRITE (Linux 5.14) does that after the hint, a huge page at a time on every
+ * thread (a virtual machine's host backs fresh memory on the thread that touches it);
+ * MAP_POPULATE would do it before the hint, in 4 KB pages. Older kernels fault the pages
+ * in as they are written. */
 static void *xmalloc_prefaulted(size_t n) {
-#if defined(MAP_POPULATE) && defined(MAP_ANONYMOUS)
-    void *p = mmap(NULL, n ? n : 1, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+#if defined(__linux__)
+    void *p = mmap(NULL, n ? n : 1, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) die("out of memory allocating %zu bytes", n);
+#ifdef MADV_HUGEPAGE
+    madvise(p, n ? n : 1, MADV_HUGEPAGE);  // hints: without them it still works
+#endif
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23  // (older headers)
+#endif
+    const size_t huge = (size_t)2 << 20, n_huge = (n + huge - 1) / huge;
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n_huge; i++) madvise((char *)p + i * huge, n - i * huge < huge ? n - i * huge : huge, MADV_POPULATE_WRITE);
     return p;
 #else
     return xcalloc(1, n ? n : 1);  // (64-byte aligned by glibc and macOS for large blocks)
@@ -4939,7 +4998,7 @@ static void *xmalloc_prefaulted(size_t n) {
 }
 
 static void free_prefaulted(void *p, size_t n) {
-#if defined(MAP_POPULATE) && defined(MAP_ANONYMOUS)
+#if defined(__linux__)
     if (p) munmap(p, n ? n : 1);
 #else
     (void)n;
