@@ -3243,53 +3243,14 @@ MAYBE_UNUSED static void matmul_f32_panels(float *out, const float *in, const Ma
 enum { Q4_DECODE_CHAINS = 4 };
 
 #if PHI2_AVX512_VNNI
-/* AVX512-VNNI: vpdpbusd multiplies unsigned by signed bytes. Activations are made unsigned
- * by adding 128 (x ^ 0x80), and the accumulator starts at -128 * sum(w) (one more vpdpbusd per
- * weight vector, shared by all tokens of the tile), so each lane holds an exact int32 sum of
- * 4 products q_w * q_x. Each lane is then scaled by d_w * d_x and accumulated in float.
- * Register tile: 4 rows x 4 tokens; a weight vector loaded once serves 4 tokens. */
+/* The two x86 int8 families. AVX-512 VNNI: 512-bit vectors, vpdpbusd (unsigned by signed
+ * bytes, 4 products into each int32 lane). Register tiles of 4 rows x 4 tokens: a weight
+ * vector loaded once serves 4 tokens. */
 enum { Q8_TILE_ROWS = 4, Q8_TILE_TOKENS = 4, Q4_TILE_ROWS = 4, Q4_TILE_TOKENS = 4 };
 #define Q8_TILE_SHAPES TOKENS_UP_TO_4(Q8_TILE_ROWS) TOKENS_UP_TO_4(1)
 #define Q4_TILE_SHAPES TOKENS_UP_TO_4(Q4_TILE_ROWS) TOKENS_UP_TO_4(1)
-enum { Q8_PREFETCH_BYTES = 1024 };  // prefetch distance along each weight row: the hardware's alone lags
+enum { INT8_PREFETCH_BYTES = 1024 };  // prefetch distance along each weight row: the hardware's alone lags
 
-static ALWAYS_INLINE void q8_tile(float *out, int out_stride, const int8_t *w, const float *wd, const int8_t *x,
-                                       const float *xd, int cols, int n_groups, int R, int T, const float *bias) {
-    __m512 acc[Q8_TILE_ROWS][Q8_TILE_TOKENS];
-    for (int r = 0; r < R; r++)
-        for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_ps();
-    const __m512i offset = _mm512_set1_epi8((char)0x80), zero = _mm512_setzero_si512();
-    for (int g = 0; g < n_groups; g++) {
-        __m512i wv[Q8_TILE_ROWS], neg_corr[Q8_TILE_ROWS];
-        __m512 ws[Q8_TILE_ROWS];
-        for (int r = 0; r < R; r++) {
-            wv[r] = _mm512_loadu_si512((const void *)(w + (size_t)r * cols + (size_t)g * 64));
-            _mm_prefetch((const char *)(w + (size_t)r * cols + (size_t)g * 64 + Q8_PREFETCH_BYTES), _MM_HINT_T0);
-            neg_corr[r] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, offset, wv[r]));
-            ws[r] = _mm512_set1_ps(wd[(size_t)r * n_groups + g]);
-        }
-        for (int t = 0; t < T; t++) {
-            const __m512i xu = _mm512_xor_si512(
-                _mm512_loadu_si512((const void *)(x + (size_t)t * cols + (size_t)g * 64)), offset);
-            const __m512 xs = _mm512_set1_ps(xd[(size_t)t * n_groups + g]);
-            for (int r = 0; r < R; r++) {
-                __m512i d = _mm512_dpbusd_epi32(neg_corr[r], xu, wv[r]);
-                acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(ws[r], xs), acc[r][t]);
-            }
-        }
-    }
-    for (int r = 0; r < R; r++)
-        for (int t = 0; t < T; t++) out[(size_t)t * out_stride + r] = _mm512_reduce_add_ps(acc[r][t]) + bias[r];
-}
-
-/* q4 with VNNI: each block's 64 weights decoded into one 512-bit vector (the 32 code bytes
- * and the same bytes shifted right by 4, masked to nibbles, looked up in the levels: weights
- * 0..63 in order) of unsigned bytes level + 64, which vpdpbusd multiplies by the signed
- * activations directly; the 64 * (sum of the group's q_x) this adds is taken off once per 8
- * blocks, scaled (q4_activation_offsets). Lanes 0..7 sum weights 0..31 (the block's first
- * group), lanes 8..15 weights 32..63 (its second): the float16 scales of 8 blocks (16
- * groups) of a row become floats with one vcvtph2ps, and one permute spreads a block's pair
- * over the lanes. */
 /* Q4_LEVELS + offset in each 128-bit lane (a table for vpshufb). */
 static ALWAYS_INLINE __m512i q4_levels_vnni(int offset) {
     return _mm512_add_epi8(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)Q4_LEVELS)), _mm512_set1_epi8((char)offset));
@@ -3302,6 +3263,204 @@ static ALWAYS_INLINE __m512i q4_decode_vnni(const uint8_t *codes, __m512i levels
     return _mm512_shuffle_epi8(levels, _mm512_and_si512(both, _mm512_set1_epi8(15)));
 }
 
+#elif PHI2_AVX2
+/* AVX2: 256-bit vectors, vpmaddubsw + vpmaddwd (dot_u8s8_avx2), or vpdpbusd where the target
+ * has AVX-VNNI. Register tiles of 2 rows x 2 tokens for q8 (16 ymm registers). */
+enum { Q8_TILE_ROWS = 2, Q8_TILE_TOKENS = 2 };
+#define Q8_TILE_SHAPES TOKENS_UP_TO_2(Q8_TILE_ROWS) TOKENS_UP_TO_2(1)
+
+/* acc plus the sums of 4 adjacent products u[i] * s[i] (u unsigned, s signed bytes) per
+ * int32 lane: one vpdpbusd with AVX-VNNI (Intel laptops since 12th gen, AMD Zen 5), else
+ * vpmaddubsw + vpmaddwd, exact when no pair of products exceeds 32767 in magnitude (the
+ * callers' operands are chosen so). */
+static ALWAYS_INLINE __m256i dot_u8s8_avx2(__m256i acc, __m256i u, __m256i s) {
+#if defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(acc, u, s);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+
+/* q4: the 32 bytes of codes of one block (64 weights) as two vectors of bytes: weights 0..31
+ * from the low nibbles, 32..63 from the high nibbles, each code looked up by vpshufb in
+ * levels (a 16-byte table, in both 128-bit halves: Q4_LEVELS, or Q4_LEVELS + 64). */
+static ALWAYS_INLINE void q4_decode_avx2(const uint8_t *codes, __m256i levels, __m256i *w_lo, __m256i *w_hi) {
+    const __m256i bytes = _mm256_loadu_si256((const __m256i *)codes), nibble = _mm256_set1_epi8(15);
+    *w_lo = _mm256_shuffle_epi8(levels, _mm256_and_si256(bytes, nibble));
+    *w_hi = _mm256_shuffle_epi8(levels, _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble));
+}
+
+static ALWAYS_INLINE __m256i q4_levels_avx2(void) {
+    return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)Q4_LEVELS));
+}
+
+/* AVX2 decode prefetches this far ahead along each weight row (a 64-byte line per q8 group,
+ * per two q4 blocks): the hardware prefetcher alone leaves the cores waiting on memory. */
+enum { INT8_PREFETCH_BYTES = 4096 };
+
+enum { Q4_TILE_ROWS = 1, Q4_TILE_TOKENS = 4 };  // 1 row x 4 tokens: a row's decoded block serves 4 tokens
+#define Q4_TILE_SHAPES TOKENS_UP_TO_4(Q4_TILE_ROWS)
+#endif
+
+#if PHI2_AVX512_VNNI || PHI2_AVX2
+/* The families' int8 vectors, for the q8 tiles and for the row panels of prompt batches
+ * (below): Int8Vec has int32 lanes of 4 int8 each, Int8VecF float lanes; AVX-512 VNNI: 16
+ * lanes, AVX2 (and AVX-VNNI): 8 (one ymm). In a panel a lane is a row. Plain AVX2 has only
+ * vpmaddubsw + vpmaddwd (dot_u8s8_avx2), whose int16 pairs saturate past 32767: fine for q4
+ * (levels within +-61: 2 * 255 * 61 < 32767), not for q8 weights up to +-127 times
+ * q_x + 128. There q8 takes the signed activations and moves the weight's sign onto them
+ * (|w| once per weight vector, shared by the tokens, times sign(q_x, w): each pair at most
+ * 2 * 128 * 127), with no correction: Q8_SIGNED_X.
+ * Tokens per tile: as many int32 sums and float accumulators as fill the registers beside
+ * the weight vector (AVX2: also its |w|, the broadcast and vpmaddwd's ones). */
+#if PHI2_AVX512_VNNI
+enum { PANEL_ROWS = 16, PANEL_TOKENS = 12, PANEL_MIN_TOKENS = 8, Q8_SIGNED_X = 0 };
+#define PANEL_TILE_SHAPES TOKENS_UP_TO_12(1)
+typedef __m512i Int8Vec;
+typedef __m512 Int8VecF;
+static ALWAYS_INLINE Int8Vec iv_zero(void) { return _mm512_setzero_si512(); }
+static ALWAYS_INLINE Int8Vec iv_load(const void *p) { return _mm512_load_si512(p); }
+static ALWAYS_INLINE Int8Vec iv_loadu(const void *p) { return _mm512_loadu_si512(p); }
+static ALWAYS_INLINE Int8Vec iv_xor(Int8Vec a, Int8Vec b) { return _mm512_xor_si512(a, b); }
+static ALWAYS_INLINE Int8Vec iv_sub(Int8Vec a, Int8Vec b) { return _mm512_sub_epi32(a, b); }
+static ALWAYS_INLINE void iv_store(void *p, Int8Vec v) { _mm512_store_si512(p, v); }
+static ALWAYS_INLINE Int8Vec iv_set4(int32_t four) { return _mm512_set1_epi32(four); }
+static ALWAYS_INLINE Int8Vec iv_times(Int8Vec v, int32_t k) { return _mm512_mullo_epi32(v, _mm512_set1_epi32(k)); }
+static ALWAYS_INLINE Int8Vec iv_from_f16(const uint16_t *p) {
+    return _mm512_castps_si512(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)));
+}
+static ALWAYS_INLINE Int8Vec iv_from_f32(const float *p) { return _mm512_castps_si512(_mm512_loadu_ps(p)); }
+static ALWAYS_INLINE void iv_transpose(Int8Vec v[16]) { transpose16_epi32(v); }
+/* v[0][i]: the weights 64 * b .. 64 * b + 63 of row `row` of W (q4: its signed levels). */
+static ALWAYS_INLINE void iv_load_block(Int8Vec v[1][16], int i, const Matrix *W, int row, int b) {
+    if (W->type == WEIGHTS_Q4) v[0][i] = q4_decode_vnni(W->codes + (size_t)row * (W->cols / 2) + (size_t)b * 32, q4_levels_vnni(0));
+    else v[0][i] = _mm512_loadu_si512((const void *)(W->q + (size_t)row * W->cols + (size_t)b * 64));
+}
+/* acc + the products of the 4 unsigned bytes of x by the 4 signed bytes of w in each lane;
+ * signed_x (plain AVX2 q8 only, never here): x signed, taken as |w| (w_abs) * sign(x, w). */
+static ALWAYS_INLINE Int8Vec iv_abs8(Int8Vec w) { return _mm512_abs_epi8(w); }
+static ALWAYS_INLINE Int8Vec iv_dot(Int8Vec acc, Int8Vec x, Int8Vec w, Int8Vec w_abs, int signed_x) {
+    (void)w_abs, (void)signed_x;
+    return _mm512_dpbusd_epi32(acc, x, w);
+}
+static ALWAYS_INLINE Int8VecF ivf_load(const float *p) { return _mm512_load_ps(p); }
+static ALWAYS_INLINE Int8VecF ivf_set(float f) { return _mm512_set1_ps(f); }
+static ALWAYS_INLINE float ivf_sum(Int8VecF v) { return _mm512_reduce_add_ps(v); }
+static ALWAYS_INLINE Int8VecF ivf_mul(Int8VecF a, Int8VecF b) { return _mm512_mul_ps(a, b); }
+static ALWAYS_INLINE Int8VecF ivf_add(Int8VecF a, Int8VecF b) { return _mm512_add_ps(a, b); }
+static ALWAYS_INLINE Int8VecF ivf_fma_i32(Int8Vec a, Int8VecF b, Int8VecF acc) {
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), b, acc);
+}
+static ALWAYS_INLINE Int8VecF ivf_load_first(const float *p, int n) { return _mm512_maskz_loadu_ps(first_lanes16(n), p); }
+static ALWAYS_INLINE void ivf_store_first(float *p, Int8VecF v, int n) { _mm512_mask_storeu_ps(p, first_lanes16(n), v); }
+#else
+#if defined(__AVXVNNI__)
+enum { PANEL_ROWS = 8, PANEL_TOKENS = 6, PANEL_MIN_TOKENS = 8, Q8_SIGNED_X = 0 };
+#else
+enum { PANEL_ROWS = 8, PANEL_TOKENS = 6, PANEL_MIN_TOKENS = 8, Q8_SIGNED_X = 1 };
+#endif
+#define PANEL_TILE_SHAPES TOKENS_UP_TO_6(1)
+typedef __m256i Int8Vec;
+typedef __m256 Int8VecF;
+static ALWAYS_INLINE Int8Vec iv_zero(void) { return _mm256_setzero_si256(); }
+static ALWAYS_INLINE Int8Vec iv_load(const void *p) { return _mm256_load_si256((const __m256i *)p); }
+static ALWAYS_INLINE Int8Vec iv_loadu(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
+static ALWAYS_INLINE Int8Vec iv_xor(Int8Vec a, Int8Vec b) { return _mm256_xor_si256(a, b); }
+static ALWAYS_INLINE Int8Vec iv_sub(Int8Vec a, Int8Vec b) { return _mm256_sub_epi32(a, b); }
+static ALWAYS_INLINE void iv_store(void *p, Int8Vec v) { _mm256_store_si256((__m256i *)p, v); }
+static ALWAYS_INLINE Int8Vec iv_set4(int32_t four) { return _mm256_set1_epi32(four); }
+static ALWAYS_INLINE Int8Vec iv_times(Int8Vec v, int32_t k) { return _mm256_mullo_epi32(v, _mm256_set1_epi32(k)); }
+static ALWAYS_INLINE Int8Vec iv_from_f16(const uint16_t *p) {
+    return _mm256_castps_si256(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)));
+}
+static ALWAYS_INLINE Int8Vec iv_from_f32(const float *p) { return _mm256_castps_si256(_mm256_loadu_ps(p)); }
+static ALWAYS_INLINE void iv_transpose(Int8Vec v[8]) { transpose8_epi32(v); }
+/* v[0][i], v[1][i]: the weights 64 * b .. 64 * b + 63 of row `row` of W (q4: its signed levels). */
+static ALWAYS_INLINE void iv_load_block(Int8Vec v[2][8], int i, const Matrix *W, int row, int b) {
+    if (W->type == WEIGHTS_Q4) {
+        q4_decode_avx2(W->codes + (size_t)row * (W->cols / 2) + (size_t)b * 32, q4_levels_avx2(), &v[0][i], &v[1][i]);
+    } else {
+        v[0][i] = _mm256_loadu_si256((const __m256i *)(W->q + (size_t)row * W->cols + (size_t)b * 64));
+        v[1][i] = _mm256_loadu_si256((const __m256i *)(W->q + (size_t)row * W->cols + (size_t)b * 64 + 32));
+    }
+}
+static ALWAYS_INLINE Int8Vec iv_abs8(Int8Vec w) { return _mm256_abs_epi8(w); }
+static ALWAYS_INLINE Int8Vec iv_dot(Int8Vec acc, Int8Vec x, Int8Vec w, Int8Vec w_abs, int signed_x) {
+    return signed_x ? dot_u8s8_avx2(acc, w_abs, _mm256_sign_epi8(x, w)) : dot_u8s8_avx2(acc, x, w);
+}
+static ALWAYS_INLINE Int8VecF ivf_load(const float *p) { return _mm256_load_ps(p); }
+static ALWAYS_INLINE Int8VecF ivf_set(float f) { return _mm256_set1_ps(f); }
+static ALWAYS_INLINE float ivf_sum(Int8VecF v) { return hsum256(v); }
+static ALWAYS_INLINE Int8VecF ivf_mul(Int8VecF a, Int8VecF b) { return _mm256_mul_ps(a, b); }
+static ALWAYS_INLINE Int8VecF ivf_add(Int8VecF a, Int8VecF b) { return _mm256_add_ps(a, b); }
+static ALWAYS_INLINE Int8VecF ivf_fma_i32(Int8Vec a, Int8VecF b, Int8VecF acc) {
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), b, acc);
+}
+static ALWAYS_INLINE Int8VecF ivf_load_first(const float *p, int n) {
+    return n >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, first_lanes8(n));
+}
+static ALWAYS_INLINE void ivf_store_first(float *p, Int8VecF v, int n) {
+    if (n >= 8) _mm256_storeu_ps(p, v);
+    else _mm256_maskstore_ps(p, first_lanes8(n), v);
+}
+#endif
+enum { INT8_BLOCK_PARTS = 64 / (4 * PANEL_ROWS) };  // vectors per row and 64 weights: 1 or 2
+
+/* q8, a tile of R rows by T tokens (at most Q8_TILE_ROWS x Q8_TILE_TOKENS), with the
+ * build's vpdpbusd or its AVX2 stand-in (iv_dot): each group's 64 weights are
+ * INT8_BLOCK_PARTS vectors, loaded once for the tile's tokens. The int32 lanes of a group
+ * hold exact partial sums of q_w * q_x, scaled by d_w * d_x and accumulated in float per
+ * lane; the lanes are summed at the end. Unsigned activations (q_x ^ 0x80, as q_x + 128)
+ * start each row's sum at -128 * the group's sum of weights, one more vpdpbusd per weight
+ * vector that the tokens share; with Q8_SIGNED_X (plain AVX2) the sign goes onto q_x
+ * instead, against |w| computed once per weight vector. */
+static ALWAYS_INLINE void q8_tile(float *out, int out_stride, const int8_t *w, const float *wd, const int8_t *x,
+                                  const float *xd, int cols, int n_groups, int R, int T, const float *bias) {
+    enum { PARTS = INT8_BLOCK_PARTS, PART_BYTES = 64 / INT8_BLOCK_PARTS };
+    Int8VecF acc[Q8_TILE_ROWS][Q8_TILE_TOKENS];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) acc[r][t] = ivf_set(0.0f);
+    const Int8Vec offset = iv_set4((int32_t)0x80808080u), zero = iv_zero();
+    for (int g = 0; g < n_groups; g++) {
+        Int8Vec wv[Q8_TILE_ROWS][PARTS], w_abs[Q8_TILE_ROWS][PARTS], start[Q8_TILE_ROWS];
+        for (int r = 0; r < R; r++) {
+            const int8_t *row = w + (size_t)r * cols + (size_t)g * 64;
+            _mm_prefetch((const char *)(row + INT8_PREFETCH_BYTES), _MM_HINT_T0);
+            start[r] = zero;
+            for (int p = 0; p < PARTS; p++) {
+                wv[r][p] = iv_loadu(row + p * PART_BYTES);
+                w_abs[r][p] = Q8_SIGNED_X ? iv_abs8(wv[r][p]) : wv[r][p];
+                if (!Q8_SIGNED_X) start[r] = iv_sub(start[r], iv_dot(zero, offset, wv[r][p], wv[r][p], 0));
+            }
+        }
+        for (int t = 0; t < T; t++) {
+            Int8Vec xv[PARTS];
+            for (int p = 0; p < PARTS; p++) {
+                xv[p] = iv_loadu(x + (size_t)t * cols + (size_t)g * 64 + p * PART_BYTES);
+                if (!Q8_SIGNED_X) xv[p] = iv_xor(xv[p], offset);
+            }
+            const float xs = xd[(size_t)t * n_groups + g];
+            for (int r = 0; r < R; r++) {
+                Int8Vec dot = start[r];
+                for (int p = 0; p < PARTS; p++) dot = iv_dot(dot, xv[p], wv[r][p], w_abs[r][p], Q8_SIGNED_X);
+                acc[r][t] = ivf_fma_i32(dot, ivf_set(wd[(size_t)r * n_groups + g] * xs), acc[r][t]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) out[(size_t)t * out_stride + r] = ivf_sum(acc[r][t]) + bias[r];
+}
+#endif
+
+#if PHI2_AVX512_VNNI
+/* q4 with VNNI: each block's 64 weights decoded into one 512-bit vector (the 32 code bytes
+ * and the same bytes shifted right by 4, masked to nibbles, looked up in the levels: weights
+ * 0..63 in order) of unsigned bytes level + 64, which vpdpbusd multiplies by the signed
+ * activations directly; the 64 * (sum of the group's q_x) this adds is taken off once per 8
+ * blocks, scaled (q4_activation_offsets). Lanes 0..7 sum weights 0..31 (the block's first
+ * group), lanes 8..15 weights 32..63 (its second): the float16 scales of 8 blocks (16
+ * groups) of a row become floats with one vcvtph2ps, and one permute spreads a block's pair
+ * over the lanes. */
 static ALWAYS_INLINE void q4_tile(float *out, int out_stride, const uint8_t *w, const uint16_t *wd,
                                        const int8_t *x, const float *xd, const float *xo, int cols, int n_blocks,
                                        int R, int T, const float *bias) {
@@ -3333,7 +3492,7 @@ static ALWAYS_INLINE void q4_tile(float *out, int out_stride, const uint8_t *w, 
             __m512 ws[Q4_TILE_ROWS];
             for (int r = 0; r < R; r++) {
                 const uint8_t *codes = w + (size_t)r * row_bytes + (size_t)b * (Q4_BLOCK / 2);
-                _mm_prefetch((const char *)(codes + Q8_PREFETCH_BYTES), _MM_HINT_T0);
+                _mm_prefetch((const char *)(codes + INT8_PREFETCH_BYTES), _MM_HINT_T0);
                 wv[r] = q4_decode_vnni(codes, levels);
                 ws[r] = _mm512_permutexvar_ps(pair, d[r]);
             }
@@ -3379,7 +3538,7 @@ static void q4_row(float *out, const uint8_t *w, const uint16_t *wd, const int8_
             if (i >= nb) break;
             const size_t b = (size_t)b0 + (size_t)i;
             const uint8_t *codes = w + b * (Q4_BLOCK / 2);
-            _mm_prefetch((const char *)(codes + Q8_PREFETCH_BYTES), _MM_HINT_T0);
+            _mm_prefetch((const char *)(codes + INT8_PREFETCH_BYTES), _MM_HINT_T0);
             const __m512i wv = q4_decode_vnni(codes, levels);
             const __m512i dot = _mm512_dpbusd_epi32(zero, wv, _mm512_loadu_si512((const void *)(x + b * Q4_BLOCK)));
             acc[i % Q4_DECODE_CHAINS] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(pair, scales),
@@ -3390,74 +3549,6 @@ static void q4_row(float *out, const uint8_t *w, const uint16_t *wd, const int8_
 }
 
 #elif PHI2_AVX2
-/* AVX2: maddubs multiplies unsigned by signed bytes into saturating int16 pairs. The sign
- * moves from the weight onto the activation (|w| as unsigned, sign(w) * x as signed), so
- * each pair is at most 2 * 128 * 127 < 32767: no saturation, even for a weight of -128
- * (activations are in [-127, 127]). madd with ones widens to exact int32 lanes; with
- * AVX-VNNI (dot_u8s8_avx2) one vpdpbusd does both steps.
- * Register tile: 2 rows x 2 tokens (16 ymm registers). */
-enum { Q8_TILE_ROWS = 2, Q8_TILE_TOKENS = 2 };
-#define Q8_TILE_SHAPES TOKENS_UP_TO_2(Q8_TILE_ROWS) TOKENS_UP_TO_2(1)
-
-/* acc plus the sums of 4 adjacent products u[i] * s[i] (u unsigned, s signed bytes) per
- * int32 lane: one vpdpbusd with AVX-VNNI (Intel laptops since 12th gen, AMD Zen 5), else
- * vpmaddubsw + vpmaddwd, exact when no pair of products exceeds 32767 in magnitude (the
- * callers' operands are chosen so). */
-static ALWAYS_INLINE __m256i dot_u8s8_avx2(__m256i acc, __m256i u, __m256i s) {
-#if defined(__AVXVNNI__)
-    return _mm256_dpbusd_avx_epi32(acc, u, s);
-#else
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
-#endif
-}
-
-/* q4: the 32 bytes of codes of one block (64 weights) as two vectors of bytes: weights 0..31
- * from the low nibbles, 32..63 from the high nibbles, each code looked up by vpshufb in
- * levels (a 16-byte table, in both 128-bit halves: Q4_LEVELS, or Q4_LEVELS + 64). */
-static ALWAYS_INLINE void q4_decode_avx2(const uint8_t *codes, __m256i levels, __m256i *w_lo, __m256i *w_hi) {
-    const __m256i bytes = _mm256_loadu_si256((const __m256i *)codes), nibble = _mm256_set1_epi8(15);
-    *w_lo = _mm256_shuffle_epi8(levels, _mm256_and_si256(bytes, nibble));
-    *w_hi = _mm256_shuffle_epi8(levels, _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble));
-}
-
-static ALWAYS_INLINE __m256i q4_levels_avx2(void) {
-    return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)Q4_LEVELS));
-}
-
-/* AVX2 decode prefetches this far ahead along each weight row (a 64-byte line per q8 group,
- * per two q4 blocks): the hardware prefetcher alone leaves the cores waiting on memory. */
-enum { AVX2_PREFETCH_BYTES = 4096 };
-
-static ALWAYS_INLINE void q8_tile(float *out, int out_stride, const int8_t *w, const float *wd, const int8_t *x,
-                                       const float *xd, int cols, int n_groups, int R, int T, const float *bias) {
-    __m256 acc[Q8_TILE_ROWS][Q8_TILE_TOKENS];
-    for (int r = 0; r < R; r++)
-        for (int t = 0; t < T; t++) acc[r][t] = _mm256_setzero_ps();
-    for (int g = 0; g < n_groups; g++) {
-        __m256i w0[Q8_TILE_ROWS], w1[Q8_TILE_ROWS];
-        for (int r = 0; r < R; r++) {
-            w0[r] = _mm256_loadu_si256((const __m256i *)(w + (size_t)r * cols + (size_t)g * 64));
-            w1[r] = _mm256_loadu_si256((const __m256i *)(w + (size_t)r * cols + (size_t)g * 64 + 32));
-            _mm_prefetch((const char *)(w + (size_t)r * cols + (size_t)g * 64 + AVX2_PREFETCH_BYTES), _MM_HINT_T0);
-        }
-        for (int t = 0; t < T; t++) {
-            const __m256i x0 = _mm256_loadu_si256((const __m256i *)(x + (size_t)t * cols + (size_t)g * 64));
-            const __m256i x1 = _mm256_loadu_si256((const __m256i *)(x + (size_t)t * cols + (size_t)g * 64 + 32));
-            const float xs = xd[(size_t)t * n_groups + g];
-            for (int r = 0; r < R; r++) {
-                __m256i d = dot_u8s8_avx2(_mm256_setzero_si256(), _mm256_abs_epi8(w0[r]), _mm256_sign_epi8(x0, w0[r]));
-                d = dot_u8s8_avx2(d, _mm256_abs_epi8(w1[r]), _mm256_sign_epi8(x1, w1[r]));
-                const __m256 s = _mm256_set1_ps(wd[(size_t)r * n_groups + g] * xs);
-                acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), s, acc[r][t]);
-            }
-        }
-    }
-    for (int r = 0; r < R; r++)
-        for (int t = 0; t < T; t++) out[(size_t)t * out_stride + r] = hsum256(acc[r][t]) + bias[r];
-}
-
-enum { Q4_TILE_ROWS = 1, Q4_TILE_TOKENS = 4 };  // 1 row x 4 tokens: a row's decoded block serves 4 tokens
-#define Q4_TILE_SHAPES TOKENS_UP_TO_4(Q4_TILE_ROWS)
 
 /* q4 on AVX2: each block's codes decoded to unsigned bytes level + 64 (q4_decode_avx2 with
  * the table shifted), which vpmaddubsw multiplies by the signed activations: a pair of
@@ -3547,7 +3638,7 @@ static void q4_row(float *out, const uint8_t *w, const uint16_t *wd, const int8_
             if (i >= nb) break;
             const size_t b = (size_t)b0 + (size_t)i;
             __m256i w_lo, w_hi;
-            if (i % 2 == 0) _mm_prefetch((const char *)(w + b * (Q4_BLOCK / 2) + AVX2_PREFETCH_BYTES), _MM_HINT_T0);
+            if (i % 2 == 0) _mm_prefetch((const char *)(w + b * (Q4_BLOCK / 2) + INT8_PREFETCH_BYTES), _MM_HINT_T0);
             q4_decode_avx2(w + b * (Q4_BLOCK / 2), levels, &w_lo, &w_hi);
             const __m256i x_lo = _mm256_loadu_si256((const __m256i *)(x + b * Q4_BLOCK));
             const __m256i x_hi = _mm256_loadu_si256((const __m256i *)(x + b * Q4_BLOCK + 32));
@@ -3652,104 +3743,11 @@ static void matmul_int8_tiled(float *out, const QuantizedRows *in, const Matrix 
  * q_x + 128 (q_x ^ 0x80, once per product) and each group's sum starts at that correction.
  * The group sums are exact, as in the scalar kernel; only the float rounding differs.
  * Float32 batches use panels too (matmul_f32_panels, above: whole floats, no groups). */
-/* The panel's vectors: PanelVec has one int32 lane (4 int8 weights) per panel row, PanelVecF
- * one float lane per row; AVX-512 VNNI: 16 rows, AVX2 (and AVX-VNNI): 8 (one ymm). Plain
- * AVX2 has only vpmaddubsw + vpmaddwd (dot_u8s8_avx2), whose int16 pairs saturate past
- * 32767: fine for q4 (levels within +-61: 2 * 255 * 61 < 32767), not for q8 weights up to
- * +-127 times q_x + 128. There q8 panels take the signed activations and move the sign onto
- * them, as the AVX2 q8_tile does (|w| once per panel vector, shared by the tokens, times
- * sign(q_x, w)), with no correction: PANEL_Q8_SIGNED_X.
- * Tokens per tile: as many int32 sums and float accumulators as fill the registers beside
- * the weight vector (AVX2: also its |w|, the broadcast and vpmaddwd's ones). */
-#if PHI2_AVX512_VNNI
-enum { PANEL_ROWS = 16, PANEL_TOKENS = 12, PANEL_MIN_TOKENS = 8, PANEL_Q8_SIGNED_X = 0 };
-#define PANEL_TILE_SHAPES TOKENS_UP_TO_12(1)
-typedef __m512i PanelVec;
-typedef __m512 PanelVecF;
-static ALWAYS_INLINE PanelVec pv_zero(void) { return _mm512_setzero_si512(); }
-static ALWAYS_INLINE PanelVec pv_load(const void *p) { return _mm512_load_si512(p); }
-static ALWAYS_INLINE void pv_store(void *p, PanelVec v) { _mm512_store_si512(p, v); }
-static ALWAYS_INLINE PanelVec pv_set4(int32_t four) { return _mm512_set1_epi32(four); }
-static ALWAYS_INLINE PanelVec pv_times(PanelVec v, int32_t k) { return _mm512_mullo_epi32(v, _mm512_set1_epi32(k)); }
-static ALWAYS_INLINE PanelVec pv_from_f16(const uint16_t *p) {
-    return _mm512_castps_si512(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)));
-}
-static ALWAYS_INLINE PanelVec pv_from_f32(const float *p) { return _mm512_castps_si512(_mm512_loadu_ps(p)); }
-static ALWAYS_INLINE void pv_transpose(PanelVec v[16]) { transpose16_epi32(v); }
-/* v[0][i]: the weights 64 * b .. 64 * b + 63 of row `row` of W (q4: its signed levels). */
-static ALWAYS_INLINE void pv_load_block(PanelVec v[1][16], int i, const Matrix *W, int row, int b) {
-    if (W->type == WEIGHTS_Q4) v[0][i] = q4_decode_vnni(W->codes + (size_t)row * (W->cols / 2) + (size_t)b * 32, q4_levels_vnni(0));
-    else v[0][i] = _mm512_loadu_si512((const void *)(W->q + (size_t)row * W->cols + (size_t)b * 64));
-}
-/* acc + the products of the 4 unsigned bytes of x by the 4 signed bytes of w in each lane;
- * signed_x (plain AVX2 q8 only, never here): x signed, taken as |w| (w_abs) * sign(x, w). */
-static ALWAYS_INLINE PanelVec pv_abs8(PanelVec w) { return _mm512_abs_epi8(w); }
-static ALWAYS_INLINE PanelVec pv_dot(PanelVec acc, PanelVec x, PanelVec w, PanelVec w_abs, int signed_x) {
-    (void)w_abs, (void)signed_x;
-    return _mm512_dpbusd_epi32(acc, x, w);
-}
-static ALWAYS_INLINE PanelVecF pvf_load(const float *p) { return _mm512_load_ps(p); }
-static ALWAYS_INLINE PanelVecF pvf_set(float f) { return _mm512_set1_ps(f); }
-static ALWAYS_INLINE PanelVecF pvf_mul(PanelVecF a, PanelVecF b) { return _mm512_mul_ps(a, b); }
-static ALWAYS_INLINE PanelVecF pvf_add(PanelVecF a, PanelVecF b) { return _mm512_add_ps(a, b); }
-static ALWAYS_INLINE PanelVecF pvf_fma_i32(PanelVec a, PanelVecF b, PanelVecF acc) {
-    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), b, acc);
-}
-static ALWAYS_INLINE PanelVecF pvf_load_first(const float *p, int n) { return _mm512_maskz_loadu_ps(first_lanes16(n), p); }
-static ALWAYS_INLINE void pvf_store_first(float *p, PanelVecF v, int n) { _mm512_mask_storeu_ps(p, first_lanes16(n), v); }
-#else
-#if defined(__AVXVNNI__)
-enum { PANEL_ROWS = 8, PANEL_TOKENS = 6, PANEL_MIN_TOKENS = 8, PANEL_Q8_SIGNED_X = 0 };
-#else
-enum { PANEL_ROWS = 8, PANEL_TOKENS = 6, PANEL_MIN_TOKENS = 8, PANEL_Q8_SIGNED_X = 1 };
-#endif
-#define PANEL_TILE_SHAPES TOKENS_UP_TO_6(1)
-typedef __m256i PanelVec;
-typedef __m256 PanelVecF;
-static ALWAYS_INLINE PanelVec pv_zero(void) { return _mm256_setzero_si256(); }
-static ALWAYS_INLINE PanelVec pv_load(const void *p) { return _mm256_load_si256((const __m256i *)p); }
-static ALWAYS_INLINE void pv_store(void *p, PanelVec v) { _mm256_store_si256((__m256i *)p, v); }
-static ALWAYS_INLINE PanelVec pv_set4(int32_t four) { return _mm256_set1_epi32(four); }
-static ALWAYS_INLINE PanelVec pv_times(PanelVec v, int32_t k) { return _mm256_mullo_epi32(v, _mm256_set1_epi32(k)); }
-static ALWAYS_INLINE PanelVec pv_from_f16(const uint16_t *p) {
-    return _mm256_castps_si256(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)));
-}
-static ALWAYS_INLINE PanelVec pv_from_f32(const float *p) { return _mm256_castps_si256(_mm256_loadu_ps(p)); }
-static ALWAYS_INLINE void pv_transpose(PanelVec v[8]) { transpose8_epi32(v); }
-/* v[0][i], v[1][i]: the weights 64 * b .. 64 * b + 63 of row `row` of W (q4: its signed levels). */
-static ALWAYS_INLINE void pv_load_block(PanelVec v[2][8], int i, const Matrix *W, int row, int b) {
-    if (W->type == WEIGHTS_Q4) {
-        q4_decode_avx2(W->codes + (size_t)row * (W->cols / 2) + (size_t)b * 32, q4_levels_avx2(), &v[0][i], &v[1][i]);
-    } else {
-        v[0][i] = _mm256_loadu_si256((const __m256i *)(W->q + (size_t)row * W->cols + (size_t)b * 64));
-        v[1][i] = _mm256_loadu_si256((const __m256i *)(W->q + (size_t)row * W->cols + (size_t)b * 64 + 32));
-    }
-}
-static ALWAYS_INLINE PanelVec pv_abs8(PanelVec w) { return _mm256_abs_epi8(w); }
-static ALWAYS_INLINE PanelVec pv_dot(PanelVec acc, PanelVec x, PanelVec w, PanelVec w_abs, int signed_x) {
-    return signed_x ? dot_u8s8_avx2(acc, w_abs, _mm256_sign_epi8(x, w)) : dot_u8s8_avx2(acc, x, w);
-}
-static ALWAYS_INLINE PanelVecF pvf_load(const float *p) { return _mm256_load_ps(p); }
-static ALWAYS_INLINE PanelVecF pvf_set(float f) { return _mm256_set1_ps(f); }
-static ALWAYS_INLINE PanelVecF pvf_mul(PanelVecF a, PanelVecF b) { return _mm256_mul_ps(a, b); }
-static ALWAYS_INLINE PanelVecF pvf_add(PanelVecF a, PanelVecF b) { return _mm256_add_ps(a, b); }
-static ALWAYS_INLINE PanelVecF pvf_fma_i32(PanelVec a, PanelVecF b, PanelVecF acc) {
-    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), b, acc);
-}
-static ALWAYS_INLINE PanelVecF pvf_load_first(const float *p, int n) {
-    return n >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, first_lanes8(n));
-}
-static ALWAYS_INLINE void pvf_store_first(float *p, PanelVecF v, int n) {
-    if (n >= 8) _mm256_storeu_ps(p, v);
-    else _mm256_maskstore_ps(p, first_lanes8(n), v);
-}
-#endif
-enum { PANEL_BLOCK_PARTS = 64 / (4 * PANEL_ROWS) };  // vectors per row and 64 weights: 1 or 2
 
 typedef struct {
     int8_t *w;       // [cols / 4][PANEL_ROWS][4] the rows' weights (q4: their levels), 4 at a time
     float *scale;    // [n_wgroups][PANEL_ROWS] each weight group's scale (q8: 64 weights, q4: 32)
-    int32_t *corr;   // [n_wgroups][PANEL_ROWS] -128 * each group's sum of weights (unused with PANEL_Q8_SIGNED_X)
+    int32_t *corr;   // [n_wgroups][PANEL_ROWS] -128 * each group's sum of weights (unused with Q8_SIGNED_X)
 } Panel;
 
 /* Bytes of one thread's panel for rows of cols weights. */
@@ -3758,33 +3756,33 @@ static size_t panel_bytes(int cols, int wgroup) {
 }
 
 /* The panel of rows r0 .. r0 + n_rows - 1 of W (n_rows <= PANEL_ROWS; missing rows are
- * zeros). Each 64 weights of a row are PANEL_BLOCK_PARTS vectors (q4: a block, whose first
+ * zeros). Each 64 weights of a row are INT8_BLOCK_PARTS vectors (q4: a block, whose first
  * and second 32 weights are one group each), and part j of the PANEL_ROWS rows, transposed,
  * is the panel's next PANEL_ROWS vectors. A row's last scales (fewer than PANEL_ROWS groups)
  * go through a small copy: nothing may be read past the row. */
 static void panel_build(const Panel *p, const Matrix *W, int r0, int n_rows) {
     const int cols = W->cols, q4 = W->type == WEIGHTS_Q4, n_wg = cols / (q4 ? Q4_GROUP : Q8_GROUP);
-    const int need_corr = q4 || !PANEL_Q8_SIGNED_X;
-    const PanelVec ones = pv_set4(0x01010101);
-    PanelVec v[PANEL_BLOCK_PARTS][PANEL_ROWS];
+    const int need_corr = q4 || !Q8_SIGNED_X;
+    const Int8Vec ones = iv_set4(0x01010101);
+    Int8Vec v[INT8_BLOCK_PARTS][PANEL_ROWS];
     for (int b = 0; b < cols / 64; b++) {  // 64 weights of each row: 16 vectors of the panel
 #pragma GCC unroll 16
         for (int i = 0; i < PANEL_ROWS; i++) {  // v[j][i]: part j of row i
-            if (i < n_rows) pv_load_block(v, i, W, r0 + i, b);
-            else for (int j = 0; j < PANEL_BLOCK_PARTS; j++) v[j][i] = pv_zero();
+            if (i < n_rows) iv_load_block(v, i, W, r0 + i, b);
+            else for (int j = 0; j < INT8_BLOCK_PARTS; j++) v[j][i] = iv_zero();
         }
-        PanelVec sum = pv_zero(), sum_hi = pv_zero();  // per row: its group's sum of weights (q4: two groups)
-        for (int j = 0; j < PANEL_BLOCK_PARTS; j++) {
-            pv_transpose(v[j]);
+        Int8Vec sum = iv_zero(), sum_hi = iv_zero();  // per row: its group's sum of weights (q4: two groups)
+        for (int j = 0; j < INT8_BLOCK_PARTS; j++) {
+            iv_transpose(v[j]);
             for (int c = 0; c < PANEL_ROWS; c++) {
                 const int k = j * PANEL_ROWS + c;  // vector k of the block's 16: weights 4k .. 4k+3
-                pv_store(p->w + ((size_t)b * 16 + k) * 4 * PANEL_ROWS, v[j][c]);
-                if (q4 && k >= 8) sum_hi = pv_dot(sum_hi, ones, v[j][c], v[j][c], 0);
-                else if (need_corr) sum = pv_dot(sum, ones, v[j][c], v[j][c], 0);
+                iv_store(p->w + ((size_t)b * 16 + k) * 4 * PANEL_ROWS, v[j][c]);
+                if (q4 && k >= 8) sum_hi = iv_dot(sum_hi, ones, v[j][c], v[j][c], 0);
+                else if (need_corr) sum = iv_dot(sum, ones, v[j][c], v[j][c], 0);
             }
         }
-        if (q4) pv_store(p->corr + (size_t)(2 * b + 1) * PANEL_ROWS, pv_times(sum_hi, -128));
-        if (need_corr) pv_store(p->corr + (size_t)(q4 ? 2 * b : b) * PANEL_ROWS, pv_times(sum, -128));
+        if (q4) iv_store(p->corr + (size_t)(2 * b + 1) * PANEL_ROWS, iv_times(sum_hi, -128));
+        if (need_corr) iv_store(p->corr + (size_t)(q4 ? 2 * b : b) * PANEL_ROWS, iv_times(sum, -128));
     }
     for (int g0 = 0; g0 < n_wg; g0 += PANEL_ROWS) {  // the scales, PANEL_ROWS groups x rows at a time, transposed
         const int ng = n_wg - g0 < PANEL_ROWS ? n_wg - g0 : PANEL_ROWS;
@@ -3795,10 +3793,10 @@ static void panel_build(const Panel *p, const Matrix *W, int r0, int n_rows) {
             if (i < n_rows && ng < PANEL_ROWS && q4) memcpy(tail16, W->scale16 + at, (size_t)ng * sizeof(uint16_t));
             if (i < n_rows && ng < PANEL_ROWS && !q4) memcpy(tail, W->scale + at, (size_t)ng * sizeof(float));
             const int whole = i < n_rows && ng == PANEL_ROWS;
-            v[0][i] = q4 ? pv_from_f16(whole ? W->scale16 + at : tail16) : pv_from_f32(whole ? W->scale + at : tail);
+            v[0][i] = q4 ? iv_from_f16(whole ? W->scale16 + at : tail16) : iv_from_f32(whole ? W->scale + at : tail);
         }
-        pv_transpose(v[0]);
-        for (int c = 0; c < ng; c++) pv_store(p->scale + (size_t)(g0 + c) * PANEL_ROWS, v[0][c]);
+        iv_transpose(v[0]);
+        for (int c = 0; c < ng; c++) iv_store(p->scale + (size_t)(g0 + c) * PANEL_ROWS, v[0][c]);
     }
 }
 
@@ -3812,38 +3810,38 @@ static ALWAYS_INLINE void panel_tile(float *out, int out_stride, const Panel *p,
                                      int cols, int wgroup, int signed_x, int T, int n_rows, const float *bias,
                                      PanelPrefetch *pf) {
     const int steps = wgroup / 4, n_wg = cols / wgroup, n_xg = cols / Q8_GROUP;
-    PanelVecF acc[PANEL_TOKENS];
-    for (int t = 0; t < T; t++) acc[t] = pvf_set(0.0f);
+    Int8VecF acc[PANEL_TOKENS];
+    for (int t = 0; t < T; t++) acc[t] = ivf_set(0.0f);
     for (int g = 0; g < n_wg; g++) {
-        PanelVec isum[PANEL_TOKENS];
-        const PanelVec start = signed_x ? pv_zero() : pv_load(p->corr + (size_t)g * PANEL_ROWS);
+        Int8Vec isum[PANEL_TOKENS];
+        const Int8Vec start = signed_x ? iv_zero() : iv_load(p->corr + (size_t)g * PANEL_ROWS);
         for (int t = 0; t < T; t++) isum[t] = start;
         const int8_t *wg = p->w + (size_t)g * steps * 4 * PANEL_ROWS;
         const uint8_t *xg = x + (size_t)g * wgroup;
 #pragma GCC unroll 16
         for (int s = 0; s < steps; s++) {
-            const PanelVec wv = pv_load(wg + (size_t)s * 4 * PANEL_ROWS), w_abs = signed_x ? pv_abs8(wv) : wv;
+            const Int8Vec wv = iv_load(wg + (size_t)s * 4 * PANEL_ROWS), w_abs = signed_x ? iv_abs8(wv) : wv;
             for (int t = 0; t < T; t++) {
                 int32_t four;
                 memcpy(&four, xg + (size_t)t * cols + 4 * s, 4);
-                isum[t] = pv_dot(isum[t], pv_set4(four), wv, w_abs, signed_x);
+                isum[t] = iv_dot(isum[t], iv_set4(four), wv, w_abs, signed_x);
                 __asm__("" : "+v"(isum[t]));
             }
         }
         panel_prefetch(pf);
-        const PanelVecF ws = pvf_load(p->scale + (size_t)g * PANEL_ROWS);
+        const Int8VecF ws = ivf_load(p->scale + (size_t)g * PANEL_ROWS);
         const size_t xs_at = (size_t)g * wgroup / Q8_GROUP;
-        for (int t = 0; t < T; t++) acc[t] = pvf_fma_i32(isum[t], pvf_mul(ws, pvf_set(xd[(size_t)t * n_xg + xs_at])), acc[t]);
+        for (int t = 0; t < T; t++) acc[t] = ivf_fma_i32(isum[t], ivf_mul(ws, ivf_set(xd[(size_t)t * n_xg + xs_at])), acc[t]);
     }
-    const PanelVecF b = pvf_load_first(bias, n_rows);
-    for (int t = 0; t < T; t++) pvf_store_first(out + (size_t)t * out_stride, pvf_add(acc[t], b), n_rows);
+    const Int8VecF b = ivf_load_first(bias, n_rows);
+    for (int t = 0; t < T; t++) ivf_store_first(out + (size_t)t * out_stride, ivf_add(acc[t], b), n_rows);
 }
 
 /* The specializations (1 .. PANEL_TOKENS tokens, q8 or q4 groups) the compiler unrolls. */
 static void panel_tile_any(float *out, int out_stride, const Panel *p, const uint8_t *x, const float *xd, int cols,
                            int wgroup, int T, int n_rows, const float *bias, PanelPrefetch *pf) {
 #define TILE(r, t)                                                                                     \
-    (wgroup == Q8_GROUP ? panel_tile(out, out_stride, p, x, xd, cols, Q8_GROUP, PANEL_Q8_SIGNED_X, t, n_rows, bias, pf) \
+    (wgroup == Q8_GROUP ? panel_tile(out, out_stride, p, x, xd, cols, Q8_GROUP, Q8_SIGNED_X, t, n_rows, bias, pf) \
                         : panel_tile(out, out_stride, p, x, xd, cols, Q4_GROUP, 0, t, n_rows, bias, pf))
     TILE_SWITCH("panel_tile", 1, T, PANEL_TILE_SHAPES);
 #undef TILE
@@ -3852,7 +3850,7 @@ static void panel_tile_any(float *out, int out_stride, const Panel *p, const uin
 /* The whole product for a batch: each thread claims chunks of panels (16 rows; 8 on AVX2),
  * builds each panel once and runs every token of the batch through it, PANEL_TOKENS at a
  * time. Scratch (KernelScratch.panel, grown as needed): the activations as q_x + 128 (plain
- * AVX2 q8 takes q_x as it is: PANEL_Q8_SIGNED_X), then one panel per thread. */
+ * AVX2 q8 takes q_x as it is: Q8_SIGNED_X), then one panel per thread. */
 static void matmul_int8_panels(float *out, const QuantizedRows *in, const Matrix *W, const float *bias, int n_tokens,
                                KernelScratch *k) {
     const int rows = W->rows, cols = W->cols, q4 = W->type == WEIGHTS_Q4;
@@ -3861,7 +3859,7 @@ static void matmul_int8_panels(float *out, const QuantizedRows *in, const Matrix
     const size_t need = x_bytes + mul_size((size_t)n_threads, one_panel);
     scratch_at_least(&k->panel, &k->panel_size, need);
     const uint8_t *x = (const uint8_t *)in->q;
-    if (q4 || !PANEL_Q8_SIGNED_X) {
+    if (q4 || !Q8_SIGNED_X) {
         uint8_t *xu = k->panel;
 #pragma omp parallel for if (n_tokens > 1)
         for (int t = 0; t < n_tokens; t++)
