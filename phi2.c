@@ -3346,12 +3346,35 @@ static ALWAYS_INLINE Int8Vec iv_dot(Int8Vec acc, Int8Vec x, Int8Vec w, Int8Vec w
 static ALWAYS_INLINE Int8VecF ivf_load(const float *p) { return _mm512_load_ps(p); }
 static ALWAYS_INLINE Int8VecF ivf_set(float f) { return _mm512_set1_ps(f); }
 static ALWAYS_INLINE float ivf_sum(Int8VecF v) { return _mm512_reduce_add_ps(v); }
+static ALWAYS_INLINE Int8VecF ivf_fnma(Int8VecF a, Int8VecF b, Int8VecF acc) { return _mm512_fnmadd_ps(a, b, acc); }
+static ALWAYS_INLINE Int8VecF ivf_from_f16_first(const uint16_t *p, int n) {  // masked: never reads past n
+    return _mm512_cvtph_ps(n >= 16 ? _mm256_loadu_si256((const __m256i *)p) : _mm256_maskz_loadu_epi16(first_lanes16(n), p));
+}
+/* q4 (above q4_tile): a block's 64 weights as one vector, in order; its first group's sums
+ * in lanes 0..7, its second's in 8..15. */
+enum { Q4_SCALE_BLOCKS = 8 };
+static ALWAYS_INLINE Int8Vec iv_q4_levels(int offset) { return q4_levels_vnni(offset); }
+static ALWAYS_INLINE void iv_q4_decode(Int8Vec w[1], const uint8_t *codes, Int8Vec levels) { w[0] = q4_decode_vnni(codes, levels); }
+static ALWAYS_INLINE Int8Vec iv_q4_block_sums(const Int8Vec w[1], const Int8Vec x[1]) {
+    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], x[0]);
+}
+static ALWAYS_INLINE Int8VecF ivf_block_scales(const double *pairs, int i) {
+    return _mm512_permutexvar_ps(_mm512_add_epi32(_mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
+                                                  _mm512_set1_epi32(2 * i)), _mm512_castpd_ps(_mm512_load_pd(pairs)));
+}
+static ALWAYS_INLINE void ivf_store_pairs(double *pairs, Int8VecF v) { _mm512_store_pd(pairs, _mm512_castps_pd(v)); }
+static ALWAYS_INLINE Int8VecF ivf_spread_blocks(const float *p, int nb) {  // lane j: p[j / 2], for j < 2 * nb
+    const __m512 v = nb >= 8 ? _mm512_castps256_ps512(_mm256_loadu_ps(p)) : _mm512_maskz_loadu_ps(first_lanes16(nb), p);
+    return _mm512_permutexvar_ps(_mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0), v);
+}
 static ALWAYS_INLINE Int8VecF ivf_mul(Int8VecF a, Int8VecF b) { return _mm512_mul_ps(a, b); }
 static ALWAYS_INLINE Int8VecF ivf_add(Int8VecF a, Int8VecF b) { return _mm512_add_ps(a, b); }
 static ALWAYS_INLINE Int8VecF ivf_fma_i32(Int8Vec a, Int8VecF b, Int8VecF acc) {
     return _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), b, acc);
 }
-static ALWAYS_INLINE Int8VecF ivf_load_first(const float *p, int n) { return _mm512_maskz_loadu_ps(first_lanes16(n), p); }
+static ALWAYS_INLINE Int8VecF ivf_load_first(const float *p, int n) {  // (a masked load costs more than a plain one)
+    return n >= 16 ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(first_lanes16(n), p);
+}
 static ALWAYS_INLINE void ivf_store_first(float *p, Int8VecF v, int n) { _mm512_mask_storeu_ps(p, first_lanes16(n), v); }
 #else
 #if defined(__AVXVNNI__)
@@ -3391,6 +3414,33 @@ static ALWAYS_INLINE Int8Vec iv_dot(Int8Vec acc, Int8Vec x, Int8Vec w, Int8Vec w
 static ALWAYS_INLINE Int8VecF ivf_load(const float *p) { return _mm256_load_ps(p); }
 static ALWAYS_INLINE Int8VecF ivf_set(float f) { return _mm256_set1_ps(f); }
 static ALWAYS_INLINE float ivf_sum(Int8VecF v) { return hsum256(v); }
+static ALWAYS_INLINE Int8VecF ivf_fnma(Int8VecF a, Int8VecF b, Int8VecF acc) { return _mm256_fnmadd_ps(a, b, acc); }
+static ALWAYS_INLINE Int8VecF ivf_from_f16_first(const uint16_t *p, int n) {  // never reads past n
+    uint16_t tail[8] = {0};
+    if (n < 8) memcpy(tail, p, (size_t)n * sizeof(uint16_t));
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(n < 8 ? tail : p)));
+}
+/* q4 (above q4_tile): a block's 64 weights as two vectors, weights 0..31 (its first group)
+ * and 32..63; an unpack and an add leave the first group's sums in the even lanes and the
+ * second's in the odd ones. */
+enum { Q4_SCALE_BLOCKS = 4 };
+static ALWAYS_INLINE Int8Vec iv_q4_levels(int offset) { return _mm256_add_epi8(q4_levels_avx2(), _mm256_set1_epi8((char)offset)); }
+static ALWAYS_INLINE void iv_q4_decode(Int8Vec w[2], const uint8_t *codes, Int8Vec levels) {
+    q4_decode_avx2(codes, levels, &w[0], &w[1]);
+}
+static ALWAYS_INLINE Int8Vec iv_q4_block_sums(const Int8Vec w[2], const Int8Vec x[2]) {
+    const __m256i lo = dot_u8s8_avx2(_mm256_setzero_si256(), w[0], x[0]), hi = dot_u8s8_avx2(_mm256_setzero_si256(), w[1], x[1]);
+    return _mm256_add_epi32(_mm256_unpacklo_epi32(lo, hi), _mm256_unpackhi_epi32(lo, hi));
+}
+static ALWAYS_INLINE Int8VecF ivf_block_scales(const double *pairs, int i) {  // a load, where a permute would compete with vpshufb
+    return _mm256_castpd_ps(_mm256_broadcast_sd(pairs + i));
+}
+static ALWAYS_INLINE void ivf_store_pairs(double *pairs, Int8VecF v) { _mm256_store_pd(pairs, _mm256_castps_pd(v)); }
+static ALWAYS_INLINE Int8VecF ivf_spread_blocks(const float *p, int nb) {  // lane j: p[j / 2], for j < 2 * nb
+    float tail[4] = {0};
+    if (nb < 4) memcpy(tail, p, (size_t)nb * sizeof(float));
+    return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(nb < 4 ? tail : p)), _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
+}
 static ALWAYS_INLINE Int8VecF ivf_mul(Int8VecF a, Int8VecF b) { return _mm256_mul_ps(a, b); }
 static ALWAYS_INLINE Int8VecF ivf_add(Int8VecF a, Int8VecF b) { return _mm256_add_ps(a, b); }
 static ALWAYS_INLINE Int8VecF ivf_fma_i32(Int8Vec a, Int8VecF b, Int8VecF acc) {
@@ -3452,207 +3502,87 @@ static ALWAYS_INLINE void q8_tile(float *out, int out_stride, const int8_t *w, c
 }
 #endif
 
-#if PHI2_AVX512_VNNI
-/* q4 with VNNI: each block's 64 weights decoded into one 512-bit vector (the 32 code bytes
- * and the same bytes shifted right by 4, masked to nibbles, looked up in the levels: weights
- * 0..63 in order) of unsigned bytes level + 64, which vpdpbusd multiplies by the signed
- * activations directly; the 64 * (sum of the group's q_x) this adds is taken off once per 8
- * blocks, scaled (q4_activation_offsets). Lanes 0..7 sum weights 0..31 (the block's first
- * group), lanes 8..15 weights 32..63 (its second): the float16 scales of 8 blocks (16
- * groups) of a row become floats with one vcvtph2ps, and one permute spreads a block's pair
- * over the lanes. */
+/* q4: a block's 64 weights decoded to unsigned bytes level + 64 (iv_q4_decode: its 32 code
+ * bytes and the same shifted right by 4, masked to nibbles, looked up by vpshufb), which
+ * vpdpbusd multiplies by the signed activations directly: a pair of products is at most
+ * 2 * 125 * 127 < 32767, so plain AVX2's vpmaddubsw does not saturate either. The
+ * 64 * (the group's sum of q_x) this adds is taken off once per Q4_SCALE_BLOCKS blocks,
+ * scaled (q4_activation_offsets). A block's two group sums land in the lanes that
+ * iv_q4_block_sums gives them, and one vcvtph2ps makes floats of the float16 scales of
+ * Q4_SCALE_BLOCKS blocks (two groups each: one Int8VecF) of a row, from which
+ * ivf_block_scales spreads a block's pair over the same lanes. */
 static ALWAYS_INLINE void q4_tile(float *out, int out_stride, const uint8_t *w, const uint16_t *wd,
-                                       const int8_t *x, const float *xd, const float *xo, int cols, int n_blocks,
-                                       int R, int T, const float *bias) {
-    __m512 acc[Q4_TILE_ROWS][Q4_TILE_TOKENS];
+                                  const int8_t *x, const float *xd, const float *xo, int cols, int n_blocks,
+                                  int R, int T, const float *bias) {
+    enum { PARTS = INT8_BLOCK_PARTS, PART_BYTES = 64 / INT8_BLOCK_PARTS };
+    Int8VecF acc[Q4_TILE_ROWS][Q4_TILE_TOKENS];
     for (int r = 0; r < R; r++)
-        for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_ps();
-    const __m512i zero = _mm512_setzero_si512(), levels = q4_levels_vnni(64);
-    const __m512i first_pair = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0), two = _mm512_set1_epi32(2);
+        for (int t = 0; t < T; t++) acc[r][t] = ivf_set(0.0f);
+    const Int8Vec levels = iv_q4_levels(64);
     const size_t row_bytes = (size_t)cols / 2, n_groups = (size_t)cols / Q4_GROUP;
-    for (int b0 = 0; b0 < n_blocks; b0 += 8) {
-        const int nb = n_blocks - b0 < 8 ? n_blocks - b0 : 8;
-        // Masked loads only for a row's last few blocks: they never read past the row's scales,
-        // but cost more than plain loads.
-        const __mmask16 present = (__mmask16)((1u << (2 * nb)) - 1);
-        __m512 d[Q4_TILE_ROWS];
+    for (int b0 = 0; b0 < n_blocks; b0 += Q4_SCALE_BLOCKS) {
+        const int nb = n_blocks - b0 < Q4_SCALE_BLOCKS ? n_blocks - b0 : Q4_SCALE_BLOCKS;
+        _Alignas(64) double d[Q4_TILE_ROWS][Q4_SCALE_BLOCKS];  // each row's blocks' pairs of group scales
         for (int r = 0; r < R; r++) {
-            const uint16_t *scales = wd + (size_t)r * n_groups + 2 * (size_t)b0;
-            d[r] = _mm512_cvtph_ps(nb == 8 ? _mm256_loadu_si256((const __m256i *)scales)
-                                           : _mm256_maskz_loadu_epi16(present, scales));
-            for (int t = 0; t < T; t++) {
-                const float *offsets = xo + (size_t)t * n_groups + 2 * (size_t)b0;
-                acc[r][t] = _mm512_fnmadd_ps(d[r], nb == 8 ? _mm512_loadu_ps(offsets) : _mm512_maskz_loadu_ps(present, offsets),
-                                             acc[r][t]);
-            }
+            const Int8VecF dv = ivf_from_f16_first(wd + (size_t)r * n_groups + 2 * (size_t)b0, 2 * nb);
+            ivf_store_pairs(d[r], dv);
+            for (int t = 0; t < T; t++)
+                acc[r][t] = ivf_fnma(dv, ivf_load_first(xo + (size_t)t * n_groups + 2 * (size_t)b0, 2 * nb), acc[r][t]);
         }
-        __m512i pair = first_pair;
-        for (int b = b0; b < b0 + nb; b++, pair = _mm512_add_epi32(pair, two)) {
-            __m512i wv[Q4_TILE_ROWS];
-            __m512 ws[Q4_TILE_ROWS];
+        for (int i = 0; i < nb; i++) {
+            const size_t b = (size_t)b0 + (size_t)i;
+            Int8Vec wv[Q4_TILE_ROWS][PARTS];
+            Int8VecF ws[Q4_TILE_ROWS];
             for (int r = 0; r < R; r++) {
-                const uint8_t *codes = w + (size_t)r * row_bytes + (size_t)b * (Q4_BLOCK / 2);
-                _mm_prefetch((const char *)(codes + INT8_PREFETCH_BYTES), _MM_HINT_T0);
-                wv[r] = q4_decode_vnni(codes, levels);
-                ws[r] = _mm512_permutexvar_ps(pair, d[r]);
+                const uint8_t *codes = w + (size_t)r * row_bytes + b * (Q4_BLOCK / 2);
+                if (i % 2 == 0) _mm_prefetch((const char *)(codes + INT8_PREFETCH_BYTES), _MM_HINT_T0);
+                iv_q4_decode(wv[r], codes, levels);
+                ws[r] = ivf_block_scales(d[r], i);
             }
             for (int t = 0; t < T; t++) {
-                const __m512i xv = _mm512_loadu_si512((const void *)(x + (size_t)t * cols + (size_t)b * Q4_BLOCK));
-                const __m512 xs = _mm512_set1_ps(xd[(size_t)t * n_blocks + b]);
-                for (int r = 0; r < R; r++) {
-                    __m512i dot = _mm512_dpbusd_epi32(zero, wv[r], xv);
-                    acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(ws[r], xs), acc[r][t]);
-                }
+                Int8Vec xv[PARTS];
+                for (int p = 0; p < PARTS; p++) xv[p] = iv_loadu(x + (size_t)t * cols + b * Q4_BLOCK + p * PART_BYTES);
+                const Int8VecF xs = ivf_set(xd[(size_t)t * n_blocks + b]);
+                for (int r = 0; r < R; r++)
+                    acc[r][t] = ivf_fma_i32(iv_q4_block_sums(wv[r], xv), ivf_mul(ws[r], xs), acc[r][t]);
             }
         }
     }
     for (int r = 0; r < R; r++)
-        for (int t = 0; t < T; t++) out[(size_t)t * out_stride + r] = _mm512_reduce_add_ps(acc[r][t]) + bias[r];
+        for (int t = 0; t < T; t++) out[(size_t)t * out_stride + r] = ivf_sum(acc[r][t]) + bias[r];
 }
 
 /* Decode: one row, one token. The same arithmetic as q4_tile, but its blocks go to
- * Q4_DECODE_CHAINS accumulators in turn, and the activation scales of 8 blocks are folded
- * into the weight scales once, not per block. */
-
+ * Q4_DECODE_CHAINS accumulators in turn, and the activation scales of Q4_SCALE_BLOCKS
+ * blocks are folded into the weight scales once, not per block. */
 static void q4_row(float *out, const uint8_t *w, const uint16_t *wd, const int8_t *x, const float *xd,
-                        const float *xo, int n_blocks, const float *bias) {
-    __m512 acc[Q4_DECODE_CHAINS];
-    for (int i = 0; i < Q4_DECODE_CHAINS; i++) acc[i] = _mm512_setzero_ps();
-    const __m512i zero = _mm512_setzero_si512(), levels = q4_levels_vnni(64);
-    const __m512i block_of_lane = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
-    const __m512i first_pair = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0), two = _mm512_set1_epi32(2);
-    for (int b0 = 0; b0 < n_blocks; b0 += 8) {
-        const int nb = n_blocks - b0 < 8 ? n_blocks - b0 : 8;
-        const __mmask16 present = (__mmask16)((1u << (2 * nb)) - 1);
-        const __m512 d = _mm512_cvtph_ps(nb == 8 ? _mm256_loadu_si256((const __m256i *)(wd + 2 * (size_t)b0))
-                                                 : _mm256_maskz_loadu_epi16(present, wd + 2 * (size_t)b0));
-        acc[0] = _mm512_fnmadd_ps(d, nb == 8 ? _mm512_loadu_ps(xo + 2 * (size_t)b0)
-                                             : _mm512_maskz_loadu_ps(present, xo + 2 * (size_t)b0), acc[0]);
-        // each group's weight scale times its block's activation scale, for the 16 groups
-        const __m512 block_x_scales = nb == 8 ? _mm512_castps256_ps512(_mm256_loadu_ps(xd + b0))
-                                              : _mm512_maskz_loadu_ps((__mmask16)((1u << nb) - 1), xd + b0);
-        const __m512 scales = _mm512_mul_ps(d, _mm512_permutexvar_ps(block_of_lane, block_x_scales));
-        __m512i pair = first_pair;
+                   const float *xo, int n_blocks, const float *bias) {
+    enum { PARTS = INT8_BLOCK_PARTS, PART_BYTES = 64 / INT8_BLOCK_PARTS };
+    Int8VecF acc[Q4_DECODE_CHAINS];
+    for (int i = 0; i < Q4_DECODE_CHAINS; i++) acc[i] = ivf_set(0.0f);
+    const Int8Vec levels = iv_q4_levels(64);
+    for (int b0 = 0; b0 < n_blocks; b0 += Q4_SCALE_BLOCKS) {
+        const int nb = n_blocks - b0 < Q4_SCALE_BLOCKS ? n_blocks - b0 : Q4_SCALE_BLOCKS;
+        const Int8VecF d = ivf_from_f16_first(wd + 2 * (size_t)b0, 2 * nb);
+        acc[0] = ivf_fnma(d, ivf_load_first(xo + 2 * (size_t)b0, 2 * nb), acc[0]);
+        // each group's weight scale times its block's activation scale
+        _Alignas(64) double scales[Q4_SCALE_BLOCKS];
+        ivf_store_pairs(scales, ivf_mul(d, ivf_spread_blocks(xd + b0, nb)));
 #pragma GCC unroll 8
-        for (int i = 0; i < 8; i++, pair = _mm512_add_epi32(pair, two)) {
+        for (int i = 0; i < Q4_SCALE_BLOCKS; i++) {
             if (i >= nb) break;
             const size_t b = (size_t)b0 + (size_t)i;
             const uint8_t *codes = w + b * (Q4_BLOCK / 2);
-            _mm_prefetch((const char *)(codes + INT8_PREFETCH_BYTES), _MM_HINT_T0);
-            const __m512i wv = q4_decode_vnni(codes, levels);
-            const __m512i dot = _mm512_dpbusd_epi32(zero, wv, _mm512_loadu_si512((const void *)(x + b * Q4_BLOCK)));
-            acc[i % Q4_DECODE_CHAINS] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(pair, scales),
-                                                        acc[i % Q4_DECODE_CHAINS]);
+            if (i % 2 == 0) _mm_prefetch((const char *)(codes + INT8_PREFETCH_BYTES), _MM_HINT_T0);
+            Int8Vec wv[PARTS], xv[PARTS];
+            iv_q4_decode(wv, codes, levels);
+            for (int p = 0; p < PARTS; p++) xv[p] = iv_loadu(x + b * Q4_BLOCK + p * PART_BYTES);
+            acc[i % Q4_DECODE_CHAINS] = ivf_fma_i32(iv_q4_block_sums(wv, xv), ivf_block_scales(scales, i),
+                                                    acc[i % Q4_DECODE_CHAINS]);
         }
     }
-    *out = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]))) + *bias;
+    *out = ivf_sum(ivf_add(ivf_add(acc[0], acc[1]), ivf_add(acc[2], acc[3]))) + *bias;
 }
-
-#elif PHI2_AVX2
-
-/* q4 on AVX2: each block's codes decoded to unsigned bytes level + 64 (q4_decode_avx2 with
- * the table shifted), which vpmaddubsw multiplies by the signed activations: a pair of
- * products is at most 2 * 125 * 127 < 32767, no saturation, and no sign juggling as for q8.
- * The 64 * (sum of the group's q_x) this adds is taken off once per 4 blocks, scaled
- * (q4_activation_offsets). The float16 scales of 4 blocks (8 groups) of a row become floats
- * with one vcvtph2ps; a permute spreads a block's pair over the lanes its sums land in. */
-static ALWAYS_INLINE void q4_tile(float *out, int out_stride, const uint8_t *w, const uint16_t *wd,
-                                       const int8_t *x, const float *xd, const float *xo, int cols, int n_blocks,
-                                       int R, int T, const float *bias) {
-    __m256 acc[Q4_TILE_ROWS][Q4_TILE_TOKENS];
-    for (int r = 0; r < R; r++)
-        for (int t = 0; t < T; t++) acc[r][t] = _mm256_setzero_ps();
-    const __m256i levels = _mm256_add_epi8(q4_levels_avx2(), _mm256_set1_epi8(64));
-    // hadd below leaves group 2j's partial sums in lanes 0, 1, 4, 5 and group 2j+1's in 2, 3, 6, 7
-    const __m256i first_pair = _mm256_setr_epi32(0, 0, 1, 1, 0, 0, 1, 1), two = _mm256_set1_epi32(2);
-    const size_t row_bytes = (size_t)cols / 2, n_groups = (size_t)cols / Q4_GROUP;
-    for (int b0 = 0; b0 < n_blocks; b0 += 4) {
-        const int nb = n_blocks - b0 < 4 ? n_blocks - b0 : 4;
-        __m256 d[Q4_TILE_ROWS];
-        for (int r = 0; r < R; r++) {
-            const uint16_t *src = wd + (size_t)r * n_groups + 2 * (size_t)b0;
-            uint16_t tail[8] = {0};
-            if (nb < 4) memcpy(tail, src, 2 * (size_t)nb * sizeof(uint16_t));  // never read past the row
-            d[r] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(nb < 4 ? tail : src)));
-            for (int t = 0; t < T; t++) {
-                const float *offsets = xo + (size_t)t * n_groups + 2 * (size_t)b0;
-                float offsets_tail[8] = {0};
-                if (nb < 4) memcpy(offsets_tail, offsets, 2 * (size_t)nb * sizeof(float));
-                acc[r][t] = _mm256_fnmadd_ps(d[r], _mm256_loadu_ps(nb < 4 ? offsets_tail : offsets), acc[r][t]);
-            }
-        }
-        __m256i pair = first_pair;
-        for (int b = b0; b < b0 + nb; b++, pair = _mm256_add_epi32(pair, two)) {
-            __m256i w0[Q4_TILE_ROWS], w1[Q4_TILE_ROWS];
-            __m256 ws[Q4_TILE_ROWS];
-            for (int r = 0; r < R; r++) {
-                q4_decode_avx2(w + (size_t)r * row_bytes + (size_t)b * (Q4_BLOCK / 2), levels, &w0[r], &w1[r]);
-                ws[r] = _mm256_permutevar8x32_ps(d[r], pair);
-            }
-            for (int t = 0; t < T; t++) {
-                const __m256i x0 = _mm256_loadu_si256((const __m256i *)(x + (size_t)t * cols + (size_t)b * Q4_BLOCK));
-                const __m256i x1 = _mm256_loadu_si256((const __m256i *)(x + (size_t)t * cols + (size_t)b * Q4_BLOCK + 32));
-                const __m256 xs = _mm256_set1_ps(xd[(size_t)t * n_blocks + b]);
-                for (int r = 0; r < R; r++) {
-                    const __m256i sums = _mm256_hadd_epi32(dot_u8s8_avx2(_mm256_setzero_si256(), w0[r], x0),
-                                                           dot_u8s8_avx2(_mm256_setzero_si256(), w1[r], x1));
-                    acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(ws[r], xs), acc[r][t]);
-                }
-            }
-        }
-    }
-    for (int r = 0; r < R; r++)
-        for (int t = 0; t < T; t++) out[(size_t)t * out_stride + r] = hsum256(acc[r][t]) + bias[r];
-}
-
-/* Decode: one row, one token. Each block's two group sums (8 int32 lanes each) are folded
- * into one vector of pairs (lanes: low group, high group, low, high, ...) by an unpack and an
- * add, so a block costs one conversion and one FMA, with its two scales broadcast as one
- * 64-bit pair from a small array that 4 blocks at a time fill (weight scale times activation
- * scale), instead of an FMA and a lane permute per group. */
-static void q4_row(float *out, const uint8_t *w, const uint16_t *wd, const int8_t *x, const float *xd,
-                        const float *xo, int n_blocks, const float *bias) {
-    __m256 acc[Q4_DECODE_CHAINS];
-    for (int i = 0; i < Q4_DECODE_CHAINS; i++) acc[i] = _mm256_setzero_ps();
-    const __m256i levels = _mm256_add_epi8(q4_levels_avx2(), _mm256_set1_epi8(64));
-    const __m256i block_of_lane = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
-    _Alignas(32) double pair_scales[4];  // [4 blocks] two floats each: d_w * d_x of the low and high group
-    for (int b0 = 0; b0 < n_blocks; b0 += 4) {
-        const int nb = n_blocks - b0 < 4 ? n_blocks - b0 : 4;
-        uint16_t d_tail[8] = {0};
-        float xo_tail[8] = {0}, xd_tail[4] = {0};
-        const uint16_t *d_src = wd + 2 * (size_t)b0;
-        const float *xo_src = xo + 2 * (size_t)b0, *xd_src = xd + b0;
-        if (nb < 4) {  // never read past the row
-            memcpy(d_tail, d_src, 2 * (size_t)nb * sizeof(uint16_t)), d_src = d_tail;
-            memcpy(xo_tail, xo_src, 2 * (size_t)nb * sizeof(float)), xo_src = xo_tail;
-            memcpy(xd_tail, xd_src, (size_t)nb * sizeof(float)), xd_src = xd_tail;
-        }
-        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)d_src));
-        acc[1] = _mm256_fnmadd_ps(d, _mm256_loadu_ps(xo_src), acc[1]);
-        const __m256 scales = _mm256_mul_ps(
-            d, _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(xd_src)), block_of_lane));
-        _mm256_store_pd(pair_scales, _mm256_castps_pd(scales));
-#pragma GCC unroll 4
-        for (int i = 0; i < 4; i++) {
-            if (i >= nb) break;
-            const size_t b = (size_t)b0 + (size_t)i;
-            __m256i w_lo, w_hi;
-            if (i % 2 == 0) _mm_prefetch((const char *)(w + b * (Q4_BLOCK / 2) + INT8_PREFETCH_BYTES), _MM_HINT_T0);
-            q4_decode_avx2(w + b * (Q4_BLOCK / 2), levels, &w_lo, &w_hi);
-            const __m256i x_lo = _mm256_loadu_si256((const __m256i *)(x + b * Q4_BLOCK));
-            const __m256i x_hi = _mm256_loadu_si256((const __m256i *)(x + b * Q4_BLOCK + 32));
-            const __m256i lo = dot_u8s8_avx2(_mm256_setzero_si256(), w_lo, x_lo);
-            const __m256i hi = dot_u8s8_avx2(_mm256_setzero_si256(), w_hi, x_hi);
-            const __m256i pairs = _mm256_add_epi32(_mm256_unpacklo_epi32(lo, hi), _mm256_unpackhi_epi32(lo, hi));
-            const __m256 scale = _mm256_castpd_ps(_mm256_broadcast_sd(pair_scales + i));
-            acc[i % Q4_DECODE_CHAINS] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pairs), scale, acc[i % Q4_DECODE_CHAINS]);
-        }
-    }
-    *out = hsum256(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]))) + *bias;
-}
-
-#endif
 
 #if PHI2_AVX512_VNNI || PHI2_AVX2
 /* The tile shapes matmul_int8_tiled asks for (Q8_TILE_ROWS or 1 rows, 1 .. Q8_TILE_TOKENS
