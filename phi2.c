@@ -124,15 +124,28 @@ static void begin_partial_file(const char *path) {
     catch_termination_signals(remove_partial_file_and_reraise);
 }
 
-/* Print "phi2: error: ..." as one line on stderr and exit with status 1. */
+/* One line on stderr, "phi2: <kind>: <message>", after what stdout holds so far. */
+static void report(const char *kind, const char *fmt, va_list ap) {
+    fflush(stdout);
+    fprintf(stderr, "phi2: %s: ", kind);
+    vfprintf(stderr, fmt, ap);
+    fprintf(stderr, "\n");
+}
+
+/* A warning: the run goes on. */
+static void warn(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    report("warning", fmt, ap);
+    va_end(ap);
+}
+
+/* An error: the line, then exit with status 1 (removing a half-written output file). */
 static void die(const char *fmt, ...) {
     va_list ap;
-    fflush(stdout);
-    fprintf(stderr, "phi2: error: ");
     va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
+    report("error", fmt, ap);
     va_end(ap);
-    fprintf(stderr, "\n");
     if (g_partial_file[0]) remove_path(g_partial_file);
 #ifdef PHI2_FUZZ
     phi2_fuzz_on_error();  // a fuzz harness returns to the fuzzer instead of exiting
@@ -1651,16 +1664,6 @@ static int *parse_ids(const char *s, int vocab_size, int *n_out) {
  * A file that is missing, of another model, KV type or context size, or damaged gives one
  * warning line and a normal run: the cache can only save time, never change the answer. */
 enum { PROMPT_CACHE_HEADER = 64, PROMPT_CACHE_VERSION = 1 };
-
-static void warn(const char *fmt, ...) {
-    va_list ap;
-    fflush(stdout);
-    fprintf(stderr, "phi2: warning: ");
-    va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
-    va_end(ap);
-    fprintf(stderr, "\n");
-}
 
 static size_t pad8(size_t n) { return (n + 7) / 8 * 8; }
 
