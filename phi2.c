@@ -3505,6 +3505,7 @@ static ALWAYS_INLINE void q8_tile(float *out, int out_stride, const int8_t *w, c
 }
 #endif
 
+#if PHI2_AVX512_VNNI || PHI2_AVX2
 /* q4: a block's 64 weights decoded to unsigned bytes level + 64 (iv_q4_decode: its 32 code
  * bytes and the same shifted right by 4, masked to nibbles, looked up by vpshufb), which
  * vpdpbusd multiplies by the signed activations directly: a pair of products is at most
@@ -3587,10 +3588,28 @@ static void q4_row(float *out, const uint8_t *w, const uint16_t *wd, const int8_
     *out = ivf_sum(ivf_add(ivf_add(acc[0], acc[1]), ivf_add(acc[2], acc[3]))) + *bias;
 }
 
-#if PHI2_AVX512_VNNI || PHI2_AVX2
-/* The tile shapes matmul_int8_tiled asks for (Q8_TILE_ROWS or 1 rows, 1 .. Q8_TILE_TOKENS
- * tokens), each a specialization the compiler unrolls, of this build's kernels above; q4
- * decode (one row, one token) has a kernel of its own. */
+#endif
+
+#if PHI2_NEON
+enum { Q8_TILE_ROWS = 4, Q8_TILE_TOKENS = 2, Q4_TILE_ROWS = 4, Q4_TILE_TOKENS = 2 };  // Arm's tiles (Appendix C)
+#define Q8_TILE_SHAPES TOKENS_UP_TO_2(Q8_TILE_ROWS) TOKENS_UP_TO_2(1)
+#define Q4_TILE_SHAPES TOKENS_UP_TO_2(Q4_TILE_ROWS) TOKENS_UP_TO_2(1)
+#endif
+
+#if PHI2_AVX512_VNNI || PHI2_AVX2 || PHI2_NEON
+/* This build's int8 kernels, x86's above or Arm's in Appendix C: a tile multiplies R rows
+ * (q8: int8 weights and float scales; q4: codes and float16 scales) by T tokens of int8
+ * activations; q4_row is q4 decode, one row and one token. */
+static ALWAYS_INLINE void q8_tile(float *out, int out_stride, const int8_t *w, const float *wd, const int8_t *x,
+                                  const float *xd, int cols, int n_groups, int R, int T, const float *bias);
+static ALWAYS_INLINE void q4_tile(float *out, int out_stride, const uint8_t *w, const uint16_t *wd,
+                                  const int8_t *x, const float *xd, const float *xo, int cols, int n_blocks,
+                                  int R, int T, const float *bias);
+static void q4_row(float *out, const uint8_t *w, const uint16_t *wd, const int8_t *x, const float *xd,
+                   const float *xo, int n_blocks, const float *bias);
+
+/* The tile shapes matmul_int8_tiled asks for (the build's most rows or 1, 1 .. most tokens),
+ * each a specialization the compiler unrolls. */
 static void q8_tile_any(float *out, int out_stride, const void *w, const void *wd, const int8_t *x, const float *xd,
                         const float *xo, int cols, int n_groups, int R, int T, const float *bias) {
     (void)xo;  // only the q4 kernels use it
@@ -4144,12 +4163,11 @@ MAYBE_UNUSED static void weighted_sum_f16_vec(float *out, const float *weight, c
 /* int8 kernels (group == 64: four 16-byte vectors). Each group's int32 sum is exact, as in
  * the scalar kernel; it is then scaled by d_w * d_x and accumulated in float lanes, summed
  * at the end (the only difference from the scalar kernel: the order of the float sum).
- * Register tile: 4 rows x 2 tokens (8 int32 group sums + 8 float accumulators). The tiles
+ * Register tile: 4 rows x 2 tokens (8 int32 group sums + 8 float accumulators; the shapes
+ * are with the trampolines in Appendix B). The tiles
  * go through matmul_int8_tiled (Appendix B): decode streams one row at a time. A build has
  * one family: SDOT where the target has dotprod, else widening multiplies (the Armv8.0
  * builds test those). */
-enum { Q8_R_NEON = 4, Q8_T_NEON = 2 };
-#define NEON_TILE_SHAPES TOKENS_UP_TO_2(Q8_R_NEON) TOKENS_UP_TO_2(1)
 
 /* acc plus the int32 sums of 4 adjacent products w[i] * x[i] per lane (16 products): one
  * SDOT, or with plain NEON a widening multiply to int16 (a pair of products is at most
@@ -4162,17 +4180,17 @@ static ALWAYS_INLINE int32x4_t dot16(int32x4_t acc, int8x16_t w, int8x16_t x) {
 #endif
 }
 
-static ALWAYS_INLINE void q8_tile_neon(float *out, int out_stride, const int8_t *w, const float *wd, const int8_t *x,
+static ALWAYS_INLINE void q8_tile(float *out, int out_stride, const int8_t *w, const float *wd, const int8_t *x,
                                        const float *xd, int cols, int n_groups, int R, int T, const float *bias) {
-    float32x4_t acc[Q8_R_NEON][Q8_T_NEON];
+    float32x4_t acc[Q8_TILE_ROWS][Q8_TILE_TOKENS];
     for (int r = 0; r < R; r++)
         for (int t = 0; t < T; t++) acc[r][t] = vdupq_n_f32(0.0f);
     for (int g = 0; g < n_groups; g++) {
-        int32x4_t isum[Q8_R_NEON][Q8_T_NEON];
+        int32x4_t isum[Q8_TILE_ROWS][Q8_TILE_TOKENS];
         for (int r = 0; r < R; r++)
             for (int t = 0; t < T; t++) isum[r][t] = vdupq_n_s32(0);
         for (int k = 0; k < 64; k += 16) {
-            int8x16_t wv[Q8_R_NEON], xv[Q8_T_NEON];
+            int8x16_t wv[Q8_TILE_ROWS], xv[Q8_TILE_TOKENS];
             for (int r = 0; r < R; r++) wv[r] = vld1q_s8(w + (size_t)r * cols + (size_t)g * 64 + k);
             for (int t = 0; t < T; t++) xv[t] = vld1q_s8(x + (size_t)t * cols + (size_t)g * 64 + k);
             for (int r = 0; r < R; r++)
@@ -4185,14 +4203,6 @@ static ALWAYS_INLINE void q8_tile_neon(float *out, int out_stride, const int8_t 
     }
     for (int r = 0; r < R; r++)
         for (int t = 0; t < T; t++) out[(size_t)t * out_stride + r] = vaddvq_f32(acc[r][t]) + bias[r];
-}
-
-static void q8_tile_neon_any(float *out, int out_stride, const void *w, const void *wd, const int8_t *x,
-                             const float *xd, const float *xo, int cols, int n_groups, int R, int T, const float *bias) {
-    (void)xo;  // only the x86 q4 kernels use it
-#define TILE(r, t) q8_tile_neon(out, out_stride, w, wd, x, xd, cols, n_groups, r, t, bias)
-    TILE_SWITCH("q8_tile_neon", R, T, NEON_TILE_SHAPES);
-#undef TILE
 }
 
 /* q4: the 32 bytes of codes of one block as four vectors of 16 int8 weights (0..15, 16..31
@@ -4212,18 +4222,20 @@ static ALWAYS_INLINE float f32_from_f16_fcvt(uint16_t bits) {
     return (float)h;
 }
 
-/* The q4 tile: each block's two groups get their own int32 sums and scales. */
-static ALWAYS_INLINE void q4_tile_neon(float *out, int out_stride, const uint8_t *w, const uint16_t *wd,
-                                       const int8_t *x, const float *xd, int cols, int n_blocks, int R, int T,
-                                       const float *bias) {
-    float32x4_t acc[Q8_R_NEON][Q8_T_NEON];
+/* The q4 tile: each block's two groups get their own int32 sums and scales. The weights are
+ * signed levels, so no offset correction is needed (xo: the x86 kernels'). */
+static ALWAYS_INLINE void q4_tile(float *out, int out_stride, const uint8_t *w, const uint16_t *wd,
+                                  const int8_t *x, const float *xd, const float *xo, int cols, int n_blocks,
+                                  int R, int T, const float *bias) {
+    (void)xo;
+    float32x4_t acc[Q4_TILE_ROWS][Q4_TILE_TOKENS];
     for (int r = 0; r < R; r++)
         for (int t = 0; t < T; t++) acc[r][t] = vdupq_n_f32(0.0f);
     const int8x16_t levels = vld1q_s8(Q4_LEVELS);
     const size_t row_bytes = (size_t)cols / 2, row_scales = (size_t)cols / Q4_GROUP;
     for (int b = 0; b < n_blocks; b++) {
-        int8x16_t wv[Q8_R_NEON][4];
-        float d0[Q8_R_NEON], d1[Q8_R_NEON];
+        int8x16_t wv[Q4_TILE_ROWS][4];
+        float d0[Q4_TILE_ROWS], d1[Q4_TILE_ROWS];
         for (int r = 0; r < R; r++) {
             q4_decode_neon(w + (size_t)r * row_bytes + (size_t)b * (Q4_BLOCK / 2), levels, wv[r]);
             d0[r] = f32_from_f16_fcvt(wd[(size_t)r * row_scales + 2 * (size_t)b]);
@@ -4245,16 +4257,14 @@ static ALWAYS_INLINE void q4_tile_neon(float *out, int out_stride, const uint8_t
         for (int t = 0; t < T; t++) out[(size_t)t * out_stride + r] = vaddvq_f32(acc[r][t]) + bias[r];
 }
 
-static void q4_tile_neon_any(float *out, int out_stride, const void *w, const void *wd, const int8_t *x,
-                             const float *xd, const float *xo, int cols, int n_blocks, int R, int T, const float *bias) {
-    (void)xo;  // only the x86 q4 kernels use it
-#define TILE(r, t) q4_tile_neon(out, out_stride, w, wd, x, xd, cols, n_blocks, r, t, bias)
-    TILE_SWITCH("q4_tile_neon", R, T, NEON_TILE_SHAPES);
-#undef TILE
+/* Decode: the tile's one-row, one-token shape. */
+static void q4_row(float *out, const uint8_t *w, const uint16_t *wd, const int8_t *x, const float *xd,
+                   const float *xo, int n_blocks, const float *bias) {
+    q4_tile(out, 1, w, wd, x, xd, xo, n_blocks * Q4_BLOCK, n_blocks, 1, 1, bias);
 }
 
 static void matmul_q4_simd(float *out, const QuantizedRows *in, const Matrix *W, const float *bias, int n_tokens) {
-    matmul_int8_tiled(out, in, W, bias, n_tokens, q4_tile_neon_any, Q8_R_NEON, Q8_T_NEON);
+    matmul_int8_tiled(out, in, W, bias, n_tokens, q4_tile_any, Q4_TILE_ROWS, Q4_TILE_TOKENS);
 }
 
 #if PHI2_NEON_I8MM
@@ -4326,14 +4336,14 @@ static void q8_tile_i8mm_any(float *out, int out_stride, const void *w, const vo
         else q8_tile_smmla(out, out_stride, w, wd, x, xd, cols, n_groups, 4, 2, bias);
         const int done = T & ~1;
         if (T > done)  // an odd last token
-            q8_tile_neon(out + (size_t)done * out_stride, out_stride, w, wd, x + (size_t)done * cols,
+            q8_tile(out + (size_t)done * out_stride, out_stride, w, wd, x + (size_t)done * cols,
                          xd + (size_t)done * n_groups, cols, n_groups, 4, 1, bias);
         return;
     }
     if (R != 1 && R != 4) bad_tile("q8_tile_i8mm", R, T);
     for (int t = 0; t < T; t += 2) {  // one row (or 4 rows, 1 token): SDOT
         const int n = T - t < 2 ? T - t : 2;
-        q8_tile_neon_any(out + (size_t)t * out_stride, out_stride, w, wd, x + (size_t)t * cols,
+        q8_tile_any(out + (size_t)t * out_stride, out_stride, w, wd, x + (size_t)t * cols,
                          xd + (size_t)t * n_groups, xo, cols, n_groups, R, n, bias);
     }
 }
@@ -4349,7 +4359,7 @@ static void matmul_q8_simd(float *out, const QuantizedRows *in, const Matrix *W,
         return;
     }
 #endif
-    matmul_int8_tiled(out, in, W, bias, n_tokens, q8_tile_neon_any, Q8_R_NEON, Q8_T_NEON);
+    matmul_int8_tiled(out, in, W, bias, n_tokens, q8_tile_any, Q8_TILE_ROWS, Q8_TILE_TOKENS);
 }
 
 #endif /* PHI2_NEON */
