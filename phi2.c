@@ -1411,7 +1411,8 @@ static void usage(FILE *f) {
             "                         file is otherwise checked only for its structure)\n"
             "      --prompt-cache F   keep the prompt's keys and values in file F: a later run\n"
             "                         whose prompt begins with the same tokens processes only\n"
-            "                         the rest (the cache is rewritten for each new prompt)\n"
+            "                         the rest (the cache is rewritten for each new prompt;\n"
+            "                         with -i, the prefix that -p or -f gives)\n"
             "      --prompt-cache-ro  use the --prompt-cache file, but never write it\n"
             "  -b, --batch N          prompt positions processed together (default 256; 1 = one\n"
             "                         at a time through the KV cache, as during generation)\n"
@@ -1618,8 +1619,8 @@ static Options parse_args(int argc, char **argv) {
     if ((o.save_logprobs || o.kl_base) && !o.perplexity) die("--save-logprobs and --kl-base need --perplexity");
     if (o.dump_logits && o.trace) die("give only one of --dump-logits and --trace");
     if (o.prompt_cache_ro && !o.prompt_cache) die("--prompt-cache-ro needs --prompt-cache FILE");
-    if (o.prompt_cache && (o.interactive || o.perplexity || o.trace || o.tokenize))
-        die("--prompt-cache is for a prompt's completion (or --dump-logits): not with -i, --perplexity, --trace or --tokenize");
+    if (o.prompt_cache && (o.perplexity || o.trace || o.tokenize))
+        die("--prompt-cache is for a prompt (a completion, -i's prefix, --dump-logits): not with --perplexity, --trace or --tokenize");
     return o;
 }
 
@@ -2411,6 +2412,16 @@ static int interactive(const Model *m, RunState *s, const Options *opt, const in
     catch_interrupts(on_interactive_interrupt);
 
     g_interrupted = 0;
+    // --prompt-cache: the prefix (-p, -f) from the file if it holds it, else read now and
+    // saved, before the first turn; the turns themselves are never saved.
+    if (opt->prompt_cache && n_prefix > 0) {
+        g.n_from_cache = prompt_cache_load(opt->prompt_cache, m, s, ctx, prefix, n_prefix);
+        const int from = g.n_from_cache;
+        conv.n_cached = from + generator_prefill(&g, prefix + from, n_prefix - from, from);
+        if (conv.n_cached == n_prefix && !opt->prompt_cache_ro && n_prefix - from > 1)
+            prompt_cache_save(opt->prompt_cache, m, s, ctx, prefix, n_prefix);
+        g_interrupted = 0;  // (Ctrl-C while reading it: the first turn reads the rest)
+    }
     while (!stop_reason) {
         if (at_terminal) fputs("> ", stdout);
         if (!flush_stdout()) { stop_reason = "the output was closed"; break; }

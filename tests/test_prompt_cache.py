@@ -188,10 +188,32 @@ def test_every_bad_cache_falls_back_with_one_warning():
     assert got == want and reused == 0 and not warnings(err) and not os.path.exists(missing), err[-600:]
 
 
+def test_interactive_prefix_comes_from_the_cache():
+    """-i with a prefix: the first session reads the prefix and saves it before the first
+    turn; the next takes all of it but its last token from the cache. Both answer the turns
+    with the ids of a session without the cache; the turns are never saved (the file is the
+    same after the second session, and holds the prefix only)."""
+    model = converted(checkpoint(), "q8")
+    cache = cache_path("interactive")
+    turns = b"Hello there\nAnd once more\n"
+    prefix = "A system text that every session begins with, read once and then kept. " * 4
+    n_prefix = len(phi2(model, "-p", prefix, "--tokenize").out.strip().split(","))
+    session = ("-i", "-p", prefix, "--temp", "0", "--print-ids", "-n", 6)
+    want = phi2(model, *session, input=turns).out
+    runs = []
+    for _ in range(2):
+        p = phi2(model, *session, "--prompt-cache", cache, input=turns)
+        m = re.search(r"\((\d+) from the cache\)", p.err)
+        runs.append((p.out, int(m.group(1)) if m else None, warnings(p.err), open(cache, "rb").read()))
+    assert runs[0][:3] == (want, 0, []), runs[0][1:3]
+    assert runs[1][:3] == (want, n_prefix - 1, []), runs[1][1:3]
+    assert runs[1][3] == runs[0][3] and struct.unpack_from("<I", runs[0][3], 20)[0] == n_prefix
+
+
 def test_flags_that_do_not_go_together():
     model = converted(checkpoint())
     for flags, msg in ((("--prompt-cache-ro",), "needs --prompt-cache"),
-                       (("--prompt-cache", "x", "-i"), "not with -i"),
+                       (("--prompt-cache", "x", "--tokenize"), "not with"),
                        (("--prompt-cache", "x", "--trace", "t"), "not with")):
         p = phi2(model, "-p", "hi", *flags, check=False)
         lines = [ln for ln in p.err.splitlines() if ln.strip()]
