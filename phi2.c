@@ -9,7 +9,8 @@
  *                         in plain scalar C: the definitions, and what `make portable` runs
  *   4. the forward pass   a batch of positions through all layers, with a KV cache
  *   5. sampling           greedy, temperature, top-k, top-p, min-p, penalties
- *   6. the command line   prompt in, streamed text out; a conversation (-i); perplexity
+ *   6. the command line   prompt in, streamed text out; the prompt cache; a conversation
+ *                         (-i); perplexity
  * Appendices, for speed and portability only:
  *   A. work sharing       which kernels this build has; how threads split a product's rows
  *   B. vector kernels     float32 over this build's vector (AVX-512, AVX2, NEON); x86 int8
