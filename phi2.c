@@ -1401,7 +1401,7 @@ static void usage(FILE *f) {
             "  -s, --seed N           random seed (default: from the clock)\n"
             "  -c, --ctx-size N       context length (default and maximum: the model's, 2048)\n"
             "  -t, --threads N        threads (default: one per performance core, not counting\n"
-            "                         SMT siblings; OMP_NUM_THREADS if set)\n"
+            "                         SMT siblings; OMP_NUM_THREADS if set, in OpenMP builds)\n"
             "      --mmap             map the model file: instant start, pages shared with\n"
             "                         other runs through the OS file cache (default for\n"
             "                         -n below 512)\n"
