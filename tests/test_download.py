@@ -414,8 +414,11 @@ def test_download_interrupt_keeps_part():
     dest = os.path.join(work, "dl")
     with Hub(ckpt, stall={SHARD1: 40000}) as hub:
         env = env_for(hub, work)
+        # Ctrl-C's default action in the child even where this test runs with SIGINT ignored
+        # (a background job of a script: Python then installs no handler of its own)
         proc = subprocess.Popen([PY, os.path.join(SCRIPTS, "download.py"), REPO_ID, "--dir", dest],
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         part = os.path.join(dest, SHARD1 + ".part")
         deadline = time.time() + 20
         while time.time() < deadline and not (os.path.isfile(part) and os.path.getsize(part) >= 40000):
