@@ -1774,9 +1774,12 @@ static int prompt_cache_load(const char *path, const Model *m, RunState *s, int 
                 reused++;  // reused < n_prompt <= the positions the KV cache holds
             for (size_t at = 0; at < size - ids && !problem; at += PROMPT_CACHE_CHUNK) {
                 const size_t len = size - ids - at < PROMPT_CACHE_CHUNK ? size - ids - at : PROMPT_CACHE_CHUNK;
-                if (fread(chunk, 1, len, f) != len) problem = "truncated, or longer than it says";
-                stream_sums_add(&ss, chunk, len);
-                prompt_cache_chunk(s, c, n, reused, chunk, at, len, 1);
+                if (fread(chunk, 1, len, f) != len) {
+                    problem = "truncated, or longer than it says";
+                } else {
+                    stream_sums_add(&ss, chunk, len);
+                    prompt_cache_chunk(s, c, n, reused, chunk, at, len, 1);
+                }
             }
             if (!problem && (ss.sum != read_u64(h + 48) || ss.weighted != read_u64(h + 56)))
                 problem = "damaged (checksum mismatch)";
@@ -3346,11 +3349,6 @@ static ALWAYS_INLINE Int8Vec iv_from_f16(const uint16_t *p) {
 }
 static ALWAYS_INLINE Int8Vec iv_from_f32(const float *p) { return _mm512_castps_si512(_mm512_loadu_ps(p)); }
 static ALWAYS_INLINE void iv_transpose(Int8Vec v[16]) { transpose16_epi32(v); }
-/* v[0][i]: the weights 64 * b .. 64 * b + 63 of row `row` of W (q4: its signed levels). */
-static ALWAYS_INLINE void iv_load_block(Int8Vec v[1][16], int i, const Matrix *W, int row, int b) {
-    if (W->type == WEIGHTS_Q4) v[0][i] = q4_decode_vnni(W->codes + (size_t)row * (W->cols / 2) + (size_t)b * 32, q4_levels_vnni(0));
-    else v[0][i] = _mm512_loadu_si512((const void *)(W->q + (size_t)row * W->cols + (size_t)b * 64));
-}
 /* acc + the products of the 4 unsigned bytes of x by the 4 signed bytes of w in each lane;
  * signed_x (plain AVX2 q8 only, never here): x signed, taken as |w| (w_abs) * sign(x, w). */
 static ALWAYS_INLINE Int8Vec iv_abs8(Int8Vec w) { return _mm512_abs_epi8(w); }
@@ -3413,15 +3411,6 @@ static ALWAYS_INLINE Int8Vec iv_from_f16(const uint16_t *p) {
 }
 static ALWAYS_INLINE Int8Vec iv_from_f32(const float *p) { return _mm256_castps_si256(_mm256_loadu_ps(p)); }
 static ALWAYS_INLINE void iv_transpose(Int8Vec v[8]) { transpose8_epi32(v); }
-/* v[0][i], v[1][i]: the weights 64 * b .. 64 * b + 63 of row `row` of W (q4: its signed levels). */
-static ALWAYS_INLINE void iv_load_block(Int8Vec v[2][8], int i, const Matrix *W, int row, int b) {
-    if (W->type == WEIGHTS_Q4) {
-        q4_decode_avx2(W->codes + (size_t)row * (W->cols / 2) + (size_t)b * 32, q4_levels_avx2(), &v[0][i], &v[1][i]);
-    } else {
-        v[0][i] = _mm256_loadu_si256((const __m256i *)(W->q + (size_t)row * W->cols + (size_t)b * 64));
-        v[1][i] = _mm256_loadu_si256((const __m256i *)(W->q + (size_t)row * W->cols + (size_t)b * 64 + 32));
-    }
-}
 static ALWAYS_INLINE Int8Vec iv_abs8(Int8Vec w) { return _mm256_abs_epi8(w); }
 static ALWAYS_INLINE Int8Vec iv_dot(Int8Vec acc, Int8Vec x, Int8Vec w, Int8Vec w_abs, int signed_x) {
     return signed_x ? dot_u8s8_avx2(acc, w_abs, _mm256_sign_epi8(x, w)) : dot_u8s8_avx2(acc, x, w);
@@ -3470,6 +3459,19 @@ static ALWAYS_INLINE void ivf_store_first(float *p, Int8VecF v, int n) {
 }
 #endif
 enum { INT8_BLOCK_PARTS = 64 / (4 * PANEL_ROWS) };  // vectors per row and 64 weights: 1 or 2
+
+/* v[j][i], j < INT8_BLOCK_PARTS: the weights 64 * b .. 64 * b + 63 of row `row` of W, in
+ * order (q4: its signed levels). */
+static ALWAYS_INLINE void iv_load_block(Int8Vec v[INT8_BLOCK_PARTS][PANEL_ROWS], int i, const Matrix *W, int row, int b) {
+    Int8Vec parts[INT8_BLOCK_PARTS];
+    if (W->type == WEIGHTS_Q4) {
+        iv_q4_decode(parts, W->codes + (size_t)row * (W->cols / 2) + (size_t)b * (Q4_BLOCK / 2), iv_q4_levels(0));
+    } else {
+        for (int j = 0; j < INT8_BLOCK_PARTS; j++)
+            parts[j] = iv_loadu(W->q + (size_t)row * W->cols + (size_t)b * 64 + (size_t)j * (64 / INT8_BLOCK_PARTS));
+    }
+    for (int j = 0; j < INT8_BLOCK_PARTS; j++) v[j][i] = parts[j];
+}
 
 /* q8, a tile of R rows by T tokens (at most Q8_TILE_ROWS x Q8_TILE_TOKENS), with the
  * build's vpdpbusd or its AVX2 stand-in (iv_dot): each group's 64 weights are
