@@ -776,20 +776,20 @@ static int q4_code(const uint8_t *row_codes, int c) {
 
 MAYBE_UNUSED static void matmul_q4_scalar(float *out, const QuantizedRows *in, const Matrix *W, const float *bias,
                                           int n_tokens) {
-    const int rows = W->rows, cols = W->cols, n_groups = cols / Q4_GROUP, n_blocks = cols / Q4_BLOCK;
+    const int rows = W->rows, cols = W->cols, n_blocks = cols / Q4_BLOCK;
 #pragma omp parallel for schedule(dynamic, SCALAR_ROWS_PER_CHUNK) if (n_tokens > 1)
     for (int r = 0; r < rows; r++) {
         const uint8_t *codes = W->codes + (size_t)r * (cols / 2);
-        const uint16_t *wd = W->scale16 + (size_t)r * n_groups;
+        const uint16_t *wd = W->scale16 + (size_t)r * (cols / Q4_GROUP);
         for (int t = 0; t < n_tokens; t++) {
-            const int8_t *xq = in->q + (size_t)t * cols;
-            const float *xd = in->scale + (size_t)t * n_blocks;
             float sum = 0.0f;
-            for (int g = 0; g < n_groups; g++) {
-                int32_t isum = 0;
-                for (int c = g * Q4_GROUP; c < (g + 1) * Q4_GROUP; c++)
-                    isum += (int32_t)Q4_LEVELS[q4_code(codes, c)] * (int32_t)xq[c];
-                sum += (float)isum * f32_from_f16(wd[g]) * xd[g / 2];
+            for (int b = 0; b < n_blocks; b++) {  // a block: one activation scale, two weight groups
+                const int8_t *xq = in->q + (size_t)t * cols + (size_t)b * Q4_BLOCK;
+                int32_t isum[2] = {0, 0};  // the two groups' exact sums
+                for (int i = 0; i < Q4_BLOCK; i++)
+                    isum[i / Q4_GROUP] += (int32_t)Q4_LEVELS[q4_code(codes, b * Q4_BLOCK + i)] * (int32_t)xq[i];
+                sum += in->scale[(size_t)t * n_blocks + b] *
+                       (f32_from_f16(wd[2 * b]) * (float)isum[0] + f32_from_f16(wd[2 * b + 1]) * (float)isum[1]);
             }
             out[(size_t)t * rows + r] = sum + bias[r];
         }
@@ -2646,11 +2646,10 @@ int main(int argc, char **argv) {
  *   PHI2_AVX512  AVX-512F/BW: f32 matmul, quantization, gelu, dot; with VNNI (and VL) also
  *                int8 and 4-bit matmul
  *   PHI2_AVX2    AVX2 + FMA + F16C (laptops): f32 matmul, quantization, int8 and 4-bit matmul
- *                (maddubs, or 256-bit VNNI where the target has AVX-VNNI), gelu, dot
+ *                (maddubs, or 256-bit VNNI where the target has AVX-VNNI), gelu, dot, the
+ *                f16 KV cache's kernels (AVX-512 builds: 16 values at a time)
  *   PHI2_AMX     AMX-INT8 (Sapphire Rapids and later, Linux): int8 matmul for batches, used
  *                only if the OS grants the tile state at run time (amx_available)
- *   PHI2_F16C    F16C with AVX2 + FMA (every AVX2 CPU so far, and -march=x86-64-v3): the f16
- *                KV cache's kernels, 8 values at a time (AVX-512 CPUs too)
  *   PHI2_NEON    Arm NEON (every aarch64 CPU): f32 matmul, quantization, the f16 KV cache;
  *                int8 matmul, with SDOT (PHI2_NEON_DOTPROD) and SMMLA (PHI2_NEON_I8MM) where
  *                the target has them (Appendix C)
@@ -2666,7 +2665,6 @@ int main(int argc, char **argv) {
 #endif
 #if !defined(PHI2_SCALAR_ONLY) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define PHI2_AVX2 1
-#define PHI2_F16C 1
 #endif
 #if PHI2_AVX512_VNNI || PHI2_AVX2
 #define PHI2_PANELS 1  // prompt batches through row panels (matmul_int8_panels)
@@ -2863,42 +2861,39 @@ MAYBE_UNUSED static ALWAYS_INLINE void f32_store(float *o, float s, int first, c
 }
 
 #if PHI2_AVX2
-static ALWAYS_INLINE float hsum256(__m256 v) {
+MAYBE_UNUSED static ALWAYS_INLINE float hsum256(__m256 v) {  // the sum of v's 8 lanes
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 #endif
 
-/* The float vector of this build (the widest it has) and what the f32 kernels do with it;
- * the tile: F32_TILE_ROWS x F32_TILE_TOKENS accumulators, as many as the registers hold
- * beside the tile's weight vectors and one activation vector. */
+/* The float vector of this build (the widest it has) and what the kernels do with it. The
+ * tile: F32_TILE_ROWS x F32_TILE_TOKENS accumulators, as many as the registers hold beside
+ * the tile's weight vectors and one activation vector. x86's two widths name most of their
+ * operations alike but for the prefix: VF(add_ps) is _mm512_add_ps or _mm256_add_ps, and
+ * those operations are written once, below the two. */
 #if PHI2_AVX512
 typedef __m512 VecF;
+#define VF(op) _mm512_##op
 enum { VEC_FLOATS = 16, F32_TILE_ROWS = 4, F32_TILE_TOKENS = 6 };  // 24 + 4 + 1 of 32 zmm
 #define F32_TILE_SHAPES TOKENS_UP_TO_6(F32_TILE_ROWS) TOKENS_UP_TO_6(1)
-static ALWAYS_INLINE VecF vecf_zero(void) { return _mm512_setzero_ps(); }
-static ALWAYS_INLINE VecF vecf_load(const float *p) { return _mm512_loadu_ps(p); }
-static ALWAYS_INLINE VecF vecf_fma(VecF a, VecF b, VecF acc) { return _mm512_fmadd_ps(a, b, acc); }
 static ALWAYS_INLINE float vecf_sum(VecF v) { return _mm512_reduce_add_ps(v); }
-static ALWAYS_INLINE VecF vecf_set(float f) { return _mm512_set1_ps(f); }
-static ALWAYS_INLINE VecF vecf_mul(VecF a, VecF b) { return _mm512_mul_ps(a, b); }
 static ALWAYS_INLINE VecF vecf_max_abs(VecF m, VecF v) { return _mm512_max_ps(m, _mm512_abs_ps(v)); }
 static ALWAYS_INLINE float vecf_max_lanes(VecF v) { return _mm512_reduce_max_ps(v); }
 static ALWAYS_INLINE void vecf_store_int8(int8_t *q, VecF v) {  // rounded to nearest even, saturated
     _mm_storeu_si128((__m128i *)q, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
 }
+static ALWAYS_INLINE VecF vecf_load_f16(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
+static ALWAYS_INLINE void vecf_store_f16(uint16_t *p, VecF v) {
+    _mm256_storeu_si256((__m256i *)p, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
 #elif PHI2_AVX2
 typedef __m256 VecF;
+#define VF(op) _mm256_##op
 enum { VEC_FLOATS = 8, F32_TILE_ROWS = 4, F32_TILE_TOKENS = 2 };  // 8 + 4 + 1 of 16 ymm
 #define F32_TILE_SHAPES TOKENS_UP_TO_2(F32_TILE_ROWS) TOKENS_UP_TO_2(1)
-static ALWAYS_INLINE VecF vecf_zero(void) { return _mm256_setzero_ps(); }
-static ALWAYS_INLINE VecF vecf_load(const float *p) { return _mm256_loadu_ps(p); }
-static ALWAYS_INLINE VecF vecf_fma(VecF a, VecF b, VecF acc) { return _mm256_fmadd_ps(a, b, acc); }
 static ALWAYS_INLINE float vecf_sum(VecF v) { return hsum256(v); }
-static ALWAYS_INLINE VecF vecf_set(float f) { return _mm256_set1_ps(f); }
-static ALWAYS_INLINE VecF vecf_mul(VecF a, VecF b) { return _mm256_mul_ps(a, b); }
 static ALWAYS_INLINE VecF vecf_max_abs(VecF m, VecF v) {
     return _mm256_max_ps(m, _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff))));
 }
@@ -2912,16 +2907,24 @@ static ALWAYS_INLINE void vecf_store_int8(int8_t *q, VecF v) {  // rounded to ne
     const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q32), _mm256_extracti128_si256(q32, 1));
     _mm_storel_epi64((__m128i *)q, _mm_packs_epi16(q16, q16));
 }
+static ALWAYS_INLINE VecF vecf_load_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+static ALWAYS_INLINE void vecf_store_f16(uint16_t *p, VecF v) {
+    _mm_storeu_si128((__m128i *)p, _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
 #elif PHI2_NEON
 typedef float32x4_t VecF;
 enum { VEC_FLOATS = 4, F32_TILE_ROWS = 4, F32_TILE_TOKENS = 4 };  // 16 + 4 + 1 of 32 q registers
 #define F32_TILE_SHAPES TOKENS_UP_TO_4(F32_TILE_ROWS) TOKENS_UP_TO_4(1)
 static ALWAYS_INLINE VecF vecf_zero(void) { return vdupq_n_f32(0.0f); }
-static ALWAYS_INLINE VecF vecf_load(const float *p) { return vld1q_f32(p); }
-static ALWAYS_INLINE VecF vecf_fma(VecF a, VecF b, VecF acc) { return vfmaq_f32(acc, a, b); }
-static ALWAYS_INLINE float vecf_sum(VecF v) { return vaddvq_f32(v); }
 static ALWAYS_INLINE VecF vecf_set(float f) { return vdupq_n_f32(f); }
+static ALWAYS_INLINE VecF vecf_load(const float *p) { return vld1q_f32(p); }
+static ALWAYS_INLINE void vecf_store(float *p, VecF v) { vst1q_f32(p, v); }
+static ALWAYS_INLINE VecF vecf_fma(VecF a, VecF b, VecF acc) { return vfmaq_f32(acc, a, b); }
 static ALWAYS_INLINE VecF vecf_mul(VecF a, VecF b) { return vmulq_f32(a, b); }
+static ALWAYS_INLINE float vecf_sum(VecF v) { return vaddvq_f32(v); }
+static ALWAYS_INLINE VecF vecf_sums(const VecF v[4]) {  // lane j: the sum of v[j]'s lanes
+    return vpaddq_f32(vpaddq_f32(v[0], v[1]), vpaddq_f32(v[2], v[3]));
+}
 static ALWAYS_INLINE VecF vecf_max_abs(VecF m, VecF v) { return vmaxq_f32(m, vabsq_f32(v)); }
 static ALWAYS_INLINE float vecf_max_lanes(VecF v) { return vmaxvq_f32(v); }
 static ALWAYS_INLINE void vecf_store_int8(int8_t *q, VecF v) {  // rounded to nearest even, saturated
@@ -2929,6 +2932,19 @@ static ALWAYS_INLINE void vecf_store_int8(int8_t *q, VecF v) {  // rounded to ne
     const int8x8_t q8 = vqmovn_s16(vcombine_s16(q16, q16));
     vst1_lane_s32((int32_t *)(void *)q, vreinterpret_s32_s8(q8), 0);
 }
+static ALWAYS_INLINE VecF vecf_load_f16(const uint16_t *p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
+static ALWAYS_INLINE void vecf_store_f16(uint16_t *p, VecF v) { vst1_u16(p, vreinterpret_u16_f16(vcvt_f16_f32(v))); }
+#endif
+#if PHI2_AVX512 || PHI2_AVX2
+static ALWAYS_INLINE VecF vecf_zero(void) { return VF(setzero_ps)(); }
+static ALWAYS_INLINE VecF vecf_set(float f) { return VF(set1_ps)(f); }
+static ALWAYS_INLINE VecF vecf_load(const float *p) { return VF(loadu_ps)(p); }
+static ALWAYS_INLINE void vecf_store(float *p, VecF v) { VF(storeu_ps)(p, v); }
+static ALWAYS_INLINE VecF vecf_load_aligned(const float *p) { return VF(load_ps)(p); }
+static ALWAYS_INLINE void vecf_store_aligned(float *p, VecF v) { VF(store_ps)(p, v); }
+static ALWAYS_INLINE VecF vecf_fma(VecF a, VecF b, VecF acc) { return VF(fmadd_ps)(a, b, acc); }
+static ALWAYS_INLINE VecF vecf_mul(VecF a, VecF b) { return VF(mul_ps)(a, b); }
+static ALWAYS_INLINE VecF vecf_add(VecF a, VecF b) { return VF(add_ps)(a, b); }
 #endif
 
 #if PHI2_AVX512 || PHI2_AVX2 || PHI2_NEON
@@ -3107,16 +3123,12 @@ enum {
 /* What the panels need of the float vector besides the tile's operations: a panel is
  * VEC_FLOATS rows, F32_PANEL_TOKENS accumulators fill the registers beside the panel vector
  * (and AVX2's broadcast); the first n lanes of a vector as loads and stores that touch
- * nothing past them; a broadcast; the transpose of VEC_FLOATS vectors. */
+ * nothing past them; the transpose of VEC_FLOATS vectors. */
 #if PHI2_AVX512
 enum { F32_PANEL_TOKENS = 24 };  // + the panel vector of 32 zmm
 #define F32_PANEL_SHAPES TOKENS_UP_TO_24(1)
 static ALWAYS_INLINE VecF vecf_load_first(const float *p, int n) { return _mm512_maskz_loadu_ps(first_lanes16(n), p); }
 static ALWAYS_INLINE void vecf_store_first(float *p, VecF v, int n) { _mm512_mask_storeu_ps(p, first_lanes16(n), v); }
-static ALWAYS_INLINE VecF vecf_broadcast(const float *p) { return _mm512_set1_ps(*p); }
-static ALWAYS_INLINE VecF vecf_add(VecF a, VecF b) { return _mm512_add_ps(a, b); }
-static ALWAYS_INLINE void vecf_store_aligned(float *p, VecF v) { _mm512_store_ps(p, v); }
-static ALWAYS_INLINE VecF vecf_load_aligned(const float *p) { return _mm512_load_ps(p); }
 static ALWAYS_INLINE void vecf_transpose(VecF v[16]) {
     __m512i u[16];
     for (int i = 0; i < 16; i++) u[i] = _mm512_castps_si512(v[i]);
@@ -3130,15 +3142,28 @@ static ALWAYS_INLINE VecF vecf_load_first(const float *p, int n) {
     return n >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, first_lanes8(n));
 }
 static ALWAYS_INLINE void vecf_store_first(float *p, VecF v, int n) { _mm256_maskstore_ps(p, first_lanes8(n), v); }
-static ALWAYS_INLINE VecF vecf_broadcast(const float *p) { return _mm256_broadcast_ss(p); }
-static ALWAYS_INLINE VecF vecf_add(VecF a, VecF b) { return _mm256_add_ps(a, b); }
-static ALWAYS_INLINE void vecf_store_aligned(float *p, VecF v) { _mm256_store_ps(p, v); }
-static ALWAYS_INLINE VecF vecf_load_aligned(const float *p) { return _mm256_load_ps(p); }
 static ALWAYS_INLINE void vecf_transpose(VecF v[8]) {
     __m256i u[8];
     for (int i = 0; i < 8; i++) u[i] = _mm256_castps_si256(v[i]);
     transpose8_epi32(u);
     for (int i = 0; i < 8; i++) v[i] = _mm256_castsi256_ps(u[i]);
+}
+#endif
+/* Lane j: the sum of v[j]'s lanes (the f16 KV cache's scores; v is overwritten). AVX-512
+ * transposes and adds; AVX2's hadd does it in fewer instructions. */
+#if PHI2_AVX512
+static ALWAYS_INLINE VecF vecf_sums(VecF v[16]) {
+    vecf_transpose(v);
+    for (int step = 1; step < 16; step *= 2)
+        for (int i = 0; i + step < 16; i += 2 * step) v[i] = vecf_add(v[i], v[i + step]);
+    return v[0];
+}
+#elif PHI2_AVX2
+static ALWAYS_INLINE VecF vecf_sums(VecF v[8]) {
+    // per 128-bit half: the sums of v[0 .. 3] and of v[4 .. 7], then the halves added
+    const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+    const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+    return _mm256_add_ps(_mm256_blend_ps(s0123, s4567, 0xF0), _mm256_permute2f128_ps(s0123, s4567, 0x21));
 }
 #endif
 
@@ -3168,7 +3193,7 @@ static ALWAYS_INLINE void f32_panel_tile(float *out, int out_stride, const float
         for (int c = c0; c < c1; c++) {
             const VecF wv = vecf_load_aligned(panel + (size_t)c * VEC_FLOATS);
 #pragma GCC unroll 24
-            for (int t = 0; t < T; t++) acc[t] = vecf_fma(wv, vecf_broadcast(x + (size_t)c * T + t), acc[t]);
+            for (int t = 0; t < T; t++) acc[t] = vecf_fma(wv, vecf_set(x[(size_t)c * T + t]), acc[t]);
         }
         panel_prefetch(pf);
     }
@@ -3336,30 +3361,15 @@ enum { PANEL_ROWS = 16, PANEL_TOKENS = 12, PANEL_MIN_TOKENS = 8, Q8_SIGNED_X = 0
 #define PANEL_TILE_SHAPES TOKENS_UP_TO_12(1)
 typedef __m512i Int8Vec;
 typedef __m512 Int8VecF;
-static ALWAYS_INLINE Int8Vec iv_zero(void) { return _mm512_setzero_si512(); }
-static ALWAYS_INLINE Int8Vec iv_load(const void *p) { return _mm512_load_si512(p); }
-static ALWAYS_INLINE Int8Vec iv_loadu(const void *p) { return _mm512_loadu_si512(p); }
-static ALWAYS_INLINE Int8Vec iv_xor(Int8Vec a, Int8Vec b) { return _mm512_xor_si512(a, b); }
-static ALWAYS_INLINE Int8Vec iv_sub(Int8Vec a, Int8Vec b) { return _mm512_sub_epi32(a, b); }
-static ALWAYS_INLINE void iv_store(void *p, Int8Vec v) { _mm512_store_si512(p, v); }
-static ALWAYS_INLINE Int8Vec iv_set4(int32_t four) { return _mm512_set1_epi32(four); }
-static ALWAYS_INLINE Int8Vec iv_times(Int8Vec v, int32_t k) { return _mm512_mullo_epi32(v, _mm512_set1_epi32(k)); }
-static ALWAYS_INLINE Int8Vec iv_from_f16(const uint16_t *p) {
-    return _mm512_castps_si512(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)));
-}
-static ALWAYS_INLINE Int8Vec iv_from_f32(const float *p) { return _mm512_castps_si512(_mm512_loadu_ps(p)); }
+#define IV(op) _mm512_##op
 static ALWAYS_INLINE void iv_transpose(Int8Vec v[16]) { transpose16_epi32(v); }
 /* acc + the products of the 4 unsigned bytes of x by the 4 signed bytes of w in each lane;
  * signed_x (plain AVX2 q8 only, never here): x signed, taken as |w| (w_abs) * sign(x, w). */
-static ALWAYS_INLINE Int8Vec iv_abs8(Int8Vec w) { return _mm512_abs_epi8(w); }
 static ALWAYS_INLINE Int8Vec iv_dot(Int8Vec acc, Int8Vec x, Int8Vec w, Int8Vec w_abs, int signed_x) {
     (void)w_abs, (void)signed_x;
     return _mm512_dpbusd_epi32(acc, x, w);
 }
-static ALWAYS_INLINE Int8VecF ivf_load(const float *p) { return _mm512_load_ps(p); }
-static ALWAYS_INLINE Int8VecF ivf_set(float f) { return _mm512_set1_ps(f); }
 static ALWAYS_INLINE float ivf_sum(Int8VecF v) { return _mm512_reduce_add_ps(v); }
-static ALWAYS_INLINE Int8VecF ivf_fnma(Int8VecF a, Int8VecF b, Int8VecF acc) { return _mm512_fnmadd_ps(a, b, acc); }
 static ALWAYS_INLINE Int8VecF ivf_from_f16_first(const uint16_t *p, int n) {  // masked: never reads past n
     return _mm512_cvtph_ps(n >= 16 ? _mm256_loadu_si256((const __m256i *)p) : _mm256_maskz_loadu_epi16(first_lanes16(n), p));
 }
@@ -3375,15 +3385,9 @@ static ALWAYS_INLINE Int8VecF ivf_block_scales(const double *pairs, int i) {
     return _mm512_permutexvar_ps(_mm512_add_epi32(_mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
                                                   _mm512_set1_epi32(2 * i)), _mm512_castpd_ps(_mm512_load_pd(pairs)));
 }
-static ALWAYS_INLINE void ivf_store_pairs(double *pairs, Int8VecF v) { _mm512_store_pd(pairs, _mm512_castps_pd(v)); }
 static ALWAYS_INLINE Int8VecF ivf_spread_blocks(const float *p, int nb) {  // lane j: p[j / 2], for j < 2 * nb
     const __m512 v = nb >= 8 ? _mm512_castps256_ps512(_mm256_loadu_ps(p)) : _mm512_maskz_loadu_ps(first_lanes16(nb), p);
     return _mm512_permutexvar_ps(_mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0), v);
-}
-static ALWAYS_INLINE Int8VecF ivf_mul(Int8VecF a, Int8VecF b) { return _mm512_mul_ps(a, b); }
-static ALWAYS_INLINE Int8VecF ivf_add(Int8VecF a, Int8VecF b) { return _mm512_add_ps(a, b); }
-static ALWAYS_INLINE Int8VecF ivf_fma_i32(Int8Vec a, Int8VecF b, Int8VecF acc) {
-    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), b, acc);
 }
 static ALWAYS_INLINE Int8VecF ivf_load_first(const float *p, int n) {  // (a masked load costs more than a plain one)
     return n >= 16 ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(first_lanes16(n), p);
@@ -3398,27 +3402,12 @@ enum { PANEL_ROWS = 8, PANEL_TOKENS = 6, PANEL_MIN_TOKENS = 8, Q8_SIGNED_X = 1 }
 #define PANEL_TILE_SHAPES TOKENS_UP_TO_6(1)
 typedef __m256i Int8Vec;
 typedef __m256 Int8VecF;
-static ALWAYS_INLINE Int8Vec iv_zero(void) { return _mm256_setzero_si256(); }
-static ALWAYS_INLINE Int8Vec iv_load(const void *p) { return _mm256_load_si256((const __m256i *)p); }
-static ALWAYS_INLINE Int8Vec iv_loadu(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
-static ALWAYS_INLINE Int8Vec iv_xor(Int8Vec a, Int8Vec b) { return _mm256_xor_si256(a, b); }
-static ALWAYS_INLINE Int8Vec iv_sub(Int8Vec a, Int8Vec b) { return _mm256_sub_epi32(a, b); }
-static ALWAYS_INLINE void iv_store(void *p, Int8Vec v) { _mm256_store_si256((__m256i *)p, v); }
-static ALWAYS_INLINE Int8Vec iv_set4(int32_t four) { return _mm256_set1_epi32(four); }
-static ALWAYS_INLINE Int8Vec iv_times(Int8Vec v, int32_t k) { return _mm256_mullo_epi32(v, _mm256_set1_epi32(k)); }
-static ALWAYS_INLINE Int8Vec iv_from_f16(const uint16_t *p) {
-    return _mm256_castps_si256(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)));
-}
-static ALWAYS_INLINE Int8Vec iv_from_f32(const float *p) { return _mm256_castps_si256(_mm256_loadu_ps(p)); }
+#define IV(op) _mm256_##op
 static ALWAYS_INLINE void iv_transpose(Int8Vec v[8]) { transpose8_epi32(v); }
-static ALWAYS_INLINE Int8Vec iv_abs8(Int8Vec w) { return _mm256_abs_epi8(w); }
 static ALWAYS_INLINE Int8Vec iv_dot(Int8Vec acc, Int8Vec x, Int8Vec w, Int8Vec w_abs, int signed_x) {
     return signed_x ? dot_u8s8_avx2(acc, w_abs, _mm256_sign_epi8(x, w)) : dot_u8s8_avx2(acc, x, w);
 }
-static ALWAYS_INLINE Int8VecF ivf_load(const float *p) { return _mm256_load_ps(p); }
-static ALWAYS_INLINE Int8VecF ivf_set(float f) { return _mm256_set1_ps(f); }
 static ALWAYS_INLINE float ivf_sum(Int8VecF v) { return hsum256(v); }
-static ALWAYS_INLINE Int8VecF ivf_fnma(Int8VecF a, Int8VecF b, Int8VecF acc) { return _mm256_fnmadd_ps(a, b, acc); }
 static ALWAYS_INLINE Int8VecF ivf_from_f16_first(const uint16_t *p, int n) {  // never reads past n
     uint16_t tail[8] = {0};
     if (n < 8) memcpy(tail, p, (size_t)n * sizeof(uint16_t));
@@ -3439,16 +3428,10 @@ static ALWAYS_INLINE Int8Vec iv_q4_block_sums(const Int8Vec w[2], const Int8Vec 
 static ALWAYS_INLINE Int8VecF ivf_block_scales(const double *pairs, int i) {  // a load, where a permute would compete with vpshufb
     return _mm256_castpd_ps(_mm256_broadcast_sd(pairs + i));
 }
-static ALWAYS_INLINE void ivf_store_pairs(double *pairs, Int8VecF v) { _mm256_store_pd(pairs, _mm256_castps_pd(v)); }
 static ALWAYS_INLINE Int8VecF ivf_spread_blocks(const float *p, int nb) {  // lane j: p[j / 2], for j < 2 * nb
     float tail[4] = {0};
     if (nb < 4) memcpy(tail, p, (size_t)nb * sizeof(float));
     return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(nb < 4 ? tail : p)), _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
-}
-static ALWAYS_INLINE Int8VecF ivf_mul(Int8VecF a, Int8VecF b) { return _mm256_mul_ps(a, b); }
-static ALWAYS_INLINE Int8VecF ivf_add(Int8VecF a, Int8VecF b) { return _mm256_add_ps(a, b); }
-static ALWAYS_INLINE Int8VecF ivf_fma_i32(Int8Vec a, Int8VecF b, Int8VecF acc) {
-    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), b, acc);
 }
 static ALWAYS_INLINE Int8VecF ivf_load_first(const float *p, int n) {
     return n >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, first_lanes8(n));
@@ -3458,6 +3441,29 @@ static ALWAYS_INLINE void ivf_store_first(float *p, Int8VecF v, int n) {
     else _mm256_maskstore_ps(p, first_lanes8(n), v);
 }
 #endif
+/* The rest is alike on both widths: IV(op) is _mm512_op or _mm256_op, as VF(op) above. The
+ * integer vector's loads and stores and its xor are plain C on the vector type. */
+static ALWAYS_INLINE Int8Vec iv_zero(void) { return IV(set1_epi32)(0); }
+static ALWAYS_INLINE Int8Vec iv_set4(int32_t four) { return IV(set1_epi32)(four); }
+static ALWAYS_INLINE Int8Vec iv_load(const void *p) { return *(const Int8Vec *)p; }  // aligned
+static ALWAYS_INLINE void iv_store(void *p, Int8Vec v) { *(Int8Vec *)p = v; }       // aligned
+static ALWAYS_INLINE Int8Vec iv_loadu(const void *p) {
+    Int8Vec v;
+    memcpy(&v, p, sizeof(v));
+    return v;
+}
+static ALWAYS_INLINE Int8Vec iv_xor(Int8Vec a, Int8Vec b) { return a ^ b; }
+static ALWAYS_INLINE Int8Vec iv_sub(Int8Vec a, Int8Vec b) { return IV(sub_epi32)(a, b); }
+static ALWAYS_INLINE Int8Vec iv_times(Int8Vec v, int32_t k) { return IV(mullo_epi32)(v, IV(set1_epi32)(k)); }
+static ALWAYS_INLINE Int8Vec iv_abs8(Int8Vec w) { return IV(abs_epi8)(w); }
+static ALWAYS_INLINE Int8Vec iv_from_f32(const float *p) { return (Int8Vec)IV(loadu_ps)(p); }
+static ALWAYS_INLINE Int8VecF ivf_load(const float *p) { return IV(load_ps)(p); }
+static ALWAYS_INLINE Int8VecF ivf_set(float f) { return IV(set1_ps)(f); }
+static ALWAYS_INLINE Int8VecF ivf_mul(Int8VecF a, Int8VecF b) { return IV(mul_ps)(a, b); }
+static ALWAYS_INLINE Int8VecF ivf_add(Int8VecF a, Int8VecF b) { return IV(add_ps)(a, b); }
+static ALWAYS_INLINE Int8VecF ivf_fnma(Int8VecF a, Int8VecF b, Int8VecF acc) { return IV(fnmadd_ps)(a, b, acc); }
+static ALWAYS_INLINE Int8VecF ivf_fma_i32(Int8Vec a, Int8VecF b, Int8VecF acc) { return IV(fmadd_ps)(IV(cvtepi32_ps)(a), b, acc); }
+static ALWAYS_INLINE void ivf_store_pairs(double *pairs, Int8VecF v) { IV(store_pd)(pairs, IV(castps_pd)(v)); }
 enum { INT8_BLOCK_PARTS = 64 / (4 * PANEL_ROWS) };  // vectors per row and 64 weights: 1 or 2
 
 /* v[j][i], j < INT8_BLOCK_PARTS: the weights 64 * b .. 64 * b + 63 of row `row` of W, in
@@ -3759,7 +3765,8 @@ static void panel_build(const Panel *p, const Matrix *W, int r0, int n_rows) {
             if (i < n_rows && ng < PANEL_ROWS && q4) memcpy(tail16, W->scale16 + at, (size_t)ng * sizeof(uint16_t));
             if (i < n_rows && ng < PANEL_ROWS && !q4) memcpy(tail, W->scale + at, (size_t)ng * sizeof(float));
             const int whole = i < n_rows && ng == PANEL_ROWS;
-            v[0][i] = q4 ? iv_from_f16(whole ? W->scale16 + at : tail16) : iv_from_f32(whole ? W->scale + at : tail);
+            v[0][i] = q4 ? (Int8Vec)ivf_from_f16_first(whole ? W->scale16 + at : tail16, PANEL_ROWS)
+                         : iv_from_f32(whole ? W->scale + at : tail);
         }
         iv_transpose(v[0]);
         for (int c = 0; c < ng; c++) iv_store(p->scale + (size_t)(g0 + c) * PANEL_ROWS, v[0][c]);
@@ -4036,123 +4043,86 @@ static void matmul_q8_amx(float *out, const QuantizedRows *in, const Matrix *W, 
 
 
 /* --- The f16 KV cache ------------------------------------------------------------------
- * Its conversions, dot and axpy, and a head's scores and weighted sum, written once over
- * VecH: HALF_LANES floats that load and store as f16. F16C (x86, 8 lanes: AVX-512 builds
- * too) and NEON (4 lanes) convert exactly: widening is exact, and narrowing rounds to
- * nearest even, bit for bit as f16_from_f32 does, NaN included (F16C's immediate 0
- * whatever MXCSR says; NEON's FCVTN under the default FPCR). Tails go through the scalar
- * twins; head_dim 80 has none. */
-#if PHI2_F16C
+ * Its conversions, dot and axpy, and a head's scores and weighted sum, over VecF with
+ * vecf_load_f16 and vecf_store_f16. F16C (x86) and NEON convert exactly: widening is exact,
+ * and narrowing rounds to nearest even, bit for bit as f16_from_f32 does, NaN included
+ * (x86's immediate 0 whatever MXCSR says; NEON's FCVTN under the default FPCR). Tails go
+ * through the scalar twins; head_dim 80 has none. */
+#if PHI2_AVX512 || PHI2_AVX2 || PHI2_NEON
 #define PHI2_F16_VEC 1
-typedef __m256 VecH;
-enum { HALF_LANES = 8 };
-static ALWAYS_INLINE VecH vech_load_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
-static ALWAYS_INLINE void vech_store_f16(uint16_t *p, VecH v) {
-    _mm_storeu_si128((__m128i *)p, _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
-}
-static ALWAYS_INLINE VecH vech_load(const float *p) { return _mm256_loadu_ps(p); }
-static ALWAYS_INLINE void vech_store(float *p, VecH v) { _mm256_storeu_ps(p, v); }
-static ALWAYS_INLINE VecH vech_set(float f) { return _mm256_set1_ps(f); }
-static ALWAYS_INLINE VecH vech_fma(VecH a, VecH b, VecH acc) { return _mm256_fmadd_ps(a, b, acc); }
-static ALWAYS_INLINE VecH vech_mul(VecH a, VecH b) { return _mm256_mul_ps(a, b); }
-static ALWAYS_INLINE float vech_sum(VecH v) { return hsum256(v); }
-static ALWAYS_INLINE VecH vech_sums(const VecH v[8]) {  // lane j: the sum of v[j]'s lanes
-    // per 128-bit half: the sums of v[0 .. 3] and of v[4 .. 7], then the halves added
-    const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
-    const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
-    return _mm256_add_ps(_mm256_blend_ps(s0123, s4567, 0xF0), _mm256_permute2f128_ps(s0123, s4567, 0x21));
-}
-#elif PHI2_NEON
-#define PHI2_F16_VEC 1
-typedef float32x4_t VecH;
-enum { HALF_LANES = 4 };
-static ALWAYS_INLINE VecH vech_load_f16(const uint16_t *p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
-static ALWAYS_INLINE void vech_store_f16(uint16_t *p, VecH v) { vst1_u16(p, vreinterpret_u16_f16(vcvt_f16_f32(v))); }
-static ALWAYS_INLINE VecH vech_load(const float *p) { return vld1q_f32(p); }
-static ALWAYS_INLINE void vech_store(float *p, VecH v) { vst1q_f32(p, v); }
-static ALWAYS_INLINE VecH vech_set(float f) { return vdupq_n_f32(f); }
-static ALWAYS_INLINE VecH vech_fma(VecH a, VecH b, VecH acc) { return vfmaq_f32(acc, a, b); }
-static ALWAYS_INLINE VecH vech_mul(VecH a, VecH b) { return vmulq_f32(a, b); }
-static ALWAYS_INLINE float vech_sum(VecH v) { return vaddvq_f32(v); }
-static ALWAYS_INLINE VecH vech_sums(const VecH v[4]) {  // lane j: the sum of v[j]'s lanes
-    return vpaddq_f32(vpaddq_f32(v[0], v[1]), vpaddq_f32(v[2], v[3]));
-}
-#endif
-
-#if PHI2_F16_VEC
 MAYBE_UNUSED static void f32_to_f16_row_vec(uint16_t *out, const float *x, int n) {
     int i = 0;
-    for (; i + HALF_LANES <= n; i += HALF_LANES) vech_store_f16(out + i, vech_load(x + i));
+    for (; i + VEC_FLOATS <= n; i += VEC_FLOATS) vecf_store_f16(out + i, vecf_load(x + i));
     f32_to_f16_row_scalar(out + i, x + i, n - i);
 }
 
 MAYBE_UNUSED static void f16_to_f32_row_vec(float *out, const uint16_t *x, int n) {
     int i = 0;
-    for (; i + HALF_LANES <= n; i += HALF_LANES) vech_store(out + i, vech_load_f16(x + i));
+    for (; i + VEC_FLOATS <= n; i += VEC_FLOATS) vecf_store(out + i, vecf_load_f16(x + i));
     f16_to_f32_row_scalar(out + i, x + i, n - i);
 }
 
-/* Two accumulators: a head's 80 values are 10 FMAs (F16C), which one chain would serialize. */
+/* Two accumulators: a head's 80 values are 5 to 20 FMAs, which one chain would serialize. */
 MAYBE_UNUSED static float dot_f32_f16_vec(const float *a, const uint16_t *b, int n) {
-    VecH acc0 = vech_set(0.0f), acc1 = vech_set(0.0f);
+    VecF acc0 = vecf_set(0.0f), acc1 = vecf_set(0.0f);
     int i = 0;
-    for (; i + 2 * HALF_LANES <= n; i += 2 * HALF_LANES) {
-        acc0 = vech_fma(vech_load(a + i), vech_load_f16(b + i), acc0);
-        acc1 = vech_fma(vech_load(a + i + HALF_LANES), vech_load_f16(b + i + HALF_LANES), acc1);
+    for (; i + 2 * VEC_FLOATS <= n; i += 2 * VEC_FLOATS) {
+        acc0 = vecf_fma(vecf_load(a + i), vecf_load_f16(b + i), acc0);
+        acc1 = vecf_fma(vecf_load(a + i + VEC_FLOATS), vecf_load_f16(b + i + VEC_FLOATS), acc1);
     }
-    if (i + HALF_LANES <= n) {
-        acc0 = vech_fma(vech_load(a + i), vech_load_f16(b + i), acc0);
-        i += HALF_LANES;
+    if (i + VEC_FLOATS <= n) {
+        acc0 = vecf_fma(vecf_load(a + i), vecf_load_f16(b + i), acc0);
+        i += VEC_FLOATS;
     }
-    return vech_sum(acc0) + vech_sum(acc1) + dot_f32_f16_scalar(a + i, b + i, n - i);
+    return vecf_sum(acc0) + vecf_sum(acc1) + dot_f32_f16_scalar(a + i, b + i, n - i);
 }
 
 MAYBE_UNUSED static void axpy_f16_vec(float *out, float w, const uint16_t *v, int n) {
-    const VecH wv = vech_set(w);
+    const VecF wv = vecf_set(w);
     int i = 0;
-    for (; i + HALF_LANES <= n; i += HALF_LANES) vech_store(out + i, vech_fma(wv, vech_load_f16(v + i), vech_load(out + i)));
+    for (; i + VEC_FLOATS <= n; i += VEC_FLOATS) vecf_store(out + i, vecf_fma(wv, vecf_load_f16(v + i), vecf_load(out + i)));
     axpy_f16_scalar(out + i, w, v + i, n - i);
 }
 
 /* A generated token's attention deep in the context, a head at a time, for Phi-2's head of
- * 80 numbers (HEAD_VECTORS vectors). Scores: HALF_LANES keys at a time, each with its own
- * accumulator, reduced together (vech_sums) instead of one horizontal sum per key.
+ * 80 numbers (HEAD_VECTORS vectors). Scores: VEC_FLOATS keys at a time, each with its own
+ * accumulator, reduced together (vecf_sums) instead of one horizontal sum per key.
  * Weighted sum: the head's 80 outputs stay in registers across all positions instead of
  * being loaded and stored once per position. */
-enum { HEAD_VECTORS = 80 / HALF_LANES };  // head_dim 80: the head kernels' one shape (others: per row)
+enum { HEAD_VECTORS = 80 / VEC_FLOATS };  // head_dim 80: the head kernels' one shape (others: per row)
 enum { KV_PREFETCH_BYTES = 2048 };  // both prefetch this far ahead in the head's keys or values
 
 MAYBE_UNUSED static void scores_f16_vec(float *score, const float *q, const uint16_t *keys, int n_pos, float scale) {
-    const int hd = HALF_LANES * HEAD_VECTORS;
+    const int hd = VEC_FLOATS * HEAD_VECTORS;
     int p = 0;
-    for (; p + HALF_LANES <= n_pos; p += HALF_LANES) {
-        VecH acc[HALF_LANES];
-        for (int j = 0; j < HALF_LANES; j++) acc[j] = vech_set(0.0f);
+    for (; p + VEC_FLOATS <= n_pos; p += VEC_FLOATS) {
+        VecF acc[VEC_FLOATS];
+        for (int j = 0; j < VEC_FLOATS; j++) acc[j] = vecf_set(0.0f);
         const char *block = (const char *)(keys + (size_t)p * hd);
-        for (int line = 0; line < HALF_LANES * hd * 2; line += 64) __builtin_prefetch(block + KV_PREFETCH_BYTES + line);
+        for (int line = 0; line < VEC_FLOATS * hd * 2; line += 64) __builtin_prefetch(block + KV_PREFETCH_BYTES + line);
         for (int i = 0; i < HEAD_VECTORS; i++) {
-            const VecH qi = vech_load(q + HALF_LANES * i);
-            for (int j = 0; j < HALF_LANES; j++)
-                acc[j] = vech_fma(qi, vech_load_f16(keys + (size_t)(p + j) * hd + HALF_LANES * i), acc[j]);
+            const VecF qi = vecf_load(q + VEC_FLOATS * i);
+            for (int j = 0; j < VEC_FLOATS; j++)
+                acc[j] = vecf_fma(qi, vecf_load_f16(keys + (size_t)(p + j) * hd + VEC_FLOATS * i), acc[j]);
         }
-        vech_store(score + p, vech_mul(vech_sums(acc), vech_set(scale)));
+        vecf_store(score + p, vecf_mul(vecf_sums(acc), vecf_set(scale)));
     }
     for (; p < n_pos; p++) score[p] = dot_f32_f16_vec(q, keys + (size_t)p * hd, hd) * scale;
 }
 
 MAYBE_UNUSED static void weighted_sum_f16_vec(float *out, const float *weight, const uint16_t *values, int n_pos) {
-    const int hd = HALF_LANES * HEAD_VECTORS;
-    VecH acc[HEAD_VECTORS];
-    for (int i = 0; i < HEAD_VECTORS; i++) acc[i] = vech_set(0.0f);
+    const int hd = VEC_FLOATS * HEAD_VECTORS;
+    VecF acc[HEAD_VECTORS];
+    for (int i = 0; i < HEAD_VECTORS; i++) acc[i] = vecf_set(0.0f);
     for (int p = 0; p < n_pos; p++) {
-        const VecH w = vech_set(weight[p]);
+        const VecF w = vecf_set(weight[p]);
         if (p % 2 == 0) {  // two positions' values: 320 bytes, 5 lines
             const char *pair = (const char *)(values + (size_t)p * hd);
             for (int line = 0; line < 2 * hd * 2; line += 64) __builtin_prefetch(pair + KV_PREFETCH_BYTES + line);
         }
-        for (int i = 0; i < HEAD_VECTORS; i++) acc[i] = vech_fma(w, vech_load_f16(values + (size_t)p * hd + HALF_LANES * i), acc[i]);
+        for (int i = 0; i < HEAD_VECTORS; i++) acc[i] = vecf_fma(w, vecf_load_f16(values + (size_t)p * hd + VEC_FLOATS * i), acc[i]);
     }
-    for (int i = 0; i < HEAD_VECTORS; i++) vech_store(out + HALF_LANES * i, acc[i]);
+    for (int i = 0; i < HEAD_VECTORS; i++) vecf_store(out + VEC_FLOATS * i, acc[i]);
 }
 #endif
 
@@ -4658,7 +4628,7 @@ static void gelu_new(float *x, size_t n) {
  * size; other sizes, and portable builds, the definitions' loops over dot and axpy. */
 static void scores_f16(float *score, const float *q, const uint16_t *keys, int n_pos, int hd, float scale) {
 #if PHI2_F16_VEC
-    if (hd == HALF_LANES * HEAD_VECTORS) {
+    if (hd == VEC_FLOATS * HEAD_VECTORS) {
         scores_f16_vec(score, q, keys, n_pos, scale);
         return;
     }
@@ -4668,7 +4638,7 @@ static void scores_f16(float *score, const float *q, const uint16_t *keys, int n
 
 static void weighted_sum_f16(float *out, const float *weight, const uint16_t *values, int n_pos, int hd) {
 #if PHI2_F16_VEC
-    if (hd == HALF_LANES * HEAD_VECTORS) {
+    if (hd == VEC_FLOATS * HEAD_VECTORS) {
         weighted_sum_f16_vec(out, weight, values, n_pos);
         return;
     }

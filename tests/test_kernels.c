@@ -1412,7 +1412,7 @@ int main(int argc, char **argv) {
         bench(argc - 2, argv + 2);
         return 0;
     }
-    printf("test_kernels: built with%s%s%s%s%s%s%s%s%s%s, %d threads\n",
+    printf("test_kernels: built with%s%s%s%s%s%s%s%s%s, %d threads\n",
 #if PHI2_AVX512
            " avx512",
 #else
@@ -1435,11 +1435,6 @@ int main(int argc, char **argv) {
 #endif
 #if PHI2_AVX2 && defined(__AVXVNNI__)
            " avx-vnni",
-#else
-           "",
-#endif
-#if PHI2_F16C
-           " f16c",
 #else
            "",
 #endif
