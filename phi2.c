@@ -2643,30 +2643,28 @@ int main(int argc, char **argv) {
 /* Everything from here on is a faster way to compute a definition of sections 3 and 4;
  * nothing here changes what the model computes. Which kernels exist is decided at compile
  * time from the target (make: -march=native):
- *   PHI2_AVX512  AVX-512F/BW: f32 matmul, quantization, gelu, dot; with VNNI (and VL) also
- *                int8 and 4-bit matmul
- *   PHI2_AVX2    AVX2 + FMA + F16C (laptops): f32 matmul, quantization, int8 and 4-bit matmul
- *                (maddubs, or 256-bit VNNI where the target has AVX-VNNI), gelu, dot, the
- *                f16 KV cache's kernels (AVX-512 builds: 16 values at a time)
+ *   PHI2_AVX512  AVX-512 F/BW/VL with VNNI (Cascade Lake, Ice Lake, Zen 4 and later): every
+ *                kernel in 512-bit vectors, int8 products with vpdpbusd. A CPU with AVX-512
+ *                but no VNNI (Skylake-SP/X) builds as AVX2.
+ *   PHI2_AVX2    AVX2 + FMA + F16C (laptops): every kernel in 256-bit vectors, int8 products
+ *                with maddubs, or with 256-bit VNNI where the target has AVX-VNNI
  *   PHI2_AMX     AMX-INT8 (Sapphire Rapids and later, Linux): int8 matmul for batches, used
  *                only if the OS grants the tile state at run time (amx_available)
  *   PHI2_NEON    Arm NEON (every aarch64 CPU): f32 matmul, quantization, the f16 KV cache;
  *                int8 matmul, with SDOT (PHI2_NEON_DOTPROD) and SMMLA (PHI2_NEON_I8MM) where
  *                the target has them (Appendix C)
  * -DPHI2_SCALAR_ONLY (make portable) leaves only the definitions. */
-#if !defined(PHI2_SCALAR_ONLY) && defined(__AVX512F__) && defined(__AVX512BW__)
+#if !defined(PHI2_SCALAR_ONLY) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
+    defined(__AVX512VNNI__)
 #define PHI2_AVX512 1
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-#define PHI2_AVX512_VNNI 1
-#endif
-#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512VNNI__) && defined(__linux__)
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__linux__)
 #define PHI2_AMX 1
 #endif
 #endif
 #if !defined(PHI2_SCALAR_ONLY) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define PHI2_AVX2 1
 #endif
-#if PHI2_AVX512_VNNI || PHI2_AVX2
+#if PHI2_AVX512 || PHI2_AVX2
 #define PHI2_PANELS 1  // prompt batches through row panels (matmul_int8_panels)
 #endif
 #if !defined(PHI2_SCALAR_ONLY) && defined(__aarch64__) && defined(__ARM_NEON)
@@ -2860,22 +2858,16 @@ MAYBE_UNUSED static ALWAYS_INLINE void f32_store(float *o, float s, int first, c
     *o = bias ? v + *bias : v;
 }
 
-#if PHI2_AVX2
-MAYBE_UNUSED static ALWAYS_INLINE float hsum256(__m256 v) {  // the sum of v's 8 lanes
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-#endif
-
-/* The float vector of this build (the widest it has) and what the kernels do with it. The
- * tile: F32_TILE_ROWS x F32_TILE_TOKENS accumulators, as many as the registers hold beside
- * the tile's weight vectors and one activation vector. x86's two widths name most of their
- * operations alike but for the prefix: VF(add_ps) is _mm512_add_ps or _mm256_add_ps, and
- * those operations are written once, below the two. */
+/* This build's vectors and what the kernels do with them: VecF of floats, the widest the
+ * build has, and on x86 Int8Vec, the same bits as int32 lanes of 4 int8 each (the int8
+ * kernels, below). x86's two widths name most operations alike but for the prefix:
+ * VEC(add_ps) is _mm512_add_ps or _mm256_add_ps, and those operations are written once,
+ * after the two. The f32 tile: F32_TILE_ROWS x F32_TILE_TOKENS accumulators, as many as the
+ * registers hold beside the tile's weight vectors and one activation vector. */
 #if PHI2_AVX512
 typedef __m512 VecF;
-#define VF(op) _mm512_##op
+typedef __m512i Int8Vec;
+#define VEC(op) _mm512_##op
 enum { VEC_FLOATS = 16, F32_TILE_ROWS = 4, F32_TILE_TOKENS = 6 };  // 24 + 4 + 1 of 32 zmm
 #define F32_TILE_SHAPES TOKENS_UP_TO_6(F32_TILE_ROWS) TOKENS_UP_TO_6(1)
 static ALWAYS_INLINE float vecf_sum(VecF v) { return _mm512_reduce_add_ps(v); }
@@ -2884,16 +2876,41 @@ static ALWAYS_INLINE float vecf_max_lanes(VecF v) { return _mm512_reduce_max_ps(
 static ALWAYS_INLINE void vecf_store_int8(int8_t *q, VecF v) {  // rounded to nearest even, saturated
     _mm_storeu_si128((__m128i *)q, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
 }
-static ALWAYS_INLINE VecF vecf_load_f16(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
+static ALWAYS_INLINE __mmask16 first_lanes(int n) { return (__mmask16)(n >= 16 ? 0xFFFFu : (1u << n) - 1); }
+/* The first n lanes (all for n >= 16), touching no memory past them; a masked load costs
+ * more than a plain one. */
+static ALWAYS_INLINE VecF vecf_load_first(const float *p, int n) {
+    return n >= 16 ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(first_lanes(n), p);
+}
+static ALWAYS_INLINE void vecf_store_first(float *p, VecF v, int n) { _mm512_mask_storeu_ps(p, first_lanes(n), v); }
+static ALWAYS_INLINE VecF vecf_load_f16_first(const uint16_t *p, int n) {
+    return _mm512_cvtph_ps(n >= 16 ? _mm256_loadu_si256((const __m256i *)p) : _mm256_maskz_loadu_epi16(first_lanes(n), p));
+}
 static ALWAYS_INLINE void vecf_store_f16(uint16_t *p, VecF v) {
     _mm256_storeu_si256((__m256i *)p, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
 }
+/* The 128-bit lanes of a transpose (below): lane j of v[c] is lane c / 4 of u[4j + c % 4]. */
+static ALWAYS_INLINE void gather_128bit_lanes(Int8Vec v[16], const Int8Vec u[16]) {
+    for (int b = 0; b < 4; b++) {
+        const __m512i a0 = _mm512_shuffle_i32x4(u[b], u[4 + b], 0x44), a1 = _mm512_shuffle_i32x4(u[b], u[4 + b], 0xEE);
+        const __m512i a2 = _mm512_shuffle_i32x4(u[8 + b], u[12 + b], 0x44), a3 = _mm512_shuffle_i32x4(u[8 + b], u[12 + b], 0xEE);
+        v[b] = _mm512_shuffle_i32x4(a0, a2, 0x88);
+        v[4 + b] = _mm512_shuffle_i32x4(a0, a2, 0xDD);
+        v[8 + b] = _mm512_shuffle_i32x4(a1, a3, 0x88);
+        v[12 + b] = _mm512_shuffle_i32x4(a1, a3, 0xDD);
+    }
+}
 #elif PHI2_AVX2
 typedef __m256 VecF;
-#define VF(op) _mm256_##op
+typedef __m256i Int8Vec;
+#define VEC(op) _mm256_##op
 enum { VEC_FLOATS = 8, F32_TILE_ROWS = 4, F32_TILE_TOKENS = 2 };  // 8 + 4 + 1 of 16 ymm
 #define F32_TILE_SHAPES TOKENS_UP_TO_2(F32_TILE_ROWS) TOKENS_UP_TO_2(1)
-static ALWAYS_INLINE float vecf_sum(VecF v) { return hsum256(v); }
+static ALWAYS_INLINE float vecf_sum(VecF v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
 static ALWAYS_INLINE VecF vecf_max_abs(VecF m, VecF v) {
     return _mm256_max_ps(m, _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff))));
 }
@@ -2907,9 +2924,29 @@ static ALWAYS_INLINE void vecf_store_int8(int8_t *q, VecF v) {  // rounded to ne
     const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q32), _mm256_extracti128_si256(q32, 1));
     _mm_storel_epi64((__m128i *)q, _mm_packs_epi16(q16, q16));
 }
-static ALWAYS_INLINE VecF vecf_load_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+static ALWAYS_INLINE __m256i first_lanes(int n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+static ALWAYS_INLINE VecF vecf_load_first(const float *p, int n) {
+    return n >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, first_lanes(n));
+}
+static ALWAYS_INLINE void vecf_store_first(float *p, VecF v, int n) {
+    if (n >= 8) _mm256_storeu_ps(p, v);
+    else _mm256_maskstore_ps(p, first_lanes(n), v);
+}
+static ALWAYS_INLINE VecF vecf_load_f16_first(const uint16_t *p, int n) {  // F16C has no masked load
+    uint16_t tail[8] = {0};
+    if (n < 8) memcpy(tail, p, (size_t)n * sizeof(uint16_t));
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(n < 8 ? tail : p)));
+}
 static ALWAYS_INLINE void vecf_store_f16(uint16_t *p, VecF v) {
     _mm_storeu_si128((__m128i *)p, _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+static ALWAYS_INLINE void gather_128bit_lanes(Int8Vec v[8], const Int8Vec u[8]) {
+    for (int b = 0; b < 4; b++) {  // lane 0 of u[b] and u[4 + b]: element b; lane 1: element 4 + b
+        v[b] = _mm256_permute2x128_si256(u[b], u[4 + b], 0x20);
+        v[4 + b] = _mm256_permute2x128_si256(u[b], u[4 + b], 0x31);
+    }
 }
 #elif PHI2_NEON
 typedef float32x4_t VecF;
@@ -2936,15 +2973,54 @@ static ALWAYS_INLINE VecF vecf_load_f16(const uint16_t *p) { return vcvt_f32_f16
 static ALWAYS_INLINE void vecf_store_f16(uint16_t *p, VecF v) { vst1_u16(p, vreinterpret_u16_f16(vcvt_f16_f32(v))); }
 #endif
 #if PHI2_AVX512 || PHI2_AVX2
-static ALWAYS_INLINE VecF vecf_zero(void) { return VF(setzero_ps)(); }
-static ALWAYS_INLINE VecF vecf_set(float f) { return VF(set1_ps)(f); }
-static ALWAYS_INLINE VecF vecf_load(const float *p) { return VF(loadu_ps)(p); }
-static ALWAYS_INLINE void vecf_store(float *p, VecF v) { VF(storeu_ps)(p, v); }
-static ALWAYS_INLINE VecF vecf_load_aligned(const float *p) { return VF(load_ps)(p); }
-static ALWAYS_INLINE void vecf_store_aligned(float *p, VecF v) { VF(store_ps)(p, v); }
-static ALWAYS_INLINE VecF vecf_fma(VecF a, VecF b, VecF acc) { return VF(fmadd_ps)(a, b, acc); }
-static ALWAYS_INLINE VecF vecf_mul(VecF a, VecF b) { return VF(mul_ps)(a, b); }
-static ALWAYS_INLINE VecF vecf_add(VecF a, VecF b) { return VF(add_ps)(a, b); }
+static ALWAYS_INLINE VecF vecf_zero(void) { return VEC(setzero_ps)(); }
+static ALWAYS_INLINE VecF vecf_set(float f) { return VEC(set1_ps)(f); }
+static ALWAYS_INLINE VecF vecf_load(const float *p) { return VEC(loadu_ps)(p); }
+static ALWAYS_INLINE void vecf_store(float *p, VecF v) { VEC(storeu_ps)(p, v); }
+static ALWAYS_INLINE VecF vecf_load_aligned(const float *p) { return VEC(load_ps)(p); }
+static ALWAYS_INLINE void vecf_store_aligned(float *p, VecF v) { VEC(store_ps)(p, v); }
+static ALWAYS_INLINE VecF vecf_load_f16(const uint16_t *p) { return vecf_load_f16_first(p, VEC_FLOATS); }
+static ALWAYS_INLINE VecF vecf_fma(VecF a, VecF b, VecF acc) { return VEC(fmadd_ps)(a, b, acc); }
+static ALWAYS_INLINE VecF vecf_fnma(VecF a, VecF b, VecF acc) { return VEC(fnmadd_ps)(a, b, acc); }  // acc - a b
+static ALWAYS_INLINE VecF vecf_mul(VecF a, VecF b) { return VEC(mul_ps)(a, b); }
+static ALWAYS_INLINE VecF vecf_add(VecF a, VecF b) { return VEC(add_ps)(a, b); }
+static ALWAYS_INLINE VecF vecf_from_int32(Int8Vec v) { return VEC(cvtepi32_ps)(v); }
+static ALWAYS_INLINE Int8Vec iv_zero(void) { return VEC(set1_epi32)(0); }
+static ALWAYS_INLINE Int8Vec iv_set4(int32_t four) { return VEC(set1_epi32)(four); }
+static ALWAYS_INLINE Int8Vec iv_load(const void *p) { return *(const Int8Vec *)p; }  // aligned
+static ALWAYS_INLINE void iv_store(void *p, Int8Vec v) { *(Int8Vec *)p = v; }       // aligned
+static ALWAYS_INLINE Int8Vec iv_loadu(const void *p) {
+    Int8Vec v;
+    memcpy(&v, p, sizeof(v));
+    return v;
+}
+static ALWAYS_INLINE Int8Vec iv_xor(Int8Vec a, Int8Vec b) { return a ^ b; }
+static ALWAYS_INLINE Int8Vec iv_sub(Int8Vec a, Int8Vec b) { return VEC(sub_epi32)(a, b); }
+static ALWAYS_INLINE Int8Vec iv_times(Int8Vec v, int32_t k) { return VEC(mullo_epi32)(v, VEC(set1_epi32)(k)); }
+static ALWAYS_INLINE Int8Vec iv_abs8(Int8Vec w) { return VEC(abs_epi8)(w); }
+
+/* v[i] holds VEC_FLOATS int32 of row i; afterwards v[c] holds element c of every row (lane
+ * i: row i). Unpacks transpose each 128-bit lane's 4 x 4 blocks, then whole lanes move. */
+static ALWAYS_INLINE void iv_transpose(Int8Vec v[VEC_FLOATS]) {
+    Int8Vec t[VEC_FLOATS], u[VEC_FLOATS];
+    for (int i = 0; i < VEC_FLOATS; i += 2) {  // in each 128-bit lane j: rows i, i+1 of elements 4j .. 4j+3
+        t[i] = VEC(unpacklo_epi32)(v[i], v[i + 1]);
+        t[i + 1] = VEC(unpackhi_epi32)(v[i], v[i + 1]);
+    }
+    for (int q = 0; q < VEC_FLOATS; q += 4) {  // u[q + b], lane j: rows q .. q+3 of element 4j + b
+        u[q] = VEC(unpacklo_epi64)(t[q], t[q + 2]);
+        u[q + 1] = VEC(unpackhi_epi64)(t[q], t[q + 2]);
+        u[q + 2] = VEC(unpacklo_epi64)(t[q + 1], t[q + 3]);
+        u[q + 3] = VEC(unpackhi_epi64)(t[q + 1], t[q + 3]);
+    }
+    gather_128bit_lanes(v, u);
+}
+static ALWAYS_INLINE void vecf_transpose(VecF v[VEC_FLOATS]) {
+    Int8Vec u[VEC_FLOATS];
+    for (int i = 0; i < VEC_FLOATS; i++) u[i] = (Int8Vec)v[i];
+    iv_transpose(u);
+    for (int i = 0; i < VEC_FLOATS; i++) v[i] = (VecF)u[i];
+}
 #endif
 
 #if PHI2_AVX512 || PHI2_AVX2 || PHI2_NEON
@@ -3042,56 +3118,6 @@ MAYBE_UNUSED static void quantize_rows_q8_vec(QuantizedRows *out, const float *x
  * in L1 while every tile of the batch reuses it), and each weight is transposed once; while
  * the tiles run they prefetch the next panel block's rows (PanelPrefetch, below).
  * Panels win from F32_PANEL_MIN_TOKENS tokens on; decode keeps the tiles. */
-#if PHI2_AVX512
-/* v[i] holds 16 int32 of row i; afterwards v[c] holds element c of every row (lane i: row i). */
-MAYBE_UNUSED static ALWAYS_INLINE void transpose16_epi32(__m512i v[16]) {
-    __m512i t[16], u[16];
-    for (int i = 0; i < 16; i += 2) {  // in each 128-bit lane j: rows i, i+1 of elements 4j .. 4j+3
-        t[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]);
-        t[i + 1] = _mm512_unpackhi_epi32(v[i], v[i + 1]);
-    }
-    for (int q = 0; q < 16; q += 4) {  // u[q + b], lane j: rows q .. q+3 of element 4j + b
-        u[q] = _mm512_unpacklo_epi64(t[q], t[q + 2]);
-        u[q + 1] = _mm512_unpackhi_epi64(t[q], t[q + 2]);
-        u[q + 2] = _mm512_unpacklo_epi64(t[q + 1], t[q + 3]);
-        u[q + 3] = _mm512_unpackhi_epi64(t[q + 1], t[q + 3]);
-    }
-    for (int b = 0; b < 4; b++) {  // gather lane j of u[b], u[4+b], u[8+b], u[12+b]: element 4j + b
-        const __m512i a0 = _mm512_shuffle_i32x4(u[b], u[4 + b], 0x44), a1 = _mm512_shuffle_i32x4(u[b], u[4 + b], 0xEE);
-        const __m512i a2 = _mm512_shuffle_i32x4(u[8 + b], u[12 + b], 0x44), a3 = _mm512_shuffle_i32x4(u[8 + b], u[12 + b], 0xEE);
-        v[b] = _mm512_shuffle_i32x4(a0, a2, 0x88);
-        v[4 + b] = _mm512_shuffle_i32x4(a0, a2, 0xDD);
-        v[8 + b] = _mm512_shuffle_i32x4(a1, a3, 0x88);
-        v[12 + b] = _mm512_shuffle_i32x4(a1, a3, 0xDD);
-    }
-}
-/* A mask of the first n of 16 lanes (all for n >= 16). */
-MAYBE_UNUSED static ALWAYS_INLINE __mmask16 first_lanes16(int n) { return (__mmask16)(n >= 16 ? 0xFFFFu : (1u << n) - 1); }
-#endif
-#if PHI2_AVX2
-/* v[i] holds 8 int32 of row i; afterwards v[c] holds element c of every row (lane i: row i). */
-MAYBE_UNUSED static ALWAYS_INLINE void transpose8_epi32(__m256i v[8]) {
-    __m256i t[8], u[8];
-    for (int i = 0; i < 8; i += 2) {  // in each 128-bit lane j: rows i, i+1 of elements 4j .. 4j+3
-        t[i] = _mm256_unpacklo_epi32(v[i], v[i + 1]);
-        t[i + 1] = _mm256_unpackhi_epi32(v[i], v[i + 1]);
-    }
-    for (int q = 0; q < 8; q += 4) {  // u[q + b], lane j: rows q .. q+3 of element 4j + b
-        u[q] = _mm256_unpacklo_epi64(t[q], t[q + 2]);
-        u[q + 1] = _mm256_unpackhi_epi64(t[q], t[q + 2]);
-        u[q + 2] = _mm256_unpacklo_epi64(t[q + 1], t[q + 3]);
-        u[q + 3] = _mm256_unpackhi_epi64(t[q + 1], t[q + 3]);
-    }
-    for (int b = 0; b < 4; b++) {  // lane 0 of u[b] and u[4 + b]: element b; lane 1: element 4 + b
-        v[b] = _mm256_permute2x128_si256(u[b], u[4 + b], 0x20);
-        v[4 + b] = _mm256_permute2x128_si256(u[b], u[4 + b], 0x31);
-    }
-}
-/* A mask of the first n of 8 lanes (all for n >= 8). */
-MAYBE_UNUSED static ALWAYS_INLINE __m256i first_lanes8(int n) {
-    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
-#endif
 
 #if PHI2_AVX512 || PHI2_AVX2
 /* Building a panel reads its rows from memory, with nothing else to do meanwhile: while the
@@ -3120,34 +3146,14 @@ enum {
 
 #endif
 
-/* What the panels need of the float vector besides the tile's operations: a panel is
- * VEC_FLOATS rows, F32_PANEL_TOKENS accumulators fill the registers beside the panel vector
- * (and AVX2's broadcast); the first n lanes of a vector as loads and stores that touch
- * nothing past them; the transpose of VEC_FLOATS vectors. */
+/* A panel is VEC_FLOATS rows; F32_PANEL_TOKENS accumulators fill the registers beside the
+ * panel vector (and AVX2's broadcast). */
 #if PHI2_AVX512
 enum { F32_PANEL_TOKENS = 24 };  // + the panel vector of 32 zmm
 #define F32_PANEL_SHAPES TOKENS_UP_TO_24(1)
-static ALWAYS_INLINE VecF vecf_load_first(const float *p, int n) { return _mm512_maskz_loadu_ps(first_lanes16(n), p); }
-static ALWAYS_INLINE void vecf_store_first(float *p, VecF v, int n) { _mm512_mask_storeu_ps(p, first_lanes16(n), v); }
-static ALWAYS_INLINE void vecf_transpose(VecF v[16]) {
-    __m512i u[16];
-    for (int i = 0; i < 16; i++) u[i] = _mm512_castps_si512(v[i]);
-    transpose16_epi32(u);
-    for (int i = 0; i < 16; i++) v[i] = _mm512_castsi512_ps(u[i]);
-}
 #elif PHI2_AVX2
 enum { F32_PANEL_TOKENS = 12 };  // + the panel vector + a broadcast of 16 ymm
 #define F32_PANEL_SHAPES TOKENS_UP_TO_12(1)
-static ALWAYS_INLINE VecF vecf_load_first(const float *p, int n) {
-    return n >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, first_lanes8(n));
-}
-static ALWAYS_INLINE void vecf_store_first(float *p, VecF v, int n) { _mm256_maskstore_ps(p, first_lanes8(n), v); }
-static ALWAYS_INLINE void vecf_transpose(VecF v[8]) {
-    __m256i u[8];
-    for (int i = 0; i < 8; i++) u[i] = _mm256_castps_si256(v[i]);
-    transpose8_epi32(u);
-    for (int i = 0; i < 8; i++) v[i] = _mm256_castsi256_ps(u[i]);
-}
 #endif
 /* Lane j: the sum of v[j]'s lanes (the f16 KV cache's scores; v is overwritten). AVX-512
  * transposes and adds; AVX2's hadd does it in fewer instructions. */
@@ -3285,7 +3291,7 @@ MAYBE_UNUSED static void matmul_f32_panels(float *out, const float *in, const Ma
  * than memory delivers the weights. */
 enum { Q4_DECODE_CHAINS = 4 };
 
-#if PHI2_AVX512_VNNI
+#if PHI2_AVX512
 /* The two x86 int8 families. AVX-512 VNNI: 512-bit vectors, vpdpbusd (unsigned by signed
  * bytes, 4 products into each int32 lane). Register tiles of 4 rows x 4 tokens: a weight
  * vector loaded once serves 4 tokens. */
@@ -3345,33 +3351,25 @@ enum { Q4_TILE_ROWS = 1, Q4_TILE_TOKENS = 4 };  // 1 row x 4 tokens: a row's dec
 #define Q4_TILE_SHAPES TOKENS_UP_TO_4(Q4_TILE_ROWS)
 #endif
 
-#if PHI2_AVX512_VNNI || PHI2_AVX2
-/* The families' int8 vectors, for the q8 tiles and for the row panels of prompt batches
- * (below): Int8Vec has int32 lanes of 4 int8 each, Int8VecF float lanes; AVX-512 VNNI: 16
- * lanes, AVX2 (and AVX-VNNI): 8 (one ymm). In a panel a lane is a row. Plain AVX2 has only
- * vpmaddubsw + vpmaddwd (dot_u8s8_avx2), whose int16 pairs saturate past 32767: fine for q4
- * (levels within +-61: 2 * 255 * 61 < 32767), not for q8 weights up to +-127 times
- * q_x + 128. There q8 takes the signed activations and moves the weight's sign onto them
- * (|w| once per weight vector, shared by the tokens, times sign(q_x, w): each pair at most
- * 2 * 128 * 127), with no correction: Q8_SIGNED_X.
+#if PHI2_AVX512 || PHI2_AVX2
+/* What the int8 kernels (the q8 tiles and the row panels of prompt batches, below) need of
+ * the two families besides the vectors above: 16 int32 lanes of 4 int8 each with AVX-512,
+ * 8 with AVX2 (and AVX-VNNI). In a panel a lane is a row. Plain AVX2 has only vpmaddubsw +
+ * vpmaddwd (dot_u8s8_avx2), whose int16 pairs saturate past 32767: fine for q4 (levels
+ * within +-61: 2 * 255 * 61 < 32767), not for q8 weights up to +-127 times q_x + 128. There
+ * q8 takes the signed activations and moves the weight's sign onto them (|w| once per
+ * weight vector, shared by the tokens, times sign(q_x, w): each pair at most 2 * 128 * 127),
+ * with no correction: Q8_SIGNED_X.
  * Tokens per tile: as many int32 sums and float accumulators as fill the registers beside
  * the weight vector (AVX2: also its |w|, the broadcast and vpmaddwd's ones). */
-#if PHI2_AVX512_VNNI
+#if PHI2_AVX512
 enum { PANEL_ROWS = 16, PANEL_TOKENS = 12, PANEL_MIN_TOKENS = 8, Q8_SIGNED_X = 0 };
 #define PANEL_TILE_SHAPES TOKENS_UP_TO_12(1)
-typedef __m512i Int8Vec;
-typedef __m512 Int8VecF;
-#define IV(op) _mm512_##op
-static ALWAYS_INLINE void iv_transpose(Int8Vec v[16]) { transpose16_epi32(v); }
 /* acc + the products of the 4 unsigned bytes of x by the 4 signed bytes of w in each lane;
  * signed_x (plain AVX2 q8 only, never here): x signed, taken as |w| (w_abs) * sign(x, w). */
 static ALWAYS_INLINE Int8Vec iv_dot(Int8Vec acc, Int8Vec x, Int8Vec w, Int8Vec w_abs, int signed_x) {
     (void)w_abs, (void)signed_x;
     return _mm512_dpbusd_epi32(acc, x, w);
-}
-static ALWAYS_INLINE float ivf_sum(Int8VecF v) { return _mm512_reduce_add_ps(v); }
-static ALWAYS_INLINE Int8VecF ivf_from_f16_first(const uint16_t *p, int n) {  // masked: never reads past n
-    return _mm512_cvtph_ps(n >= 16 ? _mm256_loadu_si256((const __m256i *)p) : _mm256_maskz_loadu_epi16(first_lanes16(n), p));
 }
 /* q4 (above q4_tile): a block's 64 weights as one vector, in order; its first group's sums
  * in lanes 0..7, its second's in 8..15. */
@@ -3381,18 +3379,14 @@ static ALWAYS_INLINE void iv_q4_decode(Int8Vec w[1], const uint8_t *codes, Int8V
 static ALWAYS_INLINE Int8Vec iv_q4_block_sums(const Int8Vec w[1], const Int8Vec x[1]) {
     return _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], x[0]);
 }
-static ALWAYS_INLINE Int8VecF ivf_block_scales(const double *pairs, int i) {
+static ALWAYS_INLINE VecF vecf_block_scales(const double *pairs, int i) {
     return _mm512_permutexvar_ps(_mm512_add_epi32(_mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
                                                   _mm512_set1_epi32(2 * i)), _mm512_castpd_ps(_mm512_load_pd(pairs)));
 }
-static ALWAYS_INLINE Int8VecF ivf_spread_blocks(const float *p, int nb) {  // lane j: p[j / 2], for j < 2 * nb
-    const __m512 v = nb >= 8 ? _mm512_castps256_ps512(_mm256_loadu_ps(p)) : _mm512_maskz_loadu_ps(first_lanes16(nb), p);
+static ALWAYS_INLINE VecF vecf_spread_blocks(const float *p, int nb) {  // lane j: p[j / 2], for j < 2 * nb
+    const __m512 v = nb >= 8 ? _mm512_castps256_ps512(_mm256_loadu_ps(p)) : _mm512_maskz_loadu_ps(first_lanes(nb), p);
     return _mm512_permutexvar_ps(_mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0), v);
 }
-static ALWAYS_INLINE Int8VecF ivf_load_first(const float *p, int n) {  // (a masked load costs more than a plain one)
-    return n >= 16 ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(first_lanes16(n), p);
-}
-static ALWAYS_INLINE void ivf_store_first(float *p, Int8VecF v, int n) { _mm512_mask_storeu_ps(p, first_lanes16(n), v); }
 #else
 #if defined(__AVXVNNI__)
 enum { PANEL_ROWS = 8, PANEL_TOKENS = 6, PANEL_MIN_TOKENS = 8, Q8_SIGNED_X = 0 };
@@ -3400,18 +3394,8 @@ enum { PANEL_ROWS = 8, PANEL_TOKENS = 6, PANEL_MIN_TOKENS = 8, Q8_SIGNED_X = 0 }
 enum { PANEL_ROWS = 8, PANEL_TOKENS = 6, PANEL_MIN_TOKENS = 8, Q8_SIGNED_X = 1 };
 #endif
 #define PANEL_TILE_SHAPES TOKENS_UP_TO_6(1)
-typedef __m256i Int8Vec;
-typedef __m256 Int8VecF;
-#define IV(op) _mm256_##op
-static ALWAYS_INLINE void iv_transpose(Int8Vec v[8]) { transpose8_epi32(v); }
 static ALWAYS_INLINE Int8Vec iv_dot(Int8Vec acc, Int8Vec x, Int8Vec w, Int8Vec w_abs, int signed_x) {
     return signed_x ? dot_u8s8_avx2(acc, w_abs, _mm256_sign_epi8(x, w)) : dot_u8s8_avx2(acc, x, w);
-}
-static ALWAYS_INLINE float ivf_sum(Int8VecF v) { return hsum256(v); }
-static ALWAYS_INLINE Int8VecF ivf_from_f16_first(const uint16_t *p, int n) {  // never reads past n
-    uint16_t tail[8] = {0};
-    if (n < 8) memcpy(tail, p, (size_t)n * sizeof(uint16_t));
-    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(n < 8 ? tail : p)));
 }
 /* q4 (above q4_tile): a block's 64 weights as two vectors, weights 0..31 (its first group)
  * and 32..63; an unpack and an add leave the first group's sums in the even lanes and the
@@ -3425,45 +3409,18 @@ static ALWAYS_INLINE Int8Vec iv_q4_block_sums(const Int8Vec w[2], const Int8Vec 
     const __m256i lo = dot_u8s8_avx2(_mm256_setzero_si256(), w[0], x[0]), hi = dot_u8s8_avx2(_mm256_setzero_si256(), w[1], x[1]);
     return _mm256_add_epi32(_mm256_unpacklo_epi32(lo, hi), _mm256_unpackhi_epi32(lo, hi));
 }
-static ALWAYS_INLINE Int8VecF ivf_block_scales(const double *pairs, int i) {  // a load, where a permute would compete with vpshufb
+static ALWAYS_INLINE VecF vecf_block_scales(const double *pairs, int i) {  // a load, where a permute would compete with vpshufb
     return _mm256_castpd_ps(_mm256_broadcast_sd(pairs + i));
 }
-static ALWAYS_INLINE Int8VecF ivf_spread_blocks(const float *p, int nb) {  // lane j: p[j / 2], for j < 2 * nb
+static ALWAYS_INLINE VecF vecf_spread_blocks(const float *p, int nb) {  // lane j: p[j / 2], for j < 2 * nb
     float tail[4] = {0};
     if (nb < 4) memcpy(tail, p, (size_t)nb * sizeof(float));
     return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(nb < 4 ? tail : p)), _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
 }
-static ALWAYS_INLINE Int8VecF ivf_load_first(const float *p, int n) {
-    return n >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, first_lanes8(n));
-}
-static ALWAYS_INLINE void ivf_store_first(float *p, Int8VecF v, int n) {
-    if (n >= 8) _mm256_storeu_ps(p, v);
-    else _mm256_maskstore_ps(p, first_lanes8(n), v);
-}
 #endif
-/* The rest is alike on both widths: IV(op) is _mm512_op or _mm256_op, as VF(op) above. The
- * integer vector's loads and stores and its xor are plain C on the vector type. */
-static ALWAYS_INLINE Int8Vec iv_zero(void) { return IV(set1_epi32)(0); }
-static ALWAYS_INLINE Int8Vec iv_set4(int32_t four) { return IV(set1_epi32)(four); }
-static ALWAYS_INLINE Int8Vec iv_load(const void *p) { return *(const Int8Vec *)p; }  // aligned
-static ALWAYS_INLINE void iv_store(void *p, Int8Vec v) { *(Int8Vec *)p = v; }       // aligned
-static ALWAYS_INLINE Int8Vec iv_loadu(const void *p) {
-    Int8Vec v;
-    memcpy(&v, p, sizeof(v));
-    return v;
-}
-static ALWAYS_INLINE Int8Vec iv_xor(Int8Vec a, Int8Vec b) { return a ^ b; }
-static ALWAYS_INLINE Int8Vec iv_sub(Int8Vec a, Int8Vec b) { return IV(sub_epi32)(a, b); }
-static ALWAYS_INLINE Int8Vec iv_times(Int8Vec v, int32_t k) { return IV(mullo_epi32)(v, IV(set1_epi32)(k)); }
-static ALWAYS_INLINE Int8Vec iv_abs8(Int8Vec w) { return IV(abs_epi8)(w); }
-static ALWAYS_INLINE Int8Vec iv_from_f32(const float *p) { return (Int8Vec)IV(loadu_ps)(p); }
-static ALWAYS_INLINE Int8VecF ivf_load(const float *p) { return IV(load_ps)(p); }
-static ALWAYS_INLINE Int8VecF ivf_set(float f) { return IV(set1_ps)(f); }
-static ALWAYS_INLINE Int8VecF ivf_mul(Int8VecF a, Int8VecF b) { return IV(mul_ps)(a, b); }
-static ALWAYS_INLINE Int8VecF ivf_add(Int8VecF a, Int8VecF b) { return IV(add_ps)(a, b); }
-static ALWAYS_INLINE Int8VecF ivf_fnma(Int8VecF a, Int8VecF b, Int8VecF acc) { return IV(fnmadd_ps)(a, b, acc); }
-static ALWAYS_INLINE Int8VecF ivf_fma_i32(Int8Vec a, Int8VecF b, Int8VecF acc) { return IV(fmadd_ps)(IV(cvtepi32_ps)(a), b, acc); }
-static ALWAYS_INLINE void ivf_store_pairs(double *pairs, Int8VecF v) { IV(store_pd)(pairs, IV(castps_pd)(v)); }
+/* Each block's pair of q4 scales, stored as one double so that one element moves both. */
+static ALWAYS_INLINE void vecf_store_pairs(double *pairs, VecF v) { VEC(store_pd)(pairs, VEC(castps_pd)(v)); }
+_Static_assert((int)PANEL_ROWS == (int)VEC_FLOATS, "a panel is a vector's lanes");
 enum { INT8_BLOCK_PARTS = 64 / (4 * PANEL_ROWS) };  // vectors per row and 64 weights: 1 or 2
 
 /* v[j][i], j < INT8_BLOCK_PARTS: the weights 64 * b .. 64 * b + 63 of row `row` of W, in
@@ -3490,9 +3447,9 @@ static ALWAYS_INLINE void iv_load_block(Int8Vec v[INT8_BLOCK_PARTS][PANEL_ROWS],
 static ALWAYS_INLINE void q8_tile(float *out, int out_stride, const int8_t *w, const float *wd, const int8_t *x,
                                   const float *xd, int cols, int n_groups, int R, int T, const float *bias) {
     enum { PARTS = INT8_BLOCK_PARTS, PART_BYTES = 64 / INT8_BLOCK_PARTS };
-    Int8VecF acc[Q8_TILE_ROWS][Q8_TILE_TOKENS];
+    VecF acc[Q8_TILE_ROWS][Q8_TILE_TOKENS];
     for (int r = 0; r < R; r++)
-        for (int t = 0; t < T; t++) acc[r][t] = ivf_set(0.0f);
+        for (int t = 0; t < T; t++) acc[r][t] = vecf_set(0.0f);
     const Int8Vec offset = iv_set4((int32_t)0x80808080u), zero = iv_zero();
     for (int g = 0; g < n_groups; g++) {
         Int8Vec wv[Q8_TILE_ROWS][PARTS], w_abs[Q8_TILE_ROWS][PARTS], start[Q8_TILE_ROWS];
@@ -3516,16 +3473,16 @@ static ALWAYS_INLINE void q8_tile(float *out, int out_stride, const int8_t *w, c
             for (int r = 0; r < R; r++) {
                 Int8Vec dot = start[r];
                 for (int p = 0; p < PARTS; p++) dot = iv_dot(dot, xv[p], wv[r][p], w_abs[r][p], Q8_SIGNED_X);
-                acc[r][t] = ivf_fma_i32(dot, ivf_set(wd[(size_t)r * n_groups + g] * xs), acc[r][t]);
+                acc[r][t] = vecf_fma(vecf_from_int32(dot), vecf_set(wd[(size_t)r * n_groups + g] * xs), acc[r][t]);
             }
         }
     }
     for (int r = 0; r < R; r++)
-        for (int t = 0; t < T; t++) out[(size_t)t * out_stride + r] = ivf_sum(acc[r][t]) + bias[r];
+        for (int t = 0; t < T; t++) out[(size_t)t * out_stride + r] = vecf_sum(acc[r][t]) + bias[r];
 }
 #endif
 
-#if PHI2_AVX512_VNNI || PHI2_AVX2
+#if PHI2_AVX512 || PHI2_AVX2
 /* q4: a block's 64 weights decoded to unsigned bytes level + 64 (iv_q4_decode: its 32 code
  * bytes and the same shifted right by 4, masked to nibbles, looked up by vpshufb), which
  * vpdpbusd multiplies by the signed activations directly: a pair of products is at most
@@ -3533,47 +3490,47 @@ static ALWAYS_INLINE void q8_tile(float *out, int out_stride, const int8_t *w, c
  * 64 * (the group's sum of q_x) this adds is taken off once per Q4_SCALE_BLOCKS blocks,
  * scaled (q4_activation_offsets). A block's two group sums land in the lanes that
  * iv_q4_block_sums gives them, and one vcvtph2ps makes floats of the float16 scales of
- * Q4_SCALE_BLOCKS blocks (two groups each: one Int8VecF) of a row, from which
- * ivf_block_scales spreads a block's pair over the same lanes. */
+ * Q4_SCALE_BLOCKS blocks (two groups each: one VecF) of a row, from which
+ * vecf_block_scales spreads a block's pair over the same lanes. */
 static ALWAYS_INLINE void q4_tile(float *out, int out_stride, const uint8_t *w, const uint16_t *wd,
                                   const int8_t *x, const float *xd, const float *xo, int cols, int n_blocks,
                                   int R, int T, const float *bias) {
     enum { PARTS = INT8_BLOCK_PARTS, PART_BYTES = 64 / INT8_BLOCK_PARTS };
-    Int8VecF acc[Q4_TILE_ROWS][Q4_TILE_TOKENS];
+    VecF acc[Q4_TILE_ROWS][Q4_TILE_TOKENS];
     for (int r = 0; r < R; r++)
-        for (int t = 0; t < T; t++) acc[r][t] = ivf_set(0.0f);
+        for (int t = 0; t < T; t++) acc[r][t] = vecf_set(0.0f);
     const Int8Vec levels = iv_q4_levels(64);
     const size_t row_bytes = (size_t)cols / 2, n_groups = (size_t)cols / Q4_GROUP;
     for (int b0 = 0; b0 < n_blocks; b0 += Q4_SCALE_BLOCKS) {
         const int nb = n_blocks - b0 < Q4_SCALE_BLOCKS ? n_blocks - b0 : Q4_SCALE_BLOCKS;
         _Alignas(64) double d[Q4_TILE_ROWS][Q4_SCALE_BLOCKS];  // each row's blocks' pairs of group scales
         for (int r = 0; r < R; r++) {
-            const Int8VecF dv = ivf_from_f16_first(wd + (size_t)r * n_groups + 2 * (size_t)b0, 2 * nb);
-            ivf_store_pairs(d[r], dv);
+            const VecF dv = vecf_load_f16_first(wd + (size_t)r * n_groups + 2 * (size_t)b0, 2 * nb);
+            vecf_store_pairs(d[r], dv);
             for (int t = 0; t < T; t++)
-                acc[r][t] = ivf_fnma(dv, ivf_load_first(xo + (size_t)t * n_groups + 2 * (size_t)b0, 2 * nb), acc[r][t]);
+                acc[r][t] = vecf_fnma(dv, vecf_load_first(xo + (size_t)t * n_groups + 2 * (size_t)b0, 2 * nb), acc[r][t]);
         }
         for (int i = 0; i < nb; i++) {
             const size_t b = (size_t)b0 + (size_t)i;
             Int8Vec wv[Q4_TILE_ROWS][PARTS];
-            Int8VecF ws[Q4_TILE_ROWS];
+            VecF ws[Q4_TILE_ROWS];
             for (int r = 0; r < R; r++) {
                 const uint8_t *codes = w + (size_t)r * row_bytes + b * (Q4_BLOCK / 2);
                 if (i % 2 == 0) _mm_prefetch((const char *)(codes + INT8_PREFETCH_BYTES), _MM_HINT_T0);
                 iv_q4_decode(wv[r], codes, levels);
-                ws[r] = ivf_block_scales(d[r], i);
+                ws[r] = vecf_block_scales(d[r], i);
             }
             for (int t = 0; t < T; t++) {
                 Int8Vec xv[PARTS];
                 for (int p = 0; p < PARTS; p++) xv[p] = iv_loadu(x + (size_t)t * cols + b * Q4_BLOCK + p * PART_BYTES);
-                const Int8VecF xs = ivf_set(xd[(size_t)t * n_blocks + b]);
+                const VecF xs = vecf_set(xd[(size_t)t * n_blocks + b]);
                 for (int r = 0; r < R; r++)
-                    acc[r][t] = ivf_fma_i32(iv_q4_block_sums(wv[r], xv), ivf_mul(ws[r], xs), acc[r][t]);
+                    acc[r][t] = vecf_fma(vecf_from_int32(iv_q4_block_sums(wv[r], xv)), vecf_mul(ws[r], xs), acc[r][t]);
             }
         }
     }
     for (int r = 0; r < R; r++)
-        for (int t = 0; t < T; t++) out[(size_t)t * out_stride + r] = ivf_sum(acc[r][t]) + bias[r];
+        for (int t = 0; t < T; t++) out[(size_t)t * out_stride + r] = vecf_sum(acc[r][t]) + bias[r];
 }
 
 /* Decode: one row, one token. The same arithmetic as q4_tile, but its blocks go to
@@ -3582,16 +3539,16 @@ static ALWAYS_INLINE void q4_tile(float *out, int out_stride, const uint8_t *w, 
 static void q4_row(float *out, const uint8_t *w, const uint16_t *wd, const int8_t *x, const float *xd,
                    const float *xo, int n_blocks, const float *bias) {
     enum { PARTS = INT8_BLOCK_PARTS, PART_BYTES = 64 / INT8_BLOCK_PARTS };
-    Int8VecF acc[Q4_DECODE_CHAINS];
-    for (int i = 0; i < Q4_DECODE_CHAINS; i++) acc[i] = ivf_set(0.0f);
+    VecF acc[Q4_DECODE_CHAINS];
+    for (int i = 0; i < Q4_DECODE_CHAINS; i++) acc[i] = vecf_set(0.0f);
     const Int8Vec levels = iv_q4_levels(64);
     for (int b0 = 0; b0 < n_blocks; b0 += Q4_SCALE_BLOCKS) {
         const int nb = n_blocks - b0 < Q4_SCALE_BLOCKS ? n_blocks - b0 : Q4_SCALE_BLOCKS;
-        const Int8VecF d = ivf_from_f16_first(wd + 2 * (size_t)b0, 2 * nb);
-        acc[0] = ivf_fnma(d, ivf_load_first(xo + 2 * (size_t)b0, 2 * nb), acc[0]);
+        const VecF d = vecf_load_f16_first(wd + 2 * (size_t)b0, 2 * nb);
+        acc[0] = vecf_fnma(d, vecf_load_first(xo + 2 * (size_t)b0, 2 * nb), acc[0]);
         // each group's weight scale times its block's activation scale
         _Alignas(64) double scales[Q4_SCALE_BLOCKS];
-        ivf_store_pairs(scales, ivf_mul(d, ivf_spread_blocks(xd + b0, nb)));
+        vecf_store_pairs(scales, vecf_mul(d, vecf_spread_blocks(xd + b0, nb)));
 #pragma GCC unroll 8
         for (int i = 0; i < Q4_SCALE_BLOCKS; i++) {
             if (i >= nb) break;
@@ -3601,11 +3558,11 @@ static void q4_row(float *out, const uint8_t *w, const uint16_t *wd, const int8_
             Int8Vec wv[PARTS], xv[PARTS];
             iv_q4_decode(wv, codes, levels);
             for (int p = 0; p < PARTS; p++) xv[p] = iv_loadu(x + b * Q4_BLOCK + p * PART_BYTES);
-            acc[i % Q4_DECODE_CHAINS] = ivf_fma_i32(iv_q4_block_sums(wv, xv), ivf_block_scales(scales, i),
+            acc[i % Q4_DECODE_CHAINS] = vecf_fma(vecf_from_int32(iv_q4_block_sums(wv, xv)), vecf_block_scales(scales, i),
                                                     acc[i % Q4_DECODE_CHAINS]);
         }
     }
-    *out = ivf_sum(ivf_add(ivf_add(acc[0], acc[1]), ivf_add(acc[2], acc[3]))) + *bias;
+    *out = vecf_sum(vecf_add(vecf_add(acc[0], acc[1]), vecf_add(acc[2], acc[3]))) + *bias;
 }
 
 #endif
@@ -3616,7 +3573,7 @@ enum { Q8_TILE_ROWS = 4, Q8_TILE_TOKENS = 2, Q4_TILE_ROWS = 4, Q4_TILE_TOKENS = 
 #define Q4_TILE_SHAPES TOKENS_UP_TO_2(Q4_TILE_ROWS) TOKENS_UP_TO_2(1)
 #endif
 
-#if PHI2_AVX512_VNNI || PHI2_AVX2 || PHI2_NEON
+#if PHI2_AVX512 || PHI2_AVX2 || PHI2_NEON
 /* This build's int8 kernels, x86's above or Arm's in Appendix C: a tile multiplies R rows
  * (q8: int8 weights and float scales; q4: codes and float16 scales) by T tokens of int8
  * activations; q4_row is q4 decode, one row and one token. */
@@ -3650,7 +3607,7 @@ static void q4_tile_any(float *out, int out_stride, const void *w, const void *w
 }
 #endif
 
-#if PHI2_AVX512_VNNI || PHI2_AVX2 || PHI2_NEON
+#if PHI2_AVX512 || PHI2_AVX2 || PHI2_NEON
 #define PHI2_Q8_SIMD 1
 /* A tile kernel: R rows from w / wd (q8: int8 weights and float scales; q4: codes and
  * float16 scales) times T tokens of int8 activations. */
@@ -3765,8 +3722,8 @@ static void panel_build(const Panel *p, const Matrix *W, int r0, int n_rows) {
             if (i < n_rows && ng < PANEL_ROWS && q4) memcpy(tail16, W->scale16 + at, (size_t)ng * sizeof(uint16_t));
             if (i < n_rows && ng < PANEL_ROWS && !q4) memcpy(tail, W->scale + at, (size_t)ng * sizeof(float));
             const int whole = i < n_rows && ng == PANEL_ROWS;
-            v[0][i] = q4 ? (Int8Vec)ivf_from_f16_first(whole ? W->scale16 + at : tail16, PANEL_ROWS)
-                         : iv_from_f32(whole ? W->scale + at : tail);
+            v[0][i] = q4 ? (Int8Vec)vecf_load_f16_first(whole ? W->scale16 + at : tail16, PANEL_ROWS)
+                         : (Int8Vec)vecf_load(whole ? W->scale + at : tail);
         }
         iv_transpose(v[0]);
         for (int c = 0; c < ng; c++) iv_store(p->scale + (size_t)(g0 + c) * PANEL_ROWS, v[0][c]);
@@ -3783,8 +3740,8 @@ static ALWAYS_INLINE void panel_tile(float *out, int out_stride, const Panel *p,
                                      int cols, int wgroup, int signed_x, int T, int n_rows, const float *bias,
                                      PanelPrefetch *pf) {
     const int steps = wgroup / 4, n_wg = cols / wgroup, n_xg = cols / Q8_GROUP;
-    Int8VecF acc[PANEL_TOKENS];
-    for (int t = 0; t < T; t++) acc[t] = ivf_set(0.0f);
+    VecF acc[PANEL_TOKENS];
+    for (int t = 0; t < T; t++) acc[t] = vecf_set(0.0f);
     for (int g = 0; g < n_wg; g++) {
         Int8Vec isum[PANEL_TOKENS];
         const Int8Vec start = signed_x ? iv_zero() : iv_load(p->corr + (size_t)g * PANEL_ROWS);
@@ -3802,12 +3759,12 @@ static ALWAYS_INLINE void panel_tile(float *out, int out_stride, const Panel *p,
             }
         }
         panel_prefetch(pf);
-        const Int8VecF ws = ivf_load(p->scale + (size_t)g * PANEL_ROWS);
+        const VecF ws = vecf_load_aligned(p->scale + (size_t)g * PANEL_ROWS);
         const size_t xs_at = (size_t)g * wgroup / Q8_GROUP;
-        for (int t = 0; t < T; t++) acc[t] = ivf_fma_i32(isum[t], ivf_mul(ws, ivf_set(xd[(size_t)t * n_xg + xs_at])), acc[t]);
+        for (int t = 0; t < T; t++) acc[t] = vecf_fma(vecf_from_int32(isum[t]), vecf_mul(ws, vecf_set(xd[(size_t)t * n_xg + xs_at])), acc[t]);
     }
-    const Int8VecF b = ivf_load_first(bias, n_rows);
-    for (int t = 0; t < T; t++) ivf_store_first(out + (size_t)t * out_stride, ivf_add(acc[t], b), n_rows);
+    const VecF b = vecf_load_first(bias, n_rows);
+    for (int t = 0; t < T; t++) vecf_store_first(out + (size_t)t * out_stride, vecf_add(acc[t], b), n_rows);
 }
 
 /* The specializations (1 .. PANEL_TOKENS tokens, q8 or q4 groups) the compiler unrolls. */
@@ -3872,7 +3829,7 @@ static void matmul_int8_panels(float *out, const QuantizedRows *in, const Matrix
 }
 #endif
 
-#if PHI2_AVX512_VNNI || PHI2_AVX2
+#if PHI2_AVX512 || PHI2_AVX2
 /* matmul_q8_simd: the VNNI kernel on AVX512-VNNI builds, the maddubs one on AVX2 builds
  * (Arm: Appendix C). */
 static void matmul_q8_simd(float *out, const QuantizedRows *in, const Matrix *W, const float *bias, int n_tokens) {
@@ -4813,7 +4770,7 @@ static void kernel_description(char *out, size_t size, KernelScratch *k, int wei
     }
 #if PHI2_AMX
     const char *int8 = amx_available(k) ? "vnni+amx" : "vnni";
-#elif PHI2_AVX512_VNNI
+#elif PHI2_AVX512
     const char *int8 = "vnni";
 #elif PHI2_AVX2 && defined(__AVXVNNI__)
     const char *int8 = "avx-vnni";

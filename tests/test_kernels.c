@@ -1412,13 +1412,8 @@ int main(int argc, char **argv) {
         bench(argc - 2, argv + 2);
         return 0;
     }
-    printf("test_kernels: built with%s%s%s%s%s%s%s%s%s, %d threads\n",
+    printf("test_kernels: built with%s%s%s%s%s%s%s%s, %d threads\n",
 #if PHI2_AVX512
-           " avx512",
-#else
-           "",
-#endif
-#if PHI2_AVX512_VNNI
            " avx512-vnni",
 #else
            "",
