@@ -13,8 +13,8 @@
  *                         (-i); perplexity
  * Appendices, for speed and portability only:
  *   A. work sharing       which kernels this build has; how threads split a product's rows
- *   B. vector kernels     float32 over this build's vector (AVX-512, AVX2, NEON); x86 int8
- *                         (AVX-512 VNNI, AVX2, AMX); the f16 KV cache (F16C, NEON)
+ *   B. vector kernels     float32 and the f16 KV cache over this build's vector (AVX-512,
+ *                         AVX2, NEON); x86 int8 (AVX-512 VNNI, AVX2, AMX)
  *   C. Arm kernels        int8 with NEON, dotprod (SDOT) and i8mm (SMMLA)
  *   D. batch attention    section 4's attention blocked over queries and keys, with an
  *                         online softmax (flash-attention style), for prompts
@@ -2826,10 +2826,11 @@ MAYBE_UNUSED static unsigned char *scratch_at_least(unsigned char **buffer, size
 /* Appendix B. Vector kernels: float32 and f16 (AVX-512, AVX2, NEON); x86 int8            */
 /* ------------------------------------------------------------------------------------- */
 /* Each kernel here computes a section 3 definition for the instruction sets of Appendix A;
- * tests/test_kernels.c checks it against that definition. The float32 kernels are written
- * once over this build's float vector (VecF: AVX-512, AVX2 or NEON, and a few operations on
- * it); the int8 kernels differ by instruction set (VNNI's vpdpbusd, AVX2's vpmaddubsw, AMX
- * tiles) and come one per family. */
+ * tests/test_kernels.c checks it against that definition. The float32 and f16 kernels are
+ * written once over this build's float vector (VecF: AVX-512, AVX2 or NEON, and a few
+ * operations on it); so are the x86 int8 kernels, over the same vectors as int8 (Int8Vec),
+ * with the few operations where the families differ (VNNI's vpdpbusd against AVX2's
+ * vpmaddubsw, the q4 decode) given per family. AMX tiles are a kernel of their own. */
 
 /* Fast f32 kernels. The product is a set of dot products along the columns, where both a
  * weight row and an activation row are contiguous. Register tile: R weight rows x T tokens
