@@ -3292,6 +3292,10 @@ MAYBE_UNUSED static void matmul_f32_panels(float *out, const float *in, const Ma
  * than memory delivers the weights. */
 enum { Q4_DECODE_CHAINS = 4 };
 
+/* Decode prefetches this far ahead along each weight row (a 64-byte line per q8 group, per
+ * two q4 blocks): the hardware prefetcher alone leaves the cores waiting on memory. */
+enum { INT8_PREFETCH_BYTES = 4096 };
+
 #if PHI2_AVX512
 /* The two x86 int8 families. AVX-512 VNNI: 512-bit vectors, vpdpbusd (unsigned by signed
  * bytes, 4 products into each int32 lane). Register tiles of 4 rows x 4 tokens: a weight
@@ -3299,7 +3303,6 @@ enum { Q4_DECODE_CHAINS = 4 };
 enum { Q8_TILE_ROWS = 4, Q8_TILE_TOKENS = 4, Q4_TILE_ROWS = 4, Q4_TILE_TOKENS = 4 };
 #define Q8_TILE_SHAPES TOKENS_UP_TO_4(Q8_TILE_ROWS) TOKENS_UP_TO_4(1)
 #define Q4_TILE_SHAPES TOKENS_UP_TO_4(Q4_TILE_ROWS) TOKENS_UP_TO_4(1)
-enum { INT8_PREFETCH_BYTES = 1024 };  // prefetch distance along each weight row: the hardware's alone lags
 
 /* Q4_LEVELS + offset in each 128-bit lane (a table for vpshufb). */
 static ALWAYS_INLINE __m512i q4_levels_vnni(int offset) {
@@ -3343,10 +3346,6 @@ static ALWAYS_INLINE void q4_decode_avx2(const uint8_t *codes, __m256i levels, _
 static ALWAYS_INLINE __m256i q4_levels_avx2(void) {
     return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)Q4_LEVELS));
 }
-
-/* AVX2 decode prefetches this far ahead along each weight row (a 64-byte line per q8 group,
- * per two q4 blocks): the hardware prefetcher alone leaves the cores waiting on memory. */
-enum { INT8_PREFETCH_BYTES = 4096 };
 
 enum { Q4_TILE_ROWS = 1, Q4_TILE_TOKENS = 4 };  // 1 row x 4 tokens: a row's decoded block serves 4 tokens
 #define Q4_TILE_SHAPES TOKENS_UP_TO_4(Q4_TILE_ROWS)
