@@ -2,10 +2,10 @@
  * Kernel tests: every fast kernel compiled into this build against its scalar twin.
  *
  *   build/test_kernels            run the checks; last line "test_kernels: N checks, N failed"
- *   build/test_kernels --pool     only the thread pool's (Appendix C), for make test-tsan
- *   build/test_kernels --bench    time the kernels on Phi-2's full-size shapes, and decode
- *                                 attention with an f32 and an f16 KV cache (BENCH_DEPTH),
- *                                 batches of 64 tokens (BENCH_TOKENS)
+ *   build/test_kernels --pool     only the thread pool's (Appendix G), for make test-tsan
+ *   build/test_kernels --bench    time the kernels on Phi-2's full-size shapes (or
+ *                                 BENCH_SHAPE), and decode attention with an f32 and an f16
+ *                                 KV cache (BENCH_DEPTH), batches of 64 tokens (BENCH_TOKENS)
  *
  * Quantization must be bit-identical to the scalar version. The int8 products have exact
  * int32 group sums, so they may differ from the scalar kernel only by float summation order
@@ -1334,7 +1334,18 @@ static void bench(int argc, char **argv) {
     // Batches of 1 and 64 tokens, or 1 and BENCH_TOKENS.
     static const char *all[] = {"attn_f32", "attn_f16", "attn_batch_f32", "attn_batch_f16", "f32_tiles", "f32_panels", "q8_simd", "q8_panels", "q8_amx",
                                 "q4_simd", "q4_panels", "quantize"};
-    static const int shapes[][2] = {{256, 2560}, {7680, 2560}, {10240, 2560}, {2560, 10240}};
+    // BENCH_SHAPE=ROWSxCOLS: that one shape instead, e.g. 51200x2560 (the lm_head's), larger
+    // than any L3: the kernels' speed from DRAM.
+    int shapes[][2] = {{256, 2560}, {7680, 2560}, {10240, 2560}, {2560, 10240}};
+    size_t n_shapes = sizeof(shapes) / sizeof(*shapes);
+    const char *env_shape = getenv("BENCH_SHAPE");
+    if (env_shape) {
+        char rest;
+        if (sscanf(env_shape, "%dx%d%c", &shapes[0][0], &shapes[0][1], &rest) != 2 || shapes[0][0] < 1 ||
+            shapes[0][0] > 1 << 17 || shapes[0][1] < 64 || shapes[0][1] > 1 << 16 || shapes[0][1] % 64 != 0)
+            die("BENCH_SHAPE must be ROWSxCOLS, at most 131072 x 65536, COLS a multiple of 64 (e.g. 51200x2560)");
+        n_shapes = 1;
+    }
     const char *env_tokens = getenv("BENCH_TOKENS");
     const int nb = env_tokens && atoi(env_tokens) > 0 ? atoi(env_tokens) : 64, tokens[] = {1, nb};
     const char **kernels = argc > 0 ? (const char **)argv : all;
@@ -1345,7 +1356,7 @@ static void bench(int argc, char **argv) {
             bench_attention(strstr(kernels[k], "f16") ? KV_F16 : KV_F32,
                             strstr(kernels[k], "batch") ? (batch ? atoi(batch) : 64) : 1);
         }
-    for (size_t s = 0; s < sizeof(shapes) / sizeof(*shapes); s++) {
+    for (size_t s = 0; s < n_shapes; s++) {
         const int rows = shapes[s][0], cols = shapes[s][1];
         float *w = xmalloc_aligned((size_t)rows * cols * sizeof(float));
         int8_t *wq = xmalloc_aligned((size_t)rows * cols);
