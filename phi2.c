@@ -3363,7 +3363,7 @@ enum { Q4_TILE_ROWS = 1, Q4_TILE_TOKENS = 4 };  // 1 row x 4 tokens: a row's dec
  * Tokens per tile: as many int32 sums and float accumulators as fill the registers beside
  * the weight vector (AVX2: also its |w|, the broadcast and vpmaddwd's ones). */
 #if PHI2_AVX512
-enum { PANEL_ROWS = 16, PANEL_TOKENS = 12, PANEL_MIN_TOKENS = 8, Q8_SIGNED_X = 0 };
+enum { PANEL_TOKENS = 12, Q8_SIGNED_X = 0 };
 #define PANEL_TILE_SHAPES TOKENS_UP_TO_12(1)
 /* acc + the products of the 4 unsigned bytes of x by the 4 signed bytes of w in each lane;
  * signed_x (plain AVX2 q8 only, never here): x signed, taken as |w| (w_abs) * sign(x, w). */
@@ -3389,9 +3389,9 @@ static ALWAYS_INLINE VecF vecf_spread_blocks(const float *p, int nb) {  // lane 
 }
 #else
 #if defined(__AVXVNNI__)
-enum { PANEL_ROWS = 8, PANEL_TOKENS = 6, PANEL_MIN_TOKENS = 8, Q8_SIGNED_X = 0 };
+enum { PANEL_TOKENS = 6, Q8_SIGNED_X = 0 };
 #else
-enum { PANEL_ROWS = 8, PANEL_TOKENS = 6, PANEL_MIN_TOKENS = 8, Q8_SIGNED_X = 1 };
+enum { PANEL_TOKENS = 6, Q8_SIGNED_X = 1 };
 #endif
 #define PANEL_TILE_SHAPES TOKENS_UP_TO_6(1)
 static ALWAYS_INLINE Int8Vec iv_dot(Int8Vec acc, Int8Vec x, Int8Vec w, Int8Vec w_abs, int signed_x) {
@@ -3420,7 +3420,7 @@ static ALWAYS_INLINE VecF vecf_spread_blocks(const float *p, int nb) {  // lane 
 #endif
 /* Each block's pair of q4 scales, stored as one double so that one element moves both. */
 static ALWAYS_INLINE void vecf_store_pairs(double *pairs, VecF v) { VEC(store_pd)(pairs, VEC(castps_pd)(v)); }
-_Static_assert((int)PANEL_ROWS == (int)VEC_FLOATS, "a panel is a vector's lanes");
+enum { PANEL_ROWS = VEC_FLOATS, PANEL_MIN_TOKENS = 8 };  // a panel: a row per lane; fewer tokens take the tiles
 enum { INT8_BLOCK_PARTS = 64 / (4 * PANEL_ROWS) };  // vectors per row and 64 weights: 1 or 2
 
 /* v[j][i], j < INT8_BLOCK_PARTS: the weights 64 * b .. 64 * b + 63 of row `row` of W, in
